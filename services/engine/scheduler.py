@@ -1,0 +1,270 @@
+"""Which requests run in the next iteration, and with which KV blocks.
+
+Pure Python (no torch): the same scheduler drives the offline engine, the colocated
+chunked-prefill baseline, the prefill worker and the decode worker; they differ only in `mode`.
+
+  hybrid   decode every running request (one token each), then fill what is left of the token
+           budget with prompt chunks, at most `chunk_size` prompt tokens per iteration
+           (vLLM/SGLang chunked prefill: the colocated baseline).
+  prefill  prompt chunks only; when a prompt is done and its first token sampled the request is
+           HANDED_OFF: it leaves this scheduler and its blocks go with it to decode.
+  decode   decode only; requests arrive with their KV already written (`admit_prefilled`).
+
+Blocks: a request admitted for prefill gets all its prompt blocks at once, so chunks never stall
+half-way; decode grows a request one block at a time. When a decode cannot grow, the newest running
+request is preempted: its blocks are freed and it is recomputed later (hybrid) or handed back to
+the caller to re-queue (decode).
+"""
+from __future__ import annotations
+
+import collections
+import enum
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from services.engine.blocks import BlockAllocator, blocks_for_tokens
+from services.engine.sequence import FinishReason, Sequence, SequenceStatus
+
+
+class SchedulerMode(enum.Enum):
+    HYBRID = "hybrid"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+class RequestTooLarge(ValueError):
+    """A request can never be scheduled: its prompt exceeds the context or the whole KV pool."""
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Limits of one scheduler."""
+
+    mode: SchedulerMode = SchedulerMode.HYBRID
+    block_size: int = 16                 # tokens per KV block
+    max_num_seqs: int = 128              # running requests at most
+    max_num_batched_tokens: int = 2048   # tokens fed per iteration, prefill and decode together
+    chunk_size: int = 2048               # prompt tokens per iteration at most (hybrid and prefill)
+    max_model_len: int = 8192            # prompt + completion tokens per request
+    eos_token_ids: tuple[int, ...] = ()  # end a request unless it asked for ignore_eos
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "chunk_size", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledChunk:
+    """Tokens of one request fed in one iteration."""
+
+    request_id: str
+    token_ids: tuple[int, ...]     # the tokens to feed, in order
+    start_position: int            # position of token_ids[0] in the request (its num_computed_tokens)
+    block_ids: tuple[int, ...]     # the request's whole block table
+    is_sampled: bool               # the chunk reaches the last known token: sample the next one
+
+    @property
+    def context_len(self) -> int:
+        """Tokens in the cache once this chunk is written."""
+        return self.start_position + len(self.token_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerOutput:
+    """The contract between the scheduler and the model runner for one iteration."""
+
+    prefill_chunks: tuple[ScheduledChunk, ...]    # prompt (or recompute) chunks, fed first
+    decode_chunks: tuple[ScheduledChunk, ...]     # one token each
+    preempted_ids: tuple[str, ...] = ()           # requests whose KV was dropped this iteration
+
+    @property
+    def chunks(self) -> tuple[ScheduledChunk, ...]:
+        return self.prefill_chunks + self.decode_chunks
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.prefill_chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.prefill_chunks and not self.decode_chunks
+
+
+@dataclass
+class Scheduler:
+    """FCFS scheduler over one block allocator."""
+
+    config: SchedulerConfig
+    blocks: BlockAllocator
+    waiting: collections.deque[Sequence] = field(default_factory=collections.deque)
+    running: list[Sequence] = field(default_factory=list)   # in admission order; newest last
+    token_budget: int | None = None                          # set by the orchestrator; None = config
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new request for prefill. Raises RequestTooLarge if it could never run."""
+        self.check_fits(len(seq.prompt_token_ids))
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def check_fits(self, num_prompt_tokens: int) -> None:
+        if num_prompt_tokens >= self.config.max_model_len:
+            raise RequestTooLarge(
+                f"prompt has {num_prompt_tokens} tokens; the context holds {self.config.max_model_len} "
+                "including at least one generated token")
+        if blocks_for_tokens(num_prompt_tokens + 1, self.config.block_size) > self.blocks.num_blocks:
+            raise RequestTooLarge(
+                f"prompt has {num_prompt_tokens} tokens; the KV pool holds "
+                f"{self.blocks.num_blocks * self.config.block_size} tokens in all")
+
+    def admit_prefilled(self, seq: Sequence) -> None:
+        """Decode mode: take a request whose prompt KV is already in its blocks."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def get(self, request_id: str) -> Sequence | None:
+        for seq in self.running:
+            if seq.request_id == request_id:
+                return seq
+        return next((s for s in self.waiting if s.request_id == request_id), None)
+
+    # ------------------------------------------------------------------ schedule
+    def schedule(self) -> SchedulerOutput:
+        budget = self.token_budget or self.config.max_num_batched_tokens
+        preempted: list[str] = []
+        decodes: list[ScheduledChunk] = []
+        if self.config.mode is not SchedulerMode.PREFILL:
+            decodes = self._schedule_decodes(preempted)
+        prefills: list[ScheduledChunk] = []
+        if self.config.mode is not SchedulerMode.DECODE:
+            prefill_budget = min(self.config.chunk_size, budget - len(decodes))
+            prefills = self._schedule_prefills(prefill_budget)
+        return SchedulerOutput(tuple(prefills), tuple(decodes), tuple(preempted))
+
+    def _schedule_decodes(self, preempted: list[str]) -> list[ScheduledChunk]:
+        chunks: list[ScheduledChunk] = []
+        budget = self.token_budget or self.config.max_num_batched_tokens
+        for seq in list(self.running):
+            if seq.status is not SequenceStatus.RUNNING or seq.is_prefilling:
+                continue
+            if len(chunks) >= budget:
+                break
+            if not self._grow_for_decode(seq, preempted):
+                break    # seq itself was preempted: nothing newer is left to run
+            chunks.append(self._chunk(seq, 1))
+        return chunks
+
+    def _grow_for_decode(self, seq: Sequence, preempted: list[str]) -> bool:
+        """Make room for one more token of `seq`, preempting the newest requests if needed."""
+        needed = blocks_for_tokens(seq.num_computed_tokens + 1, self.config.block_size) - len(seq.block_ids)
+        while needed > 0 and not self.blocks.can_allocate(needed):
+            victim = self.running[-1]
+            self._preempt(victim)
+            preempted.append(victim.request_id)
+            if victim is seq:
+                return False
+        if needed > 0:
+            seq.block_ids.extend(self.blocks.allocate(seq.request_id, needed))
+        return True
+
+    def _schedule_prefills(self, budget: int) -> list[ScheduledChunk]:
+        chunks: list[ScheduledChunk] = []
+        for seq in self.running:    # requests already part-way through their prompt
+            if budget <= 0:
+                return chunks
+            if seq.status is SequenceStatus.RUNNING and seq.is_prefilling:
+                chunk = self._chunk(seq, min(seq.num_uncomputed_tokens, budget))
+                budget -= len(chunk.token_ids)
+                chunks.append(chunk)
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            # All prompt blocks at once (plus room for the first sampled token), so no chunk stalls.
+            needed = blocks_for_tokens(seq.num_tokens + 1, self.config.block_size) - len(seq.block_ids)
+            if needed > self.blocks.num_blocks:
+                # Grew (before a preemption) past what the whole pool holds: it can never run again.
+                self.finish(seq.request_id, FinishReason.LENGTH)
+                continue
+            if not self.blocks.can_allocate(needed):
+                break    # FCFS: later requests wait too rather than overtake
+            self.waiting.popleft()
+            seq.block_ids.extend(self.blocks.allocate(seq.request_id, needed))
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            chunk = self._chunk(seq, min(seq.num_uncomputed_tokens, budget))
+            budget -= len(chunk.token_ids)
+            chunks.append(chunk)
+        return chunks
+
+    def _chunk(self, seq: Sequence, num_tokens: int) -> ScheduledChunk:
+        start = seq.num_computed_tokens
+        return ScheduledChunk(
+            request_id=seq.request_id,
+            token_ids=tuple(seq.token_slice(start, start + num_tokens)),
+            start_position=start,
+            block_ids=tuple(seq.block_ids),
+            is_sampled=start + num_tokens == seq.num_tokens,
+        )
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.request_id)
+        seq.block_ids.clear()
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        if self.config.mode is SchedulerMode.HYBRID:
+            self.waiting.appendleft(seq)     # recompute first: it has waited longest
+
+    # ------------------------------------------------------------------ postprocess
+    def postprocess(self, output: SchedulerOutput, sampled: Mapping[str, int]) -> list[Sequence]:
+        """Advance every scheduled request; append sampled tokens; finish or hand off.
+
+        Returns the requests that got a new token this iteration, with their status updated.
+        """
+        advanced: list[Sequence] = []
+        for chunk in output.chunks:
+            seq = self.get(chunk.request_id)
+            if seq is None or seq.status is not SequenceStatus.RUNNING:
+                continue    # finished (cancelled, stop string) while the iteration ran
+            seq.num_computed_tokens = chunk.context_len
+            if not chunk.is_sampled:
+                continue
+            seq.output_token_ids.append(sampled[chunk.request_id])
+            advanced.append(seq)
+            reason = self._finish_reason(seq)
+            if reason is not None:
+                self.finish(seq.request_id, reason)
+            elif self.config.mode is SchedulerMode.PREFILL:
+                self.running.remove(seq)
+                seq.status = SequenceStatus.HANDED_OFF
+        return advanced
+
+    def _finish_reason(self, seq: Sequence) -> FinishReason | None:
+        token, params = seq.output_token_ids[-1], seq.params
+        if (token in self.config.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            return FinishReason.STOP
+        if len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def finish(self, request_id: str, reason: FinishReason) -> Sequence | None:
+        """End a request wherever it is (cancel, stop string, error); its blocks come back at once."""
+        seq = self.get(request_id)
+        if seq is None:
+            return None
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.blocks.free(request_id)
+        seq.block_ids.clear()
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        return seq
+
+    def finish_all(self, request_ids: Iterable[str], reason: FinishReason) -> None:
+        for request_id in request_ids:
+            self.finish(request_id, reason)

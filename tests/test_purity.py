@@ -1,0 +1,24 @@
+"""Pure modules import no torch, grpc or redis: checked in a fresh interpreter."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+PURE_MODULES = [
+    "services.engine.scheduler",
+    "services.engine.blocks",
+    "services.engine.sequence",
+    "services.engine.sampling_params",
+    "services.engine.model_config",
+    "services.engine.output",
+]
+
+
+@pytest.mark.parametrize("module", PURE_MODULES)
+def test_pure_module_imports_nothing_heavy(module):
+    code = (f"import sys, {module}; heavy = [m for m in ('torch', 'grpc', 'redis', 'transformers') if m in sys.modules];"
+            "print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"{module} pulled in {out.stdout.strip()}"
