@@ -1,0 +1,129 @@
+"""What the processes of a stack say to each other through Redis: one dataclass per boundary.
+
+Pure Python (no redis import). Every message travels as one stream entry with a single field
+`m` holding JSON; `to_json`/`from_json` are the only (de)serializers, so a field added here is
+added everywhere. Processes exchange token ids and block ids, never tensors.
+
+  gateway  --QueuedRequest-->  prefill queue   (decode also re-queues preempted requests here)
+  prefill  --Handoff------->   decode admit stream
+  prefill, decode --TokenDelivery--> the gateway's reply stream (`QueuedRequest.reply_to`)
+  gateway  --CancelNotice-->   cancel stream (read by every worker, each from its own cursor)
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any, TypeVar
+
+from services.engine.sampling_params import SamplingParams
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpace:
+    """Redis key names of one stack. Several stacks can share a Redis with different prefixes."""
+
+    prefix: str = "duo"
+
+    @property
+    def prefill_queue(self) -> str:       # stream of QueuedRequest, consumer group "prefill"
+        return f"{self.prefix}:prefill:queue"
+
+    @property
+    def decode_admit(self) -> str:        # stream of Handoff, consumer group "decode"
+        return f"{self.prefix}:decode:admit"
+
+    @property
+    def cancel(self) -> str:              # stream of CancelNotice, capped; read without a group
+        return f"{self.prefix}:cancel"
+
+    def reply(self, gateway_id: str) -> str:   # stream of TokenDelivery for one gateway process
+        return f"{self.prefix}:reply:{gateway_id}"
+
+    @property
+    def kv_free(self) -> str:             # list of free block ids
+        return f"{self.prefix}:kv:free"
+
+    def kv_owned(self, request_id: str) -> str:   # list of a request's block ids, in token order
+        return f"{self.prefix}:kv:owned:{request_id}"
+
+    @property
+    def kv_meta(self) -> str:             # hash: num_blocks, block_size
+        return f"{self.prefix}:kv:meta"
+
+    @property
+    def model_info(self) -> str:          # hash written by the arena: model name, sizes, limits
+        return f"{self.prefix}:model"
+
+    def worker_stats(self, worker: str) -> str:   # hash: a worker's latest stats
+        return f"{self.prefix}:worker:{worker}"
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedRequest:
+    """A request waiting for prefill."""
+
+    request_id: str                        # unique within the stack, assigned by the gateway
+    prompt_token_ids: tuple[int, ...]      # the tokenized prompt
+    sampling: SamplingParams               # validated by the gateway
+    reply_to: str                          # stream key where TokenDelivery for it goes
+    arrival_time: float                    # wall clock (time.time()) when the gateway accepted it
+    output_token_ids: tuple[int, ...] = () # already generated and delivered (set when decode preempted it)
+
+
+@dataclass(frozen=True, slots=True)
+class Handoff:
+    """What prefill gives decode for one request. No tensors: the KV is already in the shared pool."""
+
+    request_id: str
+    block_ids: tuple[int, ...]             # the request's KV blocks in token order (owned in Redis by it)
+    prompt_token_ids: tuple[int, ...]
+    output_token_ids: tuple[int, ...]      # generated so far; the last one (sampled by prefill) has no KV yet
+    num_computed_tokens: int               # tokens whose K/V are in the blocks
+    sampling: SamplingParams
+    reply_to: str
+    arrival_time: float                    # as in QueuedRequest
+    handoff_time: float                    # wall clock when prefill published this (hand-off latency)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenDelivery:
+    """New tokens of one request, or its end, sent to the gateway that owns the client stream."""
+
+    request_id: str
+    token_ids: tuple[int, ...]             # tokens generated since the previous delivery
+    finish_reason: str | None = None       # "stop" | "length" | "cancelled" | "error" on the last one
+    error: str = ""                        # with finish_reason "error": what went wrong, for the client
+    queue_time_ms: float | None = None     # on prefill's first delivery: arrival to prefill start
+
+
+@dataclass(frozen=True, slots=True)
+class CancelNotice:
+    """Stop a request wherever it is; its blocks are freed by whoever holds it."""
+
+    request_id: str
+    reason: str = "cancelled"              # "cancelled" (client gone) | "stop" (stop string seen by the gateway)
+
+
+def to_json(message: Any) -> str:
+    data = asdict(message)
+    return json.dumps(data, separators=(",", ":"))
+
+
+def from_json(cls: type[T], text: str | bytes) -> T:
+    data = json.loads(text)
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.name not in data:
+            continue           # a field added later: the dataclass default applies
+        value = data[f.name]
+        if f.name == "sampling":
+            sp = dict(value)
+            sp["stop"] = tuple(sp.get("stop", ()))
+            sp["stop_token_ids"] = tuple(sp.get("stop_token_ids", ()))
+            value = SamplingParams(**sp)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
