@@ -55,6 +55,18 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
 
+def sample_batch(sampler: Sampler, scheduler: Scheduler, batch: SchedulerOutput,
+                 logits: torch.Tensor) -> dict[str, int]:
+    """One token for each chunk that reached its end. logits [S, V], rows in batch order."""
+    sampled_chunks = [c for c in batch.chunks if c.is_sampled]
+    rows = []
+    for chunk in sampled_chunks:
+        seq = scheduler.get(chunk.request_id)
+        rows.append(SamplingRow(seq.params, len(seq.output_token_ids)))
+    tokens = sampler(logits, rows)
+    return {c.request_id: token for c, token in zip(sampled_chunks, tokens)}
+
+
 @dataclass
 class _Request:
     seq: Sequence
@@ -90,7 +102,7 @@ class LLMEngine:
             mode=SchedulerMode.HYBRID, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, chunk_size=config.chunk_size,
             max_model_len=min(config.max_model_len or model_config.max_position, model_config.max_position),
-            eos_token_ids=tuple(sorted(set(model_config.eos_token_ids) | set(tokenizer.eos_token_ids))))
+            eos_token_ids=tuple(dict.fromkeys((*model_config.eos_token_ids, *tokenizer.eos_token_ids))))
         return cls(
             model_config=model_config,
             tokenizer=tokenizer,
@@ -130,12 +142,7 @@ class LLMEngine:
         return [self._report(seq) for seq in advanced]
 
     def sample(self, batch: SchedulerOutput, logits: torch.Tensor) -> dict[str, int]:
-        """One token for each chunk that reached its end. logits [S, V]."""
-        sampled_chunks = [c for c in batch.chunks if c.is_sampled]
-        rows = [SamplingRow(self.requests[c.request_id].seq.params,
-                            len(self.requests[c.request_id].seq.output_token_ids)) for c in sampled_chunks]
-        tokens = self.sampler(logits, rows)
-        return {c.request_id: token for c, token in zip(sampled_chunks, tokens)}
+        return sample_batch(self.sampler, self.scheduler, batch, logits)
 
     def _report(self, seq: Sequence) -> RequestOutput:
         req = self.requests[seq.request_id]

@@ -5,7 +5,7 @@ Pure Python: the scheduler, the arena and the performance model size things from
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,21 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> "ModelConfig":
-        return cls.from_hf_dict(json.loads((Path(path) / "config.json").read_text()))
+        """config.json, with the extra eos ids of generation_config.json (Llama 3 lists several there)."""
+        config = cls.from_hf_dict(json.loads((Path(path) / "config.json").read_text()))
+        eos = tuple(dict.fromkeys((*config.eos_token_ids, *generation_eos_ids(Path(path)))))
+        return replace(config, eos_token_ids=eos)
+
+
+def generation_eos_ids(path: Path) -> list[int]:
+    """eos ids from a checkpoint's generation_config.json; none when absent."""
+    try:
+        eos = json.loads((path / "generation_config.json").read_text()).get("eos_token_id")
+    except (OSError, ValueError):
+        return []
+    if eos is None:
+        return []
+    return [int(i) for i in eos] if isinstance(eos, list) else [int(eos)]
 
 
 def _rope_scaling(cfg: dict[str, Any]) -> RopeScaling:

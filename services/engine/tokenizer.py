@@ -6,9 +6,10 @@ difference is emitted, so byte-level BPE pieces of one UTF-8 character are held 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
+
+from services.engine.model_config import generation_eos_ids
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 _PREFIX_WINDOW = 5          # prompt tokens decoded before the first output token, for spacing context
@@ -30,7 +31,7 @@ class Tokenizer:
         from transformers import AutoTokenizer  # slow to import; keep it out of module import
 
         path = Path(path)
-        return cls(AutoTokenizer.from_pretrained(str(path)), _generation_eos_ids(path))
+        return cls(AutoTokenizer.from_pretrained(str(path)), generation_eos_ids(path))
 
     @property
     def vocab_size(self) -> int:
@@ -104,14 +105,3 @@ class IncrementalDetokenizer:
         self._read_offset = len(self._ids)
         self._text_parts.append(delta)
         return delta
-
-
-def _generation_eos_ids(path: Path) -> list[int]:
-    """eos ids from generation_config.json (Llama 3 lists several there); none when absent."""
-    try:
-        eos = json.loads((path / "generation_config.json").read_text()).get("eos_token_id")
-    except (OSError, ValueError):
-        return []
-    if eos is None:
-        return []
-    return [int(i) for i in eos] if isinstance(eos, list) else [int(eos)]
