@@ -1,0 +1,581 @@
+"""The duoserve SDK: a blocking Client and an asyncio AsyncClient for the public Generation API.
+
+A request's life here:
+  built      keyword arguments become a GenerateRequest; only the sampling fields given are
+             sent, so the server applies its defaults to the rest
+  streaming  each GenerateResponse becomes a Chunk (new token ids, text delta); the last one
+             carries the finish reason and the usage
+  finished   the server ends the stream; generate() has joined the chunks into a Completion
+  cancelled  the caller closed the stream, left its `with` block, or dropped it: the RPC is
+             cancelled and the server frees the request's KV blocks
+
+    with Client("localhost:50051") as client:
+        print(client.generate("The capital of France is", max_tokens=8).text)
+        with client.stream(messages=[{"role": "user", "content": "Hi"}]) as chunks:
+            for chunk in chunks:
+                print(chunk.text, end="", flush=True)
+
+Every failed call raises a duoserve.errors.DuoserveError subclass (InvalidArgument, Unavailable,
+ResourceExhausted, ...), never a grpc.RpcError.
+"""
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.descriptor import EnumDescriptor
+
+from duoserve import errors
+from duoserve.v1 import generation_pb2 as pb
+from duoserve.v1 import generation_pb2_grpc as pb_grpc
+
+CHAT_MESSAGE_KEYS = ("role", "content")
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What a request cost and how long it took, measured by the gateway."""
+
+    prompt_tokens: int          # input tokens after tokenization and the chat template
+    completion_tokens: int      # tokens generated
+    queue_time_ms: float        # arrival at the gateway to the start of prefill
+    ttft_ms: float              # arrival at the gateway to the first token sent
+    e2e_ms: float               # arrival at the gateway to the last response sent
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One step of a streamed request."""
+
+    request_id: str                     # the client's id, or the one the gateway assigned
+    text: str                           # text added since the previous chunk
+    token_ids: tuple[int, ...]          # token ids generated since the previous chunk
+    finish_reason: str | None = None    # "stop", "length", "cancelled" or "error" on the last chunk
+    usage: Usage | None = None          # on the last chunk only
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A whole request's output: every chunk joined."""
+
+    request_id: str                     # the client's id, or the one the gateway assigned
+    text: str                           # the completion text (stop strings cut off)
+    token_ids: tuple[int, ...]          # every generated token id, in order
+    finish_reason: str                  # "stop", "length", "cancelled" or "error"
+    usage: Usage                        # token counts and latencies (zeros if the server sent none)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversions between keyword arguments / dataclasses and protobuf messages (pure, no I/O)
+# ---------------------------------------------------------------------------------------------
+
+def build_generate_request(
+    prompt: str | None = None,
+    *,
+    messages: Iterable[Mapping[str, str]] | None = None,
+    token_ids: Iterable[int] | None = None,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    seed: int | None = None,
+    stop: str | Iterable[str] | None = None,
+    stop_token_ids: Iterable[int] | None = None,
+    ignore_eos: bool = False,
+    request_id: str | None = None,
+    priority: int | None = None,
+    slo_class: str | None = None,
+) -> pb.GenerateRequest:
+    """The GenerateRequest for `generate`'s keyword arguments; None (or False) leaves a field unset.
+
+    Checks only what the SDK can know (one input, types, message keys), raising InvalidArgument
+    naming the argument; ranges are the server's to check, so that one place decides them.
+    """
+    inputs = [name for name, value in (("prompt", prompt), ("messages", messages),
+                                       ("token_ids", token_ids)) if value is not None]
+    if len(inputs) != 1:
+        raise errors.InvalidArgument(
+            "give exactly one of prompt, messages or token_ids"
+            + (f" (got {', '.join(inputs)})" if inputs else ""))
+    request = pb.GenerateRequest()
+    if prompt is not None:
+        _assign(request, "prompt", prompt)
+    elif messages is not None:
+        request.messages.SetInParent()          # selects the oneof case even for an empty list
+        for i, message in enumerate(_items("messages", messages)):
+            request.messages.messages.append(_chat_message(i, message))
+    else:
+        request.token_ids.SetInParent()
+        _extend(request.token_ids.ids, "token_ids", _items("token_ids", token_ids))
+
+    sampling = pb.SamplingParams()
+    for name, value in (("max_tokens", max_tokens), ("temperature", temperature),
+                        ("top_p", top_p), ("top_k", top_k), ("seed", seed)):
+        if value is not None:
+            _assign(sampling, name, value)
+    if stop is not None:
+        _extend(sampling.stop, "stop", [stop] if isinstance(stop, str) else _items("stop", stop))
+    if stop_token_ids is not None:
+        _extend(sampling.stop_token_ids, "stop_token_ids", _items("stop_token_ids", stop_token_ids))
+    if ignore_eos:
+        _assign(sampling, "ignore_eos", ignore_eos)
+    if sampling.ListFields():                   # all unset: `sampling` itself stays unset
+        request.sampling.CopyFrom(sampling)
+
+    for name, value in (("request_id", request_id), ("priority", priority), ("slo_class", slo_class)):
+        if value is not None:
+            _assign(request, name, value)
+    return request
+
+
+def _assign(message: Any, field: str, value: Any) -> None:
+    try:
+        setattr(message, field, value)
+    except (TypeError, ValueError) as e:
+        raise errors.InvalidArgument(f"{field}: {e}") from e
+
+
+def _extend(repeated: Any, field: str, values: list[Any]) -> None:
+    try:
+        repeated.extend(values)
+    except (TypeError, ValueError) as e:
+        raise errors.InvalidArgument(f"{field}: {e}") from e
+
+
+def _items(field: str, value: Any) -> list[Any]:
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise errors.InvalidArgument(f"{field}: expected a list, got {type(value).__name__}")
+    return list(value)
+
+
+def _chat_message(index: int, message: Any) -> pb.ChatMessage:
+    where = f"messages[{index}]"
+    if not isinstance(message, Mapping):
+        raise errors.InvalidArgument(f"{where}: expected a dict, got {type(message).__name__}")
+    unknown = sorted(set(message) - set(CHAT_MESSAGE_KEYS))
+    if unknown:
+        raise errors.InvalidArgument(
+            f"{where}: unsupported keys {', '.join(map(repr, unknown))}; supported: "
+            f"{', '.join(CHAT_MESSAGE_KEYS)}")
+    for key in CHAT_MESSAGE_KEYS:
+        if not isinstance(message.get(key), str):
+            raise errors.InvalidArgument(f"{where}.{key}: expected a string")
+    return pb.ChatMessage(role=message["role"], content=message["content"])
+
+
+def enum_label(enum: EnumDescriptor, number: int) -> str:
+    """The lower-case short name of an enum value: FINISH_REASON_STOP -> "stop".
+
+    A value this SDK's stubs do not know (a newer server) reads "unknown".
+    """
+    value = enum.values_by_number.get(number)
+    if value is None:
+        return "unknown"
+    prefix = re.sub(r"(?<!^)(?=[A-Z])", "_", enum.name).upper() + "_"   # FinishReason -> FINISH_REASON_
+    return value.name.removeprefix(prefix).lower()
+
+
+def to_usage(usage: pb.Usage) -> Usage:
+    return Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                 queue_time_ms=usage.queue_time_ms, ttft_ms=usage.ttft_ms, e2e_ms=usage.e2e_ms)
+
+
+def to_chunk(response: pb.GenerateResponse) -> Chunk:
+    finished = response.finish_reason != pb.FINISH_REASON_UNSPECIFIED
+    return Chunk(
+        request_id=response.request_id,
+        text=response.text,
+        token_ids=tuple(response.token_ids),
+        finish_reason=enum_label(pb.FinishReason.DESCRIPTOR, response.finish_reason) if finished else None,
+        usage=to_usage(response.usage) if response.HasField("usage") else None,
+    )
+
+
+def model_info_to_dict(info: pb.ModelInfo) -> dict[str, Any]:
+    """Every ModelInfo field by name, set or not; enums as short names ("split")."""
+    out: dict[str, Any] = {}
+    for field in info.DESCRIPTOR.fields:
+        value = getattr(info, field.name)
+        if field.enum_type is not None:
+            value = enum_label(field.enum_type, value)
+        out[field.name] = value
+    return out
+
+
+class _Joiner:
+    """Joins a stream's chunks into a Completion."""
+
+    def __init__(self) -> None:
+        self.request_id = ""
+        self.texts: list[str] = []
+        self.token_ids: list[int] = []
+        self.last: Chunk | None = None
+
+    def add(self, chunk: Chunk) -> None:
+        self.request_id = chunk.request_id or self.request_id
+        self.texts.append(chunk.text)
+        self.token_ids.extend(chunk.token_ids)
+        self.last = chunk
+
+    def completion(self) -> Completion:
+        last = self.last
+        if last is None or last.finish_reason is None:
+            raise errors.Internal("the server ended the stream without a finish reason")
+        return Completion(request_id=self.request_id, text="".join(self.texts),
+                          token_ids=tuple(self.token_ids), finish_reason=last.finish_reason,
+                          usage=last.usage or Usage(0, 0, 0.0, 0.0, 0.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocking client
+# ---------------------------------------------------------------------------------------------
+
+class Stream:
+    """The chunks of one Generate call, as an iterator. Closing it cancels the request.
+
+    Close it with close(), a `with` block, or by dropping the last reference to it; breaking out
+    of a `for` loop alone leaves the request running until one of those happens.
+    """
+
+    def __init__(self, call: Any) -> None:
+        self._call = call           # grpc's call object: an iterator of GenerateResponse
+        self._closed = False        # closed by the caller: iteration ends quietly
+        self._done = False          # no more chunks will come
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> Chunk:
+        if self._done:
+            raise StopIteration
+        try:
+            response = next(self._call)
+        except StopIteration:
+            self._done = True
+            raise
+        except grpc.RpcError as e:
+            self._done = True
+            if self._closed:                    # close() from another thread while we waited
+                raise StopIteration from None
+            raise errors.from_rpc_error(e) from e
+        except BaseException:                   # KeyboardInterrupt while waiting
+            self.close()
+            raise
+        return to_chunk(response)
+
+    def close(self) -> None:
+        """Cancel the request if it is still running; iteration then stops."""
+        self._closed = True
+        if not self._done:
+            self._done = True
+            self._call.cancel()
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_call", None) is not None:
+            try:
+                self.close()
+            except Exception:                       # interpreter shutdown: nothing left to cancel
+                pass
+
+
+class Client:
+    """A blocking client of one duoserve gateway.
+
+    `timeout` (seconds) bounds every call unless the call gives its own; for streams it bounds
+    the whole stream. `credentials` (grpc.ssl_channel_credentials(...)) selects TLS.
+    """
+
+    def __init__(self, target: str, *, timeout: float | None = None,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._channel = (grpc.secure_channel(target, credentials) if credentials is not None
+                         else grpc.insecure_channel(target))
+        self._stub = pb_grpc.GenerationStub(self._channel)
+
+    def stream(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Iterable[Mapping[str, str]] | None = None,
+        token_ids: Iterable[int] | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: str | Iterable[str] | None = None,
+        stop_token_ids: Iterable[int] | None = None,
+        ignore_eos: bool = False,
+        request_id: str | None = None,
+        priority: int | None = None,
+        slo_class: str | None = None,
+        timeout: float | None = None,
+    ) -> Stream:
+        """Start a request and return its chunks as they come (see Stream).
+
+        Give exactly one of `prompt` (text), `messages` ([{"role": ..., "content": ...}], rendered
+        with the model's chat template) or `token_ids`. Sampling arguments left None take the
+        server's defaults. `timeout` overrides the client's for this request.
+        """
+        request = build_generate_request(
+            prompt, messages=messages, token_ids=token_ids, max_tokens=max_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
+            stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, request_id=request_id,
+            priority=priority, slo_class=slo_class)
+        return Stream(self._stub.Generate(request, timeout=self._timeout(timeout)))
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Iterable[Mapping[str, str]] | None = None,
+        token_ids: Iterable[int] | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: str | Iterable[str] | None = None,
+        stop_token_ids: Iterable[int] | None = None,
+        ignore_eos: bool = False,
+        request_id: str | None = None,
+        priority: int | None = None,
+        slo_class: str | None = None,
+        timeout: float | None = None,
+    ) -> Completion:
+        """Run a request to the end and return the whole output; arguments as for stream()."""
+        joiner = _Joiner()
+        with self.stream(
+                prompt, messages=messages, token_ids=token_ids, max_tokens=max_tokens,
+                temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
+                stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, request_id=request_id,
+                priority=priority, slo_class=slo_class, timeout=timeout) as chunks:
+            for chunk in chunks:
+                joiner.add(chunk)
+        return joiner.completion()
+
+    def tokenize(self, text: str, *, timeout: float | None = None) -> list[int]:
+        """The token ids the server would use for `text` as a prompt."""
+        request = pb.TokenizeRequest()
+        _assign(request, "text", text)
+        try:
+            response = self._stub.Tokenize(request, timeout=self._timeout(timeout))
+        except grpc.RpcError as e:
+            raise errors.from_rpc_error(e) from e
+        return list(response.token_ids)
+
+    def model_info(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """The served model and its limits: model, architecture, vocab_size, max_context,
+        max_tokens, block_size, num_kv_blocks, mode ("split" or "colocated")."""
+        try:
+            info = self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._timeout(timeout))
+        except grpc.RpcError as e:
+            raise errors.from_rpc_error(e) from e
+        return model_info_to_dict(info)
+
+    def close(self) -> None:
+        """Close the channel; running streams are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+
+# ---------------------------------------------------------------------------------------------
+# asyncio client
+# ---------------------------------------------------------------------------------------------
+
+class AsyncStream:
+    """The chunks of one Generate call, as an async iterator. Closing it cancels the request.
+
+    Close it with close() / aclose(), an `async with` block, or by dropping the last reference;
+    cancelling the task that iterates it cancels the request too.
+    """
+
+    def __init__(self, call: Any) -> None:
+        self._call = call           # grpc.aio's UnaryStreamCall
+        self._closed = False        # closed by the caller: iteration ends quietly
+        self._done = False          # no more chunks will come
+
+    def __aiter__(self) -> AsyncStream:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            response = await self._call.read()
+        except grpc.RpcError as e:
+            self._done = True
+            raise errors.from_rpc_error(e) from e
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._closed and not (task is not None and task.cancelling()):
+                raise StopAsyncIteration from None  # close() from another task while we waited
+            self.close()                            # our task was cancelled: so is the request
+            raise
+        if response is grpc.aio.EOF:
+            self._done = True
+            raise StopAsyncIteration
+        return to_chunk(response)
+
+    def close(self) -> None:
+        """Cancel the request if it is still running; iteration then stops."""
+        self._closed = True
+        if not self._done:
+            self._done = True
+            self._call.cancel()
+
+    async def aclose(self) -> None:
+        self.close()
+
+    async def __aenter__(self) -> AsyncStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_call", None) is not None:
+            try:
+                self.close()
+            except Exception:                       # its event loop is already closed
+                pass
+
+
+class AsyncClient:
+    """An asyncio client of one duoserve gateway; the same calls as Client, awaited.
+
+    The channel is opened on first use, in the running event loop, and belongs to that loop:
+    use one AsyncClient per loop.
+    """
+
+    def __init__(self, target: str, *, timeout: float | None = None,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._credentials = credentials
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: pb_grpc.GenerationStub | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def stream(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Iterable[Mapping[str, str]] | None = None,
+        token_ids: Iterable[int] | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: str | Iterable[str] | None = None,
+        stop_token_ids: Iterable[int] | None = None,
+        ignore_eos: bool = False,
+        request_id: str | None = None,
+        priority: int | None = None,
+        slo_class: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncStream:
+        """Start a request; `async for chunk in client.stream(...)`. Arguments as Client.stream()."""
+        request = build_generate_request(
+            prompt, messages=messages, token_ids=token_ids, max_tokens=max_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
+            stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, request_id=request_id,
+            priority=priority, slo_class=slo_class)
+        return AsyncStream(self._get_stub().Generate(request, timeout=self._timeout(timeout)))
+
+    async def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Iterable[Mapping[str, str]] | None = None,
+        token_ids: Iterable[int] | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: str | Iterable[str] | None = None,
+        stop_token_ids: Iterable[int] | None = None,
+        ignore_eos: bool = False,
+        request_id: str | None = None,
+        priority: int | None = None,
+        slo_class: str | None = None,
+        timeout: float | None = None,
+    ) -> Completion:
+        """Run a request to the end and return the whole output; arguments as Client.stream()."""
+        joiner = _Joiner()
+        async with self.stream(
+                prompt, messages=messages, token_ids=token_ids, max_tokens=max_tokens,
+                temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
+                stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, request_id=request_id,
+                priority=priority, slo_class=slo_class, timeout=timeout) as chunks:
+            async for chunk in chunks:
+                joiner.add(chunk)
+        return joiner.completion()
+
+    async def tokenize(self, text: str, *, timeout: float | None = None) -> list[int]:
+        """The token ids the server would use for `text` as a prompt."""
+        request = pb.TokenizeRequest()
+        _assign(request, "text", text)
+        try:
+            response = await self._get_stub().Tokenize(request, timeout=self._timeout(timeout))
+        except grpc.RpcError as e:
+            raise errors.from_rpc_error(e) from e
+        return list(response.token_ids)
+
+    async def model_info(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """The served model and its limits, as Client.model_info()."""
+        try:
+            info = await self._get_stub().GetModelInfo(
+                pb.GetModelInfoRequest(), timeout=self._timeout(timeout))
+        except grpc.RpcError as e:
+            raise errors.from_rpc_error(e) from e
+        return model_info_to_dict(info)
+
+    async def close(self) -> None:
+        """Close the channel; running streams are cancelled."""
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = self._stub = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _get_stub(self) -> pb_grpc.GenerationStub:
+        loop = asyncio.get_running_loop()       # RuntimeError outside a coroutine
+        if self._stub is None:
+            self._channel = (grpc.aio.secure_channel(self.target, self._credentials)
+                             if self._credentials is not None
+                             else grpc.aio.insecure_channel(self.target))
+            self._stub = pb_grpc.GenerationStub(self._channel)
+            self._loop = loop
+        elif loop is not self._loop:
+            raise RuntimeError("this AsyncClient was first used in another event loop; "
+                               "create one AsyncClient per event loop")
+        return self._stub
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
