@@ -1,0 +1,83 @@
+"""Gateway errors and the one interceptor that turns them into gRPC status codes.
+
+Servicers and the frontend raise these; no servicer builds a status itself.
+  InvalidInput -> INVALID_ARGUMENT   QueueFull -> RESOURCE_EXHAUSTED   NotReady -> UNAVAILABLE
+  anything else -> INTERNAL, with a log line (the client sees no stack trace)
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grpc
+
+log = logging.getLogger("duoserve.gateway")
+
+
+class GatewayError(Exception):
+    code = grpc.StatusCode.INTERNAL
+
+
+class InvalidInput(GatewayError):
+    """A request field is wrong; the message names the field."""
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class QueueFull(GatewayError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class NotReady(GatewayError):
+    """Starting, draining, or the workers stopped answering."""
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
+    if isinstance(error, GatewayError):
+        await context.abort(error.code, str(error))
+    log.exception("internal error", exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}; see the gateway log")
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions of unary and server-streaming handlers to status codes."""
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer)
+        return handler
+
+
+def _wrap_unary(inner: Any) -> Any:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await inner(request, context)
+        except Exception as e:       # noqa: BLE001 - the one place errors become statuses
+            if _is_abort(e):
+                raise
+            await _abort(context, e)
+    return call
+
+
+def _wrap_stream(inner: Any) -> Any:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            async for response in inner(request, context):
+                yield response
+        except Exception as e:       # noqa: BLE001
+            if _is_abort(e):
+                raise
+            await _abort(context, e)
+    return call
+
+
+def _is_abort(error: Exception) -> bool:
+    # context.abort raises grpc's own AbortError; let it through untouched.
+    return type(error).__name__ == "AbortError"

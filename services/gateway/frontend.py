@@ -1,0 +1,307 @@
+"""The gateway's core: validate, tokenize, enqueue, and turn token deliveries into text chunks.
+
+A request's life in the gateway:
+  accepted     fields checked and bounded before any work (InvalidInput names the field),
+               prompt tokenized (chat template for messages), checked against the context and
+               the KV pool; a full prefill queue refuses it (QueueFull)
+  queued       a QueuedRequest on the prefill stream, replies to this gateway's reply stream
+  streaming    each TokenDelivery is detokenized incrementally (never splitting a character);
+               stop strings are matched here, and a hit sends a CancelNotice so the workers stop
+  finished     last chunk with finish reason and usage (prompt/completion tokens, queue, TTFT, e2e)
+  cancelled    the client went away or its deadline passed: a CancelNotice frees its blocks
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import redis.asyncio as aioredis
+
+from services.common.contracts import (CancelNotice, KeySpace, QueuedRequest, TokenDelivery, from_json, to_json)
+from services.common.model_info import ModelInfo, parse_model_info
+from services.engine.blocks import blocks_for_tokens
+from services.engine.output import OutputState
+from services.engine.sampling_params import SamplingParams
+from services.engine.tokenizer import Tokenizer
+from services.gateway.config import GatewayConfig
+from services.gateway.errors import InvalidInput, NotReady, QueueFull
+from services.gateway.metrics import GatewayMetrics
+
+log = logging.getLogger("duoserve.gateway")
+
+MAX_REQUEST_ID_CHARS = 128
+CANCEL_STREAM_MAXLEN = 100_000      # cancels are read within an iteration; older ones are history
+PREFILL_GROUP = "prefill"
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateInput:
+    """A Generate call after conversion from protobuf: exactly one of the three inputs is set."""
+
+    request_id: str                                   # "" asks the gateway to assign one
+    sampling: SamplingParams
+    prompt: str | None = None
+    messages: tuple[tuple[str, str], ...] | None = None   # (role, content) pairs
+    token_ids: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    queue_time_ms: float
+    ttft_ms: float
+    e2e_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One streamed piece of a completion."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+@dataclass
+class _Timing:
+    arrival: float                       # time.time() when accepted
+    is_running: bool = False             # prefill has started it (first delivery seen)
+    queue_time_ms: float = 0.0
+    first_token: float | None = None
+    last_token: float | None = None
+
+
+@dataclass
+class Frontend:
+    config: GatewayConfig
+    client: aioredis.Redis
+    metrics: GatewayMetrics
+    keys: KeySpace = field(init=False)
+    info: ModelInfo | None = None
+    tokenizer: Tokenizer | None = None
+    pending: dict[str, asyncio.Queue] = field(default_factory=dict)   # request id -> its deliveries
+
+    def __post_init__(self) -> None:
+        self.keys = KeySpace(self.config.key_prefix)
+        self.reply_stream = self.keys.reply(self.config.gateway_id)
+
+    # ------------------------------------------------------------------ start-up
+    async def wait_for_model(self) -> None:
+        """Block until the stack has published its model; load the tokenizer from it."""
+        deadline = time.monotonic() + self.config.model_wait_s
+        while (raw := await self.client.hget(self.keys.model_info, "json")) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no model published under {self.keys.model_info} after "
+                                   f"{self.config.model_wait_s:.0f} s; is the arena (or colocated worker) up?")
+            await asyncio.sleep(0.2)
+        info = parse_model_info(raw)
+        self.tokenizer = await asyncio.to_thread(Tokenizer.from_dir, info.model_dir)
+        self.info = info
+        log.info("serving %s (%s mode, context %d, %d KV blocks)", info.name, info.mode, info.max_model_len,
+                 info.num_kv_blocks)
+
+    async def read_replies(self) -> None:
+        """Dispatch this gateway's reply stream to the waiting requests, forever."""
+        cursor = "$"
+        while True:
+            try:
+                batches = await self.client.xread({self.reply_stream: cursor}, count=512, block=1000)
+            except aioredis.ConnectionError:
+                log.warning("redis unreachable; retrying")
+                await asyncio.sleep(0.5)
+                continue
+            for _stream, entries in batches or ():
+                for entry_id, data in entries:
+                    cursor = entry_id
+                    self._dispatch(data)
+                await self.client.xtrim(self.reply_stream, minid=cursor, approximate=True)
+
+    def _dispatch(self, data: dict) -> None:
+        try:
+            delivery = from_json(TokenDelivery, data[b"m"])
+        except (KeyError, ValueError, TypeError):
+            log.warning("malformed reply entry dropped: %r", data)
+            return
+        queue = self.pending.get(delivery.request_id)
+        if queue is not None:
+            queue.put_nowait(delivery)
+
+    # ------------------------------------------------------------------ requests
+    def tokenize(self, text: str) -> list[int]:
+        tok = self._ready_tokenizer()
+        if len(text) > self.config.max_prompt_chars:
+            raise InvalidInput(f"text: longer than {self.config.max_prompt_chars} characters")
+        return tok.encode(text)
+
+    def _ready_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None or self.info is None:
+            raise NotReady("the gateway is starting: the model is not loaded yet; retry shortly")
+        return self.tokenizer
+
+    def prompt_ids(self, req: GenerateInput) -> list[int]:
+        """Tokenize whichever input was given; every bound checked before the expensive part."""
+        tok = self._ready_tokenizer()
+        if req.token_ids is not None:
+            ids = list(req.token_ids)
+            bad = next((t for t in ids if not 0 <= t < self.info.vocab_size), None)
+            if bad is not None:
+                raise InvalidInput(f"token_ids: {bad} is outside the vocabulary [0, {self.info.vocab_size})")
+        elif req.messages is not None:
+            if not req.messages:
+                raise InvalidInput("messages: at least one message is required")
+            if len(req.messages) > self.config.max_messages:
+                raise InvalidInput(f"messages: at most {self.config.max_messages} messages")
+            if sum(len(c) for _, c in req.messages) > self.config.max_prompt_chars:
+                raise InvalidInput(f"messages: longer than {self.config.max_prompt_chars} characters in all")
+            try:
+                ids = tok.apply_chat_template([{"role": r, "content": c} for r, c in req.messages])
+            except ValueError as e:
+                raise InvalidInput(str(e)) from None
+        elif req.prompt is not None and req.prompt.strip():
+            ids = self.tokenize(req.prompt)
+        else:
+            raise InvalidInput("prompt: empty; give a prompt, messages or token_ids")
+        if not ids:
+            raise InvalidInput("prompt: tokenizes to no tokens")
+        return ids
+
+    def check_fits(self, num_prompt: int, params: SamplingParams) -> None:
+        info = self.info
+        if num_prompt >= info.max_model_len:
+            raise InvalidInput(f"prompt: {num_prompt} tokens; the model's context is {info.max_model_len} tokens")
+        if params.max_tokens > self.config.max_tokens_limit:
+            raise InvalidInput(f"max_tokens: at most {self.config.max_tokens_limit}, got {params.max_tokens}")
+        if num_prompt + params.max_tokens > info.max_model_len:
+            raise InvalidInput(f"max_tokens: the prompt has {num_prompt} tokens, so at most "
+                               f"{info.max_model_len - num_prompt} more fit the {info.max_model_len}-token context")
+        if blocks_for_tokens(num_prompt + 1, info.block_size) > info.num_kv_blocks:
+            raise InvalidInput(f"prompt: {num_prompt} tokens do not fit the KV pool "
+                               f"({info.num_kv_blocks * info.block_size} tokens)")
+        bad = next((t for t in params.stop_token_ids if not 0 <= t < info.vocab_size), None)
+        if bad is not None:
+            raise InvalidInput(f"stop_token_ids: {bad} is outside the vocabulary [0, {info.vocab_size})")
+
+    async def _check_queue(self) -> None:
+        depth = await _queue_depth(self.client, self.keys.prefill_queue)
+        if depth >= self.config.max_queue_len:
+            raise QueueFull(f"the prefill queue holds {depth} requests (limit {self.config.max_queue_len}); "
+                            "retry with backoff")
+
+    def _request_id(self, given: str) -> str:
+        if not given:
+            return f"req-{uuid.uuid4().hex}"
+        if len(given) > MAX_REQUEST_ID_CHARS or not given.isprintable():
+            raise InvalidInput(f"request_id: at most {MAX_REQUEST_ID_CHARS} printable characters")
+        if given in self.pending:
+            raise InvalidInput(f"request_id: {given!r} is already running on this gateway")
+        return given
+
+    async def generate(self, req: GenerateInput) -> AsyncIterator[Chunk]:
+        """Stream one request's completion. Cancelling the consumer cancels the request."""
+        request_id = self._request_id(req.request_id)
+        prompt = self.prompt_ids(req)
+        self.check_fits(len(prompt), req.sampling)
+        await self._check_queue()
+        timing = _Timing(arrival=time.time())
+        queue: asyncio.Queue = asyncio.Queue()
+        self.pending[request_id] = queue
+        self.metrics.num_requests_waiting.inc()
+        is_done = False
+        try:
+            await self.client.xadd(self.keys.prefill_queue, {"m": to_json(QueuedRequest(
+                request_id, tuple(prompt), req.sampling, self.reply_stream, timing.arrival))})
+            async for chunk in self._stream(request_id, prompt, req.sampling, queue, timing):
+                is_done = chunk.finish_reason is not None
+                yield chunk
+        finally:
+            self.pending.pop(request_id, None)
+            gauge = self.metrics.num_requests_running if timing.is_running else self.metrics.num_requests_waiting
+            gauge.dec()
+            if not is_done:     # client gone, deadline, or error: free its blocks wherever it is
+                await self._cancel(request_id, "cancelled")
+
+    async def _stream(self, request_id: str, prompt: list[int], params: SamplingParams, queue: asyncio.Queue,
+                      timing: _Timing) -> AsyncIterator[Chunk]:
+        state = OutputState(params, self.tokenizer.detokenizer(prompt))
+        eos = set(self.info.eos_token_ids) if not params.ignore_eos else set()
+        stop_ids = eos | set(params.stop_token_ids)
+        completion: list[int] = []
+        while True:
+            delivery = await self._next_delivery(queue, request_id, started=bool(completion))
+            new_ids: list[int] = []
+            for token in delivery.token_ids:
+                completion.append(token)
+                new_ids.append(token)
+                state.push(token, is_special_stop=token in stop_ids)
+                if state.hit_stop_string:
+                    break
+            finish = delivery.finish_reason
+            if state.hit_stop_string:
+                finish = "stop"
+                await self._cancel(request_id, "stop")   # the workers may run one more iteration; fine
+            self._observe_tokens(timing, delivery, len(new_ids))
+            usage = self._usage(timing, len(prompt), len(completion)) if finish else None
+            yield Chunk(request_id, tuple(new_ids), state.take_text(finish is not None), finish, usage)
+            if finish:
+                self.metrics.observe_finished(len(prompt), len(completion), usage.e2e_ms / 1000, finish)
+                return
+
+    async def _next_delivery(self, queue: asyncio.Queue, request_id: str, started: bool) -> TokenDelivery:
+        try:
+            delivery = await asyncio.wait_for(queue.get(), timeout=self.config.stall_timeout_s)
+        except asyncio.TimeoutError:
+            raise NotReady(f"request {request_id}: no token for {self.config.stall_timeout_s:.0f} s; "
+                           "the workers may be down") from None
+        if delivery.finish_reason == "error" and not started and not delivery.token_ids:
+            raise NotReady(f"request {request_id} failed in the engine: {delivery.error}")
+        return delivery
+
+    def _observe_tokens(self, timing: _Timing, delivery: TokenDelivery, num_new: int) -> None:
+        now = time.time()
+        if delivery.queue_time_ms is not None:
+            timing.queue_time_ms = delivery.queue_time_ms
+        if not timing.is_running:
+            timing.is_running = True
+            self.metrics.num_requests_waiting.dec()
+            self.metrics.num_requests_running.inc()
+        if num_new == 0:
+            return
+        if timing.first_token is None:
+            timing.first_token = now
+            self.metrics.time_to_first_token.observe(now - timing.arrival)
+        elif timing.last_token is not None:
+            self.metrics.inter_token_latency.observe((now - timing.last_token) / num_new)
+        timing.last_token = now
+
+    @staticmethod
+    def _usage(timing: _Timing, num_prompt: int, num_completion: int) -> Usage:
+        now = time.time()
+        ttft = ((timing.first_token or now) - timing.arrival) * 1000
+        return Usage(num_prompt, num_completion, timing.queue_time_ms, ttft, (now - timing.arrival) * 1000)
+
+    async def _cancel(self, request_id: str, reason: str) -> None:
+        try:
+            await self.client.xadd(self.keys.cancel, {"m": to_json(CancelNotice(request_id, reason))},
+                                   maxlen=CANCEL_STREAM_MAXLEN, approximate=True)
+        except aioredis.RedisError:
+            log.warning("could not publish cancel for %s", request_id)
+
+
+async def _queue_depth(client: aioredis.Redis, stream: str) -> int:
+    """Requests waiting for prefill: not yet read by the group, plus read but not acked."""
+    try:
+        groups = await client.xinfo_groups(stream)
+    except aioredis.ResponseError:       # no stream yet: nothing queued
+        return 0
+    for group in groups:
+        if group["name"] in (PREFILL_GROUP, PREFILL_GROUP.encode()):
+            lag = group.get("lag")
+            return int(group["pending"]) + (int(lag) if lag is not None else await client.xlen(stream))
+    return await client.xlen(stream)

@@ -1,0 +1,84 @@
+"""The worker's configuration: built once in `main` from the command line and the environment.
+
+The only module of a worker process that reads either. One frozen dataclass, passed explicitly.
+"""
+from __future__ import annotations
+
+import argparse
+import enum
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+
+class Phase(enum.Enum):
+    PREFILL = "prefill"        # prompts -> KV blocks + first token, handed to decode
+    DECODE = "decode"          # one token per running request per iteration
+    COLOCATED = "colocated"    # chunked-prefill hybrid batches in one process (the baseline)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    """One worker process."""
+
+    phase: Phase
+    redis_url: str                      # where queues, blocks and stats live
+    key_prefix: str                     # Redis key space of this stack
+    port: int                           # gRPC: Worker service, health, reflection
+    metrics_port: int                   # Prometheus /metrics; 0 disables
+    arena_socket: Path | None           # split mode: attach weights and KV here
+    model: str | None                   # colocated mode: load the model privately
+    cache_dir: Path                     # converted checkpoints (colocated)
+    dtype: str = "float32"
+    cpu_ids: tuple[int, ...] = ()       # initial compute share; empty = every core allowed now
+    num_kv_blocks: int | None = None    # colocated: pool size (None: from kv_cache_memory_bytes)
+    kv_cache_memory_bytes: int = 512 << 20
+    max_num_seqs: int = 128             # running requests at most
+    max_num_batched_tokens: int = 2048  # tokens per iteration
+    chunk_size: int = 512               # colocated: prompt tokens per iteration (chunked prefill)
+    idle_block_ms: int = 50             # how long an idle worker blocks on its queue per poll
+    worker_id: str = ""                 # unique per process instance
+
+    def __post_init__(self) -> None:
+        if self.phase is not Phase.COLOCATED and self.arena_socket is None:
+            raise ValueError("prefill and decode workers need --arena-socket")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.chunk_size < 1:
+            raise ValueError("max_num_seqs, max_num_batched_tokens and chunk_size must be at least 1")
+        available = os.sched_getaffinity(0)
+        if any(cpu not in available for cpu in self.cpu_ids):
+            raise ValueError(f"cpu ids {list(self.cpu_ids)} not all available to this process ({sorted(available)})")
+
+    @property
+    def name(self) -> str:
+        return f"{self.phase.value}"
+
+
+def _cpu_list(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def parse_args(phase: Phase, argv: Sequence[str] | None = None) -> WorkerConfig:
+    env = os.environ
+    p = argparse.ArgumentParser(prog=f"duoserve-{phase.value}", description=f"duoserve {phase.value} worker")
+    p.add_argument("--redis-url", default=env.get("REDIS_URL"), required=env.get("REDIS_URL") is None)
+    p.add_argument("--key-prefix", default=env.get("DUOSERVE_KEY_PREFIX", "duo"))
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--metrics-port", type=int, default=0)
+    p.add_argument("--arena-socket", type=Path, default=None)
+    p.add_argument("--model", default=env.get("DUOSERVE_MODEL"))
+    p.add_argument("--cache-dir", type=Path,
+                   default=Path(env.get("DUOSERVE_CACHE_DIR", Path.home() / ".cache" / "duoserve" / "models")))
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--cpus", type=_cpu_list, default=(), help="comma-separated core ids (initial share)")
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=128)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--chunk-size", type=int, default=512)
+    a = p.parse_args(argv)
+    return WorkerConfig(
+        phase=phase, redis_url=a.redis_url, key_prefix=a.key_prefix, port=a.port, metrics_port=a.metrics_port,
+        arena_socket=a.arena_socket, model=a.model, cache_dir=a.cache_dir, dtype=a.dtype, cpu_ids=a.cpus,
+        num_kv_blocks=a.num_kv_blocks, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
+        chunk_size=a.chunk_size, worker_id=f"{phase.value}-{os.getpid()}-{uuid.uuid4().hex[:6]}")

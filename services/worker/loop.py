@@ -1,0 +1,273 @@
+"""The worker loop shared by prefill, decode and the colocated engine.
+
+A request's life in a worker:
+  prefill    read from the prefill queue (consumer group) -> prompt fed in chunks into blocks it
+             owns in Redis -> first token sampled -> first token delivered to the gateway, then a
+             Handoff (block ids, no tensors) published to decode -> queue entry acked
+  decode     Handoff read from the admit stream, its KV already in the shared pool -> one token
+             per iteration, delivered to the gateway -> finished: blocks freed in Redis;
+             preempted: blocks freed, request re-queued to prefill with its tokens for recompute
+  colocated  prefill queue -> chunked-prefill hybrid batches -> tokens delivered -> finished
+  cancelled  a CancelNotice (client gone, or a stop string seen by the gateway): the request is
+             dropped at the next iteration boundary and its blocks are freed
+
+Every iteration: apply a requested compute share, poll cancels and new work, then
+schedule -> run -> sample -> postprocess, then publish deliveries in one Redis pipeline.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+
+import redis
+
+from services.common.contracts import Handoff, KeySpace, QueuedRequest, TokenDelivery, to_json
+from services.common.redis_queues import CancelWatcher, ack, ensure_group, read_group
+from services.engine.llm_engine import sample_batch
+from services.engine.runner import ModelRunner
+from services.engine.sampler import Sampler
+from services.engine.scheduler import RequestTooLarge, Scheduler, SchedulerOutput
+from services.engine.sequence import FinishReason, Sequence, SequenceStatus
+from services.worker.compute import apply_cpu_share
+from services.worker.config import Phase, WorkerConfig
+from services.worker.control import StatsSnapshot, WorkerControl
+from services.worker.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+PREFILL_GROUP = "prefill"
+DECODE_GROUP = "decode"
+
+
+@dataclass
+class _Tracked:
+    """What the worker keeps about a request besides the scheduler's Sequence."""
+
+    seq: Sequence
+    reply_to: str                      # the gateway's reply stream
+    entry_id: str | None = None        # queue entry to ack once the request leaves this worker
+    is_first_delivery: bool = True     # carry queue time on the first tokens this worker sends
+    first_scheduled: float | None = None   # wall clock of its first chunk here
+    handoff_time: float | None = None  # decode: when prefill published the hand-off
+
+
+@dataclass
+class Worker:
+    """One worker's loop over its scheduler and model runner."""
+
+    config: WorkerConfig
+    scheduler: Scheduler
+    runner: ModelRunner
+    sampler: Sampler
+    client: redis.Redis
+    control: WorkerControl
+    metrics: WorkerMetrics
+    tracked: dict[str, _Tracked] = field(default_factory=dict)   # every request this worker holds
+    stats: StatsSnapshot = field(default_factory=StatsSnapshot)
+    keys: KeySpace = field(init=False)
+    cancels: CancelWatcher = field(init=False)
+    is_split_decode: bool = field(init=False)    # reads hand-offs instead of the prefill queue
+    input_stream: str = field(init=False)
+    group: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.keys = KeySpace(self.config.key_prefix)
+        self.cancels = CancelWatcher(self.keys)
+        self.is_split_decode = self.config.phase is Phase.DECODE
+        self.input_stream = self.keys.decode_admit if self.is_split_decode else self.keys.prefill_queue
+        self.group = DECODE_GROUP if self.is_split_decode else PREFILL_GROUP
+        ensure_group(self.client, self.input_stream, self.group)
+
+    # ------------------------------------------------------------------ the loop
+    def run_forever(self) -> None:
+        while not self.control.stopping:
+            self.run_once()
+
+    def run_once(self) -> None:
+        self._apply_requested_share()
+        self._drop_cancelled()
+        self._take_new_work()
+        if not self.scheduler.has_work():
+            return
+        started = time.perf_counter()
+        batch = self.scheduler.schedule()                       # pure: which requests, which blocks
+        self._requeue_preempted(batch)
+        if batch.is_empty:
+            self.control.wait_stopping(self.config.idle_block_ms / 1000)   # waiting for blocks to free up
+            return
+        self._mark_scheduled(batch)
+        logits = self.runner.run(batch)                         # torch: tensors from block ids, forward
+        sampled = sample_batch(self.sampler, self.scheduler, batch, logits)
+        advanced = self.scheduler.postprocess(batch, sampled)
+        self._publish(advanced)
+        self._record(batch, time.perf_counter() - started)
+
+    # ------------------------------------------------------------------ inputs
+    def _apply_requested_share(self) -> None:
+        share = self.control.take_requested_share()
+        if share is None:
+            return
+        if share.cpu_ids:
+            apply_cpu_share(share.cpu_ids)
+        if share.token_budget:
+            self.scheduler.token_budget = share.token_budget
+        applied = self.control.share_applied(share, self.stats.iterations)
+        self.metrics.compute_share.set(applied.share)
+        log.info("compute share now %.2f on cores %s (budget %s)", applied.share, applied.cpu_ids,
+                 share.token_budget or "unchanged")
+
+    def _drop_cancelled(self) -> None:
+        for request_id in self.cancels.poll(self.client):
+            tracked = self.tracked.get(request_id)
+            if tracked is None:
+                continue
+            self.scheduler.finish(request_id, FinishReason.CANCELLED)   # frees its blocks now
+            self._forget(request_id)
+
+    def _take_new_work(self) -> None:
+        if self.control.draining:
+            return
+        room = self.config.max_num_seqs - len(self.scheduler.running) - len(self.scheduler.waiting)
+        if room <= 0:
+            return
+        block_ms = 0 if self.scheduler.has_work() else self.config.idle_block_ms
+        if self.is_split_decode:
+            for entry_id, handoff in read_group(self.client, self.input_stream, self.group,
+                                                self.config.worker_id, Handoff, room, block_ms):
+                self._admit_handoff(entry_id, handoff)
+        else:
+            for entry_id, queued in read_group(self.client, self.input_stream, self.group,
+                                               self.config.worker_id, QueuedRequest, room, block_ms):
+                self._admit_queued(entry_id, queued)
+
+    def _admit_queued(self, entry_id: str, queued: QueuedRequest) -> None:
+        if self.cancels.is_cancelled(queued.request_id):
+            ack(self.client, self.input_stream, self.group, [entry_id])
+            return
+        seq = Sequence(queued.request_id, list(queued.prompt_token_ids), queued.sampling,
+                       arrival_time=queued.arrival_time, output_token_ids=list(queued.output_token_ids))
+        try:
+            self.scheduler.add(seq)
+        except RequestTooLarge as e:
+            self._send_now(queued.reply_to, TokenDelivery(queued.request_id, (), "error", str(e)))
+            ack(self.client, self.input_stream, self.group, [entry_id])
+            return
+        self.tracked[seq.request_id] = _Tracked(seq, queued.reply_to, entry_id,
+                                                is_first_delivery=not queued.output_token_ids)
+
+    def _admit_handoff(self, entry_id: str, handoff: Handoff) -> None:
+        ack(self.client, self.input_stream, self.group, [entry_id])   # from here its state is ours
+        if self.cancels.is_cancelled(handoff.request_id):
+            self.scheduler.blocks.free(handoff.request_id)
+            return
+        seq = Sequence(handoff.request_id, list(handoff.prompt_token_ids), handoff.sampling,
+                       arrival_time=handoff.arrival_time, output_token_ids=list(handoff.output_token_ids),
+                       num_computed_tokens=handoff.num_computed_tokens, block_ids=list(handoff.block_ids))
+        self.scheduler.admit_prefilled(seq)
+        self.tracked[seq.request_id] = _Tracked(seq, handoff.reply_to, is_first_delivery=False,
+                                                handoff_time=handoff.handoff_time)
+
+    def _requeue_preempted(self, batch: SchedulerOutput) -> None:
+        """Decode: a preempted request goes back to prefill with its tokens, to be recomputed."""
+        if not batch.preempted_ids:
+            return
+        self.metrics.num_preemptions.inc(len(batch.preempted_ids))
+        self.stats = _bump(self.stats, preemptions=len(batch.preempted_ids))
+        if not self.is_split_decode:
+            return      # hybrid and prefill schedulers keep preempted requests in their own queue
+        pipe = self.client.pipeline(transaction=False)
+        for request_id in batch.preempted_ids:
+            tracked = self.tracked.pop(request_id)
+            seq = tracked.seq
+            pipe.xadd(self.keys.prefill_queue, {"m": to_json(QueuedRequest(
+                request_id, tuple(seq.prompt_token_ids), seq.params, tracked.reply_to, seq.arrival_time,
+                tuple(seq.output_token_ids)))})
+        pipe.execute()
+
+    def _mark_scheduled(self, batch: SchedulerOutput) -> None:
+        now = time.time()
+        for chunk in batch.prefill_chunks:
+            tracked = self.tracked[chunk.request_id]
+            if tracked.first_scheduled is None:
+                tracked.first_scheduled = now
+        for chunk in batch.decode_chunks:
+            tracked = self.tracked[chunk.request_id]
+            if tracked.handoff_time is not None:
+                self.metrics.handoff_latency_seconds.observe(max(0.0, now - tracked.handoff_time))
+                tracked.handoff_time = None
+
+    # ------------------------------------------------------------------ outputs
+    def _publish(self, advanced: list[Sequence]) -> None:
+        """Deliver new tokens; hand off finished prefills; ack what left this worker. One round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        to_ack: list[str] = []
+        for seq in advanced:
+            tracked = self.tracked[seq.request_id]
+            finish = seq.finish_reason.value if seq.status is SequenceStatus.FINISHED else None
+            pipe.xadd(tracked.reply_to, {"m": to_json(self._delivery(tracked, finish))})
+            if seq.status is SequenceStatus.HANDED_OFF:
+                pipe.xadd(self.keys.decode_admit, {"m": to_json(self._handoff(tracked))})
+            if seq.status in (SequenceStatus.HANDED_OFF, SequenceStatus.FINISHED):
+                if tracked.entry_id is not None:
+                    to_ack.append(tracked.entry_id)
+                del self.tracked[seq.request_id]
+                self.stats = _bump(self.stats, requests_finished=1)
+        if to_ack:
+            pipe.xack(self.input_stream, self.group, *to_ack)
+        pipe.execute()
+
+    def _delivery(self, tracked: _Tracked, finish: str | None) -> TokenDelivery:
+        queue_ms = None
+        if tracked.is_first_delivery:
+            tracked.is_first_delivery = False
+            start = tracked.first_scheduled or time.time()
+            queue_ms = max(0.0, (start - tracked.seq.arrival_time) * 1000)
+        return TokenDelivery(tracked.seq.request_id, (tracked.seq.output_token_ids[-1],), finish,
+                             queue_time_ms=queue_ms)
+
+    def _handoff(self, tracked: _Tracked) -> Handoff:
+        seq = tracked.seq
+        return Handoff(seq.request_id, tuple(seq.block_ids), tuple(seq.prompt_token_ids),
+                       tuple(seq.output_token_ids), seq.num_computed_tokens, seq.params, tracked.reply_to,
+                       seq.arrival_time, handoff_time=time.time())
+
+    def _send_now(self, stream: str, delivery: TokenDelivery) -> None:
+        self.client.xadd(stream, {"m": to_json(delivery)})
+
+    def _forget(self, request_id: str) -> None:
+        tracked = self.tracked.pop(request_id, None)
+        if tracked is not None and tracked.entry_id is not None:
+            ack(self.client, self.input_stream, self.group, [tracked.entry_id])
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _record(self, batch: SchedulerOutput, elapsed: float) -> None:
+        num_prefill = batch.num_prefill_tokens
+        num_decode = len(batch.decode_chunks)
+        blocks = self.scheduler.blocks
+        free = blocks.num_free
+        self.metrics.iteration_seconds.observe(elapsed)
+        self.metrics.prompt_tokens.inc(num_prefill)
+        self.metrics.generation_tokens.inc(num_decode + sum(c.is_sampled for c in batch.prefill_chunks))
+        self.metrics.num_requests_running.set(len(self.scheduler.running))
+        self.metrics.num_requests_waiting.set(len(self.scheduler.waiting))
+        self.metrics.kv_cache_usage_perc.set(1 - free / blocks.num_blocks)
+        self.stats = _bump(self.stats, iterations=1, tokens_processed=num_prefill + num_decode)
+        self.stats = StatsSnapshot(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            iterations=self.stats.iterations, tokens_processed=self.stats.tokens_processed,
+            requests_finished=self.stats.requests_finished, preemptions=self.stats.preemptions,
+            last_iteration_ms=elapsed * 1000, last_batch_tokens=num_prefill + num_decode,
+            kv_blocks_free=free, kv_blocks_total=blocks.num_blocks)
+        self.control.publish_stats(self.stats)
+
+    def cancel_all(self, reason: str) -> None:
+        """On shutdown: end every request this worker holds, telling its gateway."""
+        for request_id, tracked in list(self.tracked.items()):
+            self.scheduler.finish(request_id, FinishReason.ERROR)
+            self._send_now(tracked.reply_to, TokenDelivery(request_id, (), "error", reason))
+            self._forget(request_id)
+
+
+def _bump(stats: StatsSnapshot, **deltas: int) -> StatsSnapshot:
+    return replace(stats, **{k: getattr(stats, k) + v for k, v in deltas.items()})

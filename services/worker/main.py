@@ -1,0 +1,107 @@
+"""Start a worker process: prefill, decode or colocated (see `services.worker.loop` for a request's life).
+
+Start-up: config from argv -> pin to its cores -> attach the arena's weights and KV pool (split)
+or load the model privately (colocated) -> the KV block pool in Redis -> gRPC (Worker, health,
+reflection) and metrics -> warm-up iteration -> SERVING -> loop until SIGTERM/SIGINT.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+from typing import Sequence
+
+import redis
+import torch
+
+from services.common.contracts import KeySpace
+from services.common.model_info import ModelInfo, write_model_info
+from services.common.redis_blocks import RedisBlockAllocator
+from services.engine.kv_cache import KVCacheSpec, allocate_kv_pool
+from services.engine.llm_engine import DTYPES
+from services.engine.loader import load_engine_weights, resolve_model_dir
+from services.engine.model import LlamaModel
+from services.engine.model_config import ModelConfig
+from services.engine.runner import ModelRunner
+from services.engine.sampler import Sampler
+from services.engine.scheduler import Scheduler, SchedulerConfig, SchedulerMode
+from services.worker.compute import apply_cpu_share, current_cpus
+from services.worker.config import Phase, WorkerConfig, parse_args
+from services.worker.control import ShareState, WorkerControl
+from services.worker.loop import Worker
+from services.worker.metrics import WorkerMetrics
+from services.worker.servicer import set_serving, start_worker_server
+
+log = logging.getLogger("duoserve.worker")
+
+MODES = {Phase.PREFILL: SchedulerMode.PREFILL, Phase.DECODE: SchedulerMode.DECODE,
+         Phase.COLOCATED: SchedulerMode.HYBRID}
+
+
+def _load_private(config: WorkerConfig) -> tuple[ModelConfig, dict[str, torch.Tensor], torch.Tensor, KVCacheSpec, Path]:
+    """Colocated mode: weights and KV pool owned by this process."""
+    model_dir = resolve_model_dir(config.model, config.cache_dir)
+    model_config = ModelConfig.from_dir(model_dir)
+    dtype = DTYPES[config.dtype]
+    spec = KVCacheSpec.for_model(model_config, 16, dtype, config.num_kv_blocks, config.kv_cache_memory_bytes)
+    return model_config, load_engine_weights(model_dir, model_config, dtype), allocate_kv_pool(spec), spec, model_dir
+
+
+def _load(config: WorkerConfig):
+    if config.phase is Phase.COLOCATED:
+        return _load_private(config), None
+    from services.arena.client import attach_arena
+    view = attach_arena(config.arena_socket, timeout=120.0)
+    return (view.model_config, view.weights, view.kv_cache, view.kv_spec, view.model_dir), view
+
+
+def build_worker(config: WorkerConfig, stack_cpus: tuple[int, ...]) -> tuple[Worker, object]:
+    (model_config, weights, kv_cache, spec, model_dir), arena_view = _load(config)
+    client = redis.Redis.from_url(config.redis_url)
+    keys = KeySpace(config.key_prefix)
+    blocks = RedisBlockAllocator(client, keys)
+    blocks.init_pool(spec.num_blocks, spec.block_size)
+    if config.phase is Phase.COLOCATED:   # nobody else holds the weights: publish what is served
+        write_model_info(client, keys.model_info, ModelInfo(
+            name=model_dir.name, model_dir=str(model_dir), architecture=model_config.architecture,
+            vocab_size=model_config.vocab_size, max_model_len=model_config.max_position,
+            block_size=spec.block_size, num_kv_blocks=spec.num_blocks, eos_token_ids=model_config.eos_token_ids,
+            dtype=config.dtype, mode="colocated"))
+    chunk = config.chunk_size if config.phase is Phase.COLOCATED else config.max_num_batched_tokens
+    scheduler = Scheduler(SchedulerConfig(
+        mode=MODES[config.phase], block_size=spec.block_size, max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens, chunk_size=chunk,
+        max_model_len=model_config.max_position, eos_token_ids=model_config.eos_token_ids), blocks)
+    runner = ModelRunner(LlamaModel(model_config, weights), kv_cache, spec.block_size)
+    cpus = config.cpu_ids or stack_cpus
+    control = WorkerControl(ShareState(len(cpus) / len(stack_cpus), cpus,
+                                       config.max_num_batched_tokens if config.phase is not Phase.DECODE else 0))
+    metrics = WorkerMetrics(config.phase.value)
+    metrics.compute_share.set(len(cpus) / len(stack_cpus))
+    return Worker(config, scheduler, runner, Sampler(), client, control, metrics), arena_view
+
+
+def run(phase: Phase, argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {phase.value} %(levelname)s %(message)s")
+    config = parse_args(phase, argv)
+    stack_cpus = current_cpus()
+    if config.cpu_ids:
+        apply_cpu_share(config.cpu_ids)
+    worker, arena_view = build_worker(config, stack_cpus)
+    server, health_servicer = start_worker_server(config, worker.control, stack_cpus)
+    worker.metrics.serve(config.metrics_port)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: worker.control.stop())
+    set_serving(health_servicer, True)
+    log.info("%s worker %s serving on 127.0.0.1:%d (cores %s)", phase.value, config.worker_id, config.port,
+             worker.control.share.cpu_ids)
+    try:
+        worker.run_forever()
+    finally:
+        set_serving(health_servicer, False)
+        worker.cancel_all(f"{phase.value} worker shut down")
+        server.stop(grace=1.0)
+        if arena_view is not None:
+            arena_view.close()
+    return 0
+

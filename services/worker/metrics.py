@@ -1,0 +1,39 @@
+"""Prometheus metrics of a worker, named like vLLM's with a `duoserve:` prefix.
+
+Each process builds its own registry (no module-level collectors) and serves it on its own port.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
+
+
+class WorkerMetrics:
+    def __init__(self, phase: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = {"phase": phase}
+        r = self.registry
+        self.num_requests_running = Gauge("duoserve:num_requests_running", "Requests in the running batch",
+                                          labelnames=["phase"], registry=r).labels(**labels)
+        self.num_requests_waiting = Gauge("duoserve:num_requests_waiting", "Requests taken but not yet scheduled",
+                                          labelnames=["phase"], registry=r).labels(**labels)
+        self.kv_cache_usage_perc = Gauge("duoserve:kv_cache_usage_perc", "Fraction of KV blocks in use (0-1)",
+                                         labelnames=["phase"], registry=r).labels(**labels)
+        self.compute_share = Gauge("duoserve:compute_share", "Fraction of the device this worker may use",
+                                   labelnames=["phase"], registry=r).labels(**labels)
+        self.prompt_tokens = Counter("duoserve:prompt_tokens", "Prompt tokens prefilled",
+                                     labelnames=["phase"], registry=r).labels(**labels)
+        self.generation_tokens = Counter("duoserve:generation_tokens", "Tokens generated",
+                                         labelnames=["phase"], registry=r).labels(**labels)
+        self.num_preemptions = Counter("duoserve:num_preemptions", "Requests preempted for lack of KV blocks",
+                                       labelnames=["phase"], registry=r).labels(**labels)
+        self.iteration_seconds = Histogram("duoserve:iteration_seconds", "Wall time of one engine iteration",
+                                           labelnames=["phase"], buckets=LATENCY_BUCKETS, registry=r).labels(**labels)
+        self.handoff_latency_seconds = Histogram(
+            "duoserve:handoff_latency_seconds", "Prefill done (hand-off published) to first decode iteration",
+            labelnames=["phase"], buckets=LATENCY_BUCKETS, registry=r).labels(**labels)
+
+    def serve(self, port: int) -> None:
+        if port:
+            start_http_server(port, addr="127.0.0.1", registry=self.registry)

@@ -1,0 +1,96 @@
+"""The Worker gRPC service: converts messages and delegates to `WorkerControl`; nothing else.
+
+Runs in gRPC's thread pool beside the loop; health and reflection are served on the same port.
+"""
+from __future__ import annotations
+
+import time
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from duoserve.v1 import worker_pb2, worker_pb2_grpc
+from services.worker.config import Phase, WorkerConfig
+from services.worker.control import ShareState, WorkerControl
+
+PHASES = {Phase.PREFILL: worker_pb2.PHASE_PREFILL, Phase.DECODE: worker_pb2.PHASE_DECODE,
+          Phase.COLOCATED: worker_pb2.PHASE_COLOCATED}
+SERVICE_NAME = "duoserve.v1.Worker"
+
+
+def share_to_pb(share: ShareState) -> worker_pb2.ComputeShare:
+    return worker_pb2.ComputeShare(share=share.share, cpu_ids=list(share.cpu_ids), token_budget=share.token_budget,
+                                   applied_at_iteration=share.applied_at_iteration, pending=share.pending,
+                                   applied_at_unix_ms=share.applied_at_unix_ms)
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, config: WorkerConfig, control: WorkerControl, stack_cpus: tuple[int, ...]) -> None:
+        self.config = config
+        self.control = control
+        self.stack_cpus = stack_cpus     # every core the stack may use; a share is a subset
+
+    def SetComputeShare(self, request, context):
+        cpu_ids = tuple(request.cpu_ids)
+        allowed = set(self.stack_cpus)
+        if not cpu_ids and not 0.0 < request.share <= 1.0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"share: must be in (0, 1], got {request.share}")
+        if any(c not in allowed for c in cpu_ids) or len(set(cpu_ids)) != len(cpu_ids):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"cpu_ids: must be distinct cores of {sorted(allowed)}, got {list(cpu_ids)}")
+        if request.HasField("token_budget") and request.token_budget < 1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"token_budget: must be >= 1, got {request.token_budget}")
+        if not cpu_ids:   # a share without cores: that fraction of the cores, prefill from the front, decode the back
+            count = max(1, round(request.share * len(self.stack_cpus)))
+            is_decode = self.config.phase is Phase.DECODE
+            cpu_ids = self.stack_cpus[-count:] if is_decode else self.stack_cpus[:count]
+        share = len(cpu_ids) / len(self.stack_cpus)
+        budget = request.token_budget if request.HasField("token_budget") else 0
+        requested = self.control.request_share(ShareState(share, cpu_ids, budget))
+        return share_to_pb(requested)
+
+    def GetStats(self, request, context):
+        s = self.control.stats
+        return worker_pb2.WorkerStats(
+            phase=PHASES[self.config.phase], worker_id=self.config.worker_id, share=share_to_pb(self.control.share),
+            num_running=s.num_running, num_waiting=s.num_waiting, iterations=s.iterations,
+            tokens_processed=s.tokens_processed, requests_finished=s.requests_finished, preemptions=s.preemptions,
+            last_iteration_ms=s.last_iteration_ms, last_batch_tokens=s.last_batch_tokens,
+            kv_blocks_free=s.kv_blocks_free, kv_blocks_total=s.kv_blocks_total, draining=self.control.draining)
+
+    def Drain(self, request, context):
+        self.control.drain()
+        deadline = time.monotonic() + (context.time_remaining() or 30.0)
+        while request.wait and time.monotonic() < deadline:
+            s = self.control.stats
+            if s.num_running == 0 and s.num_waiting == 0:
+                break
+            time.sleep(0.05)
+        s = self.control.stats
+        return worker_pb2.DrainResponse(drained=s.num_running == 0 and s.num_waiting == 0,
+                                        num_running=s.num_running, num_waiting=s.num_waiting)
+
+
+def start_worker_server(config: WorkerConfig, control: WorkerControl,
+                        stack_cpus: tuple[int, ...]) -> tuple[grpc.Server, health.HealthServicer]:
+    """Worker service + grpc.health.v1 (NOT_SERVING until the caller says ready) + reflection."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(config, control, stack_cpus), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    if server.add_insecure_port(f"127.0.0.1:{config.port}") == 0:
+        raise OSError(f"cannot listen on 127.0.0.1:{config.port}")
+    server.start()
+    return server, health_servicer
+
+
+def set_serving(health_servicer: health.HealthServicer, is_serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if is_serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, status)
