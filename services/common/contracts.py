@@ -56,8 +56,12 @@ class KeySpace:
     def model_info(self) -> str:          # hash written by the arena: model name, sizes, limits
         return f"{self.prefix}:model"
 
-    def worker_stats(self, worker: str) -> str:   # hash: a worker's latest stats
+    def worker_stats(self, worker: str) -> str:   # hash: a worker's latest stats (field "m": WorkerReport)
         return f"{self.prefix}:worker:{worker}"
+
+    @property
+    def timings(self) -> str:             # capped stream of IterationSample, read by the orchestrator
+        return f"{self.prefix}:timings"
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +108,40 @@ class CancelNotice:
 
     request_id: str
     reason: str = "cancelled"              # "cancelled" (client gone) | "stop" (stop string seen by the gateway)
+
+
+@dataclass(frozen=True, slots=True)
+class IterationSample:
+    """One engine iteration as the performance model sees it."""
+
+    phase: str                 # "prefill" | "decode" | "colocated"
+    share: float               # fraction of the device the worker had (cores or SMs)
+    num_units: int             # cores (CPU) or SMs (GPU) that share amounts to
+    num_prefill_tokens: int    # prompt tokens fed
+    num_decode_tokens: int     # decode rows (one token each)
+    num_requests: int          # requests in the batch
+    context_tokens: int        # sum of the decode rows' context lengths (KV read per step)
+    attention_work: int        # sum over prefill chunks of query_len * context_len
+    elapsed_ms: float          # measured wall time of the iteration
+    time: float                # wall clock at its end
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerReport:
+    """A worker's latest state, overwritten every iteration (and on share changes)."""
+
+    phase: str
+    worker_id: str
+    grpc_target: str           # where its Worker service listens (SetComputeShare)
+    share: float
+    cpu_ids: tuple[int, ...]
+    token_budget: int
+    num_running: int
+    num_waiting: int
+    iterations: int
+    kv_blocks_free: int
+    kv_blocks_total: int
+    updated_at: float          # wall clock
 
 
 def to_json(message: Any) -> str:

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field, replace
 
 import redis
 
-from services.common.contracts import Handoff, KeySpace, QueuedRequest, TokenDelivery, to_json
-from services.common.redis_queues import CancelWatcher, ack, ensure_group, read_group
+from services.common.contracts import (Handoff, IterationSample, KeySpace, QueuedRequest, TokenDelivery, WorkerReport,
+                                       to_json)
+from services.common.redis_queues import CancelWatcher, ensure_group, read_group
 from services.engine.llm_engine import sample_batch
 from services.engine.runner import ModelRunner
 from services.engine.sampler import Sampler
@@ -37,6 +38,7 @@ from services.worker.metrics import WorkerMetrics
 log = logging.getLogger(__name__)
 
 PREFILL_GROUP = "prefill"
+TIMINGS_MAXLEN = 20_000     # iteration samples kept for the performance model
 DECODE_GROUP = "decode"
 
 
@@ -100,8 +102,11 @@ class Worker:
         logits = self.runner.run(batch)                         # torch: tensors from block ids, forward
         sampled = sample_batch(self.sampler, self.scheduler, batch, logits)
         advanced = self.scheduler.postprocess(batch, sampled)
-        self._publish(advanced)
-        self._record(batch, time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        pipe = self.client.pipeline(transaction=False)           # one round trip for everything below
+        self._publish(advanced, pipe)
+        self._record(batch, elapsed, pipe)
+        pipe.execute()
 
     # ------------------------------------------------------------------ inputs
     def _apply_requested_share(self) -> None:
@@ -114,6 +119,7 @@ class Worker:
             self.scheduler.token_budget = share.token_budget
         applied = self.control.share_applied(share, self.stats.iterations)
         self.metrics.compute_share.set(applied.share)
+        self.report()
         log.info("compute share now %.2f on cores %s (budget %s)", applied.share, applied.cpu_ids,
                  share.token_budget or "unchanged")
 
@@ -143,7 +149,7 @@ class Worker:
 
     def _admit_queued(self, entry_id: str, queued: QueuedRequest) -> None:
         if self.cancels.is_cancelled(queued.request_id):
-            ack(self.client, self.input_stream, self.group, [entry_id])
+            self._ack(entry_id)
             return
         seq = Sequence(queued.request_id, list(queued.prompt_token_ids), queued.sampling,
                        arrival_time=queued.arrival_time, output_token_ids=list(queued.output_token_ids))
@@ -151,13 +157,13 @@ class Worker:
             self.scheduler.add(seq)
         except RequestTooLarge as e:
             self._send_now(queued.reply_to, TokenDelivery(queued.request_id, (), "error", str(e)))
-            ack(self.client, self.input_stream, self.group, [entry_id])
+            self._ack(entry_id)
             return
         self.tracked[seq.request_id] = _Tracked(seq, queued.reply_to, entry_id,
                                                 is_first_delivery=not queued.output_token_ids)
 
     def _admit_handoff(self, entry_id: str, handoff: Handoff) -> None:
-        ack(self.client, self.input_stream, self.group, [entry_id])   # from here its state is ours
+        self._ack(entry_id)   # from here its state is ours
         if self.cancels.is_cancelled(handoff.request_id):
             self.scheduler.blocks.free(handoff.request_id)
             return
@@ -198,9 +204,8 @@ class Worker:
                 tracked.handoff_time = None
 
     # ------------------------------------------------------------------ outputs
-    def _publish(self, advanced: list[Sequence]) -> None:
-        """Deliver new tokens; hand off finished prefills; ack what left this worker. One round trip."""
-        pipe = self.client.pipeline(transaction=False)
+    def _publish(self, advanced: list[Sequence], pipe: redis.client.Pipeline) -> None:
+        """Deliver new tokens; hand off finished prefills; ack (and drop) what left this worker."""
         to_ack: list[str] = []
         for seq in advanced:
             tracked = self.tracked[seq.request_id]
@@ -215,7 +220,7 @@ class Worker:
                 self.stats = _bump(self.stats, requests_finished=1)
         if to_ack:
             pipe.xack(self.input_stream, self.group, *to_ack)
-        pipe.execute()
+            pipe.xdel(self.input_stream, *to_ack)
 
     def _delivery(self, tracked: _Tracked, finish: str | None) -> TokenDelivery:
         queue_ms = None
@@ -235,17 +240,28 @@ class Worker:
     def _send_now(self, stream: str, delivery: TokenDelivery) -> None:
         self.client.xadd(stream, {"m": to_json(delivery)})
 
+    def _ack(self, *entry_ids: str) -> None:
+        """Done with these input entries: acked and deleted, so the stream holds only live work."""
+        self.client.pipeline(transaction=False).xack(self.input_stream, self.group, *entry_ids) \
+            .xdel(self.input_stream, *entry_ids).execute()
+
     def _forget(self, request_id: str) -> None:
         tracked = self.tracked.pop(request_id, None)
         if tracked is not None and tracked.entry_id is not None:
-            ack(self.client, self.input_stream, self.group, [tracked.entry_id])
+            self._ack(tracked.entry_id)
 
     # ------------------------------------------------------------------ bookkeeping
-    def _record(self, batch: SchedulerOutput, elapsed: float) -> None:
+    def _record(self, batch: SchedulerOutput, elapsed: float, pipe: redis.client.Pipeline) -> None:
         num_prefill = batch.num_prefill_tokens
         num_decode = len(batch.decode_chunks)
         blocks = self.scheduler.blocks
         free = blocks.num_free
+        share = self.control.share
+        pipe.xadd(self.keys.timings, {"m": to_json(IterationSample(
+            self.config.phase.value, share.share, len(share.cpu_ids), num_prefill, num_decode,
+            len(batch.chunks), sum(c.context_len for c in batch.decode_chunks),
+            sum(len(c.token_ids) * c.context_len for c in batch.prefill_chunks), elapsed * 1000, time.time()))},
+            maxlen=TIMINGS_MAXLEN, approximate=True)
         self.metrics.iteration_seconds.observe(elapsed)
         self.metrics.prompt_tokens.inc(num_prefill)
         self.metrics.generation_tokens.inc(num_decode + sum(c.is_sampled for c in batch.prefill_chunks))
@@ -260,6 +276,15 @@ class Worker:
             last_iteration_ms=elapsed * 1000, last_batch_tokens=num_prefill + num_decode,
             kv_blocks_free=free, kv_blocks_total=blocks.num_blocks)
         self.control.publish_stats(self.stats)
+        self.report(pipe)
+
+    def report(self, pipe: redis.client.Pipeline | None = None) -> None:
+        """Overwrite this worker's WorkerReport in Redis (the orchestrator's view of it)."""
+        share, s = self.control.share, self.stats
+        report = WorkerReport(self.config.phase.value, self.config.worker_id, f"127.0.0.1:{self.config.port}",
+                              share.share, share.cpu_ids, share.token_budget, s.num_running, s.num_waiting,
+                              s.iterations, s.kv_blocks_free, s.kv_blocks_total, time.time())
+        (pipe or self.client).hset(self.keys.worker_stats(self.config.phase.value), mapping={"m": to_json(report)})
 
     def cancel_all(self, reason: str) -> None:
         """On shutdown: end every request this worker holds, telling its gateway."""
