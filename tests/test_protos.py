@@ -25,7 +25,7 @@ gen_protos = load_gen_protos()
 
 def test_committed_stubs_match_the_protos(tmp_path):
     fresh = gen_protos.generate(tmp_path)
-    assert set(fresh) == {f"{name}{suffix}" for name in ("generation", "worker")
+    assert set(fresh) == {f"{name}{suffix}" for name in ("admin", "generation", "worker")
                           for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")}
     stale = gen_protos.differences(fresh, gen_protos.committed_stubs())
     assert not stale, (
