@@ -63,6 +63,18 @@ class KeySpace:
     def timings(self) -> str:             # capped stream of IterationSample, read by the orchestrator
         return f"{self.prefix}:timings"
 
+    @property
+    def latencies(self) -> str:           # capped stream of RequestLatency, written by gateways
+        return f"{self.prefix}:latencies"
+
+    @property
+    def decisions(self) -> str:           # list of the orchestrator's decisions (JSON), newest first
+        return f"{self.prefix}:orchestrator:decisions"
+
+    @property
+    def orchestrator_state(self) -> str:  # hash: SLO, policy mode, pinned shares (survives restarts)
+        return f"{self.prefix}:orchestrator:state"
+
 
 @dataclass(frozen=True, slots=True)
 class QueuedRequest:
@@ -142,6 +154,18 @@ class WorkerReport:
     kv_blocks_free: int
     kv_blocks_total: int
     updated_at: float          # wall clock
+    context_tokens: int = 0    # decode: tokens of KV its running batch reads per iteration
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLatency:
+    """One finished request as its client saw it, for SLO attainment."""
+
+    ttft_ms: float             # arrival at the gateway to first token
+    tpot_ms: float             # mean time per output token after the first (0 with one token)
+    num_prompt_tokens: int
+    num_completion_tokens: int
+    time: float                # wall clock when it finished
 
 
 def to_json(message: Any) -> str:

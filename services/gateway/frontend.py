@@ -21,7 +21,8 @@ from typing import AsyncIterator
 
 import redis.asyncio as aioredis
 
-from services.common.contracts import (CancelNotice, KeySpace, QueuedRequest, TokenDelivery, from_json, to_json)
+from services.common.contracts import (CancelNotice, KeySpace, QueuedRequest, RequestLatency, TokenDelivery,
+                                       from_json, to_json)
 from services.common.model_info import ModelInfo, parse_model_info
 from services.engine.blocks import blocks_for_tokens
 from services.engine.output import OutputState
@@ -36,6 +37,7 @@ log = logging.getLogger("duoserve.gateway")
 MAX_REQUEST_ID_CHARS = 128
 CANCEL_STREAM_MAXLEN = 100_000      # cancels are read within an iteration; older ones are history
 PREFILL_GROUP = "prefill"
+LATENCY_MAXLEN = 10_000             # finished requests kept for SLO attainment
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,8 +217,10 @@ class Frontend:
         self.metrics.num_requests_waiting.inc()
         is_done = False
         try:
+            # "n" and "t" let the orchestrator see the queue without parsing every prompt.
             await self.client.xadd(self.keys.prefill_queue, {"m": to_json(QueuedRequest(
-                request_id, tuple(prompt), req.sampling, self.reply_stream, timing.arrival))})
+                request_id, tuple(prompt), req.sampling, self.reply_stream, timing.arrival)),
+                "n": len(prompt), "t": repr(timing.arrival)})
             async for chunk in self._stream(request_id, prompt, req.sampling, queue, timing):
                 is_done = chunk.finish_reason is not None
                 yield chunk
@@ -251,6 +255,7 @@ class Frontend:
             yield Chunk(request_id, tuple(new_ids), state.take_text(finish is not None), finish, usage)
             if finish:
                 self.metrics.observe_finished(len(prompt), len(completion), usage.e2e_ms / 1000, finish)
+                await self._record_latency(usage)
                 return
 
     async def _next_delivery(self, queue: asyncio.Queue, request_id: str, started: bool) -> TokenDelivery:
@@ -285,6 +290,11 @@ class Frontend:
         now = time.time()
         ttft = ((timing.first_token or now) - timing.arrival) * 1000
         return Usage(num_prompt, num_completion, timing.queue_time_ms, ttft, (now - timing.arrival) * 1000)
+
+    async def _record_latency(self, usage: Usage) -> None:
+        tpot = (usage.e2e_ms - usage.ttft_ms) / (usage.completion_tokens - 1) if usage.completion_tokens > 1 else 0.0
+        sample = RequestLatency(usage.ttft_ms, tpot, usage.prompt_tokens, usage.completion_tokens, time.time())
+        await self.client.xadd(self.keys.latencies, {"m": to_json(sample)}, maxlen=LATENCY_MAXLEN, approximate=True)
 
     async def _cancel(self, request_id: str, reason: str) -> None:
         try:

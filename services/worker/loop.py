@@ -283,7 +283,8 @@ class Worker:
         share, s = self.control.share, self.stats
         report = WorkerReport(self.config.phase.value, self.config.worker_id, f"127.0.0.1:{self.config.port}",
                               share.share, share.cpu_ids, share.token_budget, s.num_running, s.num_waiting,
-                              s.iterations, s.kv_blocks_free, s.kv_blocks_total, time.time())
+                              s.iterations, s.kv_blocks_free, s.kv_blocks_total, time.time(),
+                              context_tokens=sum(seq.num_tokens for seq in self.scheduler.running))
         (pipe or self.client).hset(self.keys.worker_stats(self.config.phase.value), mapping={"m": to_json(report)})
 
     def cancel_all(self, reason: str) -> None:
