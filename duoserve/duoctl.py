@@ -1,0 +1,181 @@
+"""`duoctl`: the operator's command line, a client of the orchestrator's Admin API.
+
+    duoctl status [--json]                      workers, shares, queue, KV, latency vs SLOs, model fit
+    duoctl watch [--interval S]                 the same as a live table
+    duoctl slo set --ttft-ms X --tpot-ms Y [--percentile P] [--prefer ttft|tpot]
+    duoctl share set --prefill P --decode D [--token-budget N]
+    duoctl policy set auto|static|manual
+    duoctl history [--limit N] [--json]
+    duoctl model [--json]
+
+Without --target it finds the stack that `duoserve up` started on this machine (its state file);
+--target/--token default to DUOCTL_TARGET / DUOSERVE_ADMIN_TOKEN. No torch import.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import grpc
+from google.protobuf import json_format
+
+from duoserve.errors import DuoserveError, from_rpc_error
+from duoserve.v1 import admin_pb2 as pb
+from duoserve.v1 import admin_pb2_grpc
+
+
+def _find_target(state_dir: Path) -> str:
+    """The orchestrator of the stack `duoserve up` recorded in its state file(s)."""
+    for state_file in sorted(state_dir.glob("*.json")):
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            continue
+        target = state.get("orchestrator_target") or state.get("targets", {}).get("orchestrator")
+        if target:
+            return target
+    raise DuoserveError(f"no running stack found in {state_dir}; start one with `duoserve up --detach` "
+                        "or pass --target HOST:PORT", code="UNAVAILABLE")
+
+
+class AdminClient:
+    def __init__(self, target: str, token: str | None, timeout: float = 10.0) -> None:
+        self.channel = grpc.insecure_channel(target)
+        self.stub = admin_pb2_grpc.AdminStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.timeout = timeout
+
+    def call(self, method: str, request: Any) -> Any:
+        try:
+            return getattr(self.stub, method)(request, metadata=self.metadata, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+
+def _as_dict(message: Any) -> dict:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def format_status(s: pb.StackStatus) -> str:
+    lines = [f"policy {s.policy.mode}: prefill {s.policy.shares.prefill:.2f}, decode {s.policy.shares.decode:.2f}, "
+             f"token budget {s.policy.shares.token_budget}",
+             f"SLO: TTFT {s.slo.ttft_ms:.0f} ms, TPOT {s.slo.tpot_ms:.0f} ms at p{s.slo.percentile:.0f}, "
+             f"prefer {s.slo.prefer}" + (f"   AT RISK: {s.at_risk}" if s.at_risk else ""),
+             f"queue {s.queue_waiting} waiting; KV {s.kv_blocks_total - s.kv_blocks_free}/{s.kv_blocks_total} blocks used",
+             "", f"{'worker':10} {'share':>6} {'cores/SMs':>10} {'budget':>7} {'running':>8} {'waiting':>8} "
+             f"{'iters':>8} {'age s':>6}"]
+    for w in s.workers:
+        units = ",".join(map(str, w.cpu_ids)) or str(w.measured_units or "")
+        lines.append(f"{w.phase:10} {w.share:6.2f} {units:>10} {w.token_budget:7d} {w.num_running:8d} "
+                     f"{w.num_waiting:8d} {w.iterations:8d} {w.age_s:6.1f}")
+    lines.append("")
+    for name, lat in (("TTFT", s.ttft), ("TPOT", s.tpot)):
+        lines.append(f"{name}: p50 {lat.p50_ms:.1f} ms, p90 {lat.p90_ms:.1f} ms, p99 {lat.p99_ms:.1f} ms "
+                     f"(target {lat.target_ms:.0f} ms, attainment {lat.attainment:.0%} of {lat.num_samples})")
+    lines.append(format_fit(s.model_fit))
+    if s.last_reason:
+        lines.append(f"last decision: {s.last_reason}")
+    return "\n".join(lines)
+
+
+def format_fit(fit: pb.ModelFit) -> str:
+    parts = [f"model ({fit.backend}):"]
+    for phase in fit.phases:
+        coeffs = ", ".join(f"{c.name}={c.value:.4g}" for c in phase.coefficients)
+        parts.append(f"  {phase.phase}: median error {phase.median_rel_error:.1%}, p90 {phase.p90_rel_error:.1%} "
+                     f"over {phase.num_samples} samples; {coeffs}")
+    return "\n".join(parts)
+
+
+def format_history(h: pb.History) -> str:
+    lines = []
+    for d in h.decisions:
+        when = time.strftime("%H:%M:%S", time.localtime(d.time_unix))
+        mark = "*" if d.changed else " "
+        lines.append(f"{when} {mark} prefill {d.shares.prefill:.2f} decode {d.shares.decode:.2f} "
+                     f"budget {d.shares.token_budget:5d}  {d.reason}" + (f" [at risk: {d.at_risk}]" if d.at_risk else ""))
+    return "\n".join(lines) or "no decisions yet"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ
+    p = argparse.ArgumentParser(prog="duoctl", description="operate a duoserve stack")
+    p.add_argument("--target", default=env.get("DUOCTL_TARGET"), help="orchestrator HOST:PORT (env DUOCTL_TARGET)")
+    p.add_argument("--token", default=env.get("DUOSERVE_ADMIN_TOKEN"), help="admin bearer token (env DUOSERVE_ADMIN_TOKEN)")
+    p.add_argument("--state-dir", type=Path,
+                   default=Path(env.get("DUOSERVE_STATE_DIR", Path.home() / ".cache" / "duoserve" / "stack")))
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("status", "history", "model"):
+        cmd = sub.add_parser(name)
+        cmd.add_argument("--json", action="store_true")
+        if name == "history":
+            cmd.add_argument("--limit", type=int, default=20)
+    watch = sub.add_parser("watch")
+    watch.add_argument("--interval", type=float, default=1.0)
+    watch.add_argument("--count", type=int, default=0, help="refreshes before exiting (0: until Ctrl-C)")
+    slo = sub.add_parser("slo").add_subparsers(dest="action", required=True).add_parser("set")
+    slo.add_argument("--ttft-ms", type=float, required=True)
+    slo.add_argument("--tpot-ms", type=float, required=True)
+    slo.add_argument("--percentile", type=float, default=90.0)
+    slo.add_argument("--prefer", choices=["ttft", "tpot"], default="tpot")
+    share = sub.add_parser("share").add_subparsers(dest="action", required=True).add_parser("set")
+    share.add_argument("--prefill", type=float, required=True)
+    share.add_argument("--decode", type=float, required=True)
+    share.add_argument("--token-budget", type=int, default=0)
+    policy = sub.add_parser("policy").add_subparsers(dest="action", required=True).add_parser("set")
+    policy.add_argument("mode", choices=["auto", "static", "manual"])
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    client = AdminClient(args.target or _find_target(args.state_dir), args.token)
+    cmd = args.command
+    if cmd in ("status", "watch"):
+        for i in range(args.count or sys.maxsize) if cmd == "watch" else range(1):
+            status = client.call("GetStatus", pb.GetStatusRequest())
+            if cmd == "status" and args.json:
+                print(json.dumps(_as_dict(status), indent=2))
+            else:
+                print(("\033[2J\033[H" if cmd == "watch" and sys.stdout.isatty() else "") + format_status(status),
+                      flush=True)
+            if cmd == "watch":
+                time.sleep(args.interval)
+        return 0
+    if cmd == "history":
+        history = client.call("GetHistory", pb.GetHistoryRequest(limit=args.limit))
+        print(json.dumps(_as_dict(history), indent=2) if args.json else format_history(history))
+    elif cmd == "model":
+        fit = client.call("GetModelFit", pb.GetModelFitRequest())
+        print(json.dumps(_as_dict(fit), indent=2) if args.json else format_fit(fit))
+    elif cmd == "slo":
+        slo = client.call("SetSLO", pb.SLO(ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms, percentile=args.percentile,
+                                           prefer=args.prefer))
+        print(f"SLO set: TTFT {slo.ttft_ms:.0f} ms, TPOT {slo.tpot_ms:.0f} ms at p{slo.percentile:.0f}, prefer {slo.prefer}")
+    elif cmd == "share":
+        state = client.call("PinShares", pb.Shares(prefill=args.prefill, decode=args.decode,
+                                                   token_budget=args.token_budget))
+        print(f"policy {state.mode}: prefill {state.shares.prefill:.2f}, decode {state.shares.decode:.2f}")
+    elif cmd == "policy":
+        state = client.call("SetPolicy", pb.SetPolicyRequest(mode=args.mode))
+        print(f"policy {state.mode}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except DuoserveError as e:
+        print(f"duoctl: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
