@@ -1,0 +1,247 @@
+"""KV block ownership in Redis, shared by every process of a stack (the `BlockAllocator` of services).
+
+A block's life here:
+  free      its id is in the list `keys.kv_free` (LIFO: the most recently freed is granted first)
+  owned     its id is in `keys.kv_owned(request_id)`, in the request's token order; prefill's blocks
+            stay owned by the same request id when decode takes it over, so a hand-off moves nothing
+  freed     `free(request_id)` moves all of a request's blocks back to the free list at once
+
+Every change is one Lua script, so it is atomic: a block is in exactly one of those lists at any
+moment, whatever number of processes allocate and free at the same time. `can_allocate` and
+`num_free` are hints read outside any script; `allocate` makes the real check and either grants all
+the blocks it was asked for or raises `OutOfBlocks` having changed nothing. Batched forms
+(`allocate_many`, `free_many`) cost one round trip per iteration instead of one per request.
+
+Keys (see `KeySpace`): kv_meta (hash: num_blocks, block_size) is the pool's record of existence;
+an exhausted pool has no free-list key at all (Redis drops empty lists), so scripts check kv_meta.
+Needs Redis >= 6.2 (LPOP with a count).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import redis
+
+from services.common.contracts import KeySpace
+from services.engine.blocks import OutOfBlocks
+
+
+class PoolNotInitialized(RuntimeError):
+    """No KV pool in this Redis under this prefix (never created, deleted, or Redis lost its data)."""
+
+
+class PoolMismatch(RuntimeError):
+    """`init_pool` asked for a pool that differs from the one already in Redis."""
+
+
+# A helper every script starts with: push ids in chunks (Lua's unpack is limited to ~8000 values).
+_PUSH = """
+local function push(cmd, key, ids)
+  for i = 1, #ids, 1000 do
+    redis.call(cmd, key, unpack(ids, i, math.min(i + 999, #ids)))
+  end
+end
+"""
+
+# KEYS: free, meta.  ARGV: num_blocks, block_size.
+# Returns {1, n, size} created | {0, n, size} already there | {-1, free_len} free list without meta.
+_INIT = _PUSH + """
+local meta = redis.call('HMGET', KEYS[2], 'num_blocks', 'block_size')
+if meta[1] then
+  return {0, tonumber(meta[1]), tonumber(meta[2] or 0)}
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {-1, redis.call('LLEN', KEYS[1])}
+end
+local n = tonumber(ARGV[1])
+for start = 0, n - 1, 1000 do
+  local ids = {}
+  for id = start, math.min(start + 999, n - 1) do ids[#ids + 1] = id end
+  push('RPUSH', KEYS[1], ids)
+end
+redis.call('HSET', KEYS[2], 'num_blocks', n, 'block_size', ARGV[2])
+return {1, n, tonumber(ARGV[2])}
+"""
+
+# KEYS: free, meta, owned(r1), owned(r2), ...  ARGV: n1, n2, ...
+# Grants in order, each all or nothing, stopping at the first that does not fit.
+# Returns {-1} no pool | {free_len_after, ids1, ids2, ...} one list per granted request.
+_ALLOCATE = _PUSH + """
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  return {-1}
+end
+local out = {0}
+for i = 1, #ARGV do
+  local n = tonumber(ARGV[i])
+  if redis.call('LLEN', KEYS[1]) < n then
+    break
+  end
+  local ids = {}
+  if n > 0 then
+    ids = redis.call('LPOP', KEYS[1], n)
+    push('RPUSH', KEYS[i + 2], ids)
+  end
+  out[#out + 1] = ids
+end
+out[1] = redis.call('LLEN', KEYS[1])
+return out
+"""
+
+# KEYS: free, meta, owned(r1), owned(r2), ...   Returns how many blocks came back.
+# A request's list is deleted as its blocks are pushed, so freeing twice returns 0 the second time and
+# never duplicates a block. Without a pool (deleted under us) the owned lists are only dropped: a
+# free list must not reappear without its kv_meta.
+_FREE = _PUSH + """
+local has_pool = redis.call('EXISTS', KEYS[2]) == 1
+local total = 0
+for i = 3, #KEYS do
+  local ids = redis.call('LRANGE', KEYS[i], 0, -1)
+  if #ids > 0 then
+    redis.call('DEL', KEYS[i])
+    if has_pool then
+      local reversed = {}
+      for j = #ids, 1, -1 do reversed[#reversed + 1] = ids[j] end
+      push('LPUSH', KEYS[1], reversed)      -- ids[1] ends up at the head: granted first
+    end
+    total = total + #ids
+  end
+end
+return total
+"""
+
+
+class RedisBlockAllocator:
+    """`BlockAllocator` over one Redis: the free list and every request's block table."""
+
+    def __init__(self, client: redis.Redis, keys: KeySpace) -> None:
+        self._client = client
+        self._keys = keys
+        self._init_script = client.register_script(_INIT)
+        self._allocate_script = client.register_script(_ALLOCATE)
+        self._free_script = client.register_script(_FREE)
+        self._num_blocks: int | None = None     # cached: a pool's size never changes
+        self._block_size: int | None = None
+
+    # ------------------------------------------------------------------ pool
+    def init_pool(self, num_blocks: int, block_size: int) -> int:
+        """Create the pool unless it exists; returns its size. Every worker calls this at start-up.
+
+        Raises PoolMismatch if a pool with another num_blocks or block_size is already there (a
+        stale stack under the same prefix, or workers started with different settings).
+        """
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks and block_size must be at least 1, got {num_blocks}, {block_size}")
+        code, *rest = self._init_script(keys=[self._keys.kv_free, self._keys.kv_meta],
+                                        args=[num_blocks, block_size])
+        if code == -1:
+            raise PoolMismatch(
+                f"{self._keys.kv_free} holds {rest[0]} block ids but {self._keys.kv_meta} is missing: "
+                f"delete the stack's keys (prefix {self._keys.prefix!r}) before starting it again")
+        existing, existing_size = int(rest[0]), int(rest[1])
+        if (existing, existing_size) != (num_blocks, block_size):
+            raise PoolMismatch(
+                f"a KV pool of {existing} blocks x {existing_size} tokens already exists under prefix "
+                f"{self._keys.prefix!r}; this worker wants {num_blocks} x {block_size}. Stop the old "
+                "stack (or use another key prefix) first")
+        self._num_blocks, self._block_size = existing, existing_size
+        return existing
+
+    @property
+    def num_blocks(self) -> int:
+        if self._num_blocks is None:
+            self._load_meta()
+        assert self._num_blocks is not None
+        return self._num_blocks
+
+    @property
+    def block_size(self) -> int:
+        if self._block_size is None:
+            self._load_meta()
+        assert self._block_size is not None
+        return self._block_size
+
+    def _load_meta(self) -> None:
+        num_blocks, block_size = self._client.hmget(self._keys.kv_meta, "num_blocks", "block_size")
+        if num_blocks is None:
+            raise PoolNotInitialized(f"no KV pool at {self._keys.kv_meta}: init_pool was never called")
+        self._num_blocks, self._block_size = int(num_blocks), int(block_size or 0)
+
+    # ------------------------------------------------------------------ reads (hints)
+    @property
+    def num_free(self) -> int:
+        return int(self._client.llen(self._keys.kv_free))
+
+    def can_allocate(self, num_blocks: int) -> bool:
+        """A hint: another process may take the blocks before `allocate` runs."""
+        return num_blocks <= self.num_free
+
+    def owned(self, request_id: str) -> list[int]:
+        return [int(b) for b in self._client.lrange(self._keys.kv_owned(request_id), 0, -1)]
+
+    def owners(self) -> list[str]:
+        """Request ids that own blocks now (SCAN: not a snapshot while others allocate)."""
+        prefix = self._keys.kv_owned("")
+        pattern = _glob_escape(prefix) + "*"
+        found = []
+        for key in self._client.scan_iter(match=pattern, count=1000):
+            key = key.decode() if isinstance(key, bytes) else key
+            found.append(key[len(prefix):])
+        return found
+
+    # ------------------------------------------------------------------ changes (atomic)
+    def allocate(self, request_id: str, num_blocks: int) -> list[int]:
+        """Append `num_blocks` blocks to the request's table; all of them, or OutOfBlocks and no change."""
+        _check_count(num_blocks)
+        if num_blocks == 0:
+            return []
+        num_free, granted = self._run_allocate([(request_id, num_blocks)])
+        if not granted:
+            raise OutOfBlocks(f"asked for {num_blocks} blocks for {request_id}, {num_free} free")
+        return granted[0]
+
+    def allocate_many(self, requests: Sequence[tuple[str, int]]) -> dict[str, list[int]]:
+        """One script call for an iteration's admissions, in order, each all or nothing.
+
+        Stops at the first request that does not fit: it and every later one get nothing (FCFS, as
+        the scheduler admits: a later, smaller request does not overtake). Granted requests are the
+        keys of the result; a request id listed twice gets both grants, concatenated.
+        """
+        for _, n in requests:
+            _check_count(n)
+        if not requests:
+            return {}
+        result: dict[str, list[int]] = {}
+        _, granted = self._run_allocate(list(requests))
+        for (request_id, _), ids in zip(requests, granted):
+            result.setdefault(request_id, []).extend(ids)
+        return result
+
+    def free(self, request_id: str) -> int:
+        """Return all of the request's blocks; how many came back (0 if it owned none: idempotent)."""
+        return self.free_many((request_id,))
+
+    def free_many(self, request_ids: Iterable[str]) -> int:
+        """`free` for several requests in one script call; total blocks returned."""
+        owned_keys = [self._keys.kv_owned(r) for r in request_ids]
+        if not owned_keys:
+            return 0
+        return int(self._free_script(keys=[self._keys.kv_free, self._keys.kv_meta, *owned_keys]))
+
+    def _run_allocate(self, requests: list[tuple[str, int]]) -> tuple[int, list[list[int]]]:
+        """(free blocks left, the grants in order: fewer than asked when one did not fit)."""
+        keys = [self._keys.kv_free, self._keys.kv_meta, *(self._keys.kv_owned(r) for r, _ in requests)]
+        reply = self._allocate_script(keys=keys, args=[n for _, n in requests])
+        if reply[0] == -1:
+            raise PoolNotInitialized(f"no KV pool at {self._keys.kv_meta}: init_pool was never called "
+                                     "(or Redis lost its data)")
+        return int(reply[0]), [[int(b) for b in ids] for ids in reply[1:]]
+
+
+def _check_count(num_blocks: int) -> None:
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 0:
+        raise ValueError(f"block count must be a non-negative int, got {num_blocks!r}")
+
+
+def _glob_escape(text: str) -> str:
+    """Escape SCAN MATCH's special characters so a prefix matches itself only."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
