@@ -36,7 +36,6 @@ log = logging.getLogger("duoserve.gateway")
 
 MAX_REQUEST_ID_CHARS = 128
 CANCEL_STREAM_MAXLEN = 100_000      # cancels are read within an iteration; older ones are history
-PREFILL_GROUP = "prefill"
 LATENCY_MAXLEN = 10_000             # finished requests kept for SLO attainment
 
 
@@ -305,13 +304,6 @@ class Frontend:
 
 
 async def _queue_depth(client: aioredis.Redis, stream: str) -> int:
-    """Requests waiting for prefill: not yet read by the group, plus read but not acked."""
-    try:
-        groups = await client.xinfo_groups(stream)
-    except aioredis.ResponseError:       # no stream yet: nothing queued
-        return 0
-    for group in groups:
-        if group["name"] in (PREFILL_GROUP, PREFILL_GROUP.encode()):
-            lag = group.get("lag")
-            return int(group["pending"]) + (int(lag) if lag is not None else await client.xlen(stream))
-    return await client.xlen(stream)
+    """Requests waiting for prefill or being prefilled: workers delete an entry once it has left
+    prefill, so the stream's length is exactly that."""
+    return int(await client.xlen(stream))

@@ -1,0 +1,66 @@
+"""Real stacks for end-to-end tests: redis-server, arena, workers and gateway as real processes.
+
+One stack per mode per test session (start-up costs ~20 s on 2 cores); tests must leave it as they
+found it (every request finished or cancelled, every block free).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+from duoserve import stack
+from duoserve.stack import Mode, StackConfig, StackState
+from services.common.contracts import KeySpace
+
+
+class RunningStack:
+    def __init__(self, config: StackConfig, state: StackState) -> None:
+        self.config = config
+        self.state = state
+        self.target = state.gateway_target
+        self.redis = redis.Redis.from_url(state.redis_url)
+        self.keys = KeySpace(state.key_prefix)
+
+    def process(self, name: str):
+        return next(p for p in self.state.processes if p.name == name)
+
+    def num_free_blocks(self) -> int:
+        return int(self.redis.llen(self.keys.kv_free))
+
+    def reload_state(self) -> None:
+        self.state = stack.read_state(self.config.state_path)
+
+
+def _start(mode: Mode, tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> RunningStack:
+    config = StackConfig(state_dir=tmp_path_factory.mktemp(f"stack-{mode.value}"),
+                         cache_dir=default_model_dir.parent, name=f"e2e-{mode.value}", mode=mode,
+                         num_kv_blocks=256, max_queue_len=64, startup_timeout_s=300)
+    say = lambda msg: print(msg, file=sys.stderr)   # noqa: E731
+    stack.up(config, detach=True, say=say)
+    return RunningStack(config, stack.read_state(config.state_path))
+
+
+def _stop(running: RunningStack) -> None:
+    stack.down(running.config.state_dir, running.config.name, stop_timeout_s=10, say=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def split_stack(tmp_path_factory, default_model_dir):
+    running = _start(Mode.SPLIT, tmp_path_factory, default_model_dir)
+    yield running
+    _stop(running)
+
+
+@pytest.fixture(scope="session")
+def colocated_stack(tmp_path_factory, default_model_dir):
+    running = _start(Mode.COLOCATED, tmp_path_factory, default_model_dir)
+    yield running
+    _stop(running)
+
+
+@pytest.fixture(params=["split", "colocated"])
+def any_stack(request):
+    return request.getfixturevalue(f"{request.param}_stack")

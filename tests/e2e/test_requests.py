@@ -1,0 +1,165 @@
+"""Requests through a real stack: equality with the offline engine, concurrency, cancellation,
+bad input, and a gateway restart while the workers keep running."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+import duoserve
+from duoserve import errors
+from services.engine.llm_engine import EngineConfig, LLMEngine
+from services.engine.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three primary colors."]
+
+
+@pytest.fixture(scope="module")
+def offline_tokens(default_model_dir):
+    engine = LLMEngine.from_config(EngineConfig(model=str(default_model_dir), num_kv_blocks=128))
+    prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
+    outs = engine.generate(prompts, SamplingParams(max_tokens=24, temperature=0))
+    return [list(o.token_ids) for o in outs]
+
+
+def _wait_blocks_free(stack, expected: int, timeout: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout
+    while (free := stack.num_free_blocks()) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return free
+
+
+def test_greedy_output_equals_offline_engine(any_stack, offline_tokens):
+    with duoserve.Client(any_stack.target, timeout=120) as client:
+        for prompt, expected in zip(PROMPTS, offline_tokens):
+            got = client.generate(messages=[{"role": "user", "content": prompt}], max_tokens=24, temperature=0)
+            assert list(got.token_ids) == expected
+            assert got.usage.completion_tokens == len(expected) and got.usage.ttft_ms > 0
+
+
+def test_sixteen_concurrent_streams_complete(any_stack):
+    start_free = any_stack.num_free_blocks()
+    results: list = [None] * 16
+
+    def run(i: int) -> None:
+        with duoserve.Client(any_stack.target, timeout=300) as client:
+            chunks = list(client.stream(messages=[{"role": "user", "content": f"Count to {i + 3}."}],
+                                        max_tokens=16, temperature=0.7, seed=i, ignore_eos=True))
+            results[i] = chunks
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    for chunks in results:
+        assert chunks is not None and chunks[-1].finish_reason == "length"
+        assert sum(len(c.token_ids) for c in chunks) == 16
+    assert _wait_blocks_free(any_stack, start_free) == start_free
+
+
+def test_cancelled_stream_frees_its_blocks(any_stack):
+    start_free = any_stack.num_free_blocks()
+    with duoserve.Client(any_stack.target, timeout=300) as client:
+        stream = client.stream(prompt="Tell me a very long story about a dragon.", max_tokens=400, ignore_eos=True)
+        received = 0
+        for chunk in stream:
+            received += len(chunk.token_ids)
+            if received >= 8:
+                assert any_stack.num_free_blocks() < start_free      # it holds blocks now
+                break
+        stream.close()
+    assert _wait_blocks_free(any_stack, start_free) == start_free
+
+
+BAD_INPUTS = [
+    (dict(prompt=""), "prompt"),
+    (dict(prompt="word " * 9000), "prompt"),
+    (dict(prompt="hi", max_tokens=0), "max_tokens"),
+    (dict(prompt="hi", max_tokens=1_000_000), "max_tokens"),
+    (dict(prompt="hi", temperature=-0.5), "temperature"),
+    (dict(prompt="hi", top_p=0.0), "top_p"),
+    (dict(prompt="hi", top_p=1.5), "top_p"),
+    (dict(prompt="hi", top_k=-1), "top_k"),
+    (dict(prompt="hi", stop=["x"] * 100), "stop"),
+    (dict(messages=[{"role": "wizard", "content": "hi"}]), "messages[0].role"),
+    (dict(token_ids=[1, 2, 10**6]), "token_ids"),
+]
+
+
+def test_bad_input_is_invalid_argument_and_disturbs_nothing(any_stack):
+    with duoserve.Client(any_stack.target, timeout=300) as client:
+        running = client.stream(messages=[{"role": "user", "content": "Describe the ocean."}], max_tokens=48,
+                                temperature=0, ignore_eos=True)
+        first = next(iter(running))
+        for kwargs, field in BAD_INPUTS:
+            with pytest.raises(errors.InvalidArgument, match=field.replace("[", r"\[").replace("]", r"\]")):
+                client.generate(**kwargs)
+        rest = list(running)
+        assert rest[-1].finish_reason == "length"
+        assert len(first.token_ids) + sum(len(c.token_ids) for c in rest) == 48
+
+
+def test_full_queue_is_resource_exhausted(split_stack):
+    """With prefill paused, requests beyond the gateway's queue limit (64 here) are refused; the rest finish."""
+    start_free = split_stack.num_free_blocks()
+    prefill = split_stack.process("prefill")
+    outcomes: list = []
+
+    def run(i: int) -> None:
+        try:
+            with duoserve.Client(split_stack.target, timeout=120) as client:
+                outcomes.append(client.generate(prompt=f"Question {i}?", max_tokens=2))
+        except errors.DuoserveError as e:
+            outcomes.append(e)
+
+    os.kill(prefill.pid, signal.SIGSTOP)           # hold prefill so the queue cannot drain
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(80)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while not any(isinstance(o, errors.ResourceExhausted) for o in outcomes) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        os.kill(prefill.pid, signal.SIGCONT)
+    for t in threads:
+        t.join(timeout=180)
+    refused = [o for o in outcomes if isinstance(o, errors.ResourceExhausted)]
+    served = [o for o in outcomes if isinstance(o, duoserve.Completion)]
+    assert refused and "queue" in refused[0].message
+    assert len(refused) + len(served) == 80
+    assert _wait_blocks_free(split_stack, start_free) == start_free
+
+
+def test_gateway_restart_while_workers_keep_running(split_stack, default_model_dir):
+    gateway = split_stack.process("gateway")
+    workers = {name: split_stack.process(name).pid for name in ("prefill", "decode", "arena")}
+    os.kill(gateway.pid, signal.SIGKILL)
+    time.sleep(0.5)
+    proc = subprocess.Popen(list(gateway.argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        with duoserve.Client(split_stack.target, timeout=120) as client:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    got = client.generate(messages=[{"role": "user", "content": "What is the capital of France?"}],
+                                          max_tokens=16, temperature=0)
+                    break
+                except errors.Unavailable:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+        assert "Paris" in got.text
+        for name, pid in workers.items():
+            os.kill(pid, 0)                                  # still the same processes
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
