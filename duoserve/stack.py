@@ -128,7 +128,7 @@ class Layout:
         stack_id = uuid.uuid4().hex[:10]
         sock = stack_dir / "arena.sock"
         if len(str(sock)) > UNIX_SOCKET_PATH_MAX:     # a deep state dir: sun_path is short
-            sock = Path("/tmp") / f"duoserve-{stack_id}.sock"
+            sock = Path("/tmp") / f"duoserve-{os.getuid()}" / stack_id / "arena.sock"   # as the arena's default
         return Layout(stack_id, f"duo:{stack_id}", f"duoserve-{stack_id}-", sock)
 
 
@@ -277,10 +277,18 @@ def read_state(path: Path) -> StackState | None:
         raise StackError(f"unreadable state file {path}: {e}; remove it after checking nothing runs") from e
 
 
+def make_stack_dir(stack_dir: Path) -> None:
+    """Mode 0700: it holds the arena socket, which the arena refuses to put where others can enter."""
+    stack_dir.parent.mkdir(parents=True, exist_ok=True)
+    stack_dir.mkdir(mode=0o700, exist_ok=True)
+    if stack_dir.stat().st_mode & 0o077:
+        stack_dir.chmod(0o700)
+
+
 @contextlib.contextmanager
 def stack_lock(stack_dir: Path):
     """One `up` or `down` at a time per stack name."""
-    stack_dir.mkdir(parents=True, exist_ok=True)
+    make_stack_dir(stack_dir)
     with open(stack_dir / "lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
@@ -397,21 +405,29 @@ def grpc_health(target: str, timeout_s: float = 1.0) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
-def redis_health(port: int, timeout_s: float = 1.0) -> str:
-    """PING over a plain socket: SERVING on +PONG, NOT_SERVING while loading, else UNREACHABLE."""
+def redis_health(port: int, timeout_s: float = 1.0, pid: int | None = None) -> str:
+    """SERVING when PING answers (from process `pid`, if given: not a server that took the port first),
+    NOT_SERVING while it loads its data, else UNREACHABLE."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+    client = redis.Redis(host=LOOPBACK, port=port, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                         retry=Retry(NoBackoff(), 0))          # one probe, no hidden backoff
     try:
-        with socket.create_connection((LOOPBACK, port), timeout=timeout_s) as s:
-            s.sendall(b"PING\r\n")
-            reply = s.recv(64)
-    except OSError:
-        return "UNREACHABLE"
-    if reply.startswith(b"+PONG"):
+        client.ping()
+        if pid is not None and int(client.info("server")["process_id"]) != pid:
+            return "UNREACHABLE"
         return HEALTHY
-    return "NOT_SERVING" if reply.startswith(b"-LOADING") else "UNREACHABLE"
+    except redis.BusyLoadingError:
+        return "NOT_SERVING"
+    except redis.RedisError:
+        return "UNREACHABLE"
+    finally:
+        client.close()
 
 
-def health_of(kind: str, port: int, timeout_s: float = 1.0) -> str:
-    return redis_health(port, timeout_s) if kind == "redis" else grpc_health(f"{LOOPBACK}:{port}", timeout_s)
+def health_of(kind: str, port: int, timeout_s: float = 1.0, pid: int | None = None) -> str:
+    return redis_health(port, timeout_s, pid) if kind == "redis" else grpc_health(f"{LOOPBACK}:{port}", timeout_s)
 
 
 def log_tail(path: Path | str, lines: int = 30, since: int = 0) -> str:
@@ -486,7 +502,9 @@ class _Launcher:
             for name in names:
                 self._launch(name, stage)
             self.say(f"starting {', '.join(names)}")
+            started = time.monotonic()
             self._wait_serving(names, stage, deadline)
+            self.say(f"{', '.join(names)} SERVING after {time.monotonic() - started:.1f} s")
         return self.state
 
     def _spec(self, name: str) -> ProcessSpec:
@@ -539,7 +557,7 @@ class _Launcher:
                         continue
                     raise StackError(f"{name} exited with status {popen.returncode} while starting; "
                                      f"last lines of {record.log}:\n{tail}")
-                last[name] = health_of(record.health, record.port, timeout_s=1.0)
+                last[name] = health_of(record.health, record.port, timeout_s=1.0, pid=record.pid)
                 if last[name] == HEALTHY:
                     waiting.discard(name)
             if waiting and time.monotonic() >= deadline:
@@ -584,7 +602,8 @@ def up(config: StackConfig, *, detach: bool, say: Callable[[str], None],
     """Start the stack; detached: return once SERVING, else supervise it until stopped."""
     stop_requested = threading.Event()
     signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {s: signal.signal(s, lambda *_: stop_requested.set()) for s in signals}
+    in_main_thread = threading.current_thread() is threading.main_thread()   # only it may take signals
+    previous = {s: signal.signal(s, lambda *_: stop_requested.set()) for s in signals} if in_main_thread else {}
     try:
         if config.redis_url is None and config.redis_server is None:
             found = _find_redis_server()
@@ -656,8 +675,12 @@ def teardown(state: StackState, state_path: Path, stop_timeout_s: float,
     if state.segment_prefix:
         remove_segments(state.segment_prefix)
     if state.arena_socket:
+        sock = Path(state.arena_socket)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(state.arena_socket)
+            sock.unlink()
+        if sock.parent.name == state.stack_id:        # the /tmp fallback's own directory
+            with contextlib.suppress(OSError):
+                sock.parent.rmdir()
     if state.owns_redis:
         shutil.rmtree(state_path.parent / "redis", ignore_errors=True)
     with contextlib.suppress(FileNotFoundError):
@@ -716,7 +739,7 @@ def stack_status(state: StackState) -> list[ProcessStatus]:
     out = []
     for r in state.processes:
         alive = is_alive(r.pid, r.start_time)
-        health = health_of(r.health, r.port, timeout_s=1.0) if alive else "DEAD"
+        health = health_of(r.health, r.port, timeout_s=1.0, pid=r.pid) if alive else "DEAD"
         out.append(ProcessStatus(r.name, r.pid, alive, r.port, r.metrics_port, health, r.log))
     return out
 

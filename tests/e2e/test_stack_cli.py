@@ -135,7 +135,7 @@ def test_config_refuses_bad_names_and_unavailable_cores(tmp_path):
 def test_long_state_dir_moves_the_arena_socket_to_tmp(tmp_path):
     layout = Layout.new(tmp_path / ("x" * 120))
     assert len(str(layout.arena_socket)) <= stack.UNIX_SOCKET_PATH_MAX
-    assert layout.stack_id in layout.arena_socket.name
+    assert layout.arena_socket.parent.name == layout.stack_id     # a directory of its own, made private by the arena
 
 
 # ---------------------------------------------------------------------------------------------
