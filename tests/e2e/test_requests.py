@@ -138,28 +138,97 @@ def test_full_queue_is_resource_exhausted(split_stack):
     assert _wait_blocks_free(split_stack, start_free) == start_free
 
 
+def _cpus_of(pid: int) -> set[int]:
+    """Cores allowed to every thread of a process (the union; they should all agree)."""
+    allowed = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        allowed |= os.sched_getaffinity(int(tid))
+    return allowed
+
+
+def test_set_compute_share_moves_cores_live(split_stack):
+    import grpc
+    from duoserve.v1 import worker_pb2, worker_pb2_grpc
+    prefill = split_stack.process("prefill")
+    all_cpus = sorted(os.sched_getaffinity(0))
+    stub = worker_pb2_grpc.WorkerStub(grpc.insecure_channel(prefill.target))
+    before = stub.GetStats(worker_pb2.GetStatsRequest(), timeout=10)
+    assert before.phase == worker_pb2.PHASE_PREFILL and list(before.share.cpu_ids) == all_cpus[:1]
+    reply = stub.SetComputeShare(worker_pb2.SetComputeShareRequest(share=1.0, cpu_ids=all_cpus), timeout=10)
+    assert reply.pending                              # applied at the next iteration boundary
+    with duoserve.Client(split_stack.target, timeout=120) as client:   # an iteration happens
+        client.generate(prompt="Hello", max_tokens=2)
+    deadline = time.monotonic() + 10
+    while _cpus_of(prefill.pid) != set(all_cpus) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _cpus_of(prefill.pid) == set(all_cpus)
+    after = stub.GetStats(worker_pb2.GetStatsRequest(), timeout=10)
+    assert not after.share.pending and after.share.applied_at_unix_ms > 0
+    with pytest.raises(grpc.RpcError) as bad:
+        stub.SetComputeShare(worker_pb2.SetComputeShareRequest(share=0.5, cpu_ids=[999]), timeout=10)
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cpu_ids" in bad.value.details()
+    stub.SetComputeShare(worker_pb2.SetComputeShareRequest(share=0.5, cpu_ids=all_cpus[:1]), timeout=10)
+    with duoserve.Client(split_stack.target, timeout=120) as client:
+        client.generate(prompt="Hello", max_tokens=2)
+    deadline = time.monotonic() + 10
+    while _cpus_of(prefill.pid) != set(all_cpus[:1]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _cpus_of(prefill.pid) == set(all_cpus[:1])
+
+
+def test_every_process_serves_prometheus_metrics(split_stack):
+    import urllib.request
+    expected = {
+        "gateway": ["duoserve:time_to_first_token_seconds", "duoserve:inter_token_latency_seconds",
+                    "duoserve:e2e_request_latency_seconds", "duoserve:prompt_tokens_total",
+                    "duoserve:generation_tokens_total", "duoserve:num_requests_running",
+                    "duoserve:num_requests_waiting"],
+        "prefill": ["duoserve:compute_share", "duoserve:kv_cache_usage_perc", "duoserve:prompt_tokens_total",
+                    "duoserve:iteration_seconds"],
+        "decode": ["duoserve:compute_share", "duoserve:num_requests_running", "duoserve:generation_tokens_total",
+                   "duoserve:handoff_latency_seconds"],
+        "arena": ["duoserve:arena_weights_bytes", "duoserve:arena_kv_bytes"],
+    }
+    with duoserve.Client(split_stack.target, timeout=120) as client:
+        client.generate(prompt="Hello there", max_tokens=4, ignore_eos=True)
+    for name, metrics in expected.items():
+        proc = split_stack.process(name)
+        assert proc.metrics_port, f"{name} has no metrics port"
+        text = urllib.request.urlopen(f"http://127.0.0.1:{proc.metrics_port}/metrics", timeout=10).read().decode()
+        for metric in metrics:
+            assert metric in text, f"{name} does not export {metric}"
+
+
 def test_gateway_restart_while_workers_keep_running(split_stack, default_model_dir):
     gateway = split_stack.process("gateway")
     workers = {name: split_stack.process(name).pid for name in ("prefill", "decode", "arena")}
     os.kill(gateway.pid, signal.SIGKILL)
     time.sleep(0.5)
-    proc = subprocess.Popen(list(gateway.argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        with duoserve.Client(split_stack.target, timeout=120) as client:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    got = client.generate(messages=[{"role": "user", "content": "What is the capital of France?"}],
-                                          max_tokens=16, temperature=0)
-                    break
-                except errors.Unavailable:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.5)
-        assert "Paris" in got.text
-        for name, pid in workers.items():
-            os.kill(pid, 0)                                  # still the same processes
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=20)
+    with open(gateway.log, "ab") as log:
+        proc = subprocess.Popen(list(gateway.argv), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    _adopt(split_stack, gateway, proc.pid)          # `duoserve down` stops the new one
+    with duoserve.Client(split_stack.target, timeout=120) as client:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                got = client.generate(messages=[{"role": "user", "content": "What is the capital of France?"}],
+                                      max_tokens=16, temperature=0)
+                break
+            except errors.Unavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+    assert "Paris" in got.text
+    for name, pid in workers.items():
+        os.kill(pid, 0)                                  # still the same processes
+
+
+def _adopt(running, record, pid: int) -> None:
+    """Record a restarted process in the stack's state file in place of the one it replaces."""
+    from dataclasses import replace
+    from duoserve import stack
+    state = running.state
+    procs = tuple(replace(p, pid=pid, start_time=stack.process_start_time(pid)) if p.name == record.name else p
+                  for p in state.processes)
+    stack.write_state(running.config.state_path, replace(state, processes=procs))
+    running.reload_state()
