@@ -213,7 +213,7 @@ def serve_socket(listener: socket.socket, document: bytes, metrics: ArenaMetrics
 
 def start_health_server(port: int) -> tuple[grpc.Server, health.HealthServicer, int]:
     """grpc.health.v1 (NOT_SERVING until the memory is exported) and reflection; the bound port."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=[("grpc.so_reuseport", 0)])
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -33,7 +33,8 @@ async def serve(config: GatewayConfig) -> None:
     metrics = GatewayMetrics()
     metrics.serve(config.metrics_port)
     frontend = Frontend(config, aioredis.Redis.from_url(config.redis_url), metrics)
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+    # No SO_REUSEPORT: a port clash must fail loudly (the supervisor relaunches on a new port).
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=[("grpc.so_reuseport", 0)])
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(frontend), server)
     health_servicer = health_async.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

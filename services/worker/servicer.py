@@ -76,7 +76,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 def start_worker_server(config: WorkerConfig, control: WorkerControl,
                         stack_cpus: tuple[int, ...]) -> tuple[grpc.Server, health.HealthServicer]:
     """Worker service + grpc.health.v1 (NOT_SERVING until the caller says ready) + reflection."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=[("grpc.so_reuseport", 0)])
     worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(config, control, stack_cpus), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
