@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 from orchestrator.perf_model import PerfModel
+
+EXHAUSTIVE_SPLITS = 16     # up to this many splits, every one is evaluated each tick
 
 
 class PolicyMode(enum.Enum):
@@ -201,14 +203,21 @@ class Policy:
         return [(p / n, d / n) for p, d in self._splits]
 
     def _make_splits(self) -> list[tuple[int, int]]:
-        """(prefill units, decode units). CPU: disjoint cores summing to all, each phase >= 1 core.
-        GPU: TPC steps; the prefill cap may overlap decode's by `overlap` (an MPS limit is a cap)."""
+        """(prefill units, decode units): disjoint splits summing to the device, each phase >= one step,
+        plus, with `overlap`, the same decode share under a prefill cap that also reaches into
+        decode's units (an MPS limit is a cap; on the CPU two workers may share cores). Overlapping
+        units are time-shared: `_evaluate` charges each phase half of them while the other is busy."""
         device = self.model.device
         n, step = device.num_units, device.unit_granularity
         if n < 2 * step:
             return [(n, n)]                 # one unit: both phases share it
-        extra = 0 if device.kind == "cpu" else int(self.config.overlap * n / step + 1e-9) * step
-        return [(min(n, n - d + extra), d) for d in range(step, n, step)]
+        extra = int(self.config.overlap * n / step + 1e-9) * step
+        splits = []
+        for d in range(step, n, step):
+            splits.append((n - d, d))
+            if extra and n - d + extra > n - d:
+                splits.append((min(n, n - d + extra), d))
+        return sorted(set(splits), key=lambda pd: (pd[1], -pd[0]))
 
     # ------------------------------------------------------------------ the tick
     def decide(self, state: QueueState, current: Shares, slo: SLO) -> Decision:
@@ -304,6 +313,9 @@ class Policy:
                 cache[i] = self._evaluate(state, queue, slo, *splits[i], None, delay)
             return cache[i]
 
+        if len(splits) <= EXHAUSTIVE_SPLITS or self.config.overlap:
+            # Few splits (a CPU), or overlapping caps that break the monotone order: try them all.
+            return max((at(i) for i in range(len(splits))), key=lambda c: self._score(c, slo))
         last = len(splits) - 1
         tpot = [self._tpot(state, slo, d)[1] for _, d in splits]          # cheap: every split
         first_tpot = next((i for i, h in enumerate(tpot) if h >= 1.0), None)
@@ -328,6 +340,16 @@ class Policy:
     def _evaluate(self, state: QueueState, queue: list[_Request], slo: SLO, prefill_units: int,
                   decode_units: int, budget: int | None, delay_ms: float) -> _Candidate:
         """One split; `budget` None picks the budget with the most TTFT headroom (ties: the smaller)."""
+        shared = max(0, prefill_units + decode_units - self.model.device.num_units)
+        # Units both phases may use are time-shared: each gets half of them while the other works.
+        # Prefill counts as working always (the next arrival), decode while it has a batch.
+        decode_eff = decode_units - shared / 2
+        prefill_eff = prefill_units - (shared / 2 if state.decode_batch_size > 0 else 0)
+        candidate = self._evaluate_units(state, queue, slo, prefill_eff, decode_eff, budget, delay_ms)
+        return replace(candidate, prefill_units=prefill_units, decode_units=decode_units)
+
+    def _evaluate_units(self, state: QueueState, queue: list[_Request], slo: SLO, prefill_units: float,
+                        decode_units: float, budget: int | None, delay_ms: float) -> _Candidate:
         if budget is None:
             best: _Prefill | None = None
             for b in sorted(self.config.token_budgets):

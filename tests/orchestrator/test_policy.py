@@ -150,7 +150,10 @@ def test_share_candidates_per_backend():
     gpu = make_policy().splits()
     assert len(gpu) == 65 and gpu[0] == (130 / 132, 2 / 132)                    # whole TPCs
     overlapped = make_policy(overlap=0.2).splits()                              # MPS caps may overlap
-    assert overlapped[0] == (1.0, 2 / 132) and overlapped[-1] == (28 / 132, 130 / 132)
+    assert overlapped[0] == (1.0, 2 / 132) and (130 / 132, 2 / 132) in overlapped        # overlapping and not
+    assert (28 / 132, 130 / 132) in overlapped and overlapped[-1] == (2 / 132, 130 / 132)
+    two_cores = make_policy(DeviceSpec.cpu(2), overlap=0.5).splits()
+    assert two_cores == [(1.0, 0.5), (0.5, 0.5)]                                # prefill may borrow decode's core
 
 
 def test_on_two_cores_only_the_token_budget_moves():
@@ -170,3 +173,13 @@ def test_a_tick_is_cheap_even_with_a_long_queue():
     start = time.perf_counter()
     policy.decide(state, HALF, SLO(1000, 40))
     assert time.perf_counter() - start < 0.25
+
+
+def test_on_two_cores_with_overlap_a_burst_lends_prefill_the_decode_core_and_gives_it_back():
+    cpu_shape = ModelShape(30, 576, 1536, 9, 3, 64, 49152, 4, 4)                 # SmolLM2-135M, fp32
+    policy = make_policy(DeviceSpec.cpu(2), cpu_shape, overlap=0.5, probe_prompt_tokens=256)
+    slo = SLO(ttft_ms=5000, tpot_ms=300)
+    burst = policy.decide(make_queue_state(12, 1.0, 800, batch=2, context=300), Shares(0.5, 0.5, 2048), slo)
+    assert (burst.shares.prefill, burst.shares.decode) == (1.0, 0.5), burst.reason
+    calm = policy.decide(make_queue_state(0, 0.0, batch=4, context=300), burst.shares, slo)
+    assert (calm.shares.prefill, calm.shares.decode) == (0.5, 0.5), calm.reason
