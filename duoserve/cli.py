@@ -90,6 +90,9 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="tokens per worker iteration")
     p.add_argument("--chunk-size", type=int, default=None, help="colocated: prompt tokens per iteration")
     p.add_argument("--max-queue-len", type=int, default=None, help="gateway: waiting requests at most")
+    p.add_argument("--no-orchestrator", action="store_true", help="split: keep the initial shares, no Admin API")
+    p.add_argument("--admin-token", default=os.environ.get("DUOSERVE_ADMIN_TOKEN", ""),
+                   help="bearer token the Admin API (duoctl) requires (env DUOSERVE_ADMIN_TOKEN)")
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds until every process is SERVING")
     p.add_argument("--stop-timeout", type=float, default=10.0, help="seconds from SIGTERM to SIGKILL")
 
@@ -114,7 +117,8 @@ def stack_config_from_args(args: argparse.Namespace):
         num_kv_blocks=args.num_kv_blocks, cpus=args.cpus, prefill_cpus=args.prefill_cpus,
         decode_cpus=args.decode_cpus, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, chunk_size=args.chunk_size,
-        max_queue_len=args.max_queue_len, startup_timeout_s=args.startup_timeout, stop_timeout_s=args.stop_timeout)
+        max_queue_len=args.max_queue_len, startup_timeout_s=args.startup_timeout, stop_timeout_s=args.stop_timeout,
+        with_orchestrator=not args.no_orchestrator, admin_token=args.admin_token)
 
 
 def _say(message: str) -> None:

@@ -29,18 +29,19 @@ from duoserve.v1 import admin_pb2 as pb
 from duoserve.v1 import admin_pb2_grpc
 
 
-def _find_target(state_dir: Path) -> str:
-    """The orchestrator of the stack `duoserve up` recorded in its state file(s)."""
-    for state_file in sorted(state_dir.glob("*.json")):
-        try:
-            state = json.loads(state_file.read_text())
-        except (OSError, ValueError):
-            continue
-        target = state.get("orchestrator_target") or state.get("targets", {}).get("orchestrator")
-        if target:
-            return target
-    raise DuoserveError(f"no running stack found in {state_dir}; start one with `duoserve up --detach` "
-                        "or pass --target HOST:PORT", code="UNAVAILABLE")
+def _find_target(state_dir: Path, name: str) -> str:
+    """The orchestrator of the stack `duoserve up --name NAME` recorded in its state file."""
+    state_file = state_dir / name / "state.json"
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        raise DuoserveError(f"no stack {name!r} in {state_dir}; start one with `duoserve up --detach` "
+                            "or pass --target HOST:PORT", code="UNAVAILABLE") from None
+    for proc in state.get("processes", ()):
+        if proc.get("name") == "orchestrator":
+            return f"127.0.0.1:{proc['port']}"
+    raise DuoserveError(f"stack {name!r} runs no orchestrator (colocated mode, or --no-orchestrator)",
+                        code="UNAVAILABLE")
 
 
 class AdminClient:
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="duoctl", description="operate a duoserve stack")
     p.add_argument("--target", default=env.get("DUOCTL_TARGET"), help="orchestrator HOST:PORT (env DUOCTL_TARGET)")
     p.add_argument("--token", default=env.get("DUOSERVE_ADMIN_TOKEN"), help="admin bearer token (env DUOSERVE_ADMIN_TOKEN)")
+    p.add_argument("--name", default="default", help="which local stack (as `duoserve up --name`)")
     p.add_argument("--state-dir", type=Path,
                    default=Path(env.get("DUOSERVE_STATE_DIR", Path.home() / ".cache" / "duoserve" / "stack")))
     sub = p.add_subparsers(dest="command", required=True)
@@ -133,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    client = AdminClient(args.target or _find_target(args.state_dir), args.token)
+    client = AdminClient(args.target or _find_target(args.state_dir, args.name), args.token)
     cmd = args.command
     if cmd in ("status", "watch"):
         for i in range(args.count or sys.maxsize) if cmd == "watch" else range(1):

@@ -80,6 +80,8 @@ class StackConfig:
     max_queue_len: int | None = None         # gateway: waiting requests before RESOURCE_EXHAUSTED
     startup_timeout_s: float = 600.0         # from the first launch to every process SERVING
     stop_timeout_s: float = 10.0             # SIGTERM -> SIGKILL, per stage
+    with_orchestrator: bool = True           # split: run the orchestrator (SLO-aware shares, Admin API)
+    admin_token: str = ""                    # Admin API bearer token (handed over in the environment)
     python: str = sys.executable             # interpreter of the service processes
     redis_server: str | None = None          # redis-server binary (None: looked up on PATH)
 
@@ -141,6 +143,7 @@ class ProcessSpec:
     port: int                      # what its health check asks (redis: its own port)
     metrics_port: int              # Prometheus /metrics (0: none)
     health: str = "grpc"           # "grpc": grpc.health.v1 Check; "redis": PING
+    env: tuple[tuple[str, str], ...] = ()   # extra environment (secrets stay off the command line)
 
     @property
     def target(self) -> str:
@@ -156,7 +159,8 @@ def stage_names(config: StackConfig) -> tuple[tuple[str, ...], ...]:
     redis = () if config.redis_url else (("redis",),)
     if config.mode is Mode.COLOCATED:
         return redis + (("colocated",), ("gateway",))
-    return redis + (("arena",), ("prefill", "decode"), ("gateway",))
+    last = ("gateway", "orchestrator") if config.with_orchestrator else ("gateway",)
+    return redis + (("arena",), ("prefill", "decode"), last)
 
 
 def redis_url_of(config: StackConfig, ports: dict[str, tuple[int, int]]) -> str:
@@ -204,6 +208,10 @@ def process_spec(name: str, config: StackConfig, layout: Layout,
     if name == "gateway":
         queue = ("--max-queue-len", str(config.max_queue_len)) if config.max_queue_len else ()
         return ProcessSpec(name, py + ("services.gateway.main", *common, *queue), port, metrics_port)
+    if name == "orchestrator":
+        cpus = ",".join(map(str, config.cpus or tuple(sorted(os.sched_getaffinity(0)))))
+        env = (("DUOSERVE_ADMIN_TOKEN", config.admin_token),) if config.admin_token else ()
+        return ProcessSpec(name, py + ("orchestrator.main", *common, "--cpus", cpus), port, metrics_port, env=env)
     raise ValueError(f"unknown process {name!r}")
 
 
@@ -513,7 +521,7 @@ class _Launcher:
     def _launch(self, name: str, stage: int) -> None:
         spec = self._spec(name)
         log_path = self.logs / f"{name}.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **dict(spec.env)}
         with open(log_path, "ab") as log:
             log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(spec.argv)}\n".encode())
             log.flush()

@@ -92,6 +92,7 @@ def run(phase: Phase, argv: Sequence[str] | None = None) -> int:
     worker.metrics.serve(config.metrics_port)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.control.stop())
+    worker.report()                       # visible to the orchestrator before the first iteration
     set_serving(health_servicer, True)
     log.info("%s worker %s serving on 127.0.0.1:%d (cores %s)", phase.value, config.worker_id, config.port,
              worker.control.share.cpu_ids)

@@ -1,0 +1,134 @@
+"""The Admin gRPC service (duoctl's server): converts and delegates to the Controller.
+
+`BearerAuth` refuses every call without `authorization: Bearer <token>` when a token is configured.
+"""
+from __future__ import annotations
+
+import hmac
+from typing import Any, Callable
+
+import grpc
+
+from duoserve.v1 import admin_pb2 as pb
+from duoserve.v1 import admin_pb2_grpc
+from orchestrator.controller import Controller
+from orchestrator.policy import SLO, PolicyMode, Shares
+
+LATENCY_WINDOW_S = 120.0      # SLO attainment is judged over this much recent history
+STALE_REPORT_S = 10.0         # a worker silent this long is not listed
+
+
+class BearerAuth(grpc.ServerInterceptor):
+    def __init__(self, token: str) -> None:
+        self.expected = f"Bearer {token}".encode()
+
+    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
+        if details.method.startswith("/grpc."):      # health and reflection stay open
+            return continuation(details)
+        given = dict(details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(given.encode(), self.expected):
+            return continuation(details)
+
+        def refuse(request: Any, context: grpc.ServicerContext) -> Any:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          "this stack's admin API needs `authorization: Bearer <token>` (duoctl --token)")
+        return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+def _shares_pb(s: Shares) -> pb.Shares:
+    return pb.Shares(prefill=s.prefill, decode=s.decode, token_budget=s.token_budget)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _latency(values: list[float], target: float) -> pb.LatencyStats:
+    return pb.LatencyStats(p50_ms=_percentile(values, 0.5), p90_ms=_percentile(values, 0.9),
+                           p99_ms=_percentile(values, 0.99), target_ms=target,
+                           attainment=sum(v <= target for v in values) / len(values) if values else 0.0,
+                           num_samples=len(values))
+
+
+class AdminServicer(admin_pb2_grpc.AdminServicer):
+    def __init__(self, controller: Controller, backend: str) -> None:
+        self.controller = controller
+        self.backend = backend
+
+    def GetStatus(self, request, context):
+        c = self.controller
+        snap = c.last_snapshot or c.state.snapshot()
+        latencies = c.state.recent_latencies(LATENCY_WINDOW_S)
+        workers = [pb.WorkerStatus(phase=r.phase, worker_id=r.worker_id, target=r.grpc_target, share=r.share,
+                                   cpu_ids=list(r.cpu_ids), token_budget=r.token_budget, num_running=r.num_running,
+                                   num_waiting=r.num_waiting, iterations=r.iterations, age_s=snap.now - r.updated_at,
+                                   measured_units=len(r.cpu_ids))
+                   for r in snap.workers.values() if snap.now - r.updated_at < STALE_REPORT_S or r.iterations == 0]
+        last = c.last
+        return pb.StackStatus(
+            workers=workers, slo=self._slo_pb(c.slo), policy=self._policy_state(),
+            queue_waiting=len(snap.waiting), kv_blocks_free=snap.kv_free_blocks, kv_blocks_total=snap.kv_total_blocks,
+            ttft=_latency([lat.ttft_ms for lat in latencies], c.slo.ttft_ms),
+            tpot=_latency([lat.tpot_ms for lat in latencies if lat.num_completion_tokens > 1], c.slo.tpot_ms),
+            model_fit=self.GetModelFit(request, context), at_risk=(last.at_risk or "") if last else "",
+            last_reason=last.reason if last else "")
+
+    def SetSLO(self, request, context):
+        try:
+            slo = SLO(request.ttft_ms, request.tpot_ms, (request.percentile or 90.0) / 100.0, request.prefer or "tpot")
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"slo: {e}")
+        self.controller.set_slo(slo)
+        return self._slo_pb(slo)
+
+    def SetPolicy(self, request, context):
+        try:
+            self.controller.set_mode(PolicyMode(request.mode))
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"mode: {e} (auto, static or manual; "
+                          "manual needs shares: duoctl share set)")
+        return self._policy_state()
+
+    def PinShares(self, request, context):
+        for name in ("prefill", "decode"):
+            if not 0.0 < getattr(request, name) <= 1.0:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: a share must be in (0, 1]")
+        if request.token_budget < 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "token_budget: must be >= 0")
+        current = self.controller.last.shares if self.controller.last else self.controller.default_shares()
+        self.controller.pin(Shares(request.prefill, request.decode, request.token_budget or current.token_budget))
+        return self._policy_state()
+
+    def GetHistory(self, request, context):
+        decisions = []
+        for d in self.controller.state.history(request.limit or 50):
+            decisions.append(pb.Decision(time_unix=d["time_unix"], shares=pb.Shares(**d["shares"]),
+                                         changed=d["changed"], reason=d["reason"], at_risk=d["at_risk"],
+                                         predicted_ttft_ms=d["predicted_ttft_ms"],
+                                         predicted_tpot_ms=d["predicted_tpot_ms"], mode=d["mode"]))
+        return pb.History(decisions=decisions)
+
+    def GetModelFit(self, request, context):
+        model = self.controller.model
+        errors = model.error_stats()
+        phases = []
+        for phase, coeffs in model.coefficients.items():
+            err = errors.get(phase)
+            phases.append(pb.PhaseFit(
+                phase=phase, coefficients=[pb.Coefficient(name=k, value=v) for k, v in
+                                           zip(("overhead_ms", "linear", "attention", "memory"), coeffs.as_tuple())],
+                median_rel_error=err.median if err else 0.0, p90_rel_error=err.p90 if err else 0.0,
+                num_samples=model.num_samples(phase)))
+        return pb.ModelFit(backend=self.backend, phases=phases)
+
+    def _policy_state(self) -> pb.PolicyState:
+        c = self.controller
+        shares = c.last.shares if c.last else (c.policy.pinned or c.default_shares())
+        return pb.PolicyState(mode=c.policy.mode.value, shares=_shares_pb(shares))
+
+    @staticmethod
+    def _slo_pb(slo: SLO) -> pb.SLO:
+        return pb.SLO(ttft_ms=slo.ttft_ms, tpot_ms=slo.tpot_ms, percentile=slo.percentile * 100, prefer=slo.prefer)

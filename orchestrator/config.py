@@ -1,0 +1,71 @@
+"""The orchestrator's configuration: built once in `main` from the command line and the environment."""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+
+def _cpu_list(text: str) -> tuple[int, ...]:
+    cpus: list[int] = []
+    for part in text.split(","):
+        if "-" in part:
+            lo, hi = part.split("-")
+            cpus.extend(range(int(lo), int(hi) + 1))
+        elif part.strip():
+            cpus.append(int(part))
+    return tuple(cpus)
+
+
+@dataclass(frozen=True, slots=True)
+class OrchestratorConfig:
+    """One orchestrator process."""
+
+    redis_url: str                     # where the queues, reports and its own state live
+    key_prefix: str                    # Redis key space of the stack
+    port: int                          # Admin gRPC (+ health, reflection)
+    metrics_port: int = 0              # Prometheus /metrics; 0 disables
+    admin_token: str = ""              # non-empty: Admin calls need `authorization: Bearer <token>`
+    stack_cpus: tuple[int, ...] = ()   # the cores shared by prefill and decode (CPU backend)
+    tick_ms: int = 250                 # how often the policy runs
+    refit_every: int = 8               # ticks between least-squares refits
+    overlap: float = 0.5               # prefill's cap may reach into decode's cores by this share
+    switch_cost_ms: float = 1.0        # CPU: a share change is a sched_setaffinity at a boundary
+    ttft_ms: float = 2000.0            # default SLO until an operator sets one
+    tpot_ms: float = 200.0
+    percentile: float = 0.9
+    prefer: str = "tpot"
+    policy: str = "auto"               # auto | static | manual
+
+    def __post_init__(self) -> None:
+        if self.tick_ms < 10:
+            raise ValueError("tick_ms must be at least 10")
+        if self.prefer not in ("ttft", "tpot"):
+            raise ValueError("prefer must be ttft or tpot")
+        if self.policy not in ("auto", "static", "manual"):
+            raise ValueError("policy must be auto, static or manual")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> OrchestratorConfig:
+    env = os.environ
+    p = argparse.ArgumentParser(prog="duoserve-orchestrator", description="duoserve orchestrator: SLO-aware shares")
+    p.add_argument("--redis-url", default=env.get("REDIS_URL"), required=env.get("REDIS_URL") is None)
+    p.add_argument("--key-prefix", default=env.get("DUOSERVE_KEY_PREFIX", "duo"))
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--metrics-port", type=int, default=0)
+    p.add_argument("--admin-token", default=env.get("DUOSERVE_ADMIN_TOKEN", ""),
+                   help="bearer token the Admin API requires (env DUOSERVE_ADMIN_TOKEN); empty: none")
+    p.add_argument("--cpus", type=_cpu_list, default=tuple(sorted(os.sched_getaffinity(0))))
+    p.add_argument("--tick-ms", type=int, default=250)
+    p.add_argument("--overlap", type=float, default=0.5)
+    p.add_argument("--ttft-ms", type=float, default=2000.0)
+    p.add_argument("--tpot-ms", type=float, default=200.0)
+    p.add_argument("--percentile", type=float, default=0.9)
+    p.add_argument("--prefer", choices=["ttft", "tpot"], default="tpot")
+    p.add_argument("--policy", choices=["auto", "static", "manual"], default="auto")
+    a = p.parse_args(argv)
+    return OrchestratorConfig(redis_url=a.redis_url, key_prefix=a.key_prefix, port=a.port,
+                              metrics_port=a.metrics_port, admin_token=a.admin_token, stack_cpus=a.cpus,
+                              tick_ms=a.tick_ms, overlap=a.overlap, ttft_ms=a.ttft_ms, tpot_ms=a.tpot_ms,
+                              percentile=a.percentile, prefer=a.prefer, policy=a.policy)

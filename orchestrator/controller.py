@@ -1,0 +1,162 @@
+"""The orchestrator's loop: read the stack from Redis, learn, decide, push shares to the workers.
+
+A tick's life:
+  learn     new iteration samples -> the performance model (honest error first, refit every few ticks)
+  observe   queue (arrival, prompt length of every prefill-stream entry), decode batch, KV free space
+  decide    the policy (auto/static/manual) picks shares and the prefill token budget, with a reason
+  act       a changed decision is sent with SetComputeShare to each worker and recorded in Redis
+
+Its settings (SLO, mode, pinned shares) live in Redis, so a restarted orchestrator resumes them;
+the workers keep their last share meanwhile.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict, replace
+
+import grpc
+
+from duoserve.v1 import worker_pb2, worker_pb2_grpc
+from orchestrator.config import OrchestratorConfig
+from orchestrator.perf_model import PerfModel
+from orchestrator.policy import SLO, Decision, Policy, PolicyMode, QueueState, Shares, WaitingRequest
+from orchestrator.redis_state import RedisState, Snapshot
+
+log = logging.getLogger("duoserve.orchestrator")
+RESYNC_S = 30.0      # a sent share the workers still do not report after this long is sent again
+
+
+class Controller:
+    """The policy, its inputs and its last decision, behind one lock (the Admin API runs in other threads)."""
+
+    def __init__(self, config: OrchestratorConfig, state: RedisState, policy: Policy) -> None:
+        self.config = config
+        self.state = state
+        self.policy = policy
+        self.model: PerfModel = policy.model
+        self.lock = threading.Lock()
+        self.slo = SLO(config.ttft_ms, config.tpot_ms, config.percentile, config.prefer)
+        self.last: Decision | None = None
+        self.last_snapshot: Snapshot | None = None
+        self.ticks = 0
+        self.applied: Shares | None = None       # the last shares sent; workers apply them at a boundary
+        self.applied_at = 0.0
+        self._restore()
+
+    # ------------------------------------------------------------------ operator settings
+    def _restore(self) -> None:
+        """Settings a previous orchestrator left in Redis win over the command line."""
+        saved = self.state.load_settings()
+        if "slo" in saved:
+            self.slo = SLO(**json.loads(saved["slo"]))
+        if "pinned" in saved:
+            self.policy.pin(Shares(**json.loads(saved["pinned"])))
+        mode = saved.get("mode", self.config.policy)
+        if mode != "manual" or self.policy.pinned is not None:
+            self._set_mode(PolicyMode(mode))
+        log.info("settings: SLO %s, policy %s", self.slo, self.policy.mode.value)
+
+    def _set_mode(self, mode: PolicyMode) -> None:
+        if mode is PolicyMode.STATIC and self.policy.config.static_shares is None:
+            self.policy.config = replace(self.policy.config, static_shares=self.default_shares())
+        self.policy.set_mode(mode)
+
+    def set_slo(self, slo: SLO) -> None:
+        with self.lock:
+            self.slo = slo
+            self.state.save_settings(slo=asdict(slo))
+
+    def set_mode(self, mode: PolicyMode) -> None:
+        with self.lock:
+            self._set_mode(mode)
+            self.state.save_settings(mode=mode.value)
+
+    def pin(self, shares: Shares) -> None:
+        with self.lock:
+            self.policy.pin(shares)
+            self.state.save_settings(mode="manual", pinned=asdict(shares))
+
+    def default_shares(self) -> Shares:
+        n = len(self.config.stack_cpus)
+        half = max(1, n // 2) / n
+        return Shares(half, (n - max(1, n // 2)) / n or half, 2048)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, stop: threading.Event) -> None:
+        while not stop.wait(self.config.tick_ms / 1000):
+            try:
+                self.tick()
+            except (grpc.RpcError, OSError, ValueError) as e:   # a worker restarting, Redis hiccup
+                log.warning("tick failed: %s", e)
+
+    def tick(self) -> Decision | None:
+        for sample in self.state.new_timings():
+            self.model.observe(sample)
+        self.ticks += 1
+        if self.ticks % self.config.refit_every == 0:
+            self.model.refit()
+        snap = self.state.snapshot()
+        self.last_snapshot = snap
+        current = self._current_shares(snap)
+        if current is None:
+            return None                          # workers not up yet (or colocated: nothing to split)
+        with self.lock:
+            decision = self.policy.decide(self._queue_state(snap), current, self.slo)
+            changed = decision.shares != current
+            if changed:
+                self._apply(decision.shares, snap)
+                self.applied, self.applied_at = decision.shares, snap.now
+            if changed or self.last is None or decision.at_risk != self.last.at_risk:
+                self._record(decision, changed)
+            self.last = decision
+        return decision
+
+    def _current_shares(self, snap: Snapshot) -> Shares | None:
+        prefill, decode = snap.workers.get("prefill"), snap.workers.get("decode")
+        if prefill is None or decode is None:
+            return None
+        reported = Shares(prefill.share, decode.share, prefill.token_budget)
+        if self.applied is not None and reported != self.applied and snap.now - self.applied_at < RESYNC_S:
+            return self.applied      # sent, not yet reported: a long prefill iteration is still running
+        return reported
+
+    @staticmethod
+    def _queue_state(snap: Snapshot) -> QueueState:
+        decode = snap.workers.get("decode")
+        return QueueState(
+            now=snap.now, waiting=[WaitingRequest(w.arrival_time, w.prompt_tokens) for w in snap.waiting],
+            decode_batch_size=decode.num_running if decode else 0,
+            decode_context_tokens=decode.context_tokens if decode else 0,
+            kv_free_blocks=snap.kv_free_blocks, kv_total_blocks=snap.kv_total_blocks)
+
+    def cores_for(self, shares: Shares) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Prefill takes cores from the front, decode from the back; they meet (or overlap) in between."""
+        cpus = self.config.stack_cpus
+        n = len(cpus)
+        p = max(1, round(shares.prefill * n))
+        d = max(1, round(shares.decode * n))
+        return cpus[:p], cpus[n - d:]
+
+    def _apply(self, shares: Shares, snap: Snapshot) -> None:
+        prefill_cpus, decode_cpus = self.cores_for(shares)
+        n = len(self.config.stack_cpus)
+        for phase, cpus, budget in (("prefill", prefill_cpus, shares.token_budget), ("decode", decode_cpus, None)):
+            report = snap.workers[phase]
+            request = worker_pb2.SetComputeShareRequest(share=len(cpus) / n, cpu_ids=list(cpus))
+            if budget:
+                request.token_budget = budget
+            with grpc.insecure_channel(report.grpc_target) as channel:
+                worker_pb2_grpc.WorkerStub(channel).SetComputeShare(request, timeout=5)
+
+    def _record(self, decision: Decision, changed: bool) -> None:
+        entry = {"time_unix": time.time(), "shares": asdict(decision.shares), "changed": changed,
+                 "reason": decision.reason, "at_risk": decision.at_risk or "", "mode": decision.mode.value,
+                 "predicted_ttft_ms": decision.predicted_ttft_ms or 0.0,
+                 "predicted_tpot_ms": decision.predicted_tpot_ms}
+        self.state.record_decision(entry)
+        if changed:
+            log.info("shares -> prefill %.2f decode %.2f budget %d: %s", decision.shares.prefill,
+                     decision.shares.decode, decision.shares.token_budget, decision.reason)
