@@ -147,6 +147,15 @@ def _cpus_of(pid: int) -> set[int]:
 
 
 def test_set_compute_share_moves_cores_live(split_stack):
+    orchestrator = split_stack.process("orchestrator")
+    os.kill(orchestrator.pid, signal.SIGSTOP)       # this test sets the shares itself
+    try:
+        _set_compute_share_moves_cores_live(split_stack)
+    finally:
+        os.kill(orchestrator.pid, signal.SIGCONT)
+
+
+def _set_compute_share_moves_cores_live(split_stack):
     import grpc
     from duoserve.v1 import worker_pb2, worker_pb2_grpc
     prefill = split_stack.process("prefill")
