@@ -1,64 +1,41 @@
 """`duoserve up / status / down` and `generate --target`.
 
-The fast tests drive the supervisor with stand-in services (a real redis-server, and small gRPC
-health servers in place of arena, workers and gateway): planning, the state file, ports, start-up
-failures, refusal of a second stack, teardown. The slow ones start the real stack from the CLI,
-ask it a question through the SDK, and check that `down` leaves no process, port or segment.
+The fast tests check what needs no process of ours: the plan, the config, the state file, free ports,
+the CLI's imports. The slow ones start real stacks (a real redis-server, arena, workers, gateway and
+orchestrator, the real model): up -> generate -> down from the command line in both modes; a start that
+fails (a model that does not exist) or misses its deadline, and is torn down; a foreground `up` stopped
+by Ctrl-C or `duoserve down`; and a second split stack, "beside", in the session split stack's Redis,
+started while the port planned for its arena is taken. On "beside": the arena is relaunched on a new
+port, both stacks answer side by side, a recycled pid is never signalled, and `down` kills a worker
+that cannot take SIGTERM (SIGSTOPped), cleans up after an arena that was SIGKILLed, and leaves the
+other stack, its Redis and its keys as they were.
+
+Every real stack is checked to leave nothing behind: no process (redis-server by its pid, the others
+also by their key prefix in /proc/*/cmdline), no port, no shared-memory segment, no socket, no state file.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
-import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
+import duoserve
 from duoserve import stack
-from duoserve.stack import Layout, Mode, ProcessSpec, StackConfig, StackError
+from duoserve.stack import Layout, Mode, StackConfig, StackError
 
 needs_redis = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
-
-FAKE_SERVICE = textwrap.dedent('''
-    """A stand-in service: grpc.health.v1 on --port, SERVING after a moment; BEHAVIOUR varies it."""
-    import signal, sys, time
-    from concurrent import futures
-    from pathlib import Path
-    import grpc
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
-    behaviour, port = sys.argv[1], int(sys.argv[sys.argv.index("--port") + 1])
-    if behaviour == "fail":
-        print("Traceback (most recent call last):\\nRuntimeError: the model would not load", flush=True)
-        sys.exit(3)
-    if behaviour.startswith("collide-once:"):
-        marker = Path(behaviour.split(":", 1)[1])
-        if not marker.exists():
-            marker.touch()
-            print(f"OSError: [Errno 98] Address already in use (port {port})", flush=True)
-            sys.exit(1)
-    if behaviour == "ignore-term":
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    else:
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    server.start()
-    time.sleep(0.3)
-    if behaviour != "never-ready":
-        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    print("serving", port, flush=True)
-    while True:
-        time.sleep(1)
-''')
 
 
 def make_config(tmp_path: Path, **overrides) -> StackConfig:
@@ -66,34 +43,24 @@ def make_config(tmp_path: Path, **overrides) -> StackConfig:
                           "startup_timeout_s": 30.0, "stop_timeout_s": 3.0, **overrides})
 
 
-def sleeper(ignore_term: bool = False) -> subprocess.Popen:
-    code = ("import signal, time\n" + ("signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if ignore_term else "")
-            + "print('up', flush=True)\ntime.sleep(600)")
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, start_new_session=True)
-    assert p.stdout.readline() == b"up\n"      # its handlers are installed
-    return p
-
-
-def gone(pid: int) -> bool:
-    return stack.process_start_time(pid) is None
-
-
 # ---------------------------------------------------------------------------------------------
 # The plan
 # ---------------------------------------------------------------------------------------------
 
-def test_split_plan_starts_redis_arena_workers_gateway_in_order(tmp_path):
-    config = make_config(tmp_path, cpus=(0, 1), num_kv_blocks=64)
+def test_split_plan_starts_redis_arena_workers_then_gateway_and_orchestrator(tmp_path):
+    config = make_config(tmp_path, cpus=(0, 1), num_kv_blocks=64, admin_token="s3cret")
     layout = Layout.new(config.stack_dir)
-    ports = {n: (1000 + i, 2000 + i) for i, n in enumerate(["redis", "arena", "prefill", "decode", "gateway"])}
+    names = ["redis", "arena", "prefill", "decode", "gateway", "orchestrator"]
+    ports = {n: (1000 + i, 2000 + i) for i, n in enumerate(names)}
     stages = stack.plan(config, layout, ports)
-    assert [[p.name for p in s] for s in stages] == [["redis"], ["arena"], ["prefill", "decode"], ["gateway"]]
+    assert [[p.name for p in s] for s in stages] == \
+        [["redis"], ["arena"], ["prefill", "decode"], ["gateway", "orchestrator"]]
     by_name = {p.name: p for s in stages for p in s}
     argv = {n: " ".join(p.argv) for n, p in by_name.items()}
     redis_url = "redis://127.0.0.1:1000/0"
     assert "--port 1000" in argv["redis"] and "--bind 127.0.0.1" in argv["redis"]
     assert by_name["redis"].health == "redis"
-    for name in ("arena", "prefill", "decode", "gateway"):
+    for name in names[1:]:
         assert f"--redis-url {redis_url}" in argv[name]
         assert f"--key-prefix {layout.key_prefix}" in argv[name]
         assert f"--port {by_name[name].port} --metrics-port {by_name[name].metrics_port}" in argv[name]
@@ -102,7 +69,11 @@ def test_split_plan_starts_redis_arena_workers_gateway_in_order(tmp_path):
     assert f"--arena-socket {layout.arena_socket}" in argv["prefill"]
     assert "--cpus 0" in argv["prefill"].split(" --cache-dir")[1] and "--cpus 1" in argv["decode"]
     assert "-m services.gateway.main" in argv["gateway"]
+    assert "-m orchestrator.main" in argv["orchestrator"] and "--cpus 0,1" in argv["orchestrator"]
+    assert "s3cret" not in argv["orchestrator"]                                  # the token goes by environment
+    assert dict(by_name["orchestrator"].env) == {"DUOSERVE_ADMIN_TOKEN": "s3cret"}
     assert layout.segment_prefix == f"duoserve-{layout.stack_id}-"
+    assert stack.stage_names(make_config(tmp_path, with_orchestrator=False))[-1] == ("gateway",)
 
 
 def test_colocated_plan_and_external_redis(tmp_path):
@@ -139,7 +110,7 @@ def test_long_state_dir_moves_the_arena_socket_to_tmp(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# State file, ports, processes
+# State file, ports, the CLI's imports and config
 # ---------------------------------------------------------------------------------------------
 
 def test_state_file_round_trips(tmp_path):
@@ -162,62 +133,6 @@ def test_free_ports_are_distinct_and_bindable():
     ports = stack.pick_free_ports(8)
     assert len(set(ports)) == 8
     assert not any(stack.port_in_use(p) for p in ports)
-
-
-def test_start_time_tells_a_process_from_a_recycled_pid():
-    p = sleeper()
-    try:
-        start = stack.process_start_time(p.pid)
-        assert stack.is_alive(p.pid, start)
-        assert not stack.is_alive(p.pid, start + 1)      # same pid, another process: never signalled
-        stack._signal(p.pid, start + 1, signal.SIGKILL)
-        assert p.poll() is None
-    finally:
-        p.kill()
-        p.wait()
-    assert not stack.is_alive(p.pid, start)
-
-
-def test_stop_processes_terms_then_kills():
-    polite, stubborn = sleeper(), sleeper(ignore_term=True)
-    procs = [(p.pid, stack.process_start_time(p.pid)) for p in (polite, stubborn)]
-    t0 = time.monotonic()
-    killed = stack.stop_processes(procs, timeout_s=1.0)
-    assert killed == [stubborn.pid]
-    assert 1.0 <= time.monotonic() - t0 < 8
-    assert polite.wait(5) == 0 or polite.returncode == -signal.SIGTERM
-    assert stubborn.wait(5) == -signal.SIGKILL
-
-
-def test_teardown_cleans_up_even_when_processes_already_died(tmp_path):
-    alive, dead = sleeper(), sleeper()
-    dead_start = stack.process_start_time(dead.pid)
-    dead.kill()
-    dead.wait()
-    stack_id = f"test{os.getpid()}"
-    segment = stack.SHM_DIR / f"duoserve-{stack_id}-kv"
-    segment.write_bytes(b"\0" * 16)
-    other = stack.SHM_DIR / f"duoserve-{stack_id}x-kv"          # another stack's: must stay
-    other.write_bytes(b"\0")
-    sock = tmp_path / "arena.sock"
-    sock.write_text("")
-    records = tuple(stack.ProcessRecord(n, p.pid, s, i, 0, 0, "grpc", "/dev/null", ())
-                    for i, (n, p, s) in enumerate([("arena", dead, dead_start),
-                                                   ("gateway", alive, stack.process_start_time(alive.pid))]))
-    state = stack.StackState(name="t", mode="split", stack_id=stack_id, key_prefix=f"duo:{stack_id}",
-                             segment_prefix=f"duoserve-{stack_id}-", redis_url="redis://127.0.0.1:1/0",
-                             owns_redis=True, arena_socket=str(sock), gateway_target=None, supervisor_pid=None,
-                             supervisor_start_time=None, created_at=0.0, processes=records)
-    path = tmp_path / "state.json"
-    stack.write_state(path, state)
-    try:
-        stack.teardown(state, path, 2.0, say=lambda m: None)
-        assert alive.wait(5) is not None
-        assert not segment.exists() and not sock.exists() and not path.exists()
-        assert other.exists()
-    finally:
-        other.unlink(missing_ok=True)
-        segment.unlink(missing_ok=True)
 
 
 def test_remove_segments_refuses_a_broad_prefix():
@@ -247,229 +162,122 @@ def test_cli_builds_the_stack_config(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# up / status / down with stand-in services (real redis-server)
+# Real stacks: helpers
 # ---------------------------------------------------------------------------------------------
-
-@pytest.fixture
-def fake_services(tmp_path, monkeypatch):
-    """Replace every process but redis by FAKE_SERVICE; returns {name: behaviour} to adjust."""
-    script = tmp_path / "fake_service.py"
-    script.write_text(FAKE_SERVICE)
-    behaviour: dict[str, str] = {}
-    real = stack.process_spec
-
-    def fake_spec(name, config, layout, ports):
-        if name == "redis":
-            return real(name, config, layout, ports)
-        port, metrics_port = ports[name]
-        return ProcessSpec(name, (sys.executable, str(script), behaviour.get(name, "ok"), "--port", str(port)),
-                           port, metrics_port)
-
-    monkeypatch.setattr(stack, "process_spec", fake_spec)
-    return behaviour
-
 
 def quiet(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def assert_all_gone(state: stack.StackState) -> None:
+def gone(pid: int) -> bool:
+    return stack.process_start_time(pid) is None
+
+
+def processes_of(key_prefix: str) -> list[int]:
+    """Live processes whose command line names this stack's key prefix: every one but redis-server, which
+    rewrites its title (a zombie's command line is empty)."""
+    needle = f"--key-prefix {key_prefix} "
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if needle in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+def listening(port: int) -> bool:
+    """Whether a socket still listens on `port` on the loopback. A bind with SO_REUSEADDR, as servers do:
+    connections left in TIME_WAIT by a killed server do not count (stack.port_in_use counts them)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((stack.LOOPBACK, port))
+        except OSError:
+            return True
+    return False
+
+
+def redis_pid(log: Path) -> int:
+    """The pid a redis-server logged at start-up."""
+    return int(re.findall(r"pid=(\d+), just started", log.read_text())[-1])
+
+
+def launched_argv(log: Path) -> list[str]:
+    """The command line of the last launch recorded in a stack log (its "--- <date> <time> argv" line)."""
+    header = [line for line in log.read_text().splitlines() if line.startswith("--- ")][-1]
+    return header.split()[3:]
+
+
+def flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def assert_all_gone(state: stack.StackState, stack_dir: Path) -> None:
     for r in state.processes:
         deadline = time.monotonic() + 5
         while not gone(r.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert gone(r.pid), f"{r.name} (pid {r.pid}) still running"
-        assert not stack.port_in_use(r.port), f"{r.name}'s port {r.port} still taken"
+        assert not listening(r.port), f"{r.name}'s port {r.port} still taken"
+    assert processes_of(state.key_prefix) == []
+    assert not list(stack.SHM_DIR.glob(f"{state.segment_prefix}*"))
+    assert state.arena_socket is None or not Path(state.arena_socket).exists()
+    assert not (stack_dir / stack.STATE_FILE).exists()
 
 
-@needs_redis
-def test_up_detached_status_down_with_stand_ins(tmp_path, fake_services, capsys):
-    config = make_config(tmp_path)
-    assert stack.up(config, detach=True, say=quiet) == 0
-    state = stack.read_state(config.state_path)
-    try:
-        target = capsys.readouterr().out.strip()
-        assert target == state.gateway_target and target.startswith("127.0.0.1:")
-        assert [r.name for r in state.processes] == ["redis", "arena", "prefill", "decode", "gateway"]
-        assert state.owns_redis and state.redis_url.startswith("redis://127.0.0.1:")
-        assert all(Path(r.log).exists() for r in state.processes)
+def process_names(mode: str) -> list[str]:
+    """Every process a stack of `mode` with its own Redis runs, in start order."""
+    config = StackConfig(state_dir=Path("/nonexistent"), cache_dir=Path("/nonexistent"), mode=Mode(mode))
+    return [n for stage in stack.stage_names(config) for n in stage]
 
-        assert stack.status(config.state_dir, "default", as_json=True) == 0
-        report = json.loads(capsys.readouterr().out)
-        assert [(p["name"], p["alive"], p["health"]) for p in report["processes"]] == \
-            [(n, True, "SERVING") for n in ("redis", "arena", "prefill", "decode", "gateway")]
-
-        with pytest.raises(StackError, match="already running"):
-            stack.up(config, detach=True, say=quiet)
-
-        os.kill(next(r.pid for r in state.processes if r.name == "decode"), signal.SIGKILL)   # one dies
-        time.sleep(0.2)
-        assert stack.status(config.state_dir, "default", as_json=False) == 1
-        assert "decode" in capsys.readouterr().out
-    finally:
-        assert stack.down(config.state_dir, "default", stop_timeout_s=3.0, say=quiet) == 0
-    assert_all_gone(state)
-    assert not config.state_path.exists() and not (config.stack_dir / "redis").exists()
-    assert stack.down(config.state_dir, "default", stop_timeout_s=3.0, say=quiet) == 1   # nothing to stop
-
-
-@needs_redis
-def test_failed_start_stops_everything_and_shows_the_log_tail(tmp_path, fake_services):
-    fake_services["decode"] = "fail"
-    config = make_config(tmp_path)
-    with pytest.raises(StackError, match=r"decode exited with status 3(.|\n)*the model would not load"):
-        stack.up(config, detach=True, say=quiet)
-    assert not config.state_path.exists()
-    logs = config.stack_dir / "logs"
-    assert {p.name for p in logs.iterdir()} >= {"redis.log", "arena.log", "prefill.log", "decode.log"}
-    for line in (logs / "prefill.log").read_text().splitlines():
-        if line.startswith("serving"):
-            assert not stack.port_in_use(int(line.split()[1]))
-
-
-@needs_redis
-def test_start_deadline_names_the_process_that_is_not_ready(tmp_path, fake_services):
-    fake_services["gateway"] = "never-ready"
-    config = make_config(tmp_path, startup_timeout_s=4.0, mode=Mode.COLOCATED)
-    with pytest.raises(StackError, match=r"gateway not SERVING after 4 s \(health: NOT_SERVING\)"):
-        stack.up(config, detach=True, say=quiet)
-    assert not config.state_path.exists()
-
-
-@needs_redis
-def test_port_collision_relaunches_on_new_ports(tmp_path, fake_services, capsys):
-    fake_services["arena"] = f"collide-once:{tmp_path / 'collided'}"
-    config = make_config(tmp_path)
-    stack.up(config, detach=True, say=quiet)
-    try:
-        assert (tmp_path / "collided").exists()
-        assert "arena: port taken" in capsys.readouterr().err
-        assert stack.status(config.state_dir, "default", as_json=True) == 0
-    finally:
-        stack.down(config.state_dir, "default", stop_timeout_s=3.0, say=quiet)
-
-
-@needs_redis
-def test_stubborn_process_is_killed_and_names_can_run_side_by_side(tmp_path, fake_services):
-    fake_services["gateway"] = "ignore-term"
-    a, b = make_config(tmp_path, name="a", stop_timeout_s=1.0), make_config(tmp_path, name="b", stop_timeout_s=1.0)
-    stack.up(a, detach=True, say=quiet)
-    try:
-        stack.up(b, detach=True, say=quiet)
-    finally:
-        said: list[str] = []
-        stack.down(a.state_dir, "a", stop_timeout_s=1.0, say=said.append)
-        stack.down(b.state_dir, "b", stop_timeout_s=1.0, say=said.append)
-    assert sum("did not stop within 1 s: killed" in m for m in said) == 2
-
-
-@needs_redis
-def test_external_redis_is_left_running_with_only_our_keys_deleted(tmp_path, fake_services):
-    import redis
-    external = stack.pick_free_ports(1)[0]
-    server = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(external), "--save", "",
-                               "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{external}/0"
-    try:
-        client = redis.Redis.from_url(url)
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        client.set("someone-else", "1")
-        config = make_config(tmp_path, redis_url=url)
-        stack.up(config, detach=True, say=quiet)
-        state = stack.read_state(config.state_path)
-        assert not state.owns_redis and state.redis_url == url
-        assert "redis" not in [r.name for r in state.processes]
-        client.set(f"{state.key_prefix}:prefill:queue", "x")
-        stack.down(config.state_dir, "default", stop_timeout_s=3.0, say=quiet)
-        assert server.poll() is None
-        assert client.get("someone-else") == b"1"
-        assert client.keys(f"{state.key_prefix}:*") == []
-    finally:
-        server.terminate()
-        server.wait(10)
-
-
-FOREGROUND_DRIVER = textwrap.dedent('''
-    import sys
-    from pathlib import Path
-    from duoserve import stack
-    script = Path(sys.argv[1])
-    real = stack.process_spec
-    def fake_spec(name, config, layout, ports):
-        if name == "redis":
-            return real(name, config, layout, ports)
-        port, mport = ports[name]
-        return stack.ProcessSpec(name, (sys.executable, str(script), "ok", "--port", str(port)), port, mport)
-    stack.process_spec = fake_spec
-    config = stack.StackConfig(state_dir=Path(sys.argv[2]), cache_dir=Path(sys.argv[2]), stop_timeout_s=3.0,
-                               mode=stack.Mode(sys.argv[3]))
-    sys.exit(stack.up(config, detach=False, say=lambda m: print(m, file=sys.stderr, flush=True)))
-''')
-
-
-@needs_redis
-@pytest.mark.parametrize("how", ["sigint", "down"])
-def test_foreground_up_tears_down_on_ctrl_c_or_down(tmp_path, how):
-    script, driver, state_dir = tmp_path / "fake_service.py", tmp_path / "driver.py", tmp_path / "state"
-    script.write_text(FAKE_SERVICE)
-    driver.write_text(FOREGROUND_DRIVER)
-    up = subprocess.Popen([sys.executable, str(driver), str(script), str(state_dir), "colocated"],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        target = up.stdout.readline().strip()
-        assert target.startswith("127.0.0.1:"), up.stderr.read() if up.poll() is not None else target
-        state = stack.read_state(state_dir / "default" / stack.STATE_FILE)
-        assert state.supervisor_pid == up.pid
-        assert [r.name for r in state.processes] == ["redis", "colocated", "gateway"]
-        if how == "sigint":
-            up.send_signal(signal.SIGINT)
-            assert up.wait(30) == 0
-        else:
-            assert stack.down(state_dir, "default", stop_timeout_s=3.0, say=quiet) == 0
-            assert up.wait(30) == 0
-    finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait()
-    assert_all_gone(state)
-    assert not (state_dir / "default" / stack.STATE_FILE).exists()
-
-
-# ---------------------------------------------------------------------------------------------
-# The real stack, from the command line
-# ---------------------------------------------------------------------------------------------
 
 def cli(*args: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "duoserve.cli", *map(str, args)], env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
+def cli_env(state_dir: Path) -> dict[str, str]:
+    env = {**os.environ, "DUOSERVE_STATE_DIR": str(state_dir)}
+    env.pop("REDIS_URL", None)
+    return env
+
+
+def model_args(default_model_dir: Path) -> tuple[str, ...]:
+    """The session's converted model (no conversion at start-up) and a small KV pool."""
+    return ("--cache-dir", str(default_model_dir.parent), "--num-kv-blocks", "128")
+
+
+# ---------------------------------------------------------------------------------------------
+# Real stacks from the command line
+# ---------------------------------------------------------------------------------------------
+
 @pytest.mark.slow
 @needs_redis
 @pytest.mark.parametrize("mode", ["split", "colocated"])
 def test_up_generate_down_real_stack(mode, default_model_dir, tmp_path):
-    env = {**os.environ, "DUOSERVE_STATE_DIR": str(tmp_path / "state")}
-    env.pop("REDIS_URL", None)
-    up = cli("up", "--detach", "--mode", mode, "--cache-dir", default_model_dir.parent, "--num-kv-blocks", "128",
-             "--startup-timeout", "500", env=env, timeout=600)
-    state = stack.read_state(tmp_path / "state" / "default" / stack.STATE_FILE)
+    state_dir = tmp_path / "state"
+    env = cli_env(state_dir)
+    up = cli("up", "--detach", "--mode", mode, *model_args(default_model_dir), "--startup-timeout", "500",
+             env=env, timeout=600)
+    state = stack.read_state(state_dir / "default" / stack.STATE_FILE)
     try:
         assert up.returncode == 0, up.stderr
         target = up.stdout.strip()
         assert target == state.gateway_target
+        assert [r.name for r in state.processes] == process_names(mode)
+        assert state.owns_redis and all(Path(r.log).exists() for r in state.processes)
+        assert sorted(processes_of(state.key_prefix)) == sorted(r.pid for r in state.processes if r.name != "redis")
 
         status = cli("status", "--json", env=env, timeout=60)
         assert status.returncode == 0, status.stdout + status.stderr
         report = json.loads(status.stdout)
-        names = ["redis", "arena", "prefill", "decode", "gateway"] if mode == "split" else \
-            ["redis", "colocated", "gateway"]
         assert [(p["name"], p["alive"], p["health"]) for p in report["processes"]] == \
-            [(n, True, "SERVING") for n in names]
+            [(n, True, "SERVING") for n in process_names(mode)]
 
         answer = cli("generate", "--target", target, "--max-tokens", "32", "What is the capital of France?",
                      env=env, timeout=300)
@@ -482,7 +290,213 @@ def test_up_generate_down_real_stack(mode, default_model_dir, tmp_path):
         down = cli("down", env=env, timeout=300)
     assert down.returncode == 0, down.stderr
     assert state is not None
-    assert_all_gone(state)
-    assert not list(stack.SHM_DIR.glob(f"duoserve-{state.stack_id}-*"))
-    assert state.arena_socket is None or not Path(state.arena_socket).exists()
-    assert not (tmp_path / "state" / "default" / stack.STATE_FILE).exists()
+    assert_all_gone(state, state_dir / "default")
+    assert not (state_dir / "default" / "redis").exists()
+    nothing = cli("down", env=env, timeout=60)
+    assert nothing.returncode == 1 and "no stack named 'default'" in nothing.stderr
+
+
+@pytest.mark.slow
+@needs_redis
+def test_a_model_that_does_not_exist_stops_the_start_and_shows_the_arena_log(default_model_dir, tmp_path):
+    state_dir = tmp_path / "state"
+    up = cli("up", "--detach", "--model", "/nonexistent", *model_args(default_model_dir), env=cli_env(state_dir),
+             timeout=300)
+    assert up.returncode == 1
+    assert "arena exited with status 1 while starting" in up.stderr
+    assert "model '/nonexistent' not found" in up.stderr                  # the arena's own words, from its log
+    stack_dir = state_dir / "default"
+    logs = stack_dir / "logs"
+    assert {p.name for p in logs.iterdir()} == {"redis.log", "arena.log"}  # the workers were never started
+    arena = launched_argv(logs / "arena.log")
+    assert processes_of(flag(arena, "--key-prefix")) == []
+    assert gone(redis_pid(logs / "redis.log"))
+    assert not listening(int(flag(launched_argv(logs / "redis.log"), "--port")))
+    assert not list(stack.SHM_DIR.glob(f"duoserve-{flag(arena, '--stack-id')}-*"))
+    assert not (stack_dir / stack.STATE_FILE).exists() and not (stack_dir / "redis").exists()
+
+
+@pytest.mark.slow
+@needs_redis
+def test_a_start_past_its_deadline_names_the_process_not_ready_and_stops_everything(default_model_dir, tmp_path):
+    state_dir = tmp_path / "state"
+    up = cli("up", "--detach", *model_args(default_model_dir), "--startup-timeout", "1.5", "--stop-timeout", "5",
+             env=cli_env(state_dir), timeout=300)
+    assert up.returncode == 1
+    assert re.search(r"arena not SERVING after 1\.5 s \(health: (UNREACHABLE|NOT_SERVING)\)", up.stderr), up.stderr
+    assert "start failed: stopping what was started" in up.stderr
+    stack_dir = state_dir / "default"
+    logs = stack_dir / "logs"
+    arena = launched_argv(logs / "arena.log")
+    assert processes_of(flag(arena, "--key-prefix")) == []
+    assert gone(redis_pid(logs / "redis.log"))
+    assert not listening(int(flag(arena, "--port")))
+    assert not list(stack.SHM_DIR.glob(f"duoserve-{flag(arena, '--stack-id')}-*"))
+    assert not (stack_dir / stack.STATE_FILE).exists()
+
+
+@pytest.mark.slow
+@needs_redis
+@pytest.mark.parametrize("how", ["ctrl-c", "down"])
+def test_foreground_up_tears_down_on_ctrl_c_or_down(how, default_model_dir, tmp_path):
+    state_dir, stack_dir = tmp_path / "state", tmp_path / "state" / "default"
+    env = cli_env(state_dir)
+    with open(tmp_path / "up.err", "w+") as err:
+        up = subprocess.Popen([sys.executable, "-m", "duoserve.cli", "up", "--mode", "colocated",
+                               *model_args(default_model_dir), "--startup-timeout", "300"],
+                              env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+        try:
+            target = up.stdout.readline().strip()          # printed once every process is SERVING
+            assert target.startswith("127.0.0.1:"), (tmp_path / "up.err").read_text()
+            state = stack.read_state(stack_dir / stack.STATE_FILE)
+            assert state.supervisor_pid == up.pid
+            assert [r.name for r in state.processes] == process_names("colocated")
+            if how == "ctrl-c":
+                up.send_signal(signal.SIGINT)
+            else:
+                down = cli("down", env=env, timeout=120)
+                assert down.returncode == 0, down.stderr
+            assert up.wait(60) == 0, (tmp_path / "up.err").read_text()
+        finally:
+            if up.poll() is None:
+                up.kill()
+                up.wait()
+    assert_all_gone(state, stack_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# "beside": a second split stack in the session split stack's Redis, started with a port taken
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Beside:
+    config: StackConfig
+    state: stack.StackState
+    said: list[str]                # what `up` said while starting
+    taken_port: int                # the port planned for the arena, held by another listener during `up`
+
+
+def first_call_takes(real: Callable[..., list[int]], index: int, port: int) -> Callable[..., list[int]]:
+    """`pick_free_ports` whose first answer has `port` (already taken) at `index`; later calls are the real one."""
+    calls = 0
+
+    def pick(n: int, avoid=()) -> list[int]:
+        nonlocal calls
+        calls += 1
+        ports = real(n, avoid)
+        if calls == 1:
+            ports[index] = port
+        return ports
+    return pick
+
+
+@pytest.fixture(scope="module")
+def beside(split_stack, default_model_dir, tmp_path_factory):
+    """Started by `stack.up` while another socket listens on the port its plan gives the arena (the gRPC
+    servers bind without SO_REUSEPORT, so the arena exits and the supervisor relaunches it on new ports).
+    The last test of this file stops it; down here is for a run that ends before."""
+    config = StackConfig(state_dir=tmp_path_factory.mktemp("beside"), cache_dir=default_model_dir.parent,
+                         name="beside", redis_url=split_stack.state.redis_url, num_kv_blocks=128,
+                         startup_timeout_s=300, stop_timeout_s=5)
+    names = [n for stage in stack.stage_names(config) for n in stage]     # the launcher's port order
+    said: list[str] = []
+
+    def say(message: str) -> None:
+        said.append(message)
+        quiet(message)
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken, pytest.MonkeyPatch.context() as patch:
+        taken.bind((stack.LOOPBACK, 0))
+        taken.listen()
+        taken_port = taken.getsockname()[1]
+        patch.setattr(stack, "pick_free_ports",
+                      first_call_takes(stack.pick_free_ports, 2 * names.index("arena"), taken_port))
+        stack.up(config, detach=True, say=say)
+    yield Beside(config, stack.read_state(config.state_path), said, taken_port)
+    stack.down(config.state_dir, config.name, stop_timeout_s=1.0, say=quiet)
+
+
+def record(state: stack.StackState, name: str) -> stack.ProcessRecord:
+    return next(r for r in state.processes if r.name == name)
+
+
+@pytest.mark.slow
+@needs_redis
+def test_a_taken_port_relaunches_the_process_on_a_new_one(beside):
+    arena = record(beside.state, "arena")
+    assert f"arena: port taken, retrying on {arena.port}" in beside.said
+    assert arena.port != beside.taken_port
+    log = Path(arena.log).read_text()
+    first_launch = log.split("\n--- ")[0]
+    assert re.search(rf"(Failed to bind to address|cannot listen on) 127.0.0.1:{beside.taken_port}\b", first_launch)
+    assert sum(line.startswith("--- ") for line in log.splitlines()) == 2       # two launches, one log
+    assert [(p.name, p.health) for p in stack.stack_status(beside.state)] == \
+        [(r.name, "SERVING") for r in beside.state.processes]
+
+
+@pytest.mark.slow
+@needs_redis
+def test_two_stacks_side_by_side_in_one_redis(beside, split_stack):
+    assert not beside.state.owns_redis and beside.state.redis_url == split_stack.state.redis_url
+    assert "redis" not in [r.name for r in beside.state.processes]
+    assert beside.state.key_prefix != split_stack.state.key_prefix
+    out = io.StringIO()
+    assert stack.status(beside.config.state_dir, "beside", as_json=True, out=out) == 0
+    assert json.loads(out.getvalue())["owns_redis"] is False
+    prompt = [{"role": "user", "content": "What is the capital of France?"}]
+    answers = []
+    for target in (beside.state.gateway_target, split_stack.target):
+        with duoserve.Client(target, timeout=120) as client:
+            answers.append(list(client.generate(messages=prompt, max_tokens=8, temperature=0).token_ids))
+    assert answers[0] == answers[1] and len(answers[0]) == 8              # same model, same greedy tokens
+
+
+@pytest.mark.slow
+@needs_redis
+def test_a_recycled_pid_is_never_signalled(beside):
+    gateway = record(beside.state, "gateway")
+    assert stack.is_alive(gateway.pid, gateway.start_time)
+    assert not stack.is_alive(gateway.pid, gateway.start_time + 1)       # same pid, another process
+    stack._signal(gateway.pid, gateway.start_time + 1, signal.SIGKILL)
+    time.sleep(0.2)
+    assert stack.is_alive(gateway.pid, gateway.start_time)
+    assert stack.grpc_health(gateway.target) == "SERVING"
+
+
+@pytest.mark.slow
+@needs_redis
+def test_down_kills_a_stopped_worker_and_cleans_up_after_a_dead_arena(beside, split_stack):
+    """Stops "beside": keep it the last test using it."""
+    state, stack_dir = beside.state, beside.config.stack_dir
+    arena, decode = record(state, "arena"), record(state, "decode")
+    assert list(stack.SHM_DIR.glob(f"{state.segment_prefix}*")) and Path(state.arena_socket).exists()
+    assert sorted(processes_of(state.key_prefix)) == sorted(r.pid for r in state.processes)
+    others = {"segments": sorted(stack.SHM_DIR.glob(f"{split_stack.state.segment_prefix}*")),
+              "free_blocks": split_stack.num_free_blocks()}
+    split_stack.redis.set("someone-else", "1")
+    try:
+        os.kill(decode.pid, signal.SIGSTOP)        # SIGTERM stays pending: only SIGKILL ends it
+        os.kill(arena.pid, signal.SIGKILL)         # no cleanup: its segments and socket stay behind
+        deadline = time.monotonic() + 5
+        while not gone(arena.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        out = io.StringIO()
+        assert stack.status(beside.config.state_dir, "beside", as_json=True, out=out) == 1
+        health = {p["name"]: (p["alive"], p["health"]) for p in json.loads(out.getvalue())["processes"]}
+        assert health["arena"] == (False, "DEAD") and health["decode"][1] != "SERVING"
+        assert list(stack.SHM_DIR.glob(f"{state.segment_prefix}*")) and Path(state.arena_socket).exists()
+
+        said: list[str] = []
+        assert stack.down(beside.config.state_dir, "beside", stop_timeout_s=1.0, say=said.append) == 0
+        assert f"decode (pid {decode.pid}) did not stop within 1 s: killed" in said
+        assert not any("arena" in m and "killed" in m for m in said)    # already dead: nothing to stop
+        assert_all_gone(state, stack_dir)
+        assert split_stack.redis.keys(f"{state.key_prefix}:*") == []     # only this stack's keys went
+        assert split_stack.redis.get("someone-else") == b"1"
+        assert sorted(stack.SHM_DIR.glob(f"{split_stack.state.segment_prefix}*")) == others["segments"]
+        assert split_stack.num_free_blocks() == others["free_blocks"]
+        assert all(p.health == "SERVING" for p in stack.stack_status(split_stack.state))
+        assert stack.down(beside.config.state_dir, "beside", stop_timeout_s=1.0, say=said.append) == 1
+    finally:
+        split_stack.redis.delete("someone-else")
+        stack._signal(decode.pid, decode.start_time, signal.SIGCONT)     # if still there: let the fixture stop it
