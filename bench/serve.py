@@ -1,0 +1,395 @@
+"""`duoserve bench serve`: an open-loop load generator against a running stack's gateway.
+
+A request's life here:
+  scheduled  the Arrival gives its send offset (trace, Poisson or gamma); the dispatcher sleeps until then
+  waiting    with --max-concurrency, it waits for a free slot (not counted in its latency, as in vLLM)
+  sent       one AsyncClient stream: token ids (or text), ignore_eos=True, max_tokens=output_len
+  streaming  TTFT at the first chunk carrying tokens; each later chunk carrying tokens adds one ITL
+  done       E2E at the last chunk; a gRPC error or finish reason "error" marks it failed
+
+Metrics follow vLLM's benchmarks/benchmark_serving.py (calculate_metrics) exactly:
+  duration         first dispatch to the last request done
+  throughput       completed / duration; output tokens / duration; (input + output tokens) / duration
+  TTFT             send -> first chunk with tokens
+  TPOT             (E2E - TTFT) / (output tokens - 1), only requests with more than one output token
+  ITL              every gap between consecutive chunks with tokens, pooled over all requests (a chunk
+                   can carry several tokens; then the gap is per chunk, as vLLM's)
+  E2E              send -> last chunk
+  stats            mean, median, std and percentiles (numpy's linear interpolation), in ms
+  goodput          requests/s that meet every SLO given (value <= target); a request with one output
+                   token counts TPOT 0, as vLLM does
+Added here: SLO attainment, the share of *all* requests (failed ones miss) meeting every SLO given.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence, TextIO
+
+import numpy as np
+
+from bench.datasets import (DEFAULT_AZURE_CONV, REAL_TEXT, Arrival, RequestSpec, load_azure_conv,
+                            load_prompt_file, random_requests, schedule, with_token_ids)
+
+DEFAULT_PERCENTILES = (90.0, 99.0)
+REQUEST_TIMEOUT_S = 1800.0          # one request, send to last chunk; a stuck stack fails rather than hangs
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What happened to one measured request. Times in seconds."""
+
+    index: int                      # position in the workload
+    prompt_len: int                 # prompt tokens (the server's count when it reported one)
+    output_len: int                 # tokens asked for (max_tokens, ignore_eos)
+    scheduled_s: float              # planned send offset from the start of the run
+    sent_s: float = 0.0             # actual send offset (later than planned under --max-concurrency)
+    success: bool = False           # streamed to the end without an error
+    ttft_s: float = 0.0             # send -> first chunk with tokens
+    e2e_s: float = 0.0              # send -> last chunk
+    itl_s: list[float] = field(default_factory=list)   # gaps between consecutive chunks with tokens
+    output_tokens: int = 0          # tokens received (the server's usage count when given)
+    finish_reason: str | None = None
+    error: str = ""                 # why it failed
+
+    @property
+    def tpot_s(self) -> float:
+        """vLLM's TPOT of one request; 0 with at most one output token."""
+        return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1) if self.output_tokens > 1 else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyStats:
+    """One latency metric over the run, in ms (zeros when there are no samples, as vLLM's `or 0`)."""
+
+    mean_ms: float
+    median_ms: float
+    std_ms: float
+    percentiles_ms: dict[str, float]      # "p90" -> value
+    count: int                            # samples
+
+    @staticmethod
+    def of(values_s: Sequence[float], percentiles: Sequence[float]) -> LatencyStats:
+        v = np.asarray(values_s if len(values_s) else [0.0], dtype=float) * 1000
+        return LatencyStats(float(np.mean(v)), float(np.median(v)), float(np.std(v)),
+                            {f"p{p:g}": float(np.percentile(v, p)) for p in percentiles}, len(values_s))
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    """vLLM's serving metric set, plus SLO attainment."""
+
+    completed: int                  # requests that succeeded
+    failed: int
+    duration_s: float
+    total_input_tokens: int         # over completed requests
+    total_output_tokens: int
+    request_throughput: float       # completed / duration
+    output_throughput: float        # output tokens / s
+    total_token_throughput: float   # (input + output tokens) / s
+    ttft: LatencyStats
+    tpot: LatencyStats              # excludes the first token; requests with one output token left out
+    itl: LatencyStats
+    e2e: LatencyStats
+    slo_ttft_ms: float | None       # the SLOs judged (None: not given)
+    slo_tpot_ms: float | None
+    good: int | None                # completed requests meeting every SLO given (None: no SLO given)
+    request_goodput: float | None   # good / duration
+    slo_attainment: float | None    # good / all requests
+
+
+def compute_metrics(records: Sequence[RequestRecord], duration_s: float, *, slo_ttft_ms: float | None = None,
+                    slo_tpot_ms: float | None = None,
+                    percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> Metrics:
+    """vLLM's calculate_metrics on our records (pure)."""
+    done = [r for r in records if r.success]
+    ttfts = [r.ttft_s for r in done]
+    tpots = [r.tpot_s for r in done if r.output_tokens > 1]
+    itls = [gap for r in done for gap in r.itl_s]
+    e2es = [r.e2e_s for r in done]
+    total_in = sum(r.prompt_len for r in done)
+    total_out = sum(r.output_tokens for r in done)
+    good = None
+    if slo_ttft_ms is not None or slo_tpot_ms is not None:
+        good = sum(1 for r in done
+                   if (slo_ttft_ms is None or r.ttft_s * 1000 <= slo_ttft_ms)
+                   and (slo_tpot_ms is None or r.tpot_s * 1000 <= slo_tpot_ms))
+    dur = duration_s if duration_s > 0 else math.nan
+    return Metrics(
+        completed=len(done), failed=len(records) - len(done), duration_s=duration_s,
+        total_input_tokens=total_in, total_output_tokens=total_out,
+        request_throughput=len(done) / dur, output_throughput=total_out / dur,
+        total_token_throughput=(total_in + total_out) / dur,
+        ttft=LatencyStats.of(ttfts, percentiles), tpot=LatencyStats.of(tpots, percentiles),
+        itl=LatencyStats.of(itls, percentiles), e2e=LatencyStats.of(e2es, percentiles),
+        slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, good=good,
+        request_goodput=None if good is None else good / dur,
+        slo_attainment=None if good is None else (good / len(records) if records else 0.0))
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """One benchmark run: its settings, metrics and every request."""
+
+    target: str
+    label: str                      # what was run (a config name in a comparison)
+    workload: str                   # the dataset, in words
+    arrival: dict[str, Any]         # the Arrival's fields
+    max_concurrency: int | None
+    started_at: float               # unix time
+    metrics: Metrics
+    records: tuple[RequestRecord, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["records"] = [asdict(r) | {"tpot_s": r.tpot_s} for r in self.records]
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+
+class Progress:
+    """One status line on stderr: rewritten in place on a terminal, else a line every 10 s."""
+
+    def __init__(self, total: int, label: str, out: TextIO | None = None, enabled: bool = True) -> None:
+        self.total, self.label, self.out, self.enabled = total, label, out or sys.stderr, enabled
+        self.sent = self.done = self.failed = 0
+        self.start = time.perf_counter()
+        self.tty = self.out.isatty()
+        self.last_line = 0.0
+
+    def update(self, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if not (self.tty or force or now - self.last_line >= 10.0):
+            return
+        self.last_line = now
+        line = (f"{self.label}{self.done}/{self.total} done, {self.sent - self.done} running, "
+                f"{self.failed} failed, {now - self.start:.1f} s")
+        self.out.write(f"\r\033[K{line}" if self.tty else line + "\n")
+        self.out.flush()
+
+    def close(self) -> None:
+        self.update(force=True)
+        if self.enabled and self.tty:
+            self.out.write("\n")
+            self.out.flush()
+
+
+async def _one(client: Any, spec: RequestSpec, record: RequestRecord, t0: float) -> None:
+    kwargs = {"prompt": spec.prompt} if spec.prompt is not None else {"token_ids": list(spec.token_ids)}
+    first = last_tokens = 0.0
+    st = time.perf_counter()
+    record.sent_s = st - t0
+    try:
+        async with client.stream(**kwargs, max_tokens=spec.output_len, ignore_eos=True,
+                                 temperature=0.0) as chunks:
+            async for chunk in chunks:
+                now = time.perf_counter()
+                if chunk.token_ids:
+                    if not first:
+                        first = now
+                        record.ttft_s = now - st
+                    else:
+                        record.itl_s.append(now - last_tokens)
+                    last_tokens = now
+                    record.output_tokens += len(chunk.token_ids)
+                record.e2e_s = now - st
+                if chunk.finish_reason is not None:
+                    record.finish_reason = chunk.finish_reason
+                    if chunk.usage is not None:
+                        record.output_tokens = chunk.usage.completion_tokens or record.output_tokens
+                        record.prompt_len = chunk.usage.prompt_tokens or record.prompt_len
+        if record.finish_reason in (None, "error", "cancelled") or not first:
+            record.error = f"finish reason {record.finish_reason}, {record.output_tokens} tokens"
+        else:
+            record.success = True
+    except Exception as e:                       # noqa: BLE001: every failure is a failed request, recorded
+        record.error = f"{type(e).__name__}: {e}"
+
+
+async def _prepare(client: Any, specs: Sequence[RequestSpec]) -> list[RequestSpec]:
+    """Token ids from real text for specs without a prompt; each text prompt's real length; fit checks."""
+    info = await client.model_info()
+    out = list(specs)
+    if any(s.prompt is None and s.token_ids is None for s in out):
+        out = with_token_ids(out, await client.tokenize(REAL_TEXT))
+    for i, s in enumerate(out):
+        if s.prompt is not None:
+            out[i] = RequestSpec(len(await client.tokenize(s.prompt)) or 1, s.output_len, s.arrival_s, s.prompt)
+    kv_tokens = info["num_kv_blocks"] * info["block_size"]
+    limit = min(info["max_context"], kv_tokens)
+    too_long = [i for i, s in enumerate(out) if s.prompt_len + s.output_len > limit]
+    if too_long:
+        s = out[too_long[0]]
+        raise ValueError(f"{len(too_long)} requests do not fit the served model's {limit} tokens "
+                         f"(context {info['max_context']}, KV pool {kv_tokens}), e.g. #{too_long[0]}: "
+                         f"{s.prompt_len} + {s.output_len}; lower the lengths (--length-scale, --input-len)")
+    return out
+
+
+async def benchmark(target: str, specs: Sequence[RequestSpec], arrival: Arrival, *,
+                    max_concurrency: int | None = None, slo_ttft_ms: float | None = None,
+                    slo_tpot_ms: float | None = None, warmup: int = 1,
+                    percentiles: Sequence[float] = DEFAULT_PERCENTILES, progress: bool = True,
+                    label: str = "", workload: str = "") -> Result:
+    """Run the workload once against `target` (see the module docstring)."""
+    import duoserve
+
+    if max_concurrency is not None and max_concurrency < 1:
+        raise ValueError("max concurrency must be at least 1")
+    offsets = schedule(specs, arrival)
+    client = duoserve.AsyncClient(target, timeout=REQUEST_TIMEOUT_S)
+    try:
+        specs = await _prepare(client, specs)
+        for i in range(warmup):             # not measured: first-call costs (channel, allocator, caches)
+            spec = specs[i % len(specs)]
+            await _one(client, spec, RequestRecord(-1, spec.prompt_len, spec.output_len, 0.0), time.perf_counter())
+        records = [RequestRecord(i, s.prompt_len, s.output_len, offsets[i]) for i, s in enumerate(specs)]
+        bar = Progress(len(specs), f"[{label}] " if label else "", enabled=progress)
+        slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+
+        async def run(spec: RequestSpec, record: RequestRecord) -> None:
+            if slots is None:
+                await _one(client, spec, record, t0)
+            else:
+                async with slots:
+                    await _one(client, spec, record, t0)
+            bar.done += 1
+            bar.failed += not record.success
+            bar.update()
+
+        started_at = time.time()
+        t0 = time.perf_counter()
+        tasks = []
+        for spec, record in zip(specs, records):
+            delay = t0 + record.scheduled_s - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(run(spec, record)))
+            bar.sent += 1
+            bar.update()
+        await asyncio.gather(*tasks)
+        duration = time.perf_counter() - t0
+        bar.close()
+    finally:
+        await client.close()
+    metrics = compute_metrics(records, duration, slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms,
+                              percentiles=percentiles)
+    return Result(target=target, label=label, workload=workload, arrival=asdict(arrival),
+                  max_concurrency=max_concurrency, started_at=started_at, metrics=metrics, records=tuple(records))
+
+
+def run_benchmark(target: str, requests: Sequence[RequestSpec], arrival: Arrival, **kwargs: Any) -> Result:
+    """Blocking form of `benchmark` (its own event loop), for scripts and `bench compare`."""
+    return asyncio.run(benchmark(target, requests, arrival, **kwargs))
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+def format_result(result: Result) -> str:
+    """vLLM's result block, plus goodput and attainment."""
+    m = result.metrics
+    rows: list[tuple[str, Any]] = [
+        ("Successful requests:", m.completed), ("Failed requests:", m.failed),
+        ("Benchmark duration (s):", f"{m.duration_s:.2f}"),
+        ("Total input tokens:", m.total_input_tokens), ("Total generated tokens:", m.total_output_tokens),
+        ("Request throughput (req/s):", f"{m.request_throughput:.2f}"),
+    ]
+    if m.request_goodput is not None:
+        rows.append(("Request goodput (req/s):", f"{m.request_goodput:.2f}"))
+    rows += [("Output token throughput (tok/s):", f"{m.output_throughput:.2f}"),
+             ("Total Token throughput (tok/s):", f"{m.total_token_throughput:.2f}")]
+    lines = [f"{' Serving Benchmark Result ':=^50}",
+             f"{'Workload:':<32} {result.workload}", f"{'Arrivals:':<32} {_describe_arrival(result)}"]
+    lines += [f"{k:<40} {v:<10}" for k, v in rows]
+    for title, name, stats in (("Time to First Token", "TTFT", m.ttft),
+                               ("Time per Output Token (excl. 1st token)", "TPOT", m.tpot),
+                               ("Inter-token Latency", "ITL", m.itl), ("End-to-end Latency", "E2EL", m.e2e)):
+        lines.append(f"{title:-^50}")
+        lines.append(f"{f'Mean {name} (ms):':<40} {stats.mean_ms:<10.2f}")
+        lines.append(f"{f'Median {name} (ms):':<40} {stats.median_ms:<10.2f}")
+        for p, v in stats.percentiles_ms.items():
+            lines.append(f"{f'P{p[1:]} {name} (ms):':<40} {v:<10.2f}")
+    if m.slo_attainment is not None:
+        slo = " and ".join(s for s in (f"TTFT <= {m.slo_ttft_ms:g} ms" if m.slo_ttft_ms is not None else "",
+                                       f"TPOT <= {m.slo_tpot_ms:g} ms" if m.slo_tpot_ms is not None else "") if s)
+        lines.append(f"{'SLO: ' + slo:-^50}")
+        lines.append(f"{'SLO attainment (%):':<40} {m.slo_attainment * 100:<10.1f}")
+        lines.append(f"{'Requests meeting the SLO:':<40} {m.good}/{m.completed + m.failed}")
+    failures = [r for r in result.records if not r.success]
+    if failures:
+        lines.append(f"first failure: #{failures[0].index}: {failures[0].error}")
+    lines.append("=" * 50)
+    return "\n".join(lines)
+
+
+def _describe_arrival(result: Result) -> str:
+    text = Arrival(**result.arrival).describe()
+    return text + (f", at most {result.max_concurrency} at once" if result.max_concurrency else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line (parsed in duoserve/cli.py)
+# ---------------------------------------------------------------------------------------------
+
+def workload_from_args(args: argparse.Namespace) -> tuple[list[RequestSpec], str]:
+    """The requests of --dataset, and the workload in words."""
+    if args.dataset == "azure-conv":
+        path = args.dataset_path or DEFAULT_AZURE_CONV
+        specs = load_azure_conv(path, max_requests=args.num_requests, start_offset_s=args.start_offset,
+                                length_scale=args.length_scale, rate_scale=args.rate_scale,
+                                max_total_len=args.max_total_len)
+        words = (f"azure-conv {path.name}: {len(specs)} requests from {args.start_offset:g} s, lengths x "
+                 f"{args.length_scale:g}")
+    elif args.dataset == "random":
+        specs = random_requests(args.num_requests, args.input_len, args.output_len, args.range_ratio,
+                                seed=args.seed)
+        words = (f"random: {len(specs)} requests, input {args.input_len}, output {args.output_len}, "
+                 f"range ratio {args.range_ratio:g}")
+    else:
+        if args.dataset_path is None:
+            raise ValueError("--dataset prompt-file needs --dataset-path FILE (one prompt per line)")
+        specs = load_prompt_file(args.dataset_path, args.output_len, max_requests=args.num_requests)
+        return specs, f"prompt file {args.dataset_path}: {len(specs)} prompts, output {args.output_len} tokens"
+    mean_in = sum(s.prompt_len for s in specs) / len(specs)
+    mean_out = sum(s.output_len for s in specs) / len(specs)
+    return specs, f"{words} (mean {mean_in:.0f} in / {mean_out:.0f} out tokens)"
+
+
+def arrival_from_args(args: argparse.Namespace, rate: float | None = None) -> Arrival:
+    kind = args.arrival or ("trace" if args.dataset == "azure-conv" else "poisson")
+    rate = rate if rate is not None else args.request_rate
+    if kind != "trace" and rate is None:
+        rate = math.inf
+    return Arrival(kind, rate, args.burstiness, args.seed)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    specs, words = workload_from_args(args)
+    arrival = arrival_from_args(args)
+    from duoserve.errors import DuoserveError
+    try:
+        result = run_benchmark(args.target, specs, arrival, max_concurrency=args.max_concurrency,
+                               slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, warmup=args.warmup,
+                               progress=not args.no_progress, workload=words)
+    except DuoserveError as e:               # the gateway unreachable or refusing the set-up calls
+        print(f"duoserve: error: {args.target}: {e}", file=sys.stderr)
+        return 1
+    print(format_result(result))
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result.to_json(), indent=1))
+        print(f"result written to {args.output}", file=sys.stderr)
+    return 0 if result.metrics.completed else 1

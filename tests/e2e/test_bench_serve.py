@@ -1,0 +1,49 @@
+"""`duoserve bench serve` against a real split stack: six short requests, every metric from real streams."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from duoserve.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def _wait_blocks_free(stack, expected: int, timeout: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout
+    while (free := stack.num_free_blocks()) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return free
+
+
+def test_bench_serve_measures_six_requests(split_stack, tmp_path, capsys):
+    start_free = split_stack.num_free_blocks()
+    out = tmp_path / "result.json"
+    rc = main(["bench", "serve", "--target", split_stack.target, "--dataset", "random", "--num-requests", "6",
+               "--input-len", "24", "--output-len", "6", "--request-rate", "4", "--seed", "1",
+               "--slo-ttft-ms", "60000", "--slo-tpot-ms", "60000", "--output", str(out)])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    assert "Successful requests:                     6" in printed.out
+    assert "6/6 done, 0 running, 0 failed" in printed.err                    # the progress line
+
+    result = json.loads(out.read_text())
+    records = result["records"]
+    assert len(records) == 6 and all(r["success"] for r in records), [r["error"] for r in records]
+    for r in records:
+        assert r["output_tokens"] == 6 and r["finish_reason"] == "length"   # forced length (ignore_eos)
+        assert r["prompt_len"] == 24                                         # the server's count of our ids
+        assert 0 < r["ttft_s"] <= r["e2e_s"]
+        assert 1 <= len(r["itl_s"]) <= 5                                     # chunks after the first
+        assert r["tpot_s"] == pytest.approx((r["e2e_s"] - r["ttft_s"]) / 5)
+        assert r["sent_s"] >= r["scheduled_s"] - 0.01
+    assert [r["scheduled_s"] for r in records] == sorted(r["scheduled_s"] for r in records)
+
+    m = result["metrics"]
+    assert m["completed"] == 6 and m["total_input_tokens"] == 144 and m["total_output_tokens"] == 36
+    assert m["request_throughput"] == pytest.approx(6 / m["duration_s"])
+    assert m["slo_attainment"] == 1.0 and m["request_goodput"] == pytest.approx(m["request_throughput"])
+    assert m["ttft"]["median_ms"] > 0 and m["tpot"]["count"] == 6 and m["e2e"]["percentiles_ms"]["p99"] > 0
+    assert _wait_blocks_free(split_stack, start_free) == start_free          # the stack is left as found
