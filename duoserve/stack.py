@@ -204,7 +204,10 @@ def process_spec(name: str, config: StackConfig, layout: Layout,
                  else (*model, "--dtype", config.dtype, *kv))
         argv = py + (f"services.{name}.main", *common, *where, "--cache-dir", str(config.cache_dir),
                      "--cpus", cpus, *limits)
-        return ProcessSpec(name, argv, port, metrics_port)
+        # Idle OpenMP threads sleep instead of spinning: two workers share cores (and a busy machine's
+        # cores), and a spinning thread that loses its core stalls its siblings.
+        env = (("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE")),)
+        return ProcessSpec(name, argv, port, metrics_port, env=env)
     if name == "gateway":
         queue = ("--max-queue-len", str(config.max_queue_len)) if config.max_queue_len else ()
         return ProcessSpec(name, py + ("services.gateway.main", *common, *queue), port, metrics_port)
