@@ -1,7 +1,9 @@
 """Paged attention in torch ops: the CPU backend's kernels and the reference the Triton kernels match.
 
-The KV pool of one layer is two tensors `k_cache`, `v_cache` of shape [num_blocks, block_size, Hkv, D].
-A request's tokens live in the blocks of its block table, in order: token t sits in block
+The KV pool of one layer is two tensors `k_cache`, `v_cache` of shape [num_blocks, Hkv, block_size, D]:
+head-major inside a block, so the blocks of a request gathered head by head are already the
+[Hkv, L, D] operand attention's matmuls read (no transpose copy after the gather). A request's
+tokens live in the blocks of its block table, in order: token t sits in block
 `table[t // block_size]` at offset `t % block_size`. Its flat slot is `block_id * block_size + offset`.
 
 A batch is ragged and flat: prefill chunks first (each `query_len` new tokens of one request,
@@ -43,22 +45,31 @@ class AttentionMetadata:
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Store the new tokens' K/V in their slots. k, v: [T, Hkv, D]; caches: [N, block_size, Hkv, D]."""
-    num_slots = k_cache.shape[0] * k_cache.shape[1]
-    k_cache.view(num_slots, *k.shape[1:]).index_copy_(0, slot_mapping, k)
-    v_cache.view(num_slots, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+    """Store the new tokens' K/V in their slots. k, v: [T, Hkv, D]; caches: [N, Hkv, block_size, D]."""
+    block_size = k_cache.shape[2]
+    blocks, offsets = slot_mapping.div(block_size, rounding_mode="floor"), slot_mapping.remainder(block_size)
+    k_cache[blocks, :, offsets] = k                   # the indexed dims come first: [T, Hkv, D]
+    v_cache[blocks, :, offsets] = v
 
 
 def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-    """Keys or values of whole blocks, in table order. cache [N, bs, Hkv, D], tables [B, M] -> [B, M*bs, Hkv, D]."""
-    num_blocks, block_size = cache.shape[:2]
-    rows = cache.view(num_blocks, -1).index_select(0, block_tables.reshape(-1))  # index_select beats fancy indexing ~5x on CPU
-    return rows.view(block_tables.shape[0], block_tables.shape[1] * block_size, *cache.shape[2:])
+    """Keys or values of whole blocks, in table order. cache [N, Hkv, bs, D], tables [B, M] -> [B, Hkv, M*bs, D]."""
+    num_blocks, num_heads, block_size, head_dim = cache.shape
+    batch, width = block_tables.shape
+    # Row (block, head) of the [N * Hkv, bs * D] view; ordering the index [B, Hkv, M] lays the result
+    # out head-major with one copy. index_select beats fancy indexing ~5x on CPU.
+    rows = block_tables.view(batch, 1, width) * num_heads + torch.arange(num_heads).view(1, num_heads, 1)
+    out = cache.view(num_blocks * num_heads, block_size * head_dim).index_select(0, rows.view(-1))
+    return out.view(batch, num_heads, width * block_size, head_dim)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Attention for a flat batch. q [T, H, D]; k, v [T, Hkv, D] (already written to the cache). -> [T, H, D]."""
+    if not meta.prefills:                                 # pure decode: no copy into a shared output
+        return _decode_attention(q, k_cache, v_cache, meta, scale)
+    if len(meta.prefills) == 1 and not meta.num_decodes:  # one prompt (chunk) alone
+        return _prefill_attention(q, k, v, k_cache, v_cache, meta.prefills[0], scale)
     out = torch.empty_like(q)
     for seq in meta.prefills:
         rows = slice(seq.query_start, seq.query_start + seq.query_len)
@@ -74,30 +85,37 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cach
     """One chunk: q [n, H, D] attends causally to the request's whole context. -> [n, H, D]."""
     if seq.context_len == seq.query_len:
         # Whole prompt in one chunk: the fresh K/V are the context, no need to read the cache back.
-        keys, values, mask, is_causal = k, v, None, True
+        keys, values = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)   # [1, Hkv, n, D]
+        mask, is_causal = None, True
     else:
         table = seq.block_table.view(1, -1)
-        keys = gather_blocks(k_cache, table)[0, :seq.context_len]        # [ctx, Hkv, D]
-        values = gather_blocks(v_cache, table)[0, :seq.context_len]
+        keys = gather_blocks(k_cache, table)[:, :, :seq.context_len]        # [1, Hkv, ctx, D]
+        values = gather_blocks(v_cache, table)[:, :, :seq.context_len]
         # Query i sits at absolute position ctx - n + i and sees keys 0..that position.
         first_pos = seq.context_len - seq.query_len
         q_pos = torch.arange(first_pos, seq.context_len).view(-1, 1)
         mask, is_causal = torch.arange(seq.context_len).view(1, -1) <= q_pos, False  # [n, ctx]
     # 4-D inputs: torch's CPU flash kernel takes them; the 3-D path falls back to a ~3x slower one.
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1).unsqueeze(0), keys.transpose(0, 1).unsqueeze(0),    # [1, H, n, D], [1, Hkv, ctx, D]
-        values.transpose(0, 1).unsqueeze(0), attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True)
+        q.transpose(0, 1).unsqueeze(0), keys, values,                               # [1, H, n, D]
+        attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=True)
     return out[0].transpose(0, 1)
 
 
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """One new token per row: q [B, H, D] attends to its row's cached keys. -> [B, H, D]."""
-    keys = gather_blocks(k_cache, meta.decode_block_tables).transpose(1, 2)    # [B, Hkv, L, D]
-    values = gather_blocks(v_cache, meta.decode_block_tables).transpose(1, 2)
-    out = F.scaled_dot_product_attention(
-        q.unsqueeze(2), keys, values, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)  # [B, H, 1, D]
-    return out.squeeze(2)
+    """One new token per row: q [B, H, D] attends to its row's cached keys. -> [B, H, D].
+
+    Plain matmuls, the G query heads of a KV head as the rows of one small GEMM: torch's SDPA
+    with a mask over [B, H, 1, L] costs several times more on CPU (and ~3 ms a call in bf16)."""
+    num_rows, num_heads, head_dim = q.shape
+    keys = gather_blocks(k_cache, meta.decode_block_tables)               # [B, Hkv, L, D]
+    values = gather_blocks(v_cache, meta.decode_block_tables)
+    q = q.reshape(num_rows, keys.shape[1], -1, head_dim)                  # [B, Hkv, G, D]: head h reads KV head h // G
+    scores = torch.matmul(q, keys.transpose(2, 3))                        # [B, Hkv, G, L]
+    scores = scores.float().mul_(scale).masked_fill_(meta.decode_mask.logical_not(), float("-inf"))
+    probs = scores.softmax(dim=-1).to(values.dtype)
+    return torch.matmul(probs, values).view(num_rows, num_heads, head_dim)  # [B, Hkv, G, D] -> [B, H, D]
 
 
 def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The paged KV pool: its shape, its size from a memory budget, and views over memory owned elsewhere.
 
-One tensor [num_layers, 2, num_blocks, block_size, Hkv, D]: block b holds K and V of every layer,
-so one block id means the same tokens in every layer. The engine never allocates it itself when
+One tensor [num_layers, 2, num_blocks, Hkv, block_size, D]: block b holds K and V of every layer,
+so one block id means the same tokens in every layer. Inside a block the layout is head-major
+(see `attention.py`: gathering blocks then yields attention's [Hkv, L, D] operand without a transpose). The engine never allocates it itself when
 it runs inside a worker: the arena owns the memory and each worker views it (`view_kv_pool`).
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ class KVCacheSpec:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (self.num_layers, 2, self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        return (self.num_layers, 2, self.num_blocks, self.num_kv_heads, self.block_size, self.head_dim)
 
     @property
     def num_bytes(self) -> int:

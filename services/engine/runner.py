@@ -18,7 +18,7 @@ class ModelRunner:
 
     def __init__(self, model: LlamaModel, kv_cache: torch.Tensor, block_size: int) -> None:
         self.model = model
-        self.kv_cache = kv_cache          # [L, 2, N, block_size, Hkv, D]
+        self.kv_cache = kv_cache          # [L, 2, N, Hkv, block_size, D]
         self.block_size = block_size
 
     @torch.inference_mode()

@@ -72,7 +72,8 @@ def build_worker(config: WorkerConfig, stack_cpus: tuple[int, ...]) -> tuple[Wor
         mode=MODES[config.phase], block_size=spec.block_size, max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens, chunk_size=chunk,
         max_model_len=model_config.max_position, eos_token_ids=model_config.eos_token_ids), blocks)
-    runner = ModelRunner(LlamaModel(model_config, weights), kv_cache, spec.block_size)
+    # No private repacked copies: the weights stay in the arena's shared memory (see docs/architecture.md).
+    runner = ModelRunner(LlamaModel(model_config, weights, pack_weights=False), kv_cache, spec.block_size)
     cpus = config.cpu_ids or stack_cpus
     control = WorkerControl(ShareState(len(cpus) / len(stack_cpus), cpus,
                                        config.max_num_batched_tokens if config.phase is not Phase.DECODE else 0))

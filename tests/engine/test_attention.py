@@ -29,7 +29,7 @@ def test_prefill_then_decode_matches_dense_for_ragged_sequences():
         tables.append(perm[cursor:cursor + k]); cursor += k
     seqs = [(torch.randn(n + 1, H, D, generator=g), torch.randn(n + 1, HKV, D, generator=g),
              torch.randn(n + 1, HKV, D, generator=g)) for n in lengths]
-    k_cache = torch.full((NUM_BLOCKS, BS, HKV, D), float("nan"))   # unwritten slots must never be read
+    k_cache = torch.full((NUM_BLOCKS, HKV, BS, D), float("nan"))   # unwritten slots must never be read
     v_cache = k_cache.clone()
 
     # Prefill all prompts (all tokens but the last) in one flat batch.
@@ -64,7 +64,7 @@ def test_chunked_prefill_over_cached_prefix_matches_dense():
     n, split = 50, 21
     table = [9, 3, 40, 17]
     q, k, v = (torch.randn(n, H, D, generator=g), torch.randn(n, HKV, D, generator=g), torch.randn(n, HKV, D, generator=g))
-    k_cache = torch.zeros(NUM_BLOCKS, BS, HKV, D); v_cache = torch.zeros_like(k_cache)
+    k_cache = torch.zeros(NUM_BLOCKS, HKV, BS, D); v_cache = torch.zeros_like(k_cache)
     outs = []
     for lo, hi in ((0, split), (split, n)):
         meta = AttentionMetadata(torch.tensor(_slots(table, range(lo, hi))),
