@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, replace
 
 import grpc
+from prometheus_client import CollectorRegistry, Gauge
 
 from duoserve.v1 import worker_pb2, worker_pb2_grpc
 from orchestrator.config import OrchestratorConfig
@@ -27,6 +28,24 @@ from orchestrator.redis_state import RedisState, Snapshot
 
 log = logging.getLogger("duoserve.orchestrator")
 RESYNC_S = 30.0      # a sent share the workers still do not report after this long is sent again
+
+
+class ControllerMetrics:
+    """The orchestrator's Prometheus metrics: the model's honest prediction error and the shares it sets."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.model_error = Gauge("duoserve:perf_model_relative_error", "Prediction error of the performance model",
+                                 labelnames=["phase", "quantile"], registry=self.registry)
+        self.share = Gauge("duoserve:compute_share_decided", "Shares the policy chose", labelnames=["phase"],
+                           registry=self.registry)
+
+    def update(self, model: PerfModel, shares: Shares) -> None:
+        for phase, stats in model.error_stats().items():
+            self.model_error.labels(phase=phase, quantile="0.5").set(stats.median)
+            self.model_error.labels(phase=phase, quantile="0.9").set(stats.p90)
+        self.share.labels(phase="prefill").set(shares.prefill)
+        self.share.labels(phase="decode").set(shares.decode)
 
 
 class Controller:
@@ -42,6 +61,7 @@ class Controller:
         self.last: Decision | None = None
         self.last_snapshot: Snapshot | None = None
         self.ticks = 0
+        self.metrics = ControllerMetrics()
         self.applied: Shares | None = None       # the last shares sent; workers apply them at a boundary
         self.applied_at = 0.0
         self._restore()
@@ -112,6 +132,7 @@ class Controller:
             if changed or self.last is None or decision.at_risk != self.last.at_risk:
                 self._record(decision, changed)
             self.last = decision
+        self.metrics.update(self.model, decision.shares)
         return decision
 
     def _current_shares(self, snap: Snapshot) -> Shares | None:

@@ -17,6 +17,7 @@ import grpc
 import redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
 
 from duoserve.v1 import admin_pb2, admin_pb2_grpc
 from orchestrator.admin import AdminServicer, BearerAuth
@@ -64,6 +65,8 @@ def serve(config: OrchestratorConfig) -> int:
     if controller is None:
         return 0
     admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(controller, "cpu"), server)
+    if config.metrics_port:
+        start_http_server(config.metrics_port, addr="127.0.0.1", registry=controller.metrics.registry)
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -197,6 +197,7 @@ def test_every_process_serves_prometheus_metrics(split_stack):
         "decode": ["duoserve:compute_share", "duoserve:num_requests_running", "duoserve:generation_tokens_total",
                    "duoserve:handoff_latency_seconds"],
         "arena": ["duoserve:arena_weights_bytes", "duoserve:arena_kv_bytes"],
+        "orchestrator": ["duoserve:perf_model_relative_error", "duoserve:compute_share_decided"],
     }
     with duoserve.Client(split_stack.target, timeout=120) as client:
         client.generate(prompt="Hello there", max_tokens=4, ignore_eos=True)
