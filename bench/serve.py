@@ -29,7 +29,6 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Sequence, TextIO
 
 import numpy as np

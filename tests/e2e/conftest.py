@@ -6,6 +6,7 @@ found it (every request finished or cancelled, every block free).
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,13 @@ class RunningStack:
 
     def num_free_blocks(self) -> int:
         return int(self.redis.llen(self.keys.kv_free))
+
+    def wait_free_blocks(self, expected: int, timeout: float = 60.0) -> int:
+        """Poll the KV free count until it is `expected` (blocks come back within an iteration or two)."""
+        deadline = time.monotonic() + timeout
+        while (free := self.num_free_blocks()) != expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return free
 
     def reload_state(self) -> None:
         self.state = stack.read_state(self.config.state_path)

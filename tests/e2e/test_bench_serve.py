@@ -2,20 +2,12 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
 from duoserve.cli import main
 
 pytestmark = pytest.mark.slow
-
-
-def _wait_blocks_free(stack, expected: int, timeout: float = 10.0) -> int:
-    deadline = time.monotonic() + timeout
-    while (free := stack.num_free_blocks()) != expected and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return free
 
 
 def test_bench_serve_measures_six_requests(split_stack, tmp_path, capsys):
@@ -46,4 +38,4 @@ def test_bench_serve_measures_six_requests(split_stack, tmp_path, capsys):
     assert m["request_throughput"] == pytest.approx(6 / m["duration_s"])
     assert m["slo_attainment"] == 1.0 and m["request_goodput"] == pytest.approx(m["request_throughput"])
     assert m["ttft"]["median_ms"] > 0 and m["tpot"]["count"] == 6 and m["e2e"]["percentiles_ms"]["p99"] > 0
-    assert _wait_blocks_free(split_stack, start_free) == start_free          # the stack is left as found
+    assert split_stack.wait_free_blocks(start_free) == start_free          # the stack is left as found

@@ -28,13 +28,6 @@ def offline_tokens(default_model_dir):
     return [list(o.token_ids) for o in outs]
 
 
-def _wait_blocks_free(stack, expected: int, timeout: float = 10.0) -> int:
-    deadline = time.monotonic() + timeout
-    while (free := stack.num_free_blocks()) != expected and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return free
-
-
 def test_greedy_output_equals_offline_engine(any_stack, offline_tokens):
     with duoserve.Client(any_stack.target, timeout=120) as client:
         for prompt, expected in zip(PROMPTS, offline_tokens):
@@ -61,7 +54,7 @@ def test_sixteen_concurrent_streams_complete(any_stack):
     for chunks in results:
         assert chunks is not None and chunks[-1].finish_reason == "length"
         assert sum(len(c.token_ids) for c in chunks) == 16
-    assert _wait_blocks_free(any_stack, start_free) == start_free
+    assert any_stack.wait_free_blocks(start_free) == start_free
 
 
 def test_cancelled_stream_frees_its_blocks(any_stack):
@@ -75,7 +68,7 @@ def test_cancelled_stream_frees_its_blocks(any_stack):
                 assert any_stack.num_free_blocks() < start_free      # it holds blocks now
                 break
         stream.close()
-    assert _wait_blocks_free(any_stack, start_free) == start_free
+    assert any_stack.wait_free_blocks(start_free) == start_free
 
 
 BAD_INPUTS = [
@@ -135,7 +128,7 @@ def test_full_queue_is_resource_exhausted(split_stack):
     served = [o for o in outcomes if isinstance(o, duoserve.Completion)]
     assert refused and "queue" in refused[0].message
     assert len(refused) + len(served) == 80
-    assert _wait_blocks_free(split_stack, start_free) == start_free
+    assert split_stack.wait_free_blocks(start_free) == start_free
 
 
 def _cpus_of(pid: int) -> set[int]:
