@@ -300,10 +300,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("stopped while starting")
         return int(e.code or 0)
     except Exception:
-        if shutdown.requested.is_set():
-            # The SystemExit of a signal raised inside a torch call can surface as another exception.
-            log.info("stopped while starting")
-            return 0
         log.exception("arena failed")
         return 1
 
