@@ -45,7 +45,7 @@ class RunningStack:
 def _start(mode: Mode, tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> RunningStack:
     config = StackConfig(state_dir=tmp_path_factory.mktemp(f"stack-{mode.value}"),
                          cache_dir=default_model_dir.parent, name=f"e2e-{mode.value}", mode=mode,
-                         num_kv_blocks=256, max_queue_len=64, startup_timeout_s=300)
+                         num_kv_blocks=512, max_queue_len=64, startup_timeout_s=300)
     say = lambda msg: print(msg, file=sys.stderr)   # noqa: E731
     stack.up(config, detach=True, say=say)
     return RunningStack(config, stack.read_state(config.state_path))

@@ -17,7 +17,7 @@ from duoserve.v1 import admin_pb2 as pb
 
 pytestmark = pytest.mark.slow
 
-LONG_PROMPT = "Summarize: " + "the quick brown fox jumps over the lazy dog " * 60
+LONG_PROMPT = "Summarize: " + "the quick brown fox jumps over the lazy dog " * 40   # ~370 tokens
 
 
 def _admin(stack, token: str | None = None):

@@ -223,6 +223,8 @@ def assert_all_gone(state: stack.StackState, stack_dir: Path) -> None:
         while not gone(r.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert gone(r.pid), f"{r.name} (pid {r.pid}) still running"
+        while listening(r.port) and time.monotonic() < deadline + 10:   # the kernel closes it after the reap
+            time.sleep(0.05)
         assert not listening(r.port), f"{r.name}'s port {r.port} still taken"
     assert processes_of(state.key_prefix) == []
     assert not list(stack.SHM_DIR.glob(f"{state.segment_prefix}*"))
