@@ -36,6 +36,7 @@ from services.engine.sampling_params import SamplingParams
 
 DECODE_PROMPT_LEN = 128
 RAGGED_PROMPT_LENS = (64, 192)       # the ragged row's prompt lengths: uniform in this range, mean ~128
+REPEATS = 5                          # timed rounds per row; 3 let one burst of load from other processes decide a median
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,14 +189,14 @@ def run(config: EngineConfig, prompt_lens: list[int], batch_sizes: list[int], st
     for n in prompt_lens:
         prompt = _prompt(n, vocab, n)
         times = _interleaved([duoserve_prefill(engine, prompt), transformers_prefill(hf, prompt),
-                              transformers_generate(hf, [prompt], 1)], repeats=3)
+                              transformers_generate(hf, [prompt], 1)], repeats=REPEATS)
         rows.append(Row("prefill", n, *(n / t for t in times)))
         print(_format(rows[-1]), file=sys.stderr, flush=True)
     decode_rows = [(b, False) for b in batch_sizes] + ([(ragged_batch, True)] if ragged_batch else [])
     for b, ragged in decode_rows:
         prompts = decode_prompts(b, vocab, ragged)
         times = _interleaved([duoserve_decode(engine, prompts, steps), transformers_decode(hf, prompts, steps),
-                              transformers_generate(hf, prompts, steps + 1)], repeats=3)
+                              transformers_generate(hf, prompts, steps + 1)], repeats=REPEATS)
         rows.append(Row("decode ragged" if ragged else "decode", b, *(b * steps / t for t in times)))
         print(_format(rows[-1]), file=sys.stderr, flush=True)
     return rows

@@ -5,6 +5,7 @@
   duoserve down                    stop it and remove what it left (processes, shared memory, socket)
   duoserve status [--json]         each process of the stack: pid, alive, port, health
   duoserve bench engine            engine micro-benchmark against transformers
+  duoserve simulate --trace FILE   colocated vs static vs dynamic split over a trace, in simulated time
   duoserve bench serve             load generator against a running stack (vLLM's metrics, goodput)
   duoserve bench compare           colocated vs split static vs split dynamic over request rates
 
@@ -222,6 +223,53 @@ def _bench_compare_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds until a stack is SERVING")
 
 
+def _simulate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulate", help="discrete-event simulation: the real scheduler, policy and performance "
+                                        "model over a trace; highest rate at which the SLOs hold (docs/simulator.md)")
+    p.add_argument("--trace", type=Path, required=True,
+                   help="Azure-format CSV: TIMESTAMP,ContextTokens,GeneratedTokens")
+    p.add_argument("--gpu", choices=["h100", "cpu"], default="h100",
+                   help="h100: the H100 prior; cpu: the CPU stack's model and settings (see --calibration)")
+    p.add_argument("--model", default="llama-3.1-8b",
+                   help="llama-3.1-8b, llama-2-7b, smollm2-135m, or a checkpoint directory (its config.json)")
+    p.add_argument("--slo-ttft-ms", type=float, required=True)
+    p.add_argument("--slo-tpot-ms", type=float, required=True)
+    p.add_argument("--attainment", type=float, default=0.9, help="fraction of requests that must meet both SLOs")
+    p.add_argument("--prefer", choices=["ttft", "tpot"], default=None, help="SLO the policy protects (default: "
+                                                                            "ttft on h100, tpot on cpu, as the stack)")
+    p.add_argument("--rates", default="1.5,2,2.5,3",
+                   help="rate multiples of the trace to sweep (the default brackets the Azure trace on an H100)")
+    p.add_argument("--rate-scale", type=float, default=None,
+                   help="one rate multiple only: no sweep, no bisection, no early stop (every request simulated)")
+    p.add_argument("--bisect-steps", type=int, default=3, help="halvings of each system's pass/fail bracket")
+    p.add_argument("--systems", default=None, help="comma-separated subset, e.g. colocated-1024,dynamic")
+    p.add_argument("--chunks", default=None, help="colocated chunk sizes (default 512,1024,2048)")
+    p.add_argument("--static-splits", default=None, help="prefill/decode shares, e.g. 60/40,70/30")
+    p.add_argument("--max-requests", type=int, default=None, help="the first N requests of the trace")
+    p.add_argument("--start-s", type=float, default=0.0, help="skip the trace's first seconds")
+    p.add_argument("--duration-s", type=float, default=None, help="this many seconds of the trace")
+    p.add_argument("--length-scale", type=float, default=1.0,
+                   help="multiply prompt and output lengths, as bench serve's --length-scale (cpu: 0.1 there)")
+    p.add_argument("--max-total-len", type=int, default=None, help="cut prompts so prompt + output fit, as bench serve")
+    p.add_argument("--arrivals", choices=["trace", "poisson"], default="trace",
+                   help="trace: recorded arrival times; poisson: the same lengths at the same mean rate, from --seed")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tick-ms", type=float, default=None, help="policy tick in simulated ms (default 250)")
+    p.add_argument("--switch-cost-ms", type=float, default=None, help="stall of an engine whose share moves "
+                                                                       "(default 10 on h100, 1 on cpu)")
+    p.add_argument("--overlap", type=float, default=None, help="PolicyConfig.overlap (default 0 on h100, 0.5 on cpu)")
+    p.add_argument("--no-bw-contention", action="store_true", help="split: do not share HBM bandwidth")
+    p.add_argument("--no-early-stop", action="store_true", help="simulate every request even once the target is lost")
+    p.add_argument("--cpu-cores", type=int, default=2, help="cpu: cores of the simulated stack")
+    p.add_argument("--calibration", type=Path, default=None,
+                   help="cpu: coefficients JSON (`duoctl model --json` of the live stack, or {phase: {...}})")
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool in blocks (default: from memory)")
+    p.add_argument("--vidur", type=Path, default=None,
+                   help="h100: vidur operator CSV to check the calibration against (default: beside the trace)")
+    p.add_argument("--jobs", type=int, default=None, help="processes (default: the cores this process may use)")
+    p.add_argument("--output", type=Path, default=None, help="write the report as JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="duoserve", description="duoserve: split prefill/decode LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -230,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     _down_parser(sub)
     _status_parser(sub)
     _bench_parser(sub)
+    _simulate_parser(sub)
     return parser
 
 
@@ -253,6 +302,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_compare(args)
         if args.command in ("up", "down", "status"):
             return _run_stack_command(args)
+        if args.command == "simulate":
+            from orchestrator.sim_sweep import default_jobs, run_from_args   # pure Python: no torch
+            args.jobs = args.jobs or default_jobs()
+            return run_from_args(args)
     except ValueError as e:   # bad settings or input: one line a person can act on
         print(f"duoserve: error: {e}", file=sys.stderr)
         return 2

@@ -18,3 +18,21 @@ def default_model_dir(model_cache_dir: Path) -> Path:
     from services.engine.loader import resolve_model_dir
 
     return resolve_model_dir(None, model_cache_dir)
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` need an NVIDIA GPU: skipped, with the reason, where torch sees none."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items or _cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (torch.cuda.is_available() is False)")
+    for item in gpu_items:
+        item.add_marker(skip)
