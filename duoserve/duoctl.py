@@ -62,17 +62,23 @@ def _as_dict(message: Any) -> dict:
     return json_format.MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
+def format_units(w: pb.WorkerStatus) -> str:
+    """The SMs (cuda: measured by the SM probe) or cores (cpu) a worker's share gives it: "used/total"."""
+    if not w.measured_units:
+        return "?"                       # not measured (e.g. no CUDA driver for the probe)
+    return f"{w.measured_units}/{w.units_total}" if w.units_total else str(w.measured_units)
+
+
 def format_status(s: pb.StackStatus) -> str:
     lines = [f"policy {s.policy.mode}: prefill {s.policy.shares.prefill:.2f}, decode {s.policy.shares.decode:.2f}, "
              f"token budget {s.policy.shares.token_budget}",
              f"SLO: TTFT {s.slo.ttft_ms:.0f} ms, TPOT {s.slo.tpot_ms:.0f} ms at p{s.slo.percentile:.0f}, "
              f"prefer {s.slo.prefer}" + (f"   AT RISK: {s.at_risk}" if s.at_risk else ""),
              f"queue {s.queue_waiting} waiting; KV {s.kv_blocks_total - s.kv_blocks_free}/{s.kv_blocks_total} blocks used",
-             "", f"{'worker':10} {'share':>6} {'cores/SMs':>10} {'budget':>7} {'running':>8} {'waiting':>8} "
+             "", f"{'worker':10} {'share':>6} {'SMs/cores':>10} {'budget':>7} {'running':>8} {'waiting':>8} "
              f"{'iters':>8} {'age s':>6}"]
     for w in s.workers:
-        units = ",".join(map(str, w.cpu_ids)) or str(w.measured_units or "")
-        lines.append(f"{w.phase:10} {w.share:6.2f} {units:>10} {w.token_budget:7d} {w.num_running:8d} "
+        lines.append(f"{w.phase:10} {w.share:6.2f} {format_units(w):>10} {w.token_budget:7d} {w.num_running:8d} "
                      f"{w.num_waiting:8d} {w.iterations:8d} {w.age_s:6.1f}")
     lines.append("")
     for name, lat in (("TTFT", s.ttft), ("TPOT", s.tpot)):

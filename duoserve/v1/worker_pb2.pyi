@@ -49,7 +49,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("phase", "worker_id", "share", "num_running", "num_waiting", "iterations", "tokens_processed", "requests_finished", "preemptions", "last_iteration_ms", "last_batch_tokens", "kv_blocks_free", "kv_blocks_total", "draining")
+    __slots__ = ("phase", "worker_id", "share", "num_running", "num_waiting", "iterations", "tokens_processed", "requests_finished", "preemptions", "last_iteration_ms", "last_batch_tokens", "kv_blocks_free", "kv_blocks_total", "draining", "units")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SHARE_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,7 @@ class WorkerStats(_message.Message):
     KV_BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    UNITS_FIELD_NUMBER: _ClassVar[int]
     phase: Phase
     worker_id: str
     share: ComputeShare
@@ -78,7 +79,20 @@ class WorkerStats(_message.Message):
     kv_blocks_free: int
     kv_blocks_total: int
     draining: bool
-    def __init__(self, phase: _Optional[_Union[Phase, str]] = ..., worker_id: _Optional[str] = ..., share: _Optional[_Union[ComputeShare, _Mapping]] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., iterations: _Optional[int] = ..., tokens_processed: _Optional[int] = ..., requests_finished: _Optional[int] = ..., preemptions: _Optional[int] = ..., last_iteration_ms: _Optional[float] = ..., last_batch_tokens: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
+    units: ComputeUnits
+    def __init__(self, phase: _Optional[_Union[Phase, str]] = ..., worker_id: _Optional[str] = ..., share: _Optional[_Union[ComputeShare, _Mapping]] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., iterations: _Optional[int] = ..., tokens_processed: _Optional[int] = ..., requests_finished: _Optional[int] = ..., preemptions: _Optional[int] = ..., last_iteration_ms: _Optional[float] = ..., last_batch_tokens: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., draining: _Optional[bool] = ..., units: _Optional[_Union[ComputeUnits, _Mapping]] = ...) -> None: ...
+
+class ComputeUnits(_message.Message):
+    __slots__ = ("kind", "used", "total", "error")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    USED_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    used: int
+    total: int
+    error: str
+    def __init__(self, kind: _Optional[str] = ..., used: _Optional[int] = ..., total: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ("wait",)

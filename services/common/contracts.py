@@ -155,6 +155,9 @@ class WorkerReport:
     kv_blocks_total: int
     updated_at: float          # wall clock
     context_tokens: int = 0    # decode: tokens of KV its running batch reads per iteration
+    units_kind: str = ""       # what units_used counts: "sm" (cuda, the SM probe) or "core" (cpu); "" unknown
+    units_used: int = 0        # SMs / cores the share in force actually gives it; 0 unknown
+    units_total: int = 0       # SMs of the device / cores of the stack; 0 unknown
 
 
 @dataclass(frozen=True, slots=True)

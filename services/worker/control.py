@@ -10,6 +10,8 @@ import threading
 import time
 from dataclasses import dataclass, replace
 
+from services.worker.compute_units import ComputeUnits
+
 
 @dataclass(frozen=True, slots=True)
 class ShareState:
@@ -47,6 +49,7 @@ class WorkerControl:
         self._share = initial
         self._requested: ShareState | None = None
         self._stats = StatsSnapshot()
+        self._units: ComputeUnits | None = None     # measured by the loop; None until the first probe
         self._draining = False
         self._stopping = threading.Event()
 
@@ -79,6 +82,15 @@ class WorkerControl:
     def stats(self) -> StatsSnapshot:
         with self._lock:
             return self._stats
+
+    def publish_units(self, units: ComputeUnits) -> None:
+        with self._lock:
+            self._units = units
+
+    @property
+    def units(self) -> ComputeUnits | None:
+        with self._lock:
+            return self._units
 
     def drain(self) -> None:
         with self._lock:

@@ -31,6 +31,7 @@ from services.engine.sampler import Sampler
 from services.engine.scheduler import RequestTooLarge, Scheduler, SchedulerOutput
 from services.engine.sequence import FinishReason, Sequence, SequenceStatus
 from services.worker.compute import apply_cpu_share
+from services.worker.compute_units import probe_compute_units
 from services.worker.config import Phase, WorkerConfig
 from services.worker.control import StatsSnapshot, WorkerControl
 from services.worker.metrics import WorkerMetrics
@@ -65,6 +66,7 @@ class Worker:
     client: redis.Redis
     control: WorkerControl
     metrics: WorkerMetrics
+    stack_cpus: tuple[int, ...] = ()     # every core the stack may use (the cpu backend's unit total)
     tracked: dict[str, _Tracked] = field(default_factory=dict)   # every request this worker holds
     stats: StatsSnapshot = field(default_factory=StatsSnapshot)
     keys: KeySpace = field(init=False)
@@ -119,6 +121,7 @@ class Worker:
             self.scheduler.token_budget = share.token_budget
         applied = self.control.share_applied(share, self.stats.iterations)
         self.metrics.compute_share.set(applied.share)
+        self.probe_units()
         self.report()
         log.info("compute share now %.2f on cores %s (budget %s)", applied.share, applied.cpu_ids,
                  share.token_budget or "unchanged")
@@ -278,13 +281,22 @@ class Worker:
         self.control.publish_stats(self.stats)
         self.report(pipe)
 
+    def probe_units(self) -> None:
+        """Measure what the share in force gives this worker (SMs on CUDA, cores on the CPU)."""
+        units = probe_compute_units(str(self.runner.kv_cache.device), self.control.share.cpu_ids, self.stack_cpus)
+        if units.error:
+            log.warning("%s units unknown: %s", units.kind, units.error)
+        self.control.publish_units(units)
+
     def report(self, pipe: redis.client.Pipeline | None = None) -> None:
         """Overwrite this worker's WorkerReport in Redis (the orchestrator's view of it)."""
-        share, s = self.control.share, self.stats
+        share, s, units = self.control.share, self.stats, self.control.units
         report = WorkerReport(self.config.phase.value, self.config.worker_id, f"127.0.0.1:{self.config.port}",
                               share.share, share.cpu_ids, share.token_budget, s.num_running, s.num_waiting,
                               s.iterations, s.kv_blocks_free, s.kv_blocks_total, time.time(),
-                              context_tokens=sum(seq.num_tokens for seq in self.scheduler.running))
+                              context_tokens=sum(seq.num_tokens for seq in self.scheduler.running),
+                              units_kind=units.kind if units else "", units_used=units.used if units else 0,
+                              units_total=units.total if units else 0)
         (pipe or self.client).hset(self.keys.worker_stats(self.config.phase.value), mapping={"m": to_json(report)})
 
     def cancel_all(self, reason: str) -> None:

@@ -79,7 +79,7 @@ def build_worker(config: WorkerConfig, stack_cpus: tuple[int, ...]) -> tuple[Wor
                                        config.max_num_batched_tokens if config.phase is not Phase.DECODE else 0))
     metrics = WorkerMetrics(config.phase.value)
     metrics.compute_share.set(len(cpus) / len(stack_cpus))
-    return Worker(config, scheduler, runner, Sampler(), client, control, metrics), arena_view
+    return Worker(config, scheduler, runner, Sampler(), client, control, metrics, stack_cpus=stack_cpus), arena_view
 
 
 def run(phase: Phase, argv: Sequence[str] | None = None) -> int:
@@ -93,6 +93,7 @@ def run(phase: Phase, argv: Sequence[str] | None = None) -> int:
     worker.metrics.serve(config.metrics_port)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.control.stop())
+    worker.probe_units()                  # SMs (cuda) or cores (cpu) its share gives it, for duoctl
     worker.report()                       # visible to the orchestrator before the first iteration
     set_serving(health_servicer, True)
     log.info("%s worker %s serving on 127.0.0.1:%d (cores %s)", phase.value, config.worker_id, config.port,

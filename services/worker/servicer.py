@@ -12,6 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from duoserve.v1 import worker_pb2, worker_pb2_grpc
+from services.worker.compute_units import ComputeUnits
 from services.worker.config import Phase, WorkerConfig
 from services.worker.control import ShareState, WorkerControl
 
@@ -24,6 +25,12 @@ def share_to_pb(share: ShareState) -> worker_pb2.ComputeShare:
     return worker_pb2.ComputeShare(share=share.share, cpu_ids=list(share.cpu_ids), token_budget=share.token_budget,
                                    applied_at_iteration=share.applied_at_iteration, pending=share.pending,
                                    applied_at_unix_ms=share.applied_at_unix_ms)
+
+
+def units_to_pb(units: ComputeUnits | None) -> worker_pb2.ComputeUnits:
+    if units is None:
+        return worker_pb2.ComputeUnits()       # not measured yet
+    return worker_pb2.ComputeUnits(kind=units.kind, used=units.used, total=units.total, error=units.error or "")
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
@@ -58,7 +65,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             num_running=s.num_running, num_waiting=s.num_waiting, iterations=s.iterations,
             tokens_processed=s.tokens_processed, requests_finished=s.requests_finished, preemptions=s.preemptions,
             last_iteration_ms=s.last_iteration_ms, last_batch_tokens=s.last_batch_tokens,
-            kv_blocks_free=s.kv_blocks_free, kv_blocks_total=s.kv_blocks_total, draining=self.control.draining)
+            kv_blocks_free=s.kv_blocks_free, kv_blocks_total=s.kv_blocks_total, draining=self.control.draining,
+            units=units_to_pb(self.control.units))
 
     def Drain(self, request, context):
         self.control.drain()
