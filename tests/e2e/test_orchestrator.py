@@ -90,6 +90,8 @@ def test_orchestrator_restart_keeps_workers_serving_and_requires_its_token(split
     assert refused.returncode != 0 and "UNAUTHENTICATED" in refused.stderr
     status = json.loads(_duoctl(split_stack, "status", "--json", token="t0ken").stdout)
     assert {w["phase"]: w["share"] for w in status["workers"]} == {"prefill": 0.5, "decode": 0.5}
+    assert all(w["units_kind"] == "core" and 0 < w["measured_units"] <= w["units_total"]     # the SMs/cores column
+               for w in status["workers"]), status["workers"]
     assert status["slo"]["ttft_ms"] == 3500 and status["slo"]["prefer"] == "ttft"      # reloaded from Redis
     assert {p["phase"] for p in status["model_fit"]["phases"]} >= {"prefill", "decode"}
     history = _duoctl(split_stack, "history", token="t0ken")
