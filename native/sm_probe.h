@@ -43,7 +43,8 @@ DUO_API int duo_sm_probe_driver_version(void);
  *   num_blocks  blocks to launch; <= 0 picks 4 x the device's SM count
  *   spin_us     how long each block stays resident (microseconds); < 0 picks 200
  *   out_num_sms_used   distinct SMs that ran at least one block
- *   out_num_sms_total  the device's multiprocessor count as this context sees it
+ *   out_num_sms_total  the multiprocessor count this context sees (cudaDevAttrMultiProcessorCount;
+ *                      under an MPS active thread percentage that is already the limited count)
  *   err, err_len       a NUL-terminated message on failure (may be NULL)
  * Returns DUO_SM_PROBE_OK or one of the error codes above. Runs on its own non-blocking stream
  * and waits only for itself (its allocation and free may synchronize the device). */

@@ -38,7 +38,7 @@ class SmProbeResult:
     """One probe: the SMs a launch ran on, or why that is unknown."""
 
     num_sms_used: int               # distinct SMs the probe kernel's blocks ran on; 0 on error
-    num_sms_total: int              # the device's SM count as this process's context sees it; 0 on error
+    num_sms_total: int              # the SM count this process's context sees (under MPS: the limited count); 0 on error
     error: str | None = None        # None on success; otherwise the cause, for a person to act on
     code: ProbeCode = ProbeCode.OK  # the cause as a code, for callers that branch on it
 
