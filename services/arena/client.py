@@ -8,6 +8,10 @@
   view      weights unpacked by the manifest and checked against the model's expected shapes;
             the KV pool viewed in the engine's layout (KVCacheSpec.shape)
 
+On cuda the document carries CUDA IPC handles instead of segment names: each is opened in this
+process (services.arena.cuda_export.rebuild), giving a flat uint8 tensor over the arena's allocation
+(no copy; a write by one process is seen by every other), and is viewed exactly as a segment is.
+
 Then: `LlamaModel(view.model_config, view.weights)` and `ModelRunner(model, view.kv_cache, block_size)`.
 """
 from __future__ import annotations
@@ -79,14 +83,20 @@ def _read_document(path: Path, timeout: float) -> bytes:
     return b"".join(chunks)
 
 
-def attach_arena(socket_path: Path | str, timeout: float = 30.0) -> ArenaView:
-    """Connect to the arena, map its segments and return zero-copy views of the weights and KV pool."""
+def attach_arena(socket_path: Path | str, timeout: float = 30.0, device: str = "cpu") -> ArenaView:
+    """Connect to the arena, map its segments (or open its CUDA IPC handles) and return zero-copy views
+    of the weights and KV pool. `device` is where this worker computes; it must be the arena's."""
     export = fetch_export(Path(socket_path), timeout)
+    if export.device != device:
+        raise ValueError(f"the arena on {socket_path} holds its memory on {export.device}, this worker runs on "
+                         f"{device}: start both with the same --device")
     model_config = export.config()
     kv = export.kv_spec
     if kv.dtype not in DTYPES:
         raise ValueError(f"arena KV dtype {kv.dtype!r} is not one of {', '.join(DTYPES)}")
     spec = KVCacheSpec(kv.num_layers, kv.num_blocks, kv.block_size, kv.num_kv_heads, kv.head_dim, DTYPES[kv.dtype])
+    if export.cuda is not None:
+        return _attach_cuda(export, model_config, spec)
     weights_segment = attach_segment(export.weights_segment, writable=False)
     kv_segment = attach_segment(export.kv_segment, writable=True)
     try:
@@ -99,6 +109,16 @@ def attach_arena(socket_path: Path | str, timeout: float = 30.0) -> ArenaView:
         raise
     return ArenaView(model_config, weights, kv_cache, spec, Path(export.model_dir), export.arena_pid,
                      (weights_segment, kv_segment))
+
+
+def _attach_cuda(export: ArenaExport, model_config: ModelConfig, spec: KVCacheSpec) -> ArenaView:
+    from services.arena.cuda_export import rebuild
+    weights_buffer = rebuild(export.cuda.weights)        # [bytes] uint8 over the arena's allocation
+    kv_buffer = rebuild(export.cuda.kv)
+    weights = unpack(weights_buffer, export.weights_manifest)
+    _check_weights(weights, model_config, spec.dtype)
+    return ArenaView(model_config, weights, view_kv_pool(kv_buffer, spec), spec, Path(export.model_dir),
+                     export.arena_pid)
 
 
 def _check_weights(weights: dict[str, torch.Tensor], config: ModelConfig, dtype: torch.dtype) -> None:

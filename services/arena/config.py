@@ -13,6 +13,7 @@ from typing import Sequence
 
 from services.engine.llm_engine import DTYPES
 
+DEVICES = ("cpu", "cuda")
 _STACK_ID = re.compile(r"[A-Za-z0-9_]{1,64}")     # no '-': segment names are split on it (see services.common.shm)
 
 
@@ -39,8 +40,11 @@ class ArenaConfig:
     block_size: int = 16                # tokens per KV block
     num_kv_blocks: int | None = None    # overrides kv_cache_memory_bytes
     kv_cache_memory_bytes: int = 512 << 20
+    device: str = "cpu"                 # "cpu": POSIX shared memory; "cuda": one CUDA allocation each, IPC handles
 
     def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not _STACK_ID.fullmatch(self.stack_id):
@@ -82,9 +86,11 @@ def parse_args(argv: Sequence[str] | None = None) -> ArenaConfig:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks (overrides the budget)")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=512 << 20, help="KV pool budget in bytes")
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="where the weights and KV pool live: cpu (shared memory) or cuda (cuda:0, CUDA IPC)")
     a = p.parse_args(argv)
     return ArenaConfig(
         model=a.model, cache_dir=a.cache_dir, redis_url=a.redis_url, key_prefix=a.key_prefix, stack_id=a.stack_id,
         socket_path=a.socket or default_socket_path(a.stack_id), port=a.port, metrics_port=a.metrics_port,
         dtype=a.dtype, block_size=a.block_size, num_kv_blocks=a.num_kv_blocks,
-        kv_cache_memory_bytes=a.kv_cache_memory_bytes)
+        kv_cache_memory_bytes=a.kv_cache_memory_bytes, device=a.device)

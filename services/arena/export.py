@@ -1,7 +1,8 @@
 """What the arena tells a worker over its Unix socket, and the socket's same-user checks.
 
-One JSON document per connection, never pickle: segment names, the weights manifest, the KV
-layout and the model's config. Both ends check the other with SO_PEERCRED (same uid, else the
+One JSON document per connection, never pickle: segment names (cpu) or CUDA IPC handles as base64
+fields (cuda, see services.arena.cuda_export), the weights manifest, the KV layout and the model's
+config. Both ends check the other with SO_PEERCRED (same uid, else the
 connection is closed), and the socket lives in a directory only its user can enter.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from services.arena.cuda_export import CudaExport
 from services.common.weights_pack import Manifest
 from services.engine.model_config import ModelConfig, RopeScaling
 
@@ -40,17 +42,22 @@ class ArenaExport:
     """Everything a worker needs to attach to the arena's memory."""
 
     arena_pid: int                     # owner of the segments (also encoded in their names)
-    weights_segment: str               # /dev/shm name: every weight, packed (services.common.weights_pack)
-    weights_manifest: Manifest         # name -> offset, shape, dtype, nbytes inside weights_segment
-    kv_segment: str                    # /dev/shm name: the KV pool, laid out as KVCacheSpec.shape
+    weights_segment: str               # /dev/shm name: every weight, packed (services.common.weights_pack); cuda: ""
+    weights_manifest: Manifest         # name -> offset, shape, dtype, nbytes inside the weights buffer
+    kv_segment: str                    # /dev/shm name: the KV pool, laid out as KVCacheSpec.shape; cuda: ""
     kv_spec: KVLayout                  # how kv_segment is laid out
     model_dir: str                     # HF-format checkpoint directory (tokenizer, config.json)
     model_config_path: str             # model_dir/config.json, for people reading the document
     model_config: dict[str, Any]       # ModelConfig the weights were fused for (asdict)
     version: int = VERSION             # bumped on incompatible changes; a client refuses others
+    device: str = "cpu"                # where the memory lives: "cpu" (segments) or "cuda" (IPC handles)
+    cuda: CudaExport | None = None     # device "cuda": the weights and KV allocations (added within version 1)
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["kv_spec"] = asdict(self.kv_spec)
+        data["cuda"] = None if self.cuda is None else self.cuda.to_dict()
+        return json.dumps(data, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> "ArenaExport":
@@ -61,6 +68,12 @@ class ArenaExport:
         known = {f.name for f in fields(cls)}
         data = {k: v for k, v in data.items() if k in known}
         data["kv_spec"] = KVLayout(**data["kv_spec"])
+        if data.get("device", "cpu") not in ("cpu", "cuda"):
+            raise ValueError(f"arena memory on unknown device {data['device']!r}")
+        if data.get("device") == "cuda":
+            data["cuda"] = CudaExport.from_dict(data.get("cuda"))
+        else:
+            data["cuda"] = None
         return cls(**data)
 
     def config(self) -> ModelConfig:

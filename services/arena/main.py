@@ -7,10 +7,13 @@ The arena's life:
   load      the model resolved and its weights loaded once (load_engine_weights: fused, in the
             serving dtype), into private memory
   export    one weights segment, packed with a manifest (one copy), then the private copy freed;
-            one KV segment, zeroed, every page allocated; the model info published in Redis
+            one KV segment, zeroed, every page allocated; the model info published in Redis.
+            --device cuda: the same two buffers as one CUDA allocation each on cuda:0 (packed with
+            the same manifest), exported as CUDA IPC handles (services.arena.cuda_export)
   serve     each connection to the private Unix socket from a process of our uid (SO_PEERCRED)
             gets one JSON `ArenaExport` and is closed; health SERVING. Workers attach, compute,
-            restart and re-attach; the arena itself does no compute
+            restart and re-attach; the arena itself does no compute. On cuda each connection gets
+            freshly described handles (one torch IPC ref-counter slot per worker)
   shutdown  SIGTERM/SIGINT (also while loading): health NOT_SERVING, socket and segments
             unlinked, exit 0. Workers still mapping the segments keep their memory until they exit.
 
@@ -30,21 +33,23 @@ import sys
 import threading
 import time
 from concurrent import futures
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import grpc
 import redis
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from services.arena.config import ArenaConfig, parse_args
+from services.arena.cuda_export import CudaExport, describe
 from services.arena.export import ArenaExport, KVLayout, model_config_to_dict, peer_credentials, private_dir
 from services.common.contracts import KeySpace
 from services.common.model_info import ModelInfo
-from services.common.shm import (Segment, create_segment, list_segments, owned_name, pid_alive, reclaim_segments,
+from services.common.shm import (create_segment, list_segments, owned_name, pid_alive, reclaim_segments,
                                  segment_owner, unlink_segment)
 from services.common.weights_pack import layout, pack_into
 from services.engine.kv_cache import KVCacheSpec
@@ -92,9 +97,18 @@ class Shutdown:
 class Exported:
     """The arena's memory, once exported."""
 
-    weights: Segment
-    kv: Segment
+    weights_bytes: int
+    kv_bytes: int
     document: ArenaExport
+    buffers: tuple = ()                 # what must live as long as the arena: Segments (cpu), CUDA tensors (cuda)
+
+    def answer(self) -> bytes:
+        """The document one worker gets. cuda: handles described anew for each worker, as
+        torch.multiprocessing does per send (each takes its own ref-counter slot)."""
+        if self.document.device != "cuda":
+            return self.document.to_json()
+        weights, kv = self.buffers
+        return replace(self.document, cuda=CudaExport(describe(weights), describe(kv))).to_json()
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -107,6 +121,8 @@ def export_memory(config: ArenaConfig) -> Exported:
     started = time.monotonic()
     weights = load_engine_weights(model_dir, model_config, dtype)
     manifest, size = layout(weights)
+    if config.device == "cuda":
+        return _export_cuda(config, model_dir, model_config, weights, manifest, size, started)
     weights_segment = create_segment(owned_name(config.segment_prefix, "weights"), max(size, 1))
     pack_into(weights_segment.tensor(), weights, manifest)            # the one copy into shared memory
     del weights
@@ -126,7 +142,33 @@ def export_memory(config: ArenaConfig) -> Exported:
                          config.dtype),
         model_dir=str(model_dir), model_config_path=str(model_dir / "config.json"),
         model_config=model_config_to_dict(model_config))
-    return Exported(weights_segment, kv_segment, document)
+    return Exported(weights_segment.size, kv_segment.size, document, (weights_segment, kv_segment))
+
+
+def _export_cuda(config: ArenaConfig, model_dir: Path, model_config: ModelConfig, weights: dict[str, torch.Tensor],
+                 manifest: dict, size: int, started: float) -> Exported:
+    """The same two buffers on cuda:0, one allocation each: weights packed by the same manifest, KV zeroed."""
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    weights_buffer = torch.empty(max(size, 1), dtype=torch.uint8, device=device)     # [bytes], one allocation
+    pack_into(weights_buffer, weights, manifest)                                      # host -> device, once
+    del weights
+    _release_freed_memory()
+    spec = KVCacheSpec.for_model(model_config, config.block_size, DTYPES[config.dtype], config.num_kv_blocks,
+                                 config.kv_cache_memory_bytes)
+    kv_buffer = torch.zeros(spec.num_bytes, dtype=torch.uint8, device=device)        # [bytes], one allocation
+    torch.cuda.synchronize(device)                    # both complete before any worker maps them
+    log.info("weights: %d tensors, %.1f MiB on %s; KV pool: %d blocks of %d tokens, %.1f MiB (%.1f s)",
+             len(manifest), size / 2**20, device, spec.num_blocks, spec.block_size, spec.num_bytes / 2**20,
+             time.monotonic() - started)
+    document = ArenaExport(
+        arena_pid=os.getpid(), weights_segment="", weights_manifest=manifest, kv_segment="",
+        kv_spec=KVLayout(spec.num_layers, spec.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim,
+                         config.dtype),
+        model_dir=str(model_dir), model_config_path=str(model_dir / "config.json"),
+        model_config=model_config_to_dict(model_config), device="cuda",
+        cuda=CudaExport(describe(weights_buffer), describe(kv_buffer)))   # checks both export before SERVING
+    return Exported(weights_buffer.numel(), kv_buffer.numel(), document, (weights_buffer, kv_buffer))
 
 
 def _release_freed_memory() -> None:
@@ -187,8 +229,9 @@ def listen_private(path: Path) -> socket.socket:
     return listener
 
 
-def serve_socket(listener: socket.socket, document: bytes, metrics: ArenaMetrics, stop: threading.Event) -> None:
-    """Answer every same-uid connection with the document, one per connection."""
+def serve_socket(listener: socket.socket, document: bytes | Callable[[], bytes], metrics: ArenaMetrics,
+                 stop: threading.Event) -> None:
+    """Answer every same-uid connection with the document (or what `document()` makes), one per connection."""
     while not stop.is_set():
         try:
             conn, _ = listener.accept()
@@ -204,11 +247,13 @@ def serve_socket(listener: socket.socket, document: bytes, metrics: ArenaMetrics
                 continue
             try:
                 conn.settimeout(5.0)
-                conn.sendall(document)
+                conn.sendall(document() if callable(document) else document)
                 metrics.attachments.inc()
                 log.info("attached pid %d", pid)
             except OSError as e:
                 log.warning("pid %d went away while attaching: %s", pid, e)
+            except RuntimeError as e:          # cuda: the handles could not be described
+                log.error("could not answer pid %d: %s", pid, e)
 
 
 def start_health_server(port: int) -> tuple[grpc.Server, health.HealthServicer, int]:
@@ -262,14 +307,14 @@ def run(config: ArenaConfig, shutdown: Shutdown) -> int:
         server, health_servicer, port = start_health_server(config.port)
         log.info("health on 127.0.0.1:%d, loading %s", port, config.model or "the default model")
         exported = export_memory(config)
-        metrics.weights_bytes.set(exported.weights.size)
-        metrics.kv_bytes.set(exported.kv.size)
+        metrics.weights_bytes.set(exported.weights_bytes)
+        metrics.kv_bytes.set(exported.kv_bytes)
         metrics.kv_blocks.set(exported.document.kv_spec.num_blocks)
         publish_model_info(config, exported.document)
         listener = listen_private(config.socket_path)
         socket_inode = os.stat(config.socket_path).st_ino
         threading.Thread(target=serve_socket, name="arena-socket", daemon=True,
-                         args=(listener, exported.document.to_json(), metrics, stop)).start()
+                         args=(listener, exported.answer, metrics, stop)).start()
         shutdown.interrupt = False
         if stop.is_set():
             return 0
