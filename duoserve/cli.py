@@ -94,6 +94,16 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-size", type=int, default=None, help="colocated: prompt tokens per iteration")
     p.add_argument("--max-queue-len", type=int, default=None, help="gateway: waiting requests at most")
     p.add_argument("--no-orchestrator", action="store_true", help="split: keep the initial shares, no Admin API")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: the model on cuda:0; split mode runs prefill and decode as NVIDIA MPS clients "
+                        "(a running MPS daemon is used, else one is started and quit at `down`)")
+    p.add_argument("--prefill-percentage", type=int, default=50,
+                   help="cuda split: prefill's initial SM cap, CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (1-100)")
+    p.add_argument("--decode-percentage", type=int, default=50,
+                   help="cuda split: decode's initial SM cap, CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (1-100)")
+    p.add_argument("--mps-pipe-dir", type=Path, default=os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or None,
+                   help="cuda: pipe directory of a running MPS daemon to use (env CUDA_MPS_PIPE_DIRECTORY; "
+                        "default /tmp/nvidia-mps)")
     p.add_argument("--admin-token", default=os.environ.get("DUOSERVE_ADMIN_TOKEN", ""),
                    help="bearer token the Admin API (duoctl) requires (env DUOSERVE_ADMIN_TOKEN)")
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds until every process is SERVING")
@@ -121,7 +131,9 @@ def stack_config_from_args(args: argparse.Namespace):
         decode_cpus=args.decode_cpus, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, chunk_size=args.chunk_size,
         max_queue_len=args.max_queue_len, startup_timeout_s=args.startup_timeout, stop_timeout_s=args.stop_timeout,
-        with_orchestrator=not args.no_orchestrator, admin_token=args.admin_token)
+        with_orchestrator=not args.no_orchestrator, admin_token=args.admin_token, device=args.device,
+        prefill_percentage=args.prefill_percentage, decode_percentage=args.decode_percentage,
+        mps_pipe_dir=args.mps_pipe_dir)
 
 
 def _say(message: str) -> None:
@@ -152,6 +164,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     _add_model_args(engine)
     _bench_serve_parser(bench_sub)
     _bench_compare_parser(bench_sub)
+    _bench_validate_parser(bench_sub)
 
 
 def _rate(text: str) -> float:
@@ -212,6 +225,25 @@ def _bench_compare_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--request-rate", type=_rate, default=None, help=argparse.SUPPRESS)
     _add_workload_args(p)
     p.set_defaults(slo_ttft_ms=2000.0, slo_tpot_ms=200.0)
+    _add_bench_stack_args(p)
+
+
+def _bench_validate_parser(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser("validate-sim", help="the simulator against the real CPU stack on the same requests: "
+                                                 "p50/p90 TTFT and TPOT within a tolerance")
+    p.add_argument("--policy", choices=["static", "auto"], default="static",
+                   help="the split stack's policy (and the simulated system): static halves or the dynamic policy")
+    p.add_argument("--tolerance", type=float, default=0.2, help="relative error allowed per percentile")
+    p.add_argument("--cpu-cores", type=int, default=2, help="cores the stack runs on (the simulated device)")
+    p.add_argument("--output", type=Path, default=None, help="write the comparison as JSON")
+    p.add_argument("--request-rate", type=_rate, default=None, help=argparse.SUPPRESS)
+    _add_workload_args(p)
+    p.set_defaults(slo_ttft_ms=5000.0, slo_tpot_ms=500.0, num_requests=24, rate_scale=0.05)
+    _add_bench_stack_args(p)
+
+
+def _add_bench_stack_args(p: argparse.ArgumentParser) -> None:
+    """The stacks a benchmark starts for itself (`bench compare`, `bench validate-sim`)."""
     p.add_argument("--num-kv-blocks", type=int, default=None, help="each stack's KV pool in blocks of 16 tokens")
     p.add_argument("--state-dir", type=Path, default=default_state_dir(),
                    help="where the stacks keep their state and logs (env DUOSERVE_STATE_DIR)")
@@ -300,6 +332,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench" and args.bench_command == "compare":
             from bench.compare import run_from_args as run_compare
             return run_compare(args)
+        if args.command == "bench" and args.bench_command == "validate-sim":
+            from bench.validate_sim import run_from_args as run_validate
+            return run_validate(args)
         if args.command in ("up", "down", "status"):
             return _run_stack_command(args)
         if args.command == "simulate":

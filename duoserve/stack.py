@@ -15,6 +15,11 @@ A stack's life:
              one only loses this stack's keys); /dev/shm/duoserve-<stack id>-* segments, the arena socket
              and the state file removed. The logs stay.
 
+--device cuda (split): before the arena, an MPS control daemon already serving the operator's pipe
+directory is used, else one is started on private directories (<stack dir>/mps, logs/mps); the arena
+and both workers are its clients (the workers each with CUDA_MPS_ACTIVE_THREAD_PERCENTAGE), which is
+checked once they are SERVING. `down` quits the daemon only if this stack started it.
+
 One directory per stack name: <state dir>/<name>/{state.json, logs/, redis/, arena.sock, lock}.
 A pid in the state file is trusted only together with its start time (from /proc), so a recycled pid
 is never signalled. No torch here: `duoserve status` and `down` are instant.
@@ -38,6 +43,8 @@ import uuid
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, TextIO
+
+from services.common import mps
 
 LOOPBACK = "127.0.0.1"
 SHM_DIR = Path("/dev/shm")
@@ -84,6 +91,11 @@ class StackConfig:
     admin_token: str = ""                    # Admin API bearer token (handed over in the environment)
     python: str = sys.executable             # interpreter of the service processes
     redis_server: str | None = None          # redis-server binary (None: looked up on PATH)
+    device: str = "cpu"                      # "cpu" or "cuda" (cuda:0; split mode runs under MPS)
+    prefill_percentage: int = 50             # cuda split: prefill's CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (a cap)
+    decode_percentage: int = 50              # cuda split: decode's
+    mps_pipe_dir: Path | None = None         # cuda: a running MPS daemon's pipe dir to use (else the default
+                                             # /tmp/nvidia-mps, else a private daemon is started)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.name):
@@ -97,6 +109,15 @@ class StackConfig:
             raise ValueError("num_kv_blocks must be at least 1")
         if self.startup_timeout_s <= 0 or self.stop_timeout_s < 0:
             raise ValueError("startup timeout must be positive and stop timeout not negative")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        mps.check_percentage(self.prefill_percentage)
+        mps.check_percentage(self.decode_percentage)
+
+    @property
+    def uses_mps(self) -> bool:
+        """cuda split: prefill and decode share the GPU as MPS clients."""
+        return self.device == "cuda" and self.mode is Mode.SPLIT
 
     @property
     def stack_dir(self) -> Path:
@@ -124,6 +145,7 @@ class Layout:
     key_prefix: str                # Redis keys of this stack: "<key_prefix>:..."
     segment_prefix: str            # /dev/shm names of this stack: "duoserve-<stack_id>-"
     arena_socket: Path             # where the arena hands out its segments (split mode)
+    mps: mps.MpsDaemon | None = None   # cuda split: the MPS daemon the arena and workers are clients of
 
     @staticmethod
     def new(stack_dir: Path) -> Layout:
@@ -132,6 +154,10 @@ class Layout:
         if len(str(sock)) > UNIX_SOCKET_PATH_MAX:     # a deep state dir: sun_path is short
             sock = Path("/tmp") / f"duoserve-{os.getuid()}" / stack_id / "arena.sock"   # as the arena's default
         return Layout(stack_id, f"duo:{stack_id}", f"duoserve-{stack_id}-", sock)
+
+    def private_mps_pipe_dir(self) -> Path:
+        """Where a daemon this stack starts listens: beside the arena socket (short, private)."""
+        return self.arena_socket.parent / "mps"
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,11 +213,14 @@ def process_spec(name: str, config: StackConfig, layout: Layout,
                 "--save", "", "--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes",
                 "--dir", str(config.stack_dir / "redis"))
         return ProcessSpec(name, argv, port, 0, health="redis")
+    device = ("--device", config.device) if config.device != "cpu" else ()
     if name == "arena":
         argv = py + ("services.arena.main", *common, *model, "--cache-dir", str(config.cache_dir),
                      "--dtype", config.dtype, *kv, "--stack-id", layout.stack_id,
-                     "--socket", str(layout.arena_socket))
-        return ProcessSpec(name, argv, port, metrics_port)
+                     "--socket", str(layout.arena_socket), *device)
+        # An MPS client too (no compute, no limit): its allocations are the ones the workers open.
+        env = tuple(layout.mps.client_env().items()) if layout.mps else ()
+        return ProcessSpec(name, argv, port, metrics_port, env=env)
     if name in ("prefill", "decode", "colocated"):
         limits: list[str] = []
         for flag, value in (("--max-num-seqs", config.max_num_seqs),
@@ -203,10 +232,13 @@ def process_spec(name: str, config: StackConfig, layout: Layout,
         where = (("--arena-socket", str(layout.arena_socket)) if name != "colocated"
                  else (*model, "--dtype", config.dtype, *kv))
         argv = py + (f"services.{name}.main", *common, *where, "--cache-dir", str(config.cache_dir),
-                     "--cpus", cpus, *limits)
+                     "--cpus", cpus, *limits, *device)
         # Idle OpenMP threads sleep instead of spinning: two workers share cores (and a busy machine's
         # cores), and a spinning thread that loses its core stalls its siblings.
         env = (("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE")),)
+        if layout.mps and name != "colocated":      # its SM cap, fixed when its CUDA context is created
+            percentage = config.prefill_percentage if name == "prefill" else config.decode_percentage
+            env += tuple(layout.mps.client_env(percentage).items())
         return ProcessSpec(name, argv, port, metrics_port, env=env)
     if name == "gateway":
         queue = ("--max-queue-len", str(config.max_queue_len)) if config.max_queue_len else ()
@@ -259,6 +291,8 @@ class StackState:
     created_at: float
     processes: tuple[ProcessRecord, ...] = ()
     version: int = STATE_VERSION
+    device: str = "cpu"            # where the model runs
+    mps: dict | None = None        # cuda split: asdict(services.common.mps.MpsDaemon); `down` quits it if ours
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -501,13 +535,16 @@ class _Launcher:
             owns_redis=config.redis_url is None,
             arena_socket=str(layout.arena_socket) if config.mode is Mode.SPLIT else None,
             gateway_target=None, supervisor_pid=me if supervised else None,
-            supervisor_start_time=process_start_time(me) if supervised else None, created_at=time.time())
+            supervisor_start_time=process_start_time(me) if supervised else None, created_at=time.time(),
+            device=config.device)
 
     def start(self) -> StackState:
         self.logs.mkdir(parents=True, exist_ok=True)
         if self.config.redis_url is None:
             (self.config.stack_dir / "redis").mkdir(parents=True, exist_ok=True)
         self._save()                                 # before the first launch: `down` can always clean up
+        if self.config.uses_mps:
+            self._start_mps()
         deadline = time.monotonic() + self.config.startup_timeout_s
         for stage, names in enumerate(stage_names(self.config)):
             for name in names:
@@ -516,7 +553,30 @@ class _Launcher:
             started = time.monotonic()
             self._wait_serving(names, stage, deadline)
             self.say(f"{', '.join(names)} SERVING after {time.monotonic() - started:.1f} s")
+            if self.layout.mps and "decode" in names:
+                self._check_mps_clients(("prefill", "decode"))
         return self.state
+
+    def _start_mps(self) -> None:
+        """Use the operator's running MPS daemon, else start one on private directories; recorded at once."""
+        candidates = [p for p in (self.config.mps_pipe_dir, mps.DEFAULT_PIPE_DIR) if p is not None]
+        try:
+            daemon = mps.ensure_daemon(candidates, self.layout.private_mps_pipe_dir(), self.logs / "mps")
+        except (mps.MpsError, OSError) as e:
+            raise StackError(f"cannot use NVIDIA MPS: {e}") from e
+        self.layout = replace(self.layout, mps=daemon)
+        self.state = replace(self.state, mps=asdict(daemon))
+        self._save()
+        self.say(f"MPS control daemon {daemon.pid} on {daemon.pipe_dir} "
+                 f"({'started' if daemon.started_by_us else 'already running: used, not stopped at down'})")
+
+    def _check_mps_clients(self, names: tuple[str, ...], timeout_s: float = 30.0) -> None:
+        pids = {r.pid: r.name for r in self.records if r.name in names}
+        try:
+            mps.wait_for_clients(self.layout.mps, pids, timeout_s=timeout_s)
+        except mps.MpsError as e:
+            raise StackError(f"{' and '.join(names)} did not attach to MPS: {e}") from e
+        self.say(f"{', '.join(f'{n} (pid {p})' for p, n in pids.items())} are MPS clients")
 
     def _spec(self, name: str) -> ProcessSpec:
         return process_spec(name, self.config, self.layout, self.ports)
@@ -685,6 +745,8 @@ def teardown(state: StackState, state_path: Path, stop_timeout_s: float,
         _delete_keys(state.redis_url, state.key_prefix, say)
     if state.segment_prefix:
         remove_segments(state.segment_prefix)
+    if state.mps:                                      # before the socket's directory, which may hold its pipes
+        _quit_mps(mps.MpsDaemon(**state.mps), say)
     if state.arena_socket:
         sock = Path(state.arena_socket)
         with contextlib.suppress(FileNotFoundError):
@@ -696,6 +758,21 @@ def teardown(state: StackState, state_path: Path, stop_timeout_s: float,
         shutil.rmtree(state_path.parent / "redis", ignore_errors=True)
     with contextlib.suppress(FileNotFoundError):
         state_path.unlink()
+
+
+def _quit_mps(daemon: mps.MpsDaemon, say: Callable[[str], None]) -> None:
+    """Quit the MPS daemon the stack started (its clients have stopped); one it found keeps running."""
+    if not daemon.started_by_us:
+        return
+    try:
+        if not mps.quit_daemon(daemon):
+            say(f"the MPS control daemon {daemon.pid} did not exit after `quit`")
+            return
+    except mps.MpsError as e:
+        say(f"could not quit the MPS control daemon {daemon.pid}: {e}")
+        return
+    shutil.rmtree(daemon.pipe_dir, ignore_errors=True)
+    say(f"MPS control daemon {daemon.pid} quit")
 
 
 def _delete_keys(redis_url: str, key_prefix: str, say: Callable[[str], None]) -> None:
