@@ -13,6 +13,10 @@ $(STAMP): pyproject.toml
 	@command -v redis-server >/dev/null || { echo "installing redis-server"; \
 	  (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null || \
 	  echo "warning: could not install redis-server; the service stack needs it"; }
+	@command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || { \
+	  echo "installing docker-compose"; \
+	  (apt-get update -qq && apt-get install -y -qq --no-install-recommends docker-compose) >/dev/null || \
+	  echo "warning: could not install docker-compose; tests/test_compose.py will skip"; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
