@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+DEVICES = ("cpu", "cuda")
 
 class Phase(enum.Enum):
     PREFILL = "prefill"        # prompts -> KV blocks + first token, handed to decode
@@ -40,12 +41,18 @@ class WorkerConfig:
     chunk_size: int = 512               # colocated: prompt tokens per iteration (chunked prefill)
     idle_block_ms: int = 50             # how long an idle worker blocks on its queue per poll
     worker_id: str = ""                 # unique per process instance
+    device: str = "cpu"                 # "cpu", or "cuda": the arena's CUDA memory, compute on cuda:0
+    mps_percentage: int | None = None   # cuda: CUDA_MPS_ACTIVE_THREAD_PERCENTAGE this process started with
 
     def __post_init__(self) -> None:
         if self.phase is not Phase.COLOCATED and self.arena_socket is None:
             raise ValueError("prefill and decode workers need --arena-socket")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.chunk_size < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and chunk_size must be at least 1")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.mps_percentage is not None and not 1 <= self.mps_percentage <= 100:
+            raise ValueError(f"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE must be in 1..100, got {self.mps_percentage}")
         available = os.sched_getaffinity(0)
         if any(cpu not in available for cpu in self.cpu_ids):
             raise ValueError(f"cpu ids {list(self.cpu_ids)} not all available to this process ({sorted(available)})")
@@ -53,6 +60,11 @@ class WorkerConfig:
     @property
     def name(self) -> str:
         return f"{self.phase.value}"
+
+
+def _percentage(text: str | None) -> int | None:
+    """MPS's variable may be fractional ("33.3"); the share we report is whole percent."""
+    return None if not text else max(1, min(100, round(float(text))))
 
 
 def _cpu_list(text: str) -> tuple[int, ...]:
@@ -76,9 +88,13 @@ def parse_args(phase: Phase, argv: Sequence[str] | None = None) -> WorkerConfig:
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--chunk-size", type=int, default=512)
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="cpu, or cuda (attach the arena's CUDA memory; the SM share comes from MPS, "
+                        "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE)")
     a = p.parse_args(argv)
     return WorkerConfig(
         phase=phase, redis_url=a.redis_url, key_prefix=a.key_prefix, port=a.port, metrics_port=a.metrics_port,
         arena_socket=a.arena_socket, model=a.model, cache_dir=a.cache_dir, dtype=a.dtype, cpu_ids=a.cpus,
         num_kv_blocks=a.num_kv_blocks, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-        chunk_size=a.chunk_size, worker_id=f"{phase.value}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+        chunk_size=a.chunk_size, worker_id=f"{phase.value}-{os.getpid()}-{uuid.uuid4().hex[:6]}", device=a.device,
+        mps_percentage=_percentage(env.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")))

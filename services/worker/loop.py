@@ -31,6 +31,7 @@ from services.engine.sampler import Sampler
 from services.engine.scheduler import RequestTooLarge, Scheduler, SchedulerOutput
 from services.engine.sequence import FinishReason, Sequence, SequenceStatus
 from services.worker.compute import apply_cpu_share
+from services.worker.fence import kv_fence
 from services.worker.compute_units import probe_compute_units
 from services.worker.config import Phase, WorkerConfig
 from services.worker.control import StatsSnapshot, WorkerControl
@@ -103,6 +104,7 @@ class Worker:
         self._mark_scheduled(batch)
         logits = self.runner.run(batch)                         # torch: tensors from block ids, forward
         sampled = sample_batch(self.sampler, self.scheduler, batch, logits)
+        kv_fence(self.runner.kv_cache)    # cuda: this iteration's KV writes done before any hand-off is published
         advanced = self.scheduler.postprocess(batch, sampled)
         elapsed = time.perf_counter() - started
         pipe = self.client.pipeline(transaction=False)           # one round trip for everything below

@@ -44,14 +44,18 @@ def _load_private(config: WorkerConfig) -> tuple[ModelConfig, dict[str, torch.Te
     model_config = ModelConfig.from_dir(model_dir)
     dtype = DTYPES[config.dtype]
     spec = KVCacheSpec.for_model(model_config, 16, dtype, config.num_kv_blocks, config.kv_cache_memory_bytes)
-    return model_config, load_engine_weights(model_dir, model_config, dtype), allocate_kv_pool(spec), spec, model_dir
+    weights, kv_cache = load_engine_weights(model_dir, model_config, dtype), allocate_kv_pool(spec)
+    if config.device == "cuda":           # no arena: this process's own copies on cuda:0
+        weights = {name: t.to("cuda:0") for name, t in weights.items()}
+        kv_cache = kv_cache.to("cuda:0")
+    return model_config, weights, kv_cache, spec, model_dir
 
 
 def _load(config: WorkerConfig):
     if config.phase is Phase.COLOCATED:
         return _load_private(config), None
     from services.arena.client import attach_arena
-    view = attach_arena(config.arena_socket, timeout=120.0)
+    view = attach_arena(config.arena_socket, timeout=120.0, device=config.device)
     return (view.model_config, view.weights, view.kv_cache, view.kv_spec, view.model_dir), view
 
 
@@ -75,10 +79,12 @@ def build_worker(config: WorkerConfig, stack_cpus: tuple[int, ...]) -> tuple[Wor
     # No private repacked copies: the weights stay in the arena's shared memory (see docs/architecture.md).
     runner = ModelRunner(LlamaModel(model_config, weights, pack_weights=False), kv_cache, spec.block_size)
     cpus = config.cpu_ids or stack_cpus
-    control = WorkerControl(ShareState(len(cpus) / len(stack_cpus), cpus,
+    # cuda: the share is the MPS limit this process started with (its host threads keep their cores).
+    share = (config.mps_percentage or 100) / 100 if config.device == "cuda" else len(cpus) / len(stack_cpus)
+    control = WorkerControl(ShareState(share, cpus,
                                        config.max_num_batched_tokens if config.phase is not Phase.DECODE else 0))
     metrics = WorkerMetrics(config.phase.value)
-    metrics.compute_share.set(len(cpus) / len(stack_cpus))
+    metrics.compute_share.set(share)
     return Worker(config, scheduler, runner, Sampler(), client, control, metrics, stack_cpus=stack_cpus), arena_view
 
 
