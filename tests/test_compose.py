@@ -176,17 +176,18 @@ def test_cpu_profile_has_no_gpu_and_no_mps(stacks) -> None:
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
 def test_one_pod_and_one_published_port(stacks, profile: str) -> None:
-    """Arena, workers, orchestrator (and MPS) share redis's network and IPC namespaces; the gateway
-    alone publishes a port, and redis's own port is not published."""
+    """Arena, workers, orchestrator (and MPS) share redis's network, IPC and PID namespaces; the
+    gateway alone publishes a port, and redis's own port is not published."""
     services = stacks[profile]
     owner = services["redis"]
     assert owner.get("ipc") == "shareable"
     assert owner.get("shm_size")
+    assert owner.get("init") is True                     # the pod's pid 1 reaps orphans
     for name, service in services.items():
         if name in ("redis", "gateway"):
             continue
-        assert service.get("network_mode") == "service:redis", name
-        assert service.get("ipc") == "service:redis", name
+        for key in ("network_mode", "ipc", "pid"):
+            assert service.get(key) == "service:redis", f"{name}.{key}"
     ports = {name: published(s) for name, s in services.items() if published(s)}
     assert set(ports) == {"redis"} or set(ports) == {"gateway"}, ports     # a pod's ports sit on its owner
     gateway = services["gateway"]
