@@ -5,7 +5,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install native demo test bench-engine clean
+.PHONY: install native demo test bench-engine gpu-check clean
 
 install: $(STAMP)
 
@@ -38,6 +38,11 @@ test: install native
 
 bench-engine: install
 	$(BIN)/duoserve bench engine
+
+# The CUDA backend on this machine's NVIDIA GPU, in one table: MPS, the stack on cuda, greedy output
+# against the CPU's, SMs per share (SM probe), hand-off and switch latency, prefill/decode throughput.
+gpu-check: install native
+	$(BIN)/python -m bench.gpu_check
 
 clean:
 	rm -rf $(VENV) build native/build *.egg-info .pytest_cache
