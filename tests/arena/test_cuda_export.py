@@ -124,3 +124,70 @@ def test_a_worker_process_rebuilds_the_allocation_without_copying():
     finally:
         if child.poll() is None:
             child.kill()
+
+
+def test_a_cuda_worker_refuses_a_cpu_arena_and_the_reverse(tmp_path):
+    """The arena's own socket code serving a document; the worker's own attach refusing it."""
+    import threading
+
+    from services.arena.client import attach_arena
+    from services.arena.main import ArenaMetrics, listen_private, serve_socket
+    stop = threading.Event()
+    for served, worker_device in (("cpu", "cuda"), ("cuda", "cpu")):
+        path = tmp_path / served / "arena.sock"
+        cuda = CudaExport(make_handle(), make_handle()) if served == "cuda" else None
+        document = make_export(device=served, cuda=cuda,
+                               weights_segment="" if cuda else "duoserve-x-1-weights",
+                               kv_segment="" if cuda else "duoserve-x-1-kv").to_json()
+        listener = listen_private(path)
+        thread = threading.Thread(target=serve_socket, args=(listener, lambda d=document: d, ArenaMetrics(), stop))
+        thread.start()
+        try:
+            with pytest.raises(ValueError, match=f"holds its memory on {served}, this worker runs on {worker_device}"):
+                attach_arena(path, timeout=5, device=worker_device)
+        finally:
+            stop.set()
+            thread.join()
+            listener.close()
+            stop.clear()
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_arena_on_cuda_exports_weights_a_worker_process_uses_in_place(tmp_path, default_model_dir):
+    """`services.arena.main --device cuda`; a worker process attaches: weights equal a private load, the KV
+    pool is the arena's memory (a write through one worker is read by another), nothing is copied."""
+    from services.common.redis_server import start_redis_server
+    socket_path = tmp_path / "run" / "arena.sock"
+    with start_redis_server(tmp_path / "redis") as server:
+        arena = subprocess.Popen(
+            [sys.executable, "-m", "services.arena.main", "--model", str(default_model_dir), "--redis-url", server.url,
+             "--stack-id", "gpu_test", "--socket", str(socket_path), "--port", "0", "--num-kv-blocks", "64",
+             "--device", "cuda"], cwd=REPO, stderr=(tmp_path / "arena.log").open("w"))
+        worker = textwrap.dedent("""
+            import json, sys, torch
+            from services.arena.client import attach_arena
+            from services.engine.loader import load_engine_weights
+            view = attach_arena(sys.argv[1], timeout=300, device="cuda")
+            before = torch.cuda.memory_allocated()
+            private = load_engine_weights(view.model_dir, view.model_config, torch.float32)
+            same = all(torch.equal(view.weights[n].cpu(), private[n]) for n in private)
+            kv = view.kv_cache
+            if sys.argv[2] == "write":
+                kv[0, 0, 5].fill_(3.5)
+                torch.cuda.synchronize()
+            print(json.dumps({"same": same, "device": str(kv.device), "allocated": before,
+                              "kv05": kv[0, 0, 5].flatten()[0].item()}), flush=True)
+        """)
+        try:
+            runs = []
+            for mode in ("write", "read"):
+                done = subprocess.run([sys.executable, "-c", worker, str(socket_path), mode], cwd=REPO,
+                                      capture_output=True, text=True, timeout=600)
+                assert done.returncode == 0, done.stderr + (tmp_path / "arena.log").read_text()
+                runs.append(json.loads(done.stdout.splitlines()[-1]))
+        finally:
+            arena.terminate()
+            arena.wait(timeout=60)
+    assert all(r["same"] and r["device"] == "cuda:0" and r["allocated"] == 0 for r in runs)
+    assert runs[1]["kv05"] == 3.5          # the second worker reads what the first wrote: one KV pool
