@@ -12,7 +12,9 @@ new token each). `AttentionMetadata` is built once per iteration and shared by e
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +39,7 @@ class AttentionMetadata:
     num_prefill_tokens: int
     decode_block_tables: torch.Tensor     # [B, max_blocks] int64, padded with block 0
     decode_mask: torch.Tensor             # [B, 1, 1, max_blocks * block_size] bool, True where a key is real
+    decode_context_lens: torch.Tensor | None = None   # [B] int32, keys per decode row (the Triton kernels read it)
 
     @property
     def num_decodes(self) -> int:
@@ -58,7 +61,8 @@ def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tens
     batch, width = block_tables.shape
     # Row (block, head) of the [N * Hkv, bs * D] view; ordering the index [B, Hkv, M] lays the result
     # out head-major with one copy. index_select beats fancy indexing ~5x on CPU.
-    rows = block_tables.view(batch, 1, width) * num_heads + torch.arange(num_heads).view(1, num_heads, 1)
+    heads = torch.arange(num_heads, device=cache.device).view(1, num_heads, 1)
+    rows = block_tables.view(batch, 1, width) * num_heads + heads
     out = cache.view(num_blocks * num_heads, block_size * head_dim).index_select(0, rows.view(-1))
     return out.view(batch, num_heads, width * block_size, head_dim)
 
@@ -93,8 +97,8 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cach
         values = gather_blocks(v_cache, table)[:, :, :seq.context_len]
         # Query i sits at absolute position ctx - n + i and sees keys 0..that position.
         first_pos = seq.context_len - seq.query_len
-        q_pos = torch.arange(first_pos, seq.context_len).view(-1, 1)
-        mask, is_causal = torch.arange(seq.context_len).view(1, -1) <= q_pos, False  # [n, ctx]
+        q_pos = torch.arange(first_pos, seq.context_len, device=q.device).view(-1, 1)
+        mask, is_causal = torch.arange(seq.context_len, device=q.device).view(1, -1) <= q_pos, False  # [n, ctx]
     # 4-D inputs: torch's CPU flash kernel takes them; the 3-D path falls back to a ~3x slower one.
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1).unsqueeze(0), keys, values,                               # [1, H, n, D]
@@ -116,6 +120,30 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     scores = scores.float().mul_(scale).masked_fill_(meta.decode_mask.logical_not(), float("-inf"))
     probs = scores.softmax(dim=-1).to(values.dtype)
     return torch.matmul(probs, values).view(num_rows, num_heads, head_dim)  # [B, Hkv, G, D] -> [B, H, D]
+
+
+class AttentionBackend(NamedTuple):
+    """The two attention ops the model calls per layer, with the signatures of `write_kv` and `paged_attention`."""
+
+    write_kv: Callable[..., None]
+    paged_attention: Callable[..., torch.Tensor]
+
+
+TORCH_BACKEND = AttentionBackend(write_kv, paged_attention)
+
+
+@functools.cache
+def attention_backend(device: torch.device) -> AttentionBackend:
+    """The torch ops above on CPU; the Triton kernels (`triton_attention`) on CUDA. Triton is
+    imported only here, so CPU-only installs without it run unchanged; a CUDA install without it
+    falls back to the torch ops (correct, but gathers every block and builds masks per layer)."""
+    if device.type != "cuda":
+        return TORCH_BACKEND
+    try:
+        from services.engine import triton_attention
+    except ImportError:
+        return TORCH_BACKEND
+    return triton_attention.BACKEND
 
 
 def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

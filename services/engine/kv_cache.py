@@ -52,9 +52,9 @@ class KVCacheSpec:
         return cls(config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim, dtype)
 
 
-def allocate_kv_pool(spec: KVCacheSpec) -> torch.Tensor:
+def allocate_kv_pool(spec: KVCacheSpec, device: str | torch.device = "cpu") -> torch.Tensor:
     """A private pool (offline engine, colocated mode)."""
-    return torch.zeros(spec.shape, dtype=spec.dtype)
+    return torch.zeros(spec.shape, dtype=spec.dtype, device=device)
 
 
 def view_kv_pool(buffer: torch.Tensor, spec: KVCacheSpec) -> torch.Tensor:

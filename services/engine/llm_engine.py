@@ -49,6 +49,7 @@ class EngineConfig:
     chunk_size: int = 2048                   # prompt tokens per iteration (hybrid chunked prefill)
     max_model_len: int | None = None         # defaults to the model's context
     seed: int = 0                            # sampler seed for requests without their own
+    device: str = "cpu"                      # "cuda": weights and KV pool on the GPU, Triton attention kernels
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -94,7 +95,7 @@ class LLMEngine:
         model_dir = resolve_model_dir(config.model, config.cache_dir)
         model_config = ModelConfig.from_dir(model_dir)
         dtype = DTYPES[config.dtype]
-        weights = load_engine_weights(model_dir, model_config, dtype)
+        weights = {name: t.to(config.device) for name, t in load_engine_weights(model_dir, model_config, dtype).items()}
         spec = KVCacheSpec.for_model(model_config, config.block_size, dtype,
                                      config.num_kv_blocks, config.kv_cache_memory_bytes)
         tokenizer = Tokenizer.from_dir(model_dir)
@@ -107,7 +108,8 @@ class LLMEngine:
             model_config=model_config,
             tokenizer=tokenizer,
             scheduler=Scheduler(sched_config, BlockManager(spec.num_blocks)),
-            runner=ModelRunner(LlamaModel(model_config, weights), allocate_kv_pool(spec), config.block_size),
+            runner=ModelRunner(LlamaModel(model_config, weights), allocate_kv_pool(spec, config.device),
+                                config.block_size),
             sampler=Sampler(config.seed),
         )
 

@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from services.engine.attention import AttentionMetadata, paged_attention, write_kv
+from services.engine.attention import AttentionMetadata, attention_backend
 from services.engine.model_config import ModelConfig, RopeScaling
 
 
@@ -109,7 +109,7 @@ class LlamaModel:
         self.lm_head = Linear(weights["embed"] if config.tie_word_embeddings else weights["lm_head"], None, pack)
         inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
         freqs = torch.outer(torch.arange(config.max_position, dtype=torch.float32), inv_freq)  # [P, D/2]
-        self.rope_cos, self.rope_sin = freqs.cos(), freqs.sin()
+        self.rope_cos, self.rope_sin = freqs.cos().to(self.embed.device), freqs.sin().to(self.embed.device)
         self.layers = [_Layer.take(weights, i, pack) for i in range(config.num_layers)]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
@@ -117,6 +117,7 @@ class LlamaModel:
         """input_ids, positions [T]; kv_cache [L, 2, N, Hkv, block_size, D]. -> final hidden states [T, hidden]."""
         cfg = self.config
         num_tokens, num_heads = input_ids.shape[0], cfg.num_heads
+        attn_ops = attention_backend(kv_cache.device)        # torch ops on CPU, Triton kernels on CUDA
         x = F.embedding(input_ids, self.embed)                                    # [T, hidden]
         cos2, sin2 = rope_tables(self.rope_cos[positions].to(self.dtype), self.rope_sin[positions].to(self.dtype))
         for layer, w in enumerate(self.layers):
@@ -127,8 +128,8 @@ class LlamaModel:
             q, k = qk[:, :num_heads], qk[:, num_heads:]                          # [T, H, D], [T, Hkv, D]
             v = qkv[:, self.q_size + self.kv_size:].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
             k_cache, v_cache = kv_cache[layer, 0], kv_cache[layer, 1]            # [N, Hkv, bs, D]
-            write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-            attn = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)  # [T, H, D]
+            attn_ops.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+            attn = attn_ops.paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)  # [T, H, D]
             x = w.o.add(attn.reshape(num_tokens, self.q_size), x)
             h = F.rms_norm(x, (cfg.hidden_size,), w.mlp_norm, cfg.rms_norm_eps)
             gate, up = w.gate_up(h).chunk(2, dim=-1)                              # [T, I] each

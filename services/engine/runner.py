@@ -1,9 +1,12 @@
 """Model runner: turns a `SchedulerOutput` (block ids, token ids) into tensors and runs the model.
 
 The only engine piece that builds tensors from scheduling decisions. Returns the logits of the
-requests that sample this iteration, in `SchedulerOutput.chunks` order.
+requests that sample this iteration, in `SchedulerOutput.chunks` order. Tensors are built on the
+host and moved once per iteration to the KV pool's device (a no-op on CPU).
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 
@@ -20,6 +23,7 @@ class ModelRunner:
         self.model = model
         self.kv_cache = kv_cache          # [L, 2, N, Hkv, block_size, D]
         self.block_size = block_size
+        self.device = kv_cache.device
 
     @torch.inference_mode()
     def run(self, batch: SchedulerOutput) -> torch.Tensor:
@@ -53,9 +57,20 @@ class ModelRunner:
             num_prefill_tokens=batch.num_prefill_tokens,
             decode_block_tables=tables,
             decode_mask=mask,
+            decode_context_lens=torch.tensor([c.context_len for c in batch.decode_chunks], dtype=torch.int32),
         )
-        return (torch.tensor(token_ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
-                meta, torch.tensor(sample_rows, dtype=torch.int64))
+        ids, pos = torch.tensor(token_ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64)
+        rows = torch.tensor(sample_rows, dtype=torch.int64)
+        if self.device.type == "cpu":
+            return ids, pos, meta, rows
+        return ids.to(self.device), pos.to(self.device), self._to_device(meta), rows.to(self.device)
+
+    def _to_device(self, meta: AttentionMetadata) -> AttentionMetadata:
+        prefills = tuple(replace(p, block_table=p.block_table.to(self.device)) for p in meta.prefills)
+        return replace(meta, slot_mapping=meta.slot_mapping.to(self.device), prefills=prefills,
+                       decode_block_tables=meta.decode_block_tables.to(self.device),
+                       decode_mask=meta.decode_mask.to(self.device),
+                       decode_context_lens=meta.decode_context_lens.to(self.device))
 
     def _table(self, chunk: ScheduledChunk) -> tuple[int, ...]:
         return chunk.block_ids[: blocks_for_tokens(chunk.context_len, self.block_size)]
