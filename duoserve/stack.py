@@ -849,11 +849,12 @@ def status(state_dir: Path, name: str, *, as_json: bool, out: TextIO | None = No
             "name": state.name, "running": ok, "mode": state.mode, "stack_id": state.stack_id,
             "gateway_target": state.gateway_target, "redis_url": state.redis_url, "owns_redis": state.owns_redis,
             "key_prefix": state.key_prefix, "segment_prefix": state.segment_prefix,
-            "supervisor_pid": state.supervisor_pid,
+            "supervisor_pid": state.supervisor_pid, "device": state.device, "mps": state.mps,
             "processes": [asdict(p) for p in procs]}, indent=2), file=out)
         return 0 if ok else 1
     redis = f"{state.redis_url} ({'started by the stack' if state.owns_redis else 'external'})"
-    print(f"stack {state.name} ({state.mode}, id {state.stack_id})  gateway {state.gateway_target}  "
+    mode = state.mode if state.device == "cpu" else f"{state.mode} on {state.device}"
+    print(f"stack {state.name} ({mode}, id {state.stack_id})  gateway {state.gateway_target}  "
           f"redis {redis}", file=out)
     print(f"{'NAME':<10} {'PID':>8}  {'ALIVE':<5}  {'PORT':>5}  HEALTH", file=out)
     for p in procs:
