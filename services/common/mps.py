@@ -168,8 +168,9 @@ def all_clients(pipe_dir: Path | str, binary: str = CONTROL_BINARY) -> set[int]:
 
 
 def private_dir(path: Path) -> Path:
-    """`path` (and missing parents) mode 0700, ours, and a real directory; else PermissionError."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """`path` (and missing parents, each) mode 0700, ours, and a real directory; else PermissionError."""
+    for missing in reversed([p for p in (path, *path.parents) if not p.exists()]):
+        missing.mkdir(mode=0o700, exist_ok=True)      # mkdir(parents=True) would give parents the umask's mode
     st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
         raise PermissionError(f"{path} is not a directory of ours: refusing it as an MPS directory")

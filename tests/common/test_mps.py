@@ -61,6 +61,12 @@ def test_pid_file_of_a_dead_process_is_no_daemon(tmp_path):
     assert mps.daemon_pid(tmp_path) == os.getpid()
 
 
+def test_private_dirs_are_0700_down_from_the_first_missing_parent(tmp_path):
+    made = mps.private_dir(tmp_path / "a" / "b" / "mps")
+    for p in (tmp_path / "a", tmp_path / "a" / "b", made):
+        assert oct(p.stat().st_mode & 0o777) == "0o700"
+
+
 def test_missing_control_binary_is_a_clear_error(tmp_path):
     with pytest.raises(mps.MpsError, match="not found"):
         mps.query(tmp_path, "get_server_list", binary=str(tmp_path / "no-such-binary"))
