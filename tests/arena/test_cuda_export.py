@@ -72,6 +72,17 @@ def test_a_cuda_document_without_its_handles_is_refused():
         ArenaExport.from_json(json.dumps({**raw, "device": "tpu"}).encode())
 
 
+def test_only_whole_cuda_buffers_are_described_and_rebuilding_needs_a_gpu():
+    import torch
+
+    from services.arena.cuda_export import describe, rebuild
+    with pytest.raises(ValueError, match="flat uint8 CUDA"):
+        describe(torch.zeros(16, dtype=torch.uint8))
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="sees no GPU"):
+            rebuild(make_handle())
+
+
 # ---------------------------------------------------------------------------------------------- gpu
 
 CHILD = textwrap.dedent("""
