@@ -8,6 +8,7 @@
   duoserve simulate --trace FILE   colocated vs static vs dynamic split over a trace, in simulated time
   duoserve bench serve             load generator against a running stack (vLLM's metrics, goodput)
   duoserve bench compare           colocated vs split static vs split dynamic over request rates
+  duoserve bench validate-sim      the simulator against the real CPU stack, same requests (p50/p90 within 20%)
 
 Heavy imports (torch, transformers) happen inside the subcommands, so `--help` is instant.
 """
@@ -164,6 +165,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     _add_model_args(engine)
     _bench_serve_parser(bench_sub)
     _bench_compare_parser(bench_sub)
+    _bench_validate_parser(bench_sub)
 
 
 def _rate(text: str) -> float:
@@ -224,6 +226,25 @@ def _bench_compare_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--request-rate", type=_rate, default=None, help=argparse.SUPPRESS)
     _add_workload_args(p)
     p.set_defaults(slo_ttft_ms=2000.0, slo_tpot_ms=200.0)
+    _add_bench_stack_args(p)
+
+
+def _bench_validate_parser(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser("validate-sim", help="the simulator against the real CPU stack on the same requests: "
+                                                 "p50/p90 TTFT and TPOT within a tolerance")
+    p.add_argument("--policy", choices=["static", "auto"], default="static",
+                   help="the split stack's policy (and the simulated system): static halves or the dynamic policy")
+    p.add_argument("--tolerance", type=float, default=0.2, help="relative error allowed per percentile")
+    p.add_argument("--cpu-cores", type=int, default=2, help="cores the stack runs on (the simulated device)")
+    p.add_argument("--output", type=Path, default=None, help="write the comparison as JSON")
+    p.add_argument("--request-rate", type=_rate, default=None, help=argparse.SUPPRESS)
+    _add_workload_args(p)
+    p.set_defaults(slo_ttft_ms=5000.0, slo_tpot_ms=500.0, num_requests=24, rate_scale=0.05)
+    _add_bench_stack_args(p)
+
+
+def _add_bench_stack_args(p: argparse.ArgumentParser) -> None:
+    """The stacks a benchmark starts for itself (`bench compare`, `bench validate-sim`)."""
     p.add_argument("--num-kv-blocks", type=int, default=None, help="each stack's KV pool in blocks of 16 tokens")
     p.add_argument("--state-dir", type=Path, default=default_state_dir(),
                    help="where the stacks keep their state and logs (env DUOSERVE_STATE_DIR)")
@@ -312,6 +333,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench" and args.bench_command == "compare":
             from bench.compare import run_from_args as run_compare
             return run_compare(args)
+        if args.command == "bench" and args.bench_command == "validate-sim":
+            from bench.validate_sim import run_from_args as run_validate
+            return run_validate(args)
         if args.command in ("up", "down", "status"):
             return _run_stack_command(args)
         if args.command == "simulate":

@@ -46,6 +46,9 @@ class StackProfile:
     tick_ms: float                    # the orchestrator's tick
     prefer: str                       # the SLO protected when both cannot hold
     probe_prompt_tokens: int          # PolicyConfig.probe_prompt_tokens
+    ingress_ms: float = 0.0           # client -> gateway -> the engine's queue: TTFT starts this much earlier
+    loop_gap_ms: float = 0.0          # a worker's loop between two iterations (queue reads, publishing): host
+                                      # time outside the measured iteration, the same at any share
 
 
 GPU_PROFILE = StackProfile(
@@ -58,7 +61,10 @@ GPU_PROFILE = StackProfile(
 CPU_PROFILE = StackProfile(
     max_num_seqs=128, max_model_len=8192, split_max_batched_tokens=2048, initial_budget=2048,
     colocated_chunks=(512, 1024, 2048), static_splits=((0.5, 0.5),), initial_split=(0.5, 0.5), overlap=0.5,
-    switch_cost_ms=1.0, tick_ms=250.0, prefer="tpot", probe_prompt_tokens=256)
+    switch_cost_ms=1.0, tick_ms=250.0, prefer="tpot", probe_prompt_tokens=256,
+    # Measured on the 2-core CPU stack: the gateway adds 14.8 ms per request (bench/stack_latency.py, issue 3),
+    # and the loop spends a median 3.2 ms between back-to-back decode iterations (bench validate-sim's loop_gaps).
+    ingress_ms=15.0, loop_gap_ms=3.0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -124,6 +124,9 @@ class Simulation:
         self.trace = trace
         self.rate_multiple, self.rate_per_s = rate_multiple, base_rate * rate_multiple
         self.arrivals = arrivals_ms(trace, rate_multiple)
+        ingress = self.profile.ingress_ms      # the request reaches the engine's queue this much later
+        self.enqueued = [a + ingress for a in self.arrivals] if ingress else self.arrivals
+        self._loop_gap = self.profile.loop_gap_ms
         self.tick_ms = options.tick_ms or self.profile.tick_ms
         self.switch_cost_ms = self.profile.switch_cost_ms if options.switch_cost_ms is None else options.switch_cost_ms
         self.slo = options.slo
@@ -186,7 +189,7 @@ class Simulation:
     # ------------------------------------------------------------------ the loop
     def run(self) -> RunResult:
         started, cpu_started = time.perf_counter(), time.process_time()
-        arrivals, trace = self.arrivals, self.trace
+        arrivals, trace = self.enqueued, self.trace
         n, i = len(arrivals), 0
         engines = self.engines
         next_tick = 0.0 if self.policy is not None else INF
@@ -212,7 +215,7 @@ class Simulation:
                 if params is None:
                     params = params_cache[r.output_tokens] = SamplingParams(max_tokens=r.output_tokens,
                                                                            ignore_eos=True)
-                seq = Seq(str(i), _SyntheticPrompt(r.prompt_tokens), params, arrival_time=t / 1000.0)
+                seq = Seq(str(i), _SyntheticPrompt(r.prompt_tokens), params, arrival_time=self.arrivals[i] / 1000.0)
                 self.seqs[i] = seq
                 self.entry.inbox.append(seq)
                 i += 1
@@ -317,7 +320,7 @@ class Simulation:
         f = self.model.features(units, tokens, work, rows, context, sampled)
         a0, a1, a2, a3 = self._coef[phase]
         mem = a3 * f[3] + (a2 * f[2] if phase == "decode" else 0.0)
-        duration = a0 + a1 * f[1] + a2 * f[2] + a3 * f[3]
+        duration = a0 + a1 * f[1] + a2 * f[2] + a3 * f[3] + self._loop_gap
         e.iterations += 1
         if other is None or not self.options.bw_contention:
             return duration
