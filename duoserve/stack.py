@@ -55,6 +55,7 @@ UNIX_SOCKET_PATH_MAX = 100         # sun_path is 108 bytes on Linux; leave room
 BIND_FAILURES = ("address already in use", "cannot listen on", "failed to bind", "errno 98",
                  "could not create server tcp listening socket")
 HEALTHY = "SERVING"
+HANDOVER_NAMES = ("prefill", "decode")   # workers that may replace themselves (retune by handover)
 
 
 class StackError(RuntimeError):
@@ -365,6 +366,32 @@ def is_alive(pid: int | None, start_time: int | None) -> bool:
     return now is not None and (start_time is None or now == start_time)
 
 
+def follow_handovers(state: StackState) -> StackState:
+    """The stack as it is after retunes by handover (services/worker/handover.py): a worker replaced
+    itself with a successor it started, recording "old pid" -> "new pid:start time" in Redis
+    (`<key_prefix>:successors`). Each worker record follows that chain: its live processes take its
+    place (mid-handover, the old worker and its standby both). Best effort: without Redis, unchanged."""
+    if not any(r.name in HANDOVER_NAMES for r in state.processes):
+        return state
+    try:
+        import redis
+        client = redis.Redis.from_url(state.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        raw = client.hgetall(f"{state.key_prefix}:successors")
+        client.close()
+    except Exception:          # noqa: BLE001: Redis gone; the state file is all there is
+        return state
+    successors = {int(k): tuple(int(x) for x in v.split(b":")) for k, v in raw.items()}
+    records: list[ProcessRecord] = []
+    for r in state.processes:
+        chain = [r]
+        while r.name in HANDOVER_NAMES and chain[-1].pid in successors and len(chain) < 1000:
+            pid, start = successors[chain[-1].pid]
+            chain.append(replace(r, pid=pid, start_time=start))
+        live = [c for c in chain if is_alive(c.pid, c.start_time)]
+        records.extend(live or chain[-1:])
+    return replace(state, processes=tuple(records))
+
+
 def _reap(pid: int) -> None:
     """Collect our own exited child so it stops being a zombie; others' pids are left alone."""
     with contextlib.suppress(ChildProcessError, OSError):
@@ -658,6 +685,7 @@ def _check_not_running(config: StackConfig, say: Callable[[str], None]) -> None:
     state = read_state(config.state_path)
     if state is None:
         return
+    state = follow_handovers(state)
     if is_alive(state.supervisor_pid, state.supervisor_start_time) or \
             any(is_alive(r.pid, r.start_time) for r in state.processes):
         raise StackError(
@@ -708,12 +736,35 @@ def up(config: StackConfig, *, detach: bool, say: Callable[[str], None],
             signal.signal(s, handler)
 
 
+def _adopt_successors(config: StackConfig, state: StackState, popens: dict[str, subprocess.Popen],
+                      adopted: dict[str, ProcessRecord], dead: list[tuple[str, int | None]]
+                      ) -> tuple[StackState, list[tuple[str, int | None]]]:
+    """A worker gone after a retune by handover lives on as its successor: watch (and record) that one."""
+    followed = follow_handovers(state)
+    still_dead = []
+    for name, code in dead:
+        live = [r for r in followed.processes if r.name == name and is_alive(r.pid, r.start_time)]
+        if live:
+            popens.pop(name, None)
+            adopted[name] = live[-1]
+        else:
+            still_dead.append((name, code))
+    if len(still_dead) < len(dead):
+        write_state(config.state_path, followed)      # `down` and `status` find the successor without Redis
+        return followed, still_dead
+    return state, dead
+
+
 def _supervise(config: StackConfig, state: StackState, popens: dict[str, subprocess.Popen],
                stop_requested: threading.Event, say: Callable[[str], None]) -> int:
     """Foreground: watch until a signal, a process exiting, or `duoserve down` (which signals us)."""
     status = 0
+    adopted: dict[str, ProcessRecord] = {}      # workers that replaced themselves (retune by handover)
     while not stop_requested.wait(0.5):
         dead = [(name, p.returncode) for name, p in popens.items() if p.poll() is not None]
+        dead += [(name, None) for name, r in adopted.items() if not is_alive(r.pid, r.start_time)]
+        if dead:
+            state, dead = _adopt_successors(config, state, popens, adopted, dead)
         if dead:
             for name, code in dead:
                 record = next(r for r in state.processes if r.name == name)
@@ -735,6 +786,7 @@ def _supervise(config: StackConfig, state: StackState, popens: dict[str, subproc
 def teardown(state: StackState, state_path: Path, stop_timeout_s: float,
              say: Callable[[str], None]) -> None:
     """Stop every process of `state` (reverse stage order) and remove what the stack left behind."""
+    state = follow_handovers(state)
     for stage in sorted({r.stage for r in state.processes}, reverse=True):
         group = [r for r in state.processes if r.stage == stage]
         killed = stop_processes([(r.pid, r.start_time) for r in group], stop_timeout_s)
@@ -842,7 +894,7 @@ def status(state_dir: Path, name: str, *, as_json: bool, out: TextIO | None = No
         else:
             print(f"no stack named {name!r}", file=out)
         return 1
-    procs = stack_status(state)
+    procs = stack_status(follow_handovers(state))
     ok = bool(procs) and all(p.health == HEALTHY for p in procs)
     if as_json:
         print(json.dumps({

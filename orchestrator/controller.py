@@ -124,6 +124,7 @@ class Controller:
         if current is None:
             return None                          # workers not up yet (or colocated: nothing to split)
         with self.lock:
+            self._adopt_switch_cost(snap)
             decision = self.policy.decide(self._queue_state(snap), current, self.slo)
             changed = decision.shares != current
             if changed:
@@ -134,6 +135,15 @@ class Controller:
             self.last = decision
         self.metrics.update(self.model, decision.shares)
         return decision
+
+    def _adopt_switch_cost(self, snap: Snapshot) -> None:
+        """A measured retune by handover replaces the configured switch cost: the pause the workers
+        last reported (old worker's last iteration to its successor's first; the slower phase's). The
+        standby's warm-up before it is not device time lost: the old worker serves meanwhile."""
+        measured = max((w.share_switch_stall_ms for w in snap.workers.values()), default=0.0)
+        if measured > 0 and measured != self.policy.config.switch_cost_ms:
+            self.policy.config = replace(self.policy.config, switch_cost_ms=measured)
+            log.info("switch cost now %.0f ms (measured)", measured)
 
     def _current_shares(self, snap: Snapshot) -> Shares | None:
         prefill, decode = snap.workers.get("prefill"), snap.workers.get("decode")

@@ -75,6 +75,16 @@ class KeySpace:
     def orchestrator_state(self) -> str:  # hash: SLO, policy mode, pinned shares (survives restarts)
         return f"{self.prefix}:orchestrator:state"
 
+    def handover_ready(self, worker_id: str) -> str:   # list: a standby's pid once it is warm (retune by handover)
+        return f"{self.prefix}:handover:{worker_id}:ready"
+
+    def handover_state(self, worker_id: str) -> str:   # list: the retiring worker's WorkerHandover for its standby
+        return f"{self.prefix}:handover:{worker_id}:state"
+
+    @property
+    def successors(self) -> str:          # hash: old worker pid -> successor pid (the supervisor follows it)
+        return f"{self.prefix}:successors"
+
 
 @dataclass(frozen=True, slots=True)
 class QueuedRequest:
@@ -155,9 +165,27 @@ class WorkerReport:
     kv_blocks_total: int
     updated_at: float          # wall clock
     context_tokens: int = 0    # decode: tokens of KV its running batch reads per iteration
+    pid: int = 0               # its process (a retune by handover replaces it)
+    share_switch_ms: float = 0.0   # last retune by handover: SetComputeShare call to this worker's first iteration
+    share_switch_stall_ms: float = 0.0   # of that, the pause: the old worker's last iteration to the new one's first
     units_kind: str = ""       # what units_used counts: "sm" (cuda, the SM probe) or "core" (cpu); "" unknown
     units_used: int = 0        # SMs / cores the share in force actually gives it; 0 unknown
     units_total: int = 0       # SMs of the device / cores of the stack; 0 unknown
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerHandover:
+    """What a retiring worker gives its standby at the switch (retune by handover). No tensors: the KV
+    stays in the shared pool, owned in Redis by each request, so nothing is copied or re-owned."""
+
+    from_worker_id: str                    # the retiring worker
+    share: float                           # the share the standby was started at
+    cpu_ids: tuple[int, ...]               # its cores (CPU backend; empty on CUDA)
+    token_budget: int                      # prefill tokens per iteration to apply (0: unchanged)
+    requested_at: float                    # wall clock of the SetComputeShare call (switch latency starts)
+    released_at: float                     # wall clock when the retiring worker stopped (the stall starts)
+    running: tuple[Handoff, ...] = ()      # decode: every request it held, mid-generation
+    pending_entry_ids: tuple[str, ...] = ()   # prefill: its queue entries, claimed by the standby (recomputed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,8 +204,8 @@ def to_json(message: Any) -> str:
     return json.dumps(data, separators=(",", ":"))
 
 
-def from_json(cls: type[T], text: str | bytes) -> T:
-    data = json.loads(text)
+def from_json(cls: type[T], text: str | bytes | dict) -> T:
+    data = json.loads(text) if isinstance(text, (str, bytes)) else text   # a dict: a nested message
     kwargs: dict[str, Any] = {}
     for f in fields(cls):  # type: ignore[arg-type]
         if f.name not in data:
@@ -188,6 +216,8 @@ def from_json(cls: type[T], text: str | bytes) -> T:
             sp["stop"] = tuple(sp.get("stop", ()))
             sp["stop_token_ids"] = tuple(sp.get("stop_token_ids", ()))
             value = SamplingParams(**sp)
+        elif f.name == "running":          # WorkerHandover's hand-offs
+            value = tuple(from_json(Handoff, item) for item in value)
         elif isinstance(value, list):
             value = tuple(value)
         kwargs[f.name] = value

@@ -7,12 +7,16 @@ from __future__ import annotations
 import argparse
 import enum
 import os
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+
+RETUNE_MODES = ("inplace", "handover")
 DEVICES = ("cpu", "cuda")
+
 
 class Phase(enum.Enum):
     PREFILL = "prefill"        # prompts -> KV blocks + first token, handed to decode
@@ -41,6 +45,10 @@ class WorkerConfig:
     chunk_size: int = 512               # colocated: prompt tokens per iteration (chunked prefill)
     idle_block_ms: int = 50             # how long an idle worker blocks on its queue per poll
     worker_id: str = ""                 # unique per process instance
+    retune_mode: str = "inplace"        # SetComputeShare: "inplace" (cpu: move threads) | "handover" (a standby
+                                        # at the new share takes over; cuda always: an MPS limit is fixed per process)
+    takeover_from: str = ""             # a standby: the worker id it takes over from (started by that worker)
+    launch_argv: tuple[str, ...] = ()   # this process's arguments, so a handover can start its successor alike
     device: str = "cpu"                 # "cpu", or "cuda": the arena's CUDA memory, compute on cuda:0
     mps_percentage: int | None = None   # cuda: CUDA_MPS_ACTIVE_THREAD_PERCENTAGE this process started with
 
@@ -53,6 +61,8 @@ class WorkerConfig:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.mps_percentage is not None and not 1 <= self.mps_percentage <= 100:
             raise ValueError(f"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE must be in 1..100, got {self.mps_percentage}")
+        if self.retune_mode not in RETUNE_MODES:
+            raise ValueError(f"retune_mode must be one of {RETUNE_MODES}, got {self.retune_mode!r}")
         available = os.sched_getaffinity(0)
         if any(cpu not in available for cpu in self.cpu_ids):
             raise ValueError(f"cpu ids {list(self.cpu_ids)} not all available to this process ({sorted(available)})")
@@ -60,6 +70,15 @@ class WorkerConfig:
     @property
     def name(self) -> str:
         return f"{self.phase.value}"
+
+
+def successor_environ(mps_percentage: int | None) -> dict[str, str]:
+    """The environment of a standby started by a retune by handover: this process's, with the new
+    MPS active thread percentage on cuda (its limit is fixed when its context is created)."""
+    env = dict(os.environ)
+    if mps_percentage is not None:
+        env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(mps_percentage)
+    return env
 
 
 def _percentage(text: str | None) -> int | None:
@@ -91,10 +110,16 @@ def parse_args(phase: Phase, argv: Sequence[str] | None = None) -> WorkerConfig:
     p.add_argument("--device", choices=DEVICES, default="cpu",
                    help="cpu, or cuda (attach the arena's CUDA memory; the SM share comes from MPS, "
                         "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE)")
+    p.add_argument("--retune-mode", choices=RETUNE_MODES, default=env.get("DUOSERVE_RETUNE_MODE") or None,
+                   help="how SetComputeShare changes the share (default: inplace on cpu, handover on cuda)")
+    p.add_argument("--takeover-from", default="", help=argparse.SUPPRESS)   # set by a worker for its standby
     a = p.parse_args(argv)
+    retune_mode = a.retune_mode or ("handover" if a.device == "cuda" else "inplace")   # an MPS limit is fixed
     return WorkerConfig(
         phase=phase, redis_url=a.redis_url, key_prefix=a.key_prefix, port=a.port, metrics_port=a.metrics_port,
         arena_socket=a.arena_socket, model=a.model, cache_dir=a.cache_dir, dtype=a.dtype, cpu_ids=a.cpus,
         num_kv_blocks=a.num_kv_blocks, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-        chunk_size=a.chunk_size, worker_id=f"{phase.value}-{os.getpid()}-{uuid.uuid4().hex[:6]}", device=a.device,
-        mps_percentage=_percentage(env.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")))
+        chunk_size=a.chunk_size, worker_id=f"{phase.value}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
+        retune_mode=retune_mode, takeover_from=a.takeover_from, device=a.device,
+        mps_percentage=_percentage(env.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")),
+        launch_argv=tuple(sys.argv[1:] if argv is None else argv))

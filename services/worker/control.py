@@ -23,6 +23,7 @@ class ShareState:
     applied_at_iteration: int = 0
     applied_at_unix_ms: int = 0
     pending: bool = False
+    requested_at: float = 0.0          # wall clock of the SetComputeShare call (a handover's latency starts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,11 +52,12 @@ class WorkerControl:
         self._stats = StatsSnapshot()
         self._units: ComputeUnits | None = None     # measured by the loop; None until the first probe
         self._draining = False
+        self._retuning = False      # a standby is warming up to take over (retune by handover)
         self._stopping = threading.Event()
 
     def request_share(self, share: ShareState) -> ShareState:
         with self._lock:
-            self._requested = replace(share, pending=True)
+            self._requested = replace(share, pending=True, requested_at=time.time())
             return self._requested
 
     def take_requested_share(self) -> ShareState | None:
@@ -91,6 +93,15 @@ class WorkerControl:
     def units(self) -> ComputeUnits | None:
         with self._lock:
             return self._units
+
+    def set_retuning(self, retuning: bool) -> None:
+        with self._lock:
+            self._retuning = retuning
+
+    @property
+    def retuning(self) -> bool:
+        with self._lock:
+            return self._retuning
 
     def drain(self) -> None:
         with self._lock:

@@ -17,6 +17,7 @@ schedule -> run -> sample -> postprocess, then publish deliveries in one Redis p
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field, replace
 
@@ -35,6 +36,7 @@ from services.worker.fence import kv_fence
 from services.worker.compute_units import probe_compute_units
 from services.worker.config import Phase, WorkerConfig
 from services.worker.control import StatsSnapshot, WorkerControl
+from services.worker.handover import needs_handover
 from services.worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,8 @@ class Worker:
     metrics: WorkerMetrics
     stack_cpus: tuple[int, ...] = ()     # every core the stack may use (the cpu backend's unit total)
     tracked: dict[str, _Tracked] = field(default_factory=dict)   # every request this worker holds
+    retuner: object | None = None        # services.worker.handover.Retuner in handover mode (set by main)
+    switch_ms: tuple[float, float] = (0.0, 0.0)   # last handover that started this worker: latency, pause
     stats: StatsSnapshot = field(default_factory=StatsSnapshot)
     keys: KeySpace = field(init=False)
     cancels: CancelWatcher = field(init=False)
@@ -92,6 +96,8 @@ class Worker:
     def run_once(self) -> None:
         self._apply_requested_share()
         self._drop_cancelled()
+        if self.retuner is not None and self.retuner.poll():   # a standby took over: this worker stops
+            return
         self._take_new_work()
         if not self.scheduler.has_work():
             return
@@ -116,6 +122,9 @@ class Worker:
     def _apply_requested_share(self) -> None:
         share = self.control.take_requested_share()
         if share is None:
+            return
+        if self.retuner is not None and needs_handover(self, share):
+            self.retuner.begin(share)        # a standby at the new share; this worker serves until it is ready
             return
         if share.cpu_ids:
             apply_cpu_share(share.cpu_ids)
@@ -167,8 +176,9 @@ class Worker:
         self.tracked[seq.request_id] = _Tracked(seq, queued.reply_to, entry_id,
                                                 is_first_delivery=not queued.output_token_ids)
 
-    def _admit_handoff(self, entry_id: str, handoff: Handoff) -> None:
-        self._ack(entry_id)   # from here its state is ours
+    def _admit_handoff(self, entry_id: str | None, handoff: Handoff) -> None:
+        if entry_id is not None:   # None: handed over by a retiring decode worker, not from the stream
+            self._ack(entry_id)    # from here its state is ours
         if self.cancels.is_cancelled(handoff.request_id):
             self.scheduler.blocks.free(handoff.request_id)
             return
@@ -298,7 +308,8 @@ class Worker:
                               s.iterations, s.kv_blocks_free, s.kv_blocks_total, time.time(),
                               context_tokens=sum(seq.num_tokens for seq in self.scheduler.running),
                               units_kind=units.kind if units else "", units_used=units.used if units else 0,
-                              units_total=units.total if units else 0)
+                              units_total=units.total if units else 0, pid=os.getpid(),
+                              share_switch_ms=self.switch_ms[0], share_switch_stall_ms=self.switch_ms[1])
         (pipe or self.client).hset(self.keys.worker_stats(self.config.phase.value), mapping={"m": to_json(report)})
 
     def cancel_all(self, reason: str) -> None:

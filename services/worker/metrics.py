@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+SWITCH_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
 
 
@@ -33,7 +34,18 @@ class WorkerMetrics:
         self.handoff_latency_seconds = Histogram(
             "duoserve:handoff_latency_seconds", "Prefill done (hand-off published) to first decode iteration",
             labelnames=["phase"], buckets=LATENCY_BUCKETS, registry=r).labels(**labels)
+        self.share_switch_seconds = Histogram(
+            "duoserve:share_switch_seconds", "Retune by handover: SetComputeShare call to the successor's first "
+            "iteration", labelnames=["phase"], buckets=SWITCH_BUCKETS, registry=r).labels(**labels)
+        self._server = None
 
     def serve(self, port: int) -> None:
         if port:
-            start_http_server(port, addr="127.0.0.1", registry=self.registry)
+            self._server, _ = start_http_server(port, addr="127.0.0.1", registry=self.registry)
+
+    def close(self) -> None:
+        """Release the port (a retune by handover: the successor serves it next)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -40,6 +40,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.stack_cpus = stack_cpus     # every core the stack may use; a share is a subset
 
     def SetComputeShare(self, request, context):
+        if self.control.retuning:      # one handover at a time; the caller retries once the successor serves
+            context.abort(grpc.StatusCode.UNAVAILABLE, "a retune by handover is in progress; retry shortly")
         cpu_ids = tuple(request.cpu_ids)
         allowed = set(self.stack_cpus)
         if not cpu_ids and not 0.0 < request.share <= 1.0:
@@ -54,6 +56,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             is_decode = self.config.phase is Phase.DECODE
             cpu_ids = self.stack_cpus[-count:] if is_decode else self.stack_cpus[:count]
         share = len(cpu_ids) / len(self.stack_cpus)
+        if self.config.device == "cuda":   # the share is an MPS percentage; host threads keep their cores
+            if not 0.0 < request.share <= 1.0:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"share: must be in (0, 1], got {request.share}")
+            share, cpu_ids = request.share, self.control.share.cpu_ids
         budget = request.token_budget if request.HasField("token_budget") else 0
         requested = self.control.request_share(ShareState(share, cpu_ids, budget))
         return share_to_pb(requested)

@@ -1,0 +1,184 @@
+"""Retune by handover with real processes (services/worker/handover.py): SetComputeShare on decode and
+on prefill while greedy streams run; a standby at the new share takes over, every stream ends as the
+offline engine's greedy output, no KV block leaks, the switch latency is reported, the foreground
+supervisor follows the successors, and `duoserve down` leaves nothing behind. The cuda backend always
+retunes this way (an MPS limit is fixed per process); on the CPU it is forced with
+DUOSERVE_RETUNE_MODE=handover, so CI runs the whole path."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+
+import duoserve
+from duoserve import stack
+from duoserve.stack import StackConfig
+from duoserve.v1 import worker_pb2, worker_pb2_grpc
+from services.common.contracts import WorkerReport, from_json
+from services.engine.llm_engine import EngineConfig, LLMEngine
+from services.engine.sampling_params import SamplingParams
+from tests.e2e.conftest import RunningStack
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "List three primary colors.",
+           "Explain gravity to a child.", "Name two planets.", "Describe a cat in one sentence.",
+           "What is two plus two?", "Give me a word that rhymes with blue."]
+MAX_TOKENS = 64
+LONG_PROMPT = " ".join(f"item {i}," for i in range(100))   # ~400 tokens: several prefill chunks of 64
+NEW_CUDA_SHARE = 0.7                                          # cuda: the new MPS percentage / 100
+
+
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def handover_stack(request, tmp_path_factory, default_model_dir):
+    """A foreground `duoserve up` (its supervisor must follow the workers' successors), handover forced."""
+    device = request.param
+    state_dir = tmp_path_factory.mktemp(f"stack-handover-{device}")
+    env = {**os.environ, "DUOSERVE_RETUNE_MODE": "handover"}    # read by the workers (and their successors)
+    env.pop("REDIS_URL", None)
+    err = open(state_dir / "up.err", "w+")
+    up = subprocess.Popen([sys.executable, "-m", "duoserve.cli", "up", "--name", "e2e-handover", "--state-dir",
+                           str(state_dir), "--cache-dir", str(default_model_dir.parent), "--num-kv-blocks", "256",
+                           "--max-num-batched-tokens", "64", "--no-orchestrator", "--startup-timeout", "300",
+                           "--device", device],
+                          env=env, stdout=subprocess.PIPE, stderr=err, text=True)   # 64: prompts take several chunks
+    try:
+        target = up.stdout.readline().strip()                 # printed once every process is SERVING
+        assert target.startswith("127.0.0.1:"), (state_dir / "up.err").read_text()
+        config = StackConfig(state_dir=state_dir, cache_dir=default_model_dir.parent, name="e2e-handover")
+        running = RunningStack(config, stack.read_state(config.state_path))
+        running.supervisor, running.device = up, device
+        yield running
+    finally:
+        stack.down(state_dir, "e2e-handover", stop_timeout_s=10, say=lambda m: None)
+        if up.poll() is None:
+            up.kill()
+        up.wait()
+        err.close()
+
+
+@pytest.fixture(scope="module")
+def offline_tokens(handover_stack, default_model_dir):
+    engine = LLMEngine.from_config(EngineConfig(model=str(default_model_dir), num_kv_blocks=128,
+                                                device=handover_stack.device))
+    prompts = [engine.tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
+    return [list(o.token_ids) for o in engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0))]
+
+
+def _report(running: RunningStack, phase: str) -> WorkerReport:
+    return from_json(WorkerReport, running.redis.hget(running.keys.worker_stats(phase), "m"))
+
+
+def _new_share(running: RunningStack) -> worker_pb2.SetComputeShareRequest:
+    """cpu: every core (2 here: prefill and decode start on one each); cuda: another MPS percentage."""
+    if running.device == "cuda":
+        return worker_pb2.SetComputeShareRequest(share=NEW_CUDA_SHARE)
+    return worker_pb2.SetComputeShareRequest(share=1.0, cpu_ids=sorted(os.sched_getaffinity(0)))
+
+
+def _set_share(running: RunningStack, phase: str) -> None:
+    with grpc.insecure_channel(running.process(phase).target) as channel:
+        reply = worker_pb2_grpc.WorkerStub(channel).SetComputeShare(_new_share(running), timeout=10)
+    assert reply.pending                                # applied by the successor
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    return stack.process_start_time(pid) is not None
+
+
+def _retune_under_load(s: RunningStack, old: dict[str, int]) -> list[list[int]]:
+    """Decode retuned with 4 streams mid-generation (and one cancelled meanwhile); prefill retuned with
+    long prompts mid-prefill. Returns the 8 greedy streams' tokens."""
+    results: list = [None] * len(PROMPTS)
+    started = [threading.Event() for _ in PROMPTS]
+
+    def run(i: int) -> None:
+        tokens: list[int] = []
+        with duoserve.Client(s.target, timeout=300) as client:
+            for chunk in client.stream(messages=[{"role": "user", "content": PROMPTS[i]}], max_tokens=MAX_TOKENS,
+                                       temperature=0):
+                tokens.extend(chunk.token_ids)
+                started[i].set()
+        results[i] = tokens
+
+    stop_load, loaded = threading.Event(), []
+
+    def load() -> None:                                 # keeps prefill mid-prompt at every boundary
+        with duoserve.Client(s.target, timeout=300) as client:
+            while not stop_load.is_set():
+                loaded.append(client.generate(prompt=LONG_PROMPT, max_tokens=2, temperature=0, ignore_eos=True))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+    loaders = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads[:4]:
+        t.start()
+    _wait(lambda: all(e.is_set() for e in started[:4]), 120, "the first streams' tokens")
+    _set_share(s, "decode")
+    with duoserve.Client(s.target, timeout=300) as client:   # a cancel during the handover is honoured
+        doomed = client.stream(prompt="Tell me a long story.", max_tokens=400, ignore_eos=True)
+        next(iter(doomed))
+        doomed.close()
+    for t in threads[4:] + loaders:
+        t.start()
+    _set_share(s, "prefill")
+    try:
+        for phase in old:
+            _wait(lambda: _report(s, phase).pid not in (0, old[phase]), 90, f"{phase}'s successor")
+    finally:
+        stop_load.set()
+        for t in threads + loaders:
+            t.join(timeout=300)
+    assert loaded and all(c.usage.completion_tokens == 2 for c in loaded)
+    return results
+
+
+def _handed_over(log_path: str, what: str) -> bool:
+    """The successor's log says it took over some `what` ("running requests" or "queue entries")."""
+    text = open(log_path).read()
+    return "took over from" in text and f" 0 {what}" not in text.split("took over from")[1].splitlines()[0]
+
+
+def test_retune_by_handover_keeps_every_stream(handover_stack, offline_tokens):
+    s = handover_stack
+    start_free = s.num_free_blocks()
+    old = {phase: s.process(phase).pid for phase in ("prefill", "decode")}
+    assert _retune_under_load(s, old) == offline_tokens      # nothing lost, nothing changed
+    for phase, pid in old.items():
+        _wait(lambda: not _alive(pid), 30, f"the old {phase} worker to exit")
+        report = _report(s, phase)
+        assert report.share == pytest.approx(_new_share(s).share)
+        assert report.share_switch_ms > report.share_switch_stall_ms > 0
+    assert _handed_over(s.process("decode").log, "running requests")
+    assert _handed_over(s.process("prefill").log, "queue entries")
+    assert s.wait_free_blocks(start_free) == start_free
+
+    new = {phase: _report(s, phase).pid for phase in old}
+    recorded = lambda: {r.name: r.pid for r in stack.read_state(s.config.state_path).processes if r.name in old}  # noqa: E731
+    _wait(lambda: recorded() == new, 10, "the supervisor to record the successors")
+    assert s.supervisor.poll() is None                  # an old worker's exit is no failure of the stack
+    followed = stack.follow_handovers(stack.read_state(s.config.state_path))
+    assert all(p.health == "SERVING" for p in stack.stack_status(followed))
+    decode = next(r for r in followed.processes if r.name == "decode")
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{decode.metrics_port}/metrics", timeout=10).read().decode()
+    assert 'duoserve:share_switch_seconds_count{phase="decode"} 1.0' in metrics
+    with duoserve.Client(s.target, timeout=120) as client:   # the successors serve
+        assert client.generate(prompt="Hello", max_tokens=4, temperature=0).usage.completion_tokens >= 1
+
+    pids = [r.pid for r in followed.processes] + list(old.values())
+    assert stack.down(s.config.state_dir, s.config.name, stop_timeout_s=10, say=lambda m: None) == 0
+    assert s.supervisor.wait(60) == 0
+    assert not [pid for pid in pids if _alive(pid)]
+    assert not list(stack.SHM_DIR.glob(f"{followed.segment_prefix}*"))
