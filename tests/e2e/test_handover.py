@@ -88,6 +88,16 @@ def _set_share(running: RunningStack, phase: str) -> None:
     assert reply.pending                                # applied by the successor
 
 
+def _refused_while_retuning(running: RunningStack, phase: str) -> bool:
+    """Asking again (the same share) is accepted until the standby starts, then refused until it serves."""
+    try:
+        _set_share(running, phase)
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.UNAVAILABLE and "handover" in e.details()
+        return True
+    return False
+
+
 def _wait(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -127,6 +137,7 @@ def _retune_under_load(s: RunningStack, old: dict[str, int]) -> list[list[int]]:
         t.start()
     _wait(lambda: all(e.is_set() for e in started[:4]), 120, "the first streams' tokens")
     _set_share(s, "decode")
+    _wait(lambda: _refused_while_retuning(s, "decode"), 10, "decode to start its standby")
     with duoserve.Client(s.target, timeout=300) as client:   # a cancel during the handover is honoured
         doomed = client.stream(prompt="Tell me a long story.", max_tokens=400, ignore_eos=True)
         next(iter(doomed))
