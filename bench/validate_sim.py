@@ -130,38 +130,60 @@ def format_table(rows: Sequence[Comparison], words: str) -> str:
     return "\n".join(lines)
 
 
-def measure_real(args: argparse.Namespace, say: Callable[[str], None]) -> tuple[Result, dict, str, int]:
-    """Start the split stack, warm it, run the workload, read the fit, stop it."""
-    from duoserve import stack
+@dataclass(frozen=True, slots=True)
+class RealRun:
+    """What the real stack gave: the measured requests and what the simulator needs of the stack."""
+
+    result: Result                     # bench serve's run: every request's times and lengths
+    fit: dict[str, Any]                # the orchestrator's GetModelFit, as `duoctl model --json` prints it
+    num_kv_blocks: int | None          # the stack's KV pool
+    samples: list[dict[str, Any]]      # every IterationSample the workers wrote (for the loop gaps)
+
+
+def measure_on(state: Any, specs: Sequence[Any], arrival: Any, words: str, policy: str, slo_ttft_ms: float,
+               slo_tpot_ms: float, progress: bool, say: Callable[[str], None]) -> RealRun:
+    """On a running split stack (its `duoserve.stack.StackState`): set the policy, calibrate, run the
+    workload, read the fit. Leaves the policy as it found it."""
     from duoserve.duoctl import AdminClient, _as_dict
-    from duoserve.stack import Mode, StackConfig
     from duoserve.v1 import admin_pb2 as admin_pb
+
+    orch = next((p for p in state.processes if p.name == "orchestrator"), None)
+    if orch is None:
+        raise RuntimeError("validate-sim needs a split stack with its orchestrator (the model fit)")
+    admin = AdminClient(f"127.0.0.1:{orch.port}", token=None)
+    before = admin.call("GetStatus", admin_pb.GetStatusRequest())
+    admin.call("SetSLO", admin_pb.SLO(ttft_ms=slo_ttft_ms, tpot_ms=slo_tpot_ms, percentile=90, prefer="tpot"))
+    admin.call("SetPolicy", admin_pb.SetPolicyRequest(mode=policy))
+    try:
+        calibrate_stack(state.gateway_target)
+        say(f"calibrated with {2 * CALIBRATION_REQUESTS} requests; running {len(specs)}")
+        result = run_benchmark(state.gateway_target, specs, arrival, warmup=0, slo_ttft_ms=slo_ttft_ms,
+                               slo_tpot_ms=slo_tpot_ms, progress=progress, label="validate-sim", workload=words)
+        fit = _as_dict(admin.call("GetModelFit", admin_pb.GetModelFitRequest()))
+        status = admin.call("GetStatus", admin_pb.GetStatusRequest())
+    finally:
+        admin.call("SetSLO", before.slo)
+        admin.call("SetPolicy", admin_pb.SetPolicyRequest(mode=before.policy.mode))
+    return RealRun(result, fit, status.kv_blocks_total or None, read_samples(state.redis_url, state.key_prefix))
+
+
+def measure_real(args: argparse.Namespace, say: Callable[[str], None]) -> tuple[RealRun, str]:
+    """Start a split stack of its own, measure on it, stop it."""
+    from duoserve import stack
+    from duoserve.stack import Mode, StackConfig
 
     specs, words = workload_from_args(args)
     config = StackConfig(
         state_dir=args.state_dir.expanduser(), cache_dir=args.cache_dir.expanduser(), name="validate-sim",
         mode=Mode.SPLIT, model=args.model, num_kv_blocks=args.num_kv_blocks,
         startup_timeout_s=args.startup_timeout, with_orchestrator=True)
-    stack.up(config, detach=True, say=lambda m: say(m), out=io.StringIO())
+    stack.up(config, detach=True, say=say, out=io.StringIO())
     try:
-        state = stack.read_state(config.state_path)
-        orch = next(p for p in state.processes if p.name == "orchestrator")
-        admin = AdminClient(f"127.0.0.1:{orch.port}", token=None)
-        admin.call("SetSLO", admin_pb.SLO(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms, percentile=90,
-                                          prefer="tpot"))
-        admin.call("SetPolicy", admin_pb.SetPolicyRequest(mode=args.policy))
-        calibrate_stack(state.gateway_target)
-        say(f"calibrated with {2 * CALIBRATION_REQUESTS} requests; running {len(specs)}")
-        result = run_benchmark(state.gateway_target, specs, arrival_from_args(args), warmup=0,
-                               slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms,
-                               progress=not args.no_progress, label="validate-sim", workload=words)
-        fit = _as_dict(admin.call("GetModelFit", admin_pb.GetModelFitRequest()))
-        status = admin.call("GetStatus", admin_pb.GetStatusRequest())
-        num_blocks = status.kv_blocks_total or None
-        samples = read_samples(state.redis_url, state.key_prefix)
+        real = measure_on(stack.read_state(config.state_path), specs, arrival_from_args(args), words, args.policy,
+                          args.slo_ttft_ms, args.slo_tpot_ms, not args.no_progress, say)
     finally:
         stack.down(config.state_dir, config.name, stop_timeout_s=config.stop_timeout_s, say=say)
-    return result, fit, words, num_blocks, samples
+    return real, words
 
 
 def calibrate_stack(target: str) -> None:
@@ -204,26 +226,32 @@ def loop_gaps(samples: Sequence[dict[str, Any]], max_gap_ms: float = 100.0) -> d
 
 def validate(args: argparse.Namespace, say: Callable[[str], None]) -> dict[str, Any]:
     started = time.monotonic()
-    result, fit, words, num_blocks, samples = measure_real(args, say)
+    real, words = measure_real(args, say)
+    report = judge(real, words, args.policy, args.tolerance, args.cpu_cores)
+    return report | {"wall_s": round(time.monotonic() - started, 1)}
+
+
+def judge(real: RealRun, words: str, policy: str, tolerance: float, cpu_cores: int) -> dict[str, Any]:
+    """Simulate the requests of `real` as they were sent, and compare the percentiles."""
+    result = real.result
     failed = [r.error for r in result.records if not r.success]
     if failed:
         raise RuntimeError(f"{len(failed)} requests failed on the real stack, e.g. {failed[0]}")
-    trace = trace_of(result)
-    gaps = loop_gaps(samples)
+    gaps = loop_gaps(real.samples)
     loop_gap = gaps["decode"]["median_gap_ms"] if "decode" in gaps else None
     with tempfile.TemporaryDirectory() as tmp:
         fit_path = Path(tmp) / "fit.json"
-        fit_path.write_text(json.dumps(fit))
-        sim, run = simulated_latencies(trace, fit_path, args.policy, args.slo_ttft_ms, args.slo_tpot_ms,
-                                       args.cpu_cores, num_blocks, loop_gap)
-    rows = compare(real_latencies(result), sim, args.tolerance)
-    return {"workload": words, "policy": args.policy, "tolerance": args.tolerance,
+        fit_path.write_text(json.dumps(real.fit))
+        sim, run = simulated_latencies(trace_of(result), fit_path, policy, result.metrics.slo_ttft_ms or 1e9,
+                                       result.metrics.slo_tpot_ms or 1e9, cpu_cores, real.num_kv_blocks, loop_gap)
+    rows = compare(real_latencies(result), sim, tolerance)
+    return {"workload": words, "policy": policy, "tolerance": tolerance,
             "passed": bool(rows) and all(c.ok for c in rows),
             "comparisons": [{"metric": c.metric, "quantile": c.quantile, "real_ms": round(c.real_ms, 2),
                              "sim_ms": round(c.sim_ms, 2), "rel_error": round(c.rel_error, 4), "ok": c.ok}
                             for c in rows],
-            "fit": fit, "loop_gaps": gaps, "sim_run": run, "real_metrics": result.to_json()["metrics"],
-            "wall_s": round(time.monotonic() - started, 1), "table": format_table(rows, words)}
+            "fit": real.fit, "loop_gaps": gaps, "sim_run": run, "real_metrics": result.to_json()["metrics"],
+            "table": format_table(rows, words)}
 
 
 def run_from_args(args: argparse.Namespace) -> int:

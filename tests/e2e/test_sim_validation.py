@@ -1,0 +1,32 @@
+"""The simulator against the real CPU stack (issue 5's validation): the same requests, sent to the real
+split stack and simulated with the CPU calibration the stack's own orchestrator fitted; p50 and p90 of
+TTFT and TPOT within 20%."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from bench.datasets import DEFAULT_AZURE_CONV, Arrival, load_azure_conv
+from bench.validate_sim import judge, measure_on
+
+pytestmark = pytest.mark.slow
+
+NUM_REQUESTS = 16          # the first requests of the Azure conversation trace
+LENGTH_SCALE = 0.1         # as bench serve's default: the model is tiny, the CPU slow
+RATE_SCALE = 0.1           # a tenth of the recorded rate: the stack is busy but keeps up
+TOLERANCE = 0.2
+
+
+def test_simulated_percentiles_within_20_percent_of_the_real_stack(split_stack):
+    start_free = split_stack.num_free_blocks()
+    specs = load_azure_conv(DEFAULT_AZURE_CONV, max_requests=NUM_REQUESTS, length_scale=LENGTH_SCALE,
+                            rate_scale=RATE_SCALE)
+    words = f"azure-conv: first {NUM_REQUESTS} requests, lengths x {LENGTH_SCALE:g}, rate x {RATE_SCALE:g}"
+    real = measure_on(split_stack.state, specs, Arrival("trace"), words, "static", slo_ttft_ms=5000,
+                      slo_tpot_ms=500, progress=False, say=lambda m: print(m, file=sys.stderr))
+    report = judge(real, words, "static", TOLERANCE, cpu_cores=len(os.sched_getaffinity(0)))
+    print(report["table"])
+    assert report["passed"], report["table"] + f"\nloop gaps: {report['loop_gaps']}\nfit: {report['fit']}"
+    assert split_stack.wait_free_blocks(start_free) == start_free
