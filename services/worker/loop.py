@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 PREFILL_GROUP = "prefill"
 TIMINGS_MAXLEN = 20_000     # iteration samples kept for the performance model
 DECODE_GROUP = "decode"
+IDLE_REPORT_S = 2.0         # an idle worker rewrites its report this often (orchestrator/admin.py: STALE_REPORT_S 10)
 
 
 @dataclass
@@ -74,6 +75,7 @@ class Worker:
     retuner: object | None = None        # services.worker.handover.Retuner in handover mode (set by main)
     switch_ms: tuple[float, float] = (0.0, 0.0)   # last handover that started this worker: latency, pause
     stats: StatsSnapshot = field(default_factory=StatsSnapshot)
+    last_report_at: float = 0.0          # time.monotonic() of the last WorkerReport written
     keys: KeySpace = field(init=False)
     cancels: CancelWatcher = field(init=False)
     is_split_decode: bool = field(init=False)    # reads hand-offs instead of the prefill queue
@@ -100,6 +102,8 @@ class Worker:
             return
         self._take_new_work()
         if not self.scheduler.has_work():
+            if time.monotonic() - self.last_report_at >= IDLE_REPORT_S:
+                self.report()         # idle: still alive and listed (the orchestrator drops silent workers)
             return
         started = time.perf_counter()
         batch = self.scheduler.schedule()                       # pure: which requests, which blocks
@@ -311,6 +315,7 @@ class Worker:
                               units_total=units.total if units else 0, pid=os.getpid(),
                               share_switch_ms=self.switch_ms[0], share_switch_stall_ms=self.switch_ms[1])
         (pipe or self.client).hset(self.keys.worker_stats(self.config.phase.value), mapping={"m": to_json(report)})
+        self.last_report_at = time.monotonic()
 
     def cancel_all(self, reason: str) -> None:
         """On shutdown: end every request this worker holds, telling its gateway."""
