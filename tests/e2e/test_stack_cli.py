@@ -459,7 +459,7 @@ def test_a_recycled_pid_is_never_signalled(beside):
     gateway = record(beside.state, "gateway")
     assert stack.is_alive(gateway.pid, gateway.start_time)
     assert not stack.is_alive(gateway.pid, gateway.start_time + 1)       # same pid, another process
-    stack._signal(gateway.pid, gateway.start_time + 1, signal.SIGKILL)
+    stack.signal_process(gateway.pid, gateway.start_time + 1, signal.SIGKILL)
     time.sleep(0.2)
     assert stack.is_alive(gateway.pid, gateway.start_time)
     assert stack.grpc_health(gateway.target) == "SERVING"
@@ -501,4 +501,4 @@ def test_down_kills_a_stopped_worker_and_cleans_up_after_a_dead_arena(beside, sp
         assert stack.down(beside.config.state_dir, "beside", stop_timeout_s=1.0, say=said.append) == 1
     finally:
         split_stack.redis.delete("someone-else")
-        stack._signal(decode.pid, decode.start_time, signal.SIGCONT)     # if still there: let the fixture stop it
+        stack.signal_process(decode.pid, decode.start_time, signal.SIGCONT)     # if still there: let the fixture stop it

@@ -1,0 +1,217 @@
+"""The plan of a stack (pure: no processes, no sockets): its config, the names and ports it invents,
+and the command line and environment of every process, stage by stage. `duoserve.stack` runs it."""
+from __future__ import annotations
+
+import enum
+import os
+import re
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common import mps
+
+LOOPBACK = "127.0.0.1"
+SHM_DIR = Path("/dev/shm")
+STATE_FILE = "state.json"
+STATE_VERSION = 1
+PORT_RETRIES = 3                   # relaunches of one process after a port collision
+UNIX_SOCKET_PATH_MAX = 100         # sun_path is 108 bytes on Linux; leave room
+BIND_FAILURES = ("address already in use", "cannot listen on", "failed to bind", "errno 98",
+                 "could not create server tcp listening socket")
+HEALTHY = "SERVING"
+HANDOVER_NAMES = ("prefill", "decode")   # workers that may replace themselves (retune by handover)
+
+
+class StackError(RuntimeError):
+    """Something a person has to act on: a stack already running, a process that failed to start."""
+
+
+class Mode(enum.Enum):
+    SPLIT = "split"            # prefill and decode in separate processes over the arena's memory
+    COLOCATED = "colocated"    # one engine doing chunked-prefill hybrid batches (the baseline)
+
+
+@dataclass(frozen=True, slots=True)
+class StackConfig:
+    """One `duoserve up`: what to run. Built once by the CLI (the only reader of the environment)."""
+
+    state_dir: Path                          # parent of every stack's directory
+    cache_dir: Path                          # converted checkpoints
+    name: str = "default"                    # several stacks can run side by side under different names
+    mode: Mode = Mode.SPLIT
+    redis_url: str | None = None             # external Redis (never started or stopped); None: start one
+    model: str | None = None                 # None: the default model
+    dtype: str = "float32"
+    num_kv_blocks: int | None = None         # KV pool size (None: the arena's / worker's memory budget)
+    cpus: tuple[int, ...] = ()               # the stack's cores (empty: all this process may use)
+    prefill_cpus: tuple[int, ...] = ()       # split: prefill's initial cores (empty: first half of `cpus`)
+    decode_cpus: tuple[int, ...] = ()        # split: decode's initial cores (empty: second half of `cpus`)
+    max_num_seqs: int | None = None          # worker limits; None keeps the worker's default
+    max_num_batched_tokens: int | None = None
+    chunk_size: int | None = None            # colocated: prompt tokens per hybrid iteration
+    max_queue_len: int | None = None         # gateway: waiting requests before RESOURCE_EXHAUSTED
+    startup_timeout_s: float = 600.0         # from the first launch to every process SERVING
+    stop_timeout_s: float = 10.0             # SIGTERM -> SIGKILL, per stage
+    with_orchestrator: bool = True           # split: run the orchestrator (SLO-aware shares, Admin API)
+    admin_token: str = ""                    # Admin API bearer token (handed over in the environment)
+    python: str = sys.executable             # interpreter of the service processes
+    redis_server: str | None = None          # redis-server binary (None: looked up on PATH)
+    device: str = "cpu"                      # "cpu" or "cuda" (cuda:0; split mode runs under MPS)
+    prefill_percentage: int = 50             # cuda split: prefill's CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (a cap)
+    decode_percentage: int = 50              # cuda split: decode's
+    mps_pipe_dir: Path | None = None         # cuda: a running MPS daemon's pipe dir to use (else the default
+                                             # /tmp/nvidia-mps, else a private daemon is started)
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.name):
+            raise ValueError(f"stack name {self.name!r}: use letters, digits, '_', '.', '-' (at most 64)")
+        available = os.sched_getaffinity(0)
+        for what, cpus in (("cpus", self.cpus), ("prefill cpus", self.prefill_cpus),
+                           ("decode cpus", self.decode_cpus)):
+            if any(c not in available for c in cpus):
+                raise ValueError(f"{what} {list(cpus)} not all available to this process ({sorted(available)})")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError("num_kv_blocks must be at least 1")
+        if self.startup_timeout_s <= 0 or self.stop_timeout_s < 0:
+            raise ValueError("startup timeout must be positive and stop timeout not negative")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        mps.check_percentage(self.prefill_percentage)
+        mps.check_percentage(self.decode_percentage)
+
+    @property
+    def uses_mps(self) -> bool:
+        """cuda split: prefill and decode share the GPU as MPS clients."""
+        return self.device == "cuda" and self.mode is Mode.SPLIT
+
+    @property
+    def stack_dir(self) -> Path:
+        return self.state_dir / self.name
+
+    @property
+    def state_path(self) -> Path:
+        return self.stack_dir / STATE_FILE
+
+    def worker_cpus(self) -> dict[str, tuple[int, ...]]:
+        """Each worker's initial cores: split halves the stack's cores (2 cores: prefill 0, decode 1)."""
+        pool = self.cpus or tuple(sorted(os.sched_getaffinity(0)))
+        if self.mode is Mode.COLOCATED:
+            return {"colocated": pool}
+        half = max(1, len(pool) // 2)
+        return {"prefill": self.prefill_cpus or pool[:half],
+                "decode": self.decode_cpus or (pool[half:] or pool[-1:])}
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """What one `up` invents for its stack before anything starts."""
+
+    stack_id: str                  # unique per `up`: names the shared memory and the Redis key space
+    key_prefix: str                # Redis keys of this stack: "<key_prefix>:..."
+    segment_prefix: str            # /dev/shm names of this stack: "duoserve-<stack_id>-"
+    arena_socket: Path             # where the arena hands out its segments (split mode)
+    mps: mps.MpsDaemon | None = None   # cuda split: the MPS daemon the arena and workers are clients of
+
+    @staticmethod
+    def new(stack_dir: Path) -> Layout:
+        stack_id = uuid.uuid4().hex[:10]
+        sock = stack_dir / "arena.sock"
+        if len(str(sock)) > UNIX_SOCKET_PATH_MAX:     # a deep state dir: sun_path is short
+            sock = Path("/tmp") / f"duoserve-{os.getuid()}" / stack_id / "arena.sock"   # as the arena's default
+        return Layout(stack_id, f"duo:{stack_id}", f"duoserve-{stack_id}-", sock)
+
+    def private_mps_pipe_dir(self) -> Path:
+        """Where a daemon this stack starts listens: beside the arena socket (short, private)."""
+        return self.arena_socket.parent / "mps"
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessSpec:
+    """One process to launch: the plan's unit."""
+
+    name: str                      # redis, arena, prefill, decode, colocated, gateway
+    argv: tuple[str, ...]          # full command line
+    port: int                      # what its health check asks (redis: its own port)
+    metrics_port: int              # Prometheus /metrics (0: none)
+    health: str = "grpc"           # "grpc": grpc.health.v1 Check; "redis": PING
+    env: tuple[tuple[str, str], ...] = ()   # extra environment (secrets stay off the command line)
+
+    @property
+    def target(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan (pure: no processes, no sockets)
+# ---------------------------------------------------------------------------------------------
+
+def stage_names(config: StackConfig) -> tuple[tuple[str, ...], ...]:
+    """Start order; processes within a stage start together."""
+    redis = () if config.redis_url else (("redis",),)
+    if config.mode is Mode.COLOCATED:
+        return redis + (("colocated",), ("gateway",))
+    last = ("gateway", "orchestrator") if config.with_orchestrator else ("gateway",)
+    return redis + (("arena",), ("prefill", "decode"), last)
+
+
+def redis_url_of(config: StackConfig, ports: dict[str, tuple[int, int]]) -> str:
+    return config.redis_url or f"redis://{LOOPBACK}:{ports['redis'][0]}/0"
+
+
+def plan(config: StackConfig, layout: Layout,
+         ports: dict[str, tuple[int, int]]) -> list[list[ProcessSpec]]:
+    """Every process of the stack, in stages. `ports[name]` is (port, metrics port)."""
+    return [[process_spec(name, config, layout, ports) for name in stage] for stage in stage_names(config)]
+
+
+def process_spec(name: str, config: StackConfig, layout: Layout,
+                 ports: dict[str, tuple[int, int]]) -> ProcessSpec:
+    port, metrics_port = ports[name]
+    redis_url = redis_url_of(config, ports)
+    common = ("--redis-url", redis_url, "--key-prefix", layout.key_prefix,
+              "--port", str(port), "--metrics-port", str(metrics_port))
+    py = (config.python, "-m")
+    model = ("--model", config.model) if config.model else ()
+    kv = ("--num-kv-blocks", str(config.num_kv_blocks)) if config.num_kv_blocks else ()
+    if name == "redis":
+        argv = (config.redis_server or "redis-server", "--bind", LOOPBACK, "--port", str(port),
+                "--save", "", "--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes",
+                "--dir", str(config.stack_dir / "redis"))
+        return ProcessSpec(name, argv, port, 0, health="redis")
+    device = ("--device", config.device) if config.device != "cpu" else ()
+    if name == "arena":
+        argv = py + ("services.arena.main", *common, *model, "--cache-dir", str(config.cache_dir),
+                     "--dtype", config.dtype, *kv, "--stack-id", layout.stack_id,
+                     "--socket", str(layout.arena_socket), *device)
+        # An MPS client too (no compute, no limit): its allocations are the ones the workers open.
+        env = tuple(layout.mps.client_env().items()) if layout.mps else ()
+        return ProcessSpec(name, argv, port, metrics_port, env=env)
+    if name in ("prefill", "decode", "colocated"):
+        limits: list[str] = []
+        for flag, value in (("--max-num-seqs", config.max_num_seqs),
+                            ("--max-num-batched-tokens", config.max_num_batched_tokens),
+                            ("--chunk-size", config.chunk_size)):
+            if value is not None:
+                limits += [flag, str(value)]
+        cpus = ",".join(map(str, config.worker_cpus()[name]))
+        where = (("--arena-socket", str(layout.arena_socket)) if name != "colocated"
+                 else (*model, "--dtype", config.dtype, *kv))
+        argv = py + (f"services.{name}.main", *common, *where, "--cache-dir", str(config.cache_dir),
+                     "--cpus", cpus, *limits, *device)
+        # Idle OpenMP threads sleep instead of spinning: two workers share cores (and a busy machine's
+        # cores), and a spinning thread that loses its core stalls its siblings.
+        env = (("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE")),)
+        if layout.mps and name != "colocated":      # its SM cap, fixed when its CUDA context is created
+            percentage = config.prefill_percentage if name == "prefill" else config.decode_percentage
+            env += tuple(layout.mps.client_env(percentage).items())
+        return ProcessSpec(name, argv, port, metrics_port, env=env)
+    if name == "gateway":
+        queue = ("--max-queue-len", str(config.max_queue_len)) if config.max_queue_len else ()
+        return ProcessSpec(name, py + ("services.gateway.main", *common, *queue), port, metrics_port)
+    if name == "orchestrator":
+        cpus = ",".join(map(str, config.cpus or tuple(sorted(os.sched_getaffinity(0)))))
+        env = (("DUOSERVE_ADMIN_TOKEN", config.admin_token),) if config.admin_token else ()
+        return ProcessSpec(name, py + ("orchestrator.main", *common, "--cpus", cpus), port, metrics_port, env=env)
+    raise ValueError(f"unknown process {name!r}")

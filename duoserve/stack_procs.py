@@ -1,0 +1,304 @@
+"""The stack's state file and the processes it records: start times, signals, ports, health checks,
+log tails and leftover shared memory. Used by `duoserve.stack` (up, down, status)."""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Iterable
+
+from duoserve.stack_plan import LOOPBACK, SHM_DIR, STATE_VERSION, HEALTHY, HANDOVER_NAMES, StackError
+
+
+# ---------------------------------------------------------------------------------------------
+# The state file
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class ProcessRecord:
+    """One launched process, as `down` and `status` find it."""
+
+    name: str
+    pid: int
+    start_time: int | None         # /proc/<pid>/stat starttime: tells it from a recycled pid
+    stage: int                     # start order; stopped in reverse
+    port: int
+    metrics_port: int
+    health: str                    # "grpc" or "redis"
+    log: str                       # its stdout and stderr
+    argv: tuple[str, ...]
+
+    @property
+    def target(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class StackState:
+    """Everything needed to find, check and stop a stack from another process."""
+
+    name: str
+    mode: str
+    stack_id: str
+    key_prefix: str
+    segment_prefix: str
+    redis_url: str
+    owns_redis: bool               # False: an external Redis (only our keys are deleted at `down`)
+    arena_socket: str | None
+    gateway_target: str | None     # set once the gateway is launched
+    supervisor_pid: int | None     # a foreground `up` watching the stack (None when detached)
+    supervisor_start_time: int | None
+    created_at: float
+    processes: tuple[ProcessRecord, ...] = ()
+    version: int = STATE_VERSION
+    device: str = "cpu"            # where the model runs
+    mps: dict | None = None        # cuda split: asdict(services.common.mps.MpsDaemon); `down` quits it if ours
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @staticmethod
+    def from_json(text: str) -> StackState:
+        data = json.loads(text)
+        if data.get("version") != STATE_VERSION:
+            raise StackError(f"state file version {data.get('version')!r} is not {STATE_VERSION}")
+        procs = tuple(ProcessRecord(**{**p, "argv": tuple(p["argv"])}) for p in data.pop("processes"))
+        return StackState(**data, processes=procs)
+
+
+def write_state(path: Path, state: StackState) -> None:
+    """Atomically: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(state.to_json())
+    os.replace(tmp, path)
+
+
+def read_state(path: Path) -> StackState | None:
+    try:
+        return StackState.from_json(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (ValueError, TypeError, KeyError) as e:
+        raise StackError(f"unreadable state file {path}: {e}; remove it after checking nothing runs") from e
+
+
+def make_stack_dir(stack_dir: Path) -> None:
+    """Mode 0700: it holds the arena socket, which the arena refuses to put where others can enter."""
+    stack_dir.parent.mkdir(parents=True, exist_ok=True)
+    stack_dir.mkdir(mode=0o700, exist_ok=True)
+    if stack_dir.stat().st_mode & 0o077:
+        stack_dir.chmod(0o700)
+
+
+@contextlib.contextmanager
+def stack_lock(stack_dir: Path):
+    """One `up` or `down` at a time per stack name."""
+    make_stack_dir(stack_dir)
+    with open(stack_dir / "lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes, ports, health
+# ---------------------------------------------------------------------------------------------
+
+def process_start_time(pid: int) -> int | None:
+    """The kernel's start time of a live process (None if gone or a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()     # after "pid (comm) "; comm may hold spaces
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])                            # field 22 of proc(5)
+
+
+def is_alive(pid: int | None, start_time: int | None) -> bool:
+    if not pid:
+        return False
+    now = process_start_time(pid)
+    return now is not None and (start_time is None or now == start_time)
+
+
+def follow_handovers(state: StackState) -> StackState:
+    """The stack as it is after retunes by handover (services/worker/handover.py): a worker replaced
+    itself with a successor it started, recording "old pid" -> "new pid:start time" in Redis
+    (`<key_prefix>:successors`). Each worker record follows that chain: its live processes take its
+    place (mid-handover, the old worker and its standby both). Best effort: without Redis, unchanged."""
+    if not any(r.name in HANDOVER_NAMES for r in state.processes):
+        return state
+    try:
+        import redis
+        client = redis.Redis.from_url(state.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        raw = client.hgetall(f"{state.key_prefix}:successors")
+        client.close()
+    except Exception:          # noqa: BLE001: Redis gone; the state file is all there is
+        return state
+    successors = {int(k): tuple(int(x) for x in v.split(b":")) for k, v in raw.items()}
+    records: list[ProcessRecord] = []
+    for r in state.processes:
+        chain = [r]
+        while r.name in HANDOVER_NAMES and chain[-1].pid in successors and len(chain) < 1000:
+            pid, start = successors[chain[-1].pid]
+            chain.append(replace(r, pid=pid, start_time=start))
+        live = [c for c in chain if is_alive(c.pid, c.start_time)]
+        records.extend(live or chain[-1:])
+    return replace(state, processes=tuple(records))
+
+
+def _reap(pid: int) -> None:
+    """Collect our own exited child so it stops being a zombie; others' pids are left alone."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def signal_process(pid: int, start_time: int | None, sig: int, group: bool = True) -> None:
+    """Signal a live process, and with `group` its process group when it leads one (our launches do)."""
+    if not is_alive(pid, start_time):
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if group and os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+
+
+def stop_processes(procs: Iterable[tuple[int, int | None]], timeout_s: float) -> list[int]:
+    """SIGTERM, wait up to `timeout_s`, SIGKILL what is left; returns the pids that needed SIGKILL."""
+    procs = [p for p in procs if is_alive(*p)]
+    for pid, start in procs:
+        signal_process(pid, start, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for pid, _ in procs:
+            _reap(pid)
+        left = [p for p in procs if is_alive(*p)]
+        if not left or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    for pid, start in left:
+        signal_process(pid, start, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0
+    while any(is_alive(*p) for p in left) and time.monotonic() < deadline:
+        for pid, _ in left:
+            _reap(pid)
+        time.sleep(0.02)
+    return [pid for pid, _ in left]
+
+
+def pick_free_ports(n: int, avoid: Iterable[int] = ()) -> list[int]:
+    """`n` distinct loopback ports free right now (bound to port 0 together, then released)."""
+    avoid = set(avoid)
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < n:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            held.append(s)
+            s.bind((LOOPBACK, 0))
+            port = s.getsockname()[1]
+            if port not in avoid:
+                ports.append(port)
+    finally:
+        for s in held:
+            s.close()
+    return ports
+
+
+def port_in_use(port: int) -> bool:
+    """Whether something still holds `port` on the loopback (a bind to it fails)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((LOOPBACK, port))
+        except OSError:
+            return True
+    return False
+
+
+def grpc_health(target: str, timeout_s: float = 1.0) -> str:
+    """The grpc.health.v1 status of the server's overall service "", or why there is none."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)]) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+        except grpc.RpcError as e:
+            code = e.code()
+            return "UNREACHABLE" if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) \
+                else code.name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def redis_health(port: int, timeout_s: float = 1.0, pid: int | None = None) -> str:
+    """SERVING when PING answers (from process `pid`, if given: not a server that took the port first),
+    NOT_SERVING while it loads its data, else UNREACHABLE."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+    client = redis.Redis(host=LOOPBACK, port=port, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                         retry=Retry(NoBackoff(), 0))          # one probe, no hidden backoff
+    try:
+        client.ping()
+        if pid is not None and int(client.info("server")["process_id"]) != pid:
+            return "UNREACHABLE"
+        return HEALTHY
+    except redis.BusyLoadingError:
+        return "NOT_SERVING"
+    except redis.RedisError:
+        return "UNREACHABLE"
+    finally:
+        client.close()
+
+
+def health_of(kind: str, port: int, timeout_s: float = 1.0, pid: int | None = None) -> str:
+    return redis_health(port, timeout_s, pid) if kind == "redis" else grpc_health(f"{LOOPBACK}:{port}", timeout_s)
+
+
+def log_tail(path: Path | str, lines: int = 30, since: int = 0) -> str:
+    """The last `lines` lines of a log, reading no further back than byte `since`."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(since, f.tell() - 64 * 1024))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+def remove_segments(prefix: str) -> list[str]:
+    """Unlink every POSIX shared-memory segment whose name starts with `prefix`."""
+    if not prefix.startswith("duoserve-") or len(prefix) <= len("duoserve-"):
+        raise ValueError(f"refusing to remove segments by the broad prefix {prefix!r}")
+    removed = []
+    for path in SHM_DIR.glob(f"{prefix}*"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path.name)
+    return removed
+
+
+def find_redis_server() -> str | None:
+    try:
+        from services.common.redis_server import find_redis_server
+    except ImportError:
+        return shutil.which("redis-server")
+    try:
+        found = find_redis_server()
+    except (FileNotFoundError, RuntimeError):
+        return None
+    return str(found) if found else None
