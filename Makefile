@@ -30,8 +30,14 @@ native:
 	@if [ -n "$(NVCC)" ]; then $(MAKE) -C native NVCC=$(NVCC); \
 	 else echo "warning: nvcc not found; skipping native/ (the SM probe); workers will report no SM count"; fi
 
+# The whole stack on this machine's CPU (its own redis-server on a free port, arena, prefill, decode,
+# gateway, orchestrator; the default model), one question through the gateway, then the stack down.
+DEMO_PROMPT ?= What is the capital of France?
 demo: install
-	$(BIN)/duoserve generate --max-tokens 32 "What is the capital of France?"
+	@target=$$($(BIN)/duoserve up --name demo --detach) || exit 1; \
+	 trap '$(BIN)/duoserve down --name demo' EXIT; \
+	 echo "Q: $(DEMO_PROMPT)"; \
+	 printf 'A: '; $(BIN)/duoserve generate --target "$$target" --max-tokens 32 "$(DEMO_PROMPT)"
 
 test: install native
 	$(BIN)/python -m pytest -q
