@@ -84,8 +84,10 @@ class Shutdown:
     def __init__(self) -> None:
         self.requested = threading.Event()
         self.interrupt = True
+        self.signalled = False        # a signal arrived (requested is also set by `run`'s own clean-up)
 
     def __call__(self, signum: int, frame: object) -> None:
+        self.signalled = True
         first = not self.requested.is_set()
         self.requested.set()
         if first and self.interrupt:
@@ -344,7 +346,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:                     # a signal during start-up
         log.info("stopped while starting")
         return int(e.code or 0)
-    except Exception:
+    except Exception as e:
+        if shutdown.signalled:
+            # The SystemExit raised inside a C extension (safetensors, torch) can come back out as
+            # another exception, e.g. a ValueError about an UntypedStorage: the signal, not a failure.
+            log.info("stopped while starting (%s: %s)", type(e).__name__, e)
+            return 0
         log.exception("arena failed")
         return 1
 
