@@ -53,6 +53,30 @@ def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
 
 
 @triton.jit
+def _attend_key_tile(q, m_i, l_i, acc, visible, k_cache_ptr, v_cache_ptr, table, pos, pos_ok, kv_head, dims,
+                     d_ok, qk_scale, stride_cb, stride_ch, stride_ct, BLOCK_SIZE: tl.constexpr,
+                     UPCAST: tl.constexpr):
+    """One tile of N keys at positions `pos` through the block table, folded into the online softmax of
+    the R query rows q [R, D]: running max m_i [R], sum l_i [R] and output acc [R, D] (base 2)."""
+    blocks = tl.load(table + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
+    kv_off = (blocks[:, None] * stride_cb + kv_head * stride_ch + (pos % BLOCK_SIZE)[:, None] * stride_ct
+              + dims[None, :])                                                         # [N, D]
+    kv_ok = pos_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_cache_ptr + kv_off, mask=kv_ok, other=0.0)
+    v = tl.load(v_cache_ptr + kv_off, mask=kv_ok, other=0.0)
+    if UPCAST:
+        k, v = k.to(tl.float32), v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale                     # [R, N]
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, context_lens_ptr, out_ptr, scale,
                    stride_qt, stride_qh, stride_cb, stride_ch, stride_ct, stride_tb, stride_ot, stride_oh,
                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -78,22 +102,9 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, tables_ptr, context_lens_ptr
     for start in range(0, context_len, BLOCK_N):
         pos = start + keys
         pos_ok = pos < context_len
-        blocks = tl.load(table + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
-        kv_off = (blocks[:, None] * stride_cb + kv_head * stride_ch + (pos % BLOCK_SIZE)[:, None] * stride_ct
-                  + dims[None, :])                                                     # [N, D]
-        kv_ok = pos_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=kv_ok, other=0.0)
-        v = tl.load(v_cache_ptr + kv_off, mask=kv_ok, other=0.0)
-        if UPCAST:
-            k, v = k.to(tl.float32), v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale                 # [G, N]
-        s = tl.where(pos_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        m_i = m_new
+        m_i, l_i, acc = _attend_key_tile(q, m_i, l_i, acc, pos_ok[None, :], k_cache_ptr, v_cache_ptr, table,
+                                         pos, pos_ok, kv_head, dims, d_ok, qk_scale, stride_cb, stride_ch,
+                                         stride_ct, BLOCK_SIZE, UPCAST)                # [G, D]
     out = acc / l_i[:, None]
     tl.store(out_ptr + row * stride_ot + heads[:, None] * stride_oh + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
@@ -127,23 +138,11 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, out_ptr, scale, 
     for start in range(0, kv_end, BLOCK_N):
         pos = start + keys
         pos_ok = pos < kv_end
-        blocks = tl.load(table_ptr + pos // BLOCK_SIZE, mask=pos_ok, other=0).to(tl.int64)
-        kv_off = (blocks[:, None] * stride_cb + kv_head * stride_ch + (pos % BLOCK_SIZE)[:, None] * stride_ct
-                  + dims[None, :])                                                     # [N, D]
-        kv_ok = pos_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=kv_ok, other=0.0)
-        v = tl.load(v_cache_ptr + kv_off, mask=kv_ok, other=0.0)
-        if UPCAST:
-            k, v = k.to(tl.float32), v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale                 # [M, N]
         # Key 0 is visible to every row, so after the first step no row's max is -inf (no NaN).
-        s = tl.where((pos[None, :] <= q_pos[:, None]) & pos_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        m_i = m_new
+        visible = (pos[None, :] <= q_pos[:, None]) & pos_ok[None, :]                   # [M, N]
+        m_i, l_i, acc = _attend_key_tile(q, m_i, l_i, acc, visible, k_cache_ptr, v_cache_ptr, table_ptr,
+                                         pos, pos_ok, kv_head, dims, d_ok, qk_scale, stride_cb, stride_ch,
+                                         stride_ct, BLOCK_SIZE, UPCAST)                # [M, D]
     out = acc / l_i[:, None]
     tl.store(out_ptr + rows[:, None] * stride_ot + head * stride_oh + dims[None, :],
              out.to(out_ptr.dtype.element_ty), mask=rows_ok[:, None] & d_ok[None, :])
