@@ -239,7 +239,7 @@ def _bench_validate_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", type=Path, default=None, help="write the comparison as JSON")
     p.add_argument("--request-rate", type=_rate, default=None, help=argparse.SUPPRESS)
     _add_workload_args(p)
-    p.set_defaults(slo_ttft_ms=5000.0, slo_tpot_ms=500.0, num_requests=24, rate_scale=0.05)
+    p.set_defaults(slo_ttft_ms=5000.0, slo_tpot_ms=500.0, num_requests=16, rate_scale=0.1)   # as the e2e test
     _add_bench_stack_args(p)
 
 
