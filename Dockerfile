@@ -60,6 +60,15 @@ COPY --from=native /out/ /tmp/native/
 RUN dest="$(cd / && python -c 'from services.common.sm_probe import DEFAULT_LIBRARY as p; print(p.parent)')" \
  && mkdir -p "$dest" && cp -r /tmp/native/. "$dest"/ && rm -rf /tmp/native
 
+# The CPU kernels (native/cpu_ops.cpp), compiled against the torch just installed and put where
+# services.engine.cpu_ops looks for them; the compiler leaves with the layer's end (the cuda image
+# keeps the gcc Triton needs).
+COPY native/cpu_ops.cpp native/cpu_kernels.inc native/build_cpu_ops.py /tmp/native-cpu/
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/* \
+ && python /tmp/native-cpu/build_cpu_ops.py \
+      --output "$(cd / && python -c 'from services.engine.cpu_ops import DEFAULT_LIBRARY as p; print(p)')" \
+ && apt-get purge -y g++ && apt-get autoremove -y && rm -rf /tmp/native-cpu
+
 # One non-root user runs every process: the arena serves only peers of its own uid (SO_PEERCRED) and
 # MPS serves clients of the uid that started its server. Directories that compose mounts named
 # volumes on are made here, so a fresh volume starts with this owner and mode (the arena refuses a

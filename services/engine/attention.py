@@ -12,9 +12,8 @@ new token each). `AttentionMetadata` is built once per iteration and shared by e
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +45,13 @@ class AttentionMetadata:
         return self.decode_block_tables.shape[0]
 
 
+def decode_context_lens(meta: AttentionMetadata) -> torch.Tensor:
+    """Keys each decode row attends to: the runner's [B] tensor, else counted from the mask."""
+    if meta.decode_context_lens is not None:
+        return meta.decode_context_lens
+    return meta.decode_mask.view(meta.num_decodes, -1).sum(dim=1, dtype=torch.int32)
+
+
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Store the new tokens' K/V in their slots. k, v: [T, Hkv, D]; caches: [N, Hkv, block_size, D]."""
@@ -67,25 +73,35 @@ def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tens
     return out.view(batch, num_heads, width * block_size, head_dim)
 
 
+DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor]
+PrefillAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, PrefillSeq, float],
+                            torch.Tensor]
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Attention for a flat batch. q [T, H, D]; k, v [T, Hkv, D] (already written to the cache). -> [T, H, D]."""
+                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                    decode: DecodeAttention | None = None, prefill: PrefillAttention | None = None) -> torch.Tensor:
+    """Attention for a flat batch. q [T, H, D]; k, v [T, Hkv, D] (already written to the cache). -> [T, H, D].
+
+    decode, prefill: the ops for the decode rows and for each prefill chunk (`decode_attention_torch`
+    and `prefill_attention_torch` by default; `cpu_ops` passes its kernels' wrappers)."""
+    decode = decode or decode_attention_torch
+    prefill = prefill or prefill_attention_torch
     if not meta.prefills:                                 # pure decode: no copy into a shared output
-        return _decode_attention(q, k_cache, v_cache, meta, scale)
+        return decode(q, k_cache, v_cache, meta, scale)
     if len(meta.prefills) == 1 and not meta.num_decodes:  # one prompt (chunk) alone
-        return _prefill_attention(q, k, v, k_cache, v_cache, meta.prefills[0], scale)
+        return prefill(q, k, v, k_cache, v_cache, meta.prefills[0], scale)
     out = torch.empty_like(q)
     for seq in meta.prefills:
         rows = slice(seq.query_start, seq.query_start + seq.query_len)
-        out[rows] = _prefill_attention(q[rows], k[rows], v[rows], k_cache, v_cache, seq, scale)
+        out[rows] = prefill(q[rows], k[rows], v[rows], k_cache, v_cache, seq, scale)
     if meta.num_decodes:
-        out[meta.num_prefill_tokens:] = _decode_attention(
-            q[meta.num_prefill_tokens:], k_cache, v_cache, meta, scale)
+        out[meta.num_prefill_tokens:] = decode(q[meta.num_prefill_tokens:], k_cache, v_cache, meta, scale)
     return out
 
 
-def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                       v_cache: torch.Tensor, seq: PrefillSeq, scale: float) -> torch.Tensor:
+def prefill_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                            v_cache: torch.Tensor, seq: PrefillSeq, scale: float) -> torch.Tensor:
     """One chunk: q [n, H, D] attends causally to the request's whole context. -> [n, H, D]."""
     if seq.context_len == seq.query_len:
         # Whole prompt in one chunk: the fresh K/V are the context, no need to read the cache back.
@@ -106,8 +122,8 @@ def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cach
     return out[0].transpose(0, 1)
 
 
-def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def decode_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """One new token per row: q [B, H, D] attends to its row's cached keys. -> [B, H, D].
 
     Plain matmuls, the G query heads of a KV head as the rows of one small GEMM: torch's SDPA
@@ -120,30 +136,6 @@ def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     scores = scores.float().mul_(scale).masked_fill_(meta.decode_mask.logical_not(), float("-inf"))
     probs = scores.softmax(dim=-1).to(values.dtype)
     return torch.matmul(probs, values).view(num_rows, num_heads, head_dim)  # [B, Hkv, G, D] -> [B, H, D]
-
-
-class AttentionBackend(NamedTuple):
-    """The two attention ops the model calls per layer, with the signatures of `write_kv` and `paged_attention`."""
-
-    write_kv: Callable[..., None]
-    paged_attention: Callable[..., torch.Tensor]
-
-
-TORCH_BACKEND = AttentionBackend(write_kv, paged_attention)
-
-
-@functools.cache
-def attention_backend(device: torch.device) -> AttentionBackend:
-    """The torch ops above on CPU; the Triton kernels (`triton_attention`) on CUDA. Triton is
-    imported only here, so CPU-only installs without it run unchanged; a CUDA install without it
-    falls back to the torch ops (correct, but gathers every block and builds masks per layer)."""
-    if device.type != "cuda":
-        return TORCH_BACKEND
-    try:
-        from services.engine import triton_attention
-    except ImportError:
-        return TORCH_BACKEND
-    return triton_attention.BACKEND
 
 
 def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

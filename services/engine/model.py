@@ -15,7 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from services.engine.attention import AttentionMetadata, attention_backend
+from services.engine.attention import AttentionMetadata
+from services.engine.kernels import kernels_for
 from services.engine.model_config import ModelConfig, RopeScaling
 
 
@@ -38,25 +39,12 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Te
     return torch.where(is_medium, blended, scaled)
 
 
-def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [T, D/2] -> the [T, 1, 2, D/2] factors `apply_rope` multiplies by: (cos, cos) and (-sin, sin)."""
-    return torch.stack((cos, cos), dim=1).unsqueeze(1), torch.stack((-sin, sin), dim=1).unsqueeze(1)
-
-
-def apply_rope(x: torch.Tensor, cos2: torch.Tensor, sin2: torch.Tensor) -> torch.Tensor:
-    """Rotate-half rotary embedding. x [T, heads, D]; cos2, sin2 [T, 1, 2, D/2] from `rope_tables`.
-
-    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), the same products and sums as Hugging Face's
-    rotate_half, in four ops over all heads instead of slices, two products each half and a cat."""
-    halves = x.unflatten(-1, (2, -1))                                         # [T, heads, 2, D/2]
-    return (halves * cos2).add_(halves.flip(-2) * sin2).flatten(-2)
-
-
 class Linear:
     """y = x W^T (+ b). Packed: the weight reordered once into oneDNN's blocked layout, which runs
-    float32 GEMMs 1.5-2x faster than F.linear's MKL path on this CPU (AMD Zen 4; most at decode
-    sizes) and skips the reorder oneDNN otherwise repeats on every bf16 call. Same fp32 arithmetic:
-    results differ from F.linear only in summation order."""
+    float32 GEMMs faster than F.linear's MKL path (1.5-2x on AMD Zen 4, where MKL takes slow paths;
+    ~1.15x on an AVX-512 Xeon with the weights streamed from memory, most at decode sizes) and skips
+    the reorder oneDNN otherwise repeats on every bf16 call. Same fp32 arithmetic: results differ
+    from F.linear only in summation order."""
 
     __slots__ = ("weight", "bias", "packed")
 
@@ -117,24 +105,23 @@ class LlamaModel:
         """input_ids, positions [T]; kv_cache [L, 2, N, Hkv, block_size, D]. -> final hidden states [T, hidden]."""
         cfg = self.config
         num_tokens, num_heads = input_ids.shape[0], cfg.num_heads
-        attn_ops = attention_backend(kv_cache.device)        # torch ops on CPU, Triton kernels on CUDA
+        ops = kernels_for(kv_cache.device)       # torch ops; C++ kernels on CPU, Triton on CUDA (kernels.py)
+        eps = cfg.rms_norm_eps
         x = F.embedding(input_ids, self.embed)                                    # [T, hidden]
-        cos2, sin2 = rope_tables(self.rope_cos[positions].to(self.dtype), self.rope_sin[positions].to(self.dtype))
+        rope = ops.rope_tables(self.rope_cos[positions].to(self.dtype), self.rope_sin[positions].to(self.dtype))
         for layer, w in enumerate(self.layers):
-            h = F.rms_norm(x, (cfg.hidden_size,), w.attn_norm, cfg.rms_norm_eps)
-            qkv = w.qkv(h)                                                        # [T, (H + 2 Hkv) D]
+            qkv = w.qkv(ops.rms_norm(x, w.attn_norm, eps))                       # [T, (H + 2 Hkv) D]
             # q and k rotate together: [T, H + Hkv, D], then split by head (views).
-            qk = apply_rope(qkv[:, :self.q_size + self.kv_size].view(num_tokens, -1, cfg.head_dim), cos2, sin2)
+            qk = ops.apply_rope(qkv[:, :self.q_size + self.kv_size].view(num_tokens, -1, cfg.head_dim), rope)
             q, k = qk[:, :num_heads], qk[:, num_heads:]                          # [T, H, D], [T, Hkv, D]
             v = qkv[:, self.q_size + self.kv_size:].view(num_tokens, cfg.num_kv_heads, cfg.head_dim)
             k_cache, v_cache = kv_cache[layer, 0], kv_cache[layer, 1]            # [N, Hkv, bs, D]
-            attn_ops.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-            attn = attn_ops.paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)  # [T, H, D]
+            ops.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+            attn = ops.paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)  # [T, H, D]
             x = w.o.add(attn.reshape(num_tokens, self.q_size), x)
-            h = F.rms_norm(x, (cfg.hidden_size,), w.mlp_norm, cfg.rms_norm_eps)
-            gate, up = w.gate_up(h).chunk(2, dim=-1)                              # [T, I] each
-            x = w.down.add(F.silu(gate).mul_(up), x)
-        return F.rms_norm(x, (cfg.hidden_size,), self.norm, cfg.rms_norm_eps)
+            gate_up = w.gate_up(ops.rms_norm(x, w.mlp_norm, eps))               # [T, 2 I]
+            x = w.down.add(ops.silu_and_mul(gate_up), x)
+        return ops.rms_norm(x, self.norm, eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [S, hidden] (only the rows that sample) -> logits [S, V] in float32."""

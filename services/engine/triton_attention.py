@@ -15,7 +15,7 @@ Softmax is the online (flash) form in float32, scores scaled into base 2. Matmul
 cache's dtype with float32 accumulation (fp32 inputs in IEEE precision, never TF32).
 
 This module imports triton at the top: the engine reaches it only through
-`attention.attention_backend`, which imports it lazily, on CUDA. It needs no GPU to import, and
+`kernels.kernels_for`, which imports it lazily, on CUDA. It needs no GPU to import, and
 runs on CPU tensors under `TRITON_INTERPRET=1` (how the tests check it). The interpreter keeps
 bfloat16 as raw 16-bit integers and does arithmetic on them as such, so on CPU tensors every tile
 is widened to float32 right after its load (`UPCAST`); on the GPU tiles stay in their dtype.
@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from services.engine.attention import AttentionBackend, AttentionMetadata, PrefillSeq
+from services.engine.attention import AttentionMetadata, PrefillSeq, decode_context_lens
+from services.engine.kernels import Kernels
 
 # Tiles: queries x keys per step of the prefill loop, keys per step of the decode loop.
 PREFILL_BLOCK_M, PREFILL_BLOCK_N, DECODE_BLOCK_N = 64, 64, 64
@@ -167,10 +168,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """One new token per row. q [B, H, D]; block_tables [B, M] (padded, any order); context_lens [B]. -> [B, H, D]."""
     num_rows, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
-    out = torch.empty_like(q) if out is None else out
+    out = _output_for(q, k_cache, v_cache, out)
     if num_rows == 0:
         return out
-    _check_last_dim_contiguous(q, k_cache, v_cache, out)
     group = num_heads // num_kv_heads
     _decode_kernel[(num_rows, num_kv_heads)](
         q, k_cache, v_cache, block_tables, context_lens, out, scale,
@@ -188,10 +188,9 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     (its own K/V already written there). -> [n, H, D]."""
     query_len, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
-    out = torch.empty_like(q) if out is None else out
+    out = _output_for(q, k_cache, v_cache, out)
     if query_len == 0:
         return out
-    _check_last_dim_contiguous(q, k_cache, v_cache, out)
     grid = (triton.cdiv(query_len, PREFILL_BLOCK_M), num_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, seq.block_table, out, scale, query_len, seq.context_len,
@@ -220,11 +219,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     return out
 
 
-def decode_context_lens(meta: AttentionMetadata) -> torch.Tensor:
-    """Keys each decode row attends to: the runner's [B] tensor, else counted from the mask."""
-    if meta.decode_context_lens is not None:
-        return meta.decode_context_lens
-    return meta.decode_mask.view(meta.num_decodes, -1).sum(dim=1, dtype=torch.int32)
+def _output_for(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                out: torch.Tensor | None) -> torch.Tensor:
+    """The attention output (the caller's or a new one like q); for a non-empty q, every operand
+    checked for the layout the kernels step through."""
+    out = torch.empty_like(q) if out is None else out
+    if q.shape[0]:
+        _check_last_dim_contiguous(q, k_cache, v_cache, out)
+    return out
 
 
 def _check_last_dim_contiguous(*tensors: torch.Tensor) -> None:
@@ -234,4 +236,4 @@ def _check_last_dim_contiguous(*tensors: torch.Tensor) -> None:
             raise ValueError(f"the last dim must be contiguous, got strides {t.stride()}")
 
 
-BACKEND = AttentionBackend(write_kv, paged_attention)
+KERNELS = Kernels(write_kv, paged_attention)     # norms, rope and SwiGLU: the torch ops

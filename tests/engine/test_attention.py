@@ -1,10 +1,14 @@
-"""Paged attention equals dense causal attention: ragged lengths, scattered block tables, chunks."""
+"""Paged attention equals dense causal attention: ragged lengths, scattered block tables, chunks.
+
+Every test runs on both CPU kernel sets: the torch ops and the C++ kernels (`make cpu-ops`)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
-from services.engine.attention import (AttentionMetadata, PrefillSeq, dense_causal_attention, paged_attention,
-                                       write_kv)
+from services.engine import cpu_ops
+from services.engine.attention import AttentionMetadata, PrefillSeq, dense_causal_attention
+from services.engine.kernels import TORCH_KERNELS, Kernels
 
 BS, HKV, GROUP, D, NUM_BLOCKS = 16, 2, 3, 32, 64
 H = HKV * GROUP
@@ -19,7 +23,16 @@ def _empty_decode() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros((0, 1), dtype=torch.int64), torch.zeros((0, 1, 1, BS), dtype=torch.bool)
 
 
-def test_prefill_then_decode_matches_dense_for_ragged_sequences():
+@pytest.fixture(params=["torch", "native"])
+def kernels(request: pytest.FixtureRequest) -> Kernels:
+    if request.param == "torch":
+        return TORCH_KERNELS
+    if not cpu_ops.load():
+        pytest.skip(f"the CPU kernels are not built ({cpu_ops.DEFAULT_LIBRARY}): run `make cpu-ops`")
+    return cpu_ops.KERNELS
+
+
+def test_prefill_then_decode_matches_dense_for_ragged_sequences(kernels: Kernels):
     g = torch.Generator().manual_seed(0)
     lengths = [5, 37, 16, 70]
     perm = torch.randperm(NUM_BLOCKS, generator=g).tolist()      # tables far from contiguous
@@ -39,8 +52,8 @@ def test_prefill_then_decode_matches_dense_for_ragged_sequences():
     slots = sum((_slots(t, range(n)) for t, n in zip(tables, lengths)), [])
     meta = AttentionMetadata(torch.tensor(slots), tuple(PrefillSeq(st, n, n, torch.tensor(t)) for st, n, t in
                                                         zip(starts, lengths, tables)), sum(lengths), *_empty_decode())
-    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-    out = paged_attention(q, k, v, k_cache, v_cache, meta, SCALE)
+    kernels.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    out = kernels.paged_attention(q, k, v, k_cache, v_cache, meta, SCALE)
     for (sq, sk, sv), n, st in zip(seqs, lengths, starts):
         torch.testing.assert_close(out[st:st + n], dense_causal_attention(sq[:n], sk[:n], sv[:n], SCALE))
 
@@ -53,13 +66,13 @@ def test_prefill_then_decode_matches_dense_for_ragged_sequences():
     slots = [_slots(t, range(n, n + 1))[0] for t, n in zip(tables, lengths)]
     meta = AttentionMetadata(torch.tensor(slots), (), 0, padded, mask)
     k_cache.nan_to_num_(0.0); v_cache.nan_to_num_(0.0)   # padding blocks are read (masked), so no NaN there
-    write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-    out = paged_attention(q, k, v, k_cache, v_cache, meta, SCALE)
+    kernels.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    out = kernels.paged_attention(q, k, v, k_cache, v_cache, meta, SCALE)
     for i, ((sq, sk, sv), n) in enumerate(zip(seqs, lengths)):
         torch.testing.assert_close(out[i], dense_causal_attention(sq, sk, sv, SCALE)[n])
 
 
-def test_chunked_prefill_over_cached_prefix_matches_dense():
+def test_chunked_prefill_over_cached_prefix_matches_dense(kernels: Kernels):
     g = torch.Generator().manual_seed(1)
     n, split = 50, 21
     table = [9, 3, 40, 17]
@@ -70,6 +83,6 @@ def test_chunked_prefill_over_cached_prefix_matches_dense():
         meta = AttentionMetadata(torch.tensor(_slots(table, range(lo, hi))),
                                  (PrefillSeq(0, hi - lo, hi, torch.tensor(table[: -(-hi // BS)])),), hi - lo,
                                  *_empty_decode())
-        write_kv(k_cache, v_cache, k[lo:hi], v[lo:hi], meta.slot_mapping)
-        outs.append(paged_attention(q[lo:hi], k[lo:hi], v[lo:hi], k_cache, v_cache, meta, SCALE))
+        kernels.write_kv(k_cache, v_cache, k[lo:hi], v[lo:hi], meta.slot_mapping)
+        outs.append(kernels.paged_attention(q[lo:hi], k[lo:hi], v[lo:hi], k_cache, v_cache, meta, SCALE))
     torch.testing.assert_close(torch.cat(outs), dense_causal_attention(q, k, v, SCALE))

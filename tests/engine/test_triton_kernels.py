@@ -139,12 +139,12 @@ def test_kernels_match_torch_reference_on_cuda():
 @pytest.mark.slow
 def test_greedy_tokens_on_cuda_match_cpu(default_model_dir: Path):
     """The default model in float32: the CUDA engine (Triton kernels) generates the CPU engine's tokens."""
-    from services.engine.attention import attention_backend
+    from services.engine.kernels import kernels_for
     from services.engine.llm_engine import EngineConfig, LLMEngine
     from services.engine.sampling_params import SamplingParams
     from services.engine import triton_attention
 
-    assert attention_backend(torch.device("cuda")) is triton_attention.BACKEND
+    assert kernels_for(torch.device("cuda")) is triton_attention.KERNELS
     # Small token budget and chunks: prompts are fed in several chunks beside decode rows.
     config = EngineConfig(model=str(default_model_dir), num_kv_blocks=128, max_num_batched_tokens=64, chunk_size=48)
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
