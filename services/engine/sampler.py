@@ -68,7 +68,7 @@ class Sampler:
             raise ValueError(f"logits must be [len(rows)={len(rows)}, V], got {tuple(logits.shape)}")
         greedy = [i for i, row in enumerate(rows) if row.params.is_greedy]
         if len(greedy) == len(rows):
-            return logits.argmax(dim=1).tolist()
+            return _greedy(logits).tolist()
         sampled = [i for i, row in enumerate(rows) if not row.params.is_greedy]
         uniforms = [self._uniform(rows[i]) for i in sampled]
         params = [rows[i].params for i in sampled]
@@ -76,7 +76,7 @@ class Sampler:
             return _sample(logits.float(), params, uniforms).tolist()
         tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)   # [B]
         index = torch.tensor(greedy, device=logits.device)
-        tokens[index] = logits.index_select(0, index).argmax(dim=1)
+        tokens[index] = _greedy(logits.index_select(0, index))
         index = torch.tensor(sampled, device=logits.device)
         tokens[index] = _sample(logits.index_select(0, index).float(), params, uniforms)
         return tokens.tolist()
@@ -85,6 +85,13 @@ class Sampler:
         if row.params.seed is None:
             return self._rng.getrandbits(_UNIFORM_BITS) * 2.0 ** -_UNIFORM_BITS
         return seeded_uniform(row.params.seed, row.num_generated)
+
+
+def _greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The first index of each row's maximum, as argmax. [B, V] -> [B]. max(dim)'s indices: the same
+    documented tie rule (the first maximal value), ~1.7x faster than argmax on CPU (0.85 vs 1.45 ms
+    for 32 x 49152 floats, a decode step's logits)."""
+    return logits.max(dim=1).indices
 
 
 def _sample(x: torch.Tensor, params: list[SamplingParams], uniforms: list[float]) -> torch.Tensor:
