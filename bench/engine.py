@@ -30,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from services.engine import cpu_ops
 from services.engine.llm_engine import DTYPES, EngineConfig, LLMEngine
 from services.engine.loader import resolve_model_dir
 from services.engine.sampling_params import SamplingParams
@@ -208,10 +209,10 @@ def _format(row: Row) -> str:
             f"| {row.ratio:5.2f}x | {row.generate_tok_s:8.1f} | {row.generate_ratio:5.2f}x |")
 
 
-def table(rows: list[Row], threads: int, dtype: str) -> str:
+def table(rows: list[Row], threads: int, dtype: str, kernels: str) -> str:
     lo, hi = RAGGED_PROMPT_LENS
-    head = (f"engine benchmark: tokens/s, {dtype}, {threads} torch threads, decode over {DECODE_PROMPT_LEN}-token"
-            f" prompts (ragged: {lo}-{hi}, transformers left-pads)\n"
+    head = (f"engine benchmark: tokens/s, {dtype}, {threads} torch threads, duoserve on {kernels}, decode over "
+            f"{DECODE_PROMPT_LEN}-token prompts (ragged: {lo}-{hi}, transformers left-pads)\n"
             "| phase         |        size | duoserve |  forward | ratio  | generate | ratio  |\n"
             "|---------------|-------------|----------|----------|--------|----------|--------|")
     return "\n".join([head, *(_format(r) for r in rows)])
@@ -226,7 +227,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     if ragged_batch is None:            # by default the largest batch also runs ragged
         ragged_batch = max(batch_sizes, default=0)
     rows = run(config, prompt_lens, batch_sizes, args.decode_steps, ragged_batch)
-    print(table(rows, torch.get_num_threads(), args.dtype))
+    print(table(rows, torch.get_num_threads(), args.dtype, cpu_ops.describe(torch.device(config.device))))
     if args.output:
         args.output.write_text(json.dumps(
             [asdict(r) | {"ratio": r.ratio, "generate_ratio": r.generate_ratio} for r in rows], indent=2))
