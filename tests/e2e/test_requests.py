@@ -148,6 +148,20 @@ def test_set_compute_share_moves_cores_live(split_stack):
         os.kill(orchestrator.pid, signal.SIGCONT)
 
 
+def _apply_share(split_stack, stub, share: float, cpu_ids: list[int]) -> None:
+    """Set prefill's share, let an iteration apply it, wait until its threads run on exactly those cores."""
+    from duoserve.v1 import worker_pb2
+    reply = stub.SetComputeShare(worker_pb2.SetComputeShareRequest(share=share, cpu_ids=cpu_ids), timeout=10)
+    assert reply.pending                              # applied at the next iteration boundary
+    with duoserve.Client(split_stack.target, timeout=120) as client:   # an iteration happens
+        client.generate(prompt="Hello", max_tokens=2)
+    prefill = split_stack.process("prefill")
+    deadline = time.monotonic() + 10
+    while _cpus_of(prefill.pid) != set(cpu_ids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _cpus_of(prefill.pid) == set(cpu_ids)
+
+
 def _set_compute_share_moves_cores_live(split_stack):
     import grpc
     from duoserve.v1 import worker_pb2, worker_pb2_grpc
@@ -155,27 +169,17 @@ def _set_compute_share_moves_cores_live(split_stack):
     all_cpus = sorted(os.sched_getaffinity(0))
     stub = worker_pb2_grpc.WorkerStub(grpc.insecure_channel(prefill.target))
     before = stub.GetStats(worker_pb2.GetStatsRequest(), timeout=10)
-    assert before.phase == worker_pb2.PHASE_PREFILL and list(before.share.cpu_ids) == all_cpus[:1]
-    reply = stub.SetComputeShare(worker_pb2.SetComputeShareRequest(share=1.0, cpu_ids=all_cpus), timeout=10)
-    assert reply.pending                              # applied at the next iteration boundary
-    with duoserve.Client(split_stack.target, timeout=120) as client:   # an iteration happens
-        client.generate(prompt="Hello", max_tokens=2)
-    deadline = time.monotonic() + 10
-    while _cpus_of(prefill.pid) != set(all_cpus) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _cpus_of(prefill.pid) == set(all_cpus)
+    assert before.phase == worker_pb2.PHASE_PREFILL
+    # The orchestrator ran in auto mode until it was stopped and may have moved prefill already:
+    # start from one core whatever it decided.
+    _apply_share(split_stack, stub, 0.5, all_cpus[:1])
+    _apply_share(split_stack, stub, 1.0, all_cpus)
     after = stub.GetStats(worker_pb2.GetStatsRequest(), timeout=10)
-    assert not after.share.pending and after.share.applied_at_unix_ms > 0
+    assert not after.share.pending and after.share.applied_at_unix_ms > 0 and list(after.share.cpu_ids) == all_cpus
     with pytest.raises(grpc.RpcError) as bad:
         stub.SetComputeShare(worker_pb2.SetComputeShareRequest(share=0.5, cpu_ids=[999]), timeout=10)
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cpu_ids" in bad.value.details()
-    stub.SetComputeShare(worker_pb2.SetComputeShareRequest(share=0.5, cpu_ids=all_cpus[:1]), timeout=10)
-    with duoserve.Client(split_stack.target, timeout=120) as client:
-        client.generate(prompt="Hello", max_tokens=2)
-    deadline = time.monotonic() + 10
-    while _cpus_of(prefill.pid) != set(all_cpus[:1]) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert _cpus_of(prefill.pid) == set(all_cpus[:1])
+    _apply_share(split_stack, stub, 0.5, all_cpus[:1])
 
 
 def test_every_process_serves_prometheus_metrics(split_stack):
