@@ -227,7 +227,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     if ragged_batch is None:            # by default the largest batch also runs ragged
         ragged_batch = max(batch_sizes, default=0)
     rows = run(config, prompt_lens, batch_sizes, args.decode_steps, ragged_batch)
-    print(table(rows, torch.get_num_threads(), args.dtype, cpu_ops.describe(torch.device(config.device))))
+    kernels = cpu_ops.describe(torch.device(config.device), DTYPES[args.dtype])
+    print(table(rows, torch.get_num_threads(), args.dtype, kernels))
     if args.output:
         args.output.write_text(json.dumps(
             [asdict(r) | {"ratio": r.ratio, "generate_ratio": r.generate_ratio} for r in rows], indent=2))

@@ -26,7 +26,7 @@
 
 namespace {
 
-constexpr int64_t kAbiVersion = 1;   // ABI_VERSION in services/engine/cpu_ops.py
+constexpr int64_t kAbiVersion = 2;   // ABI_VERSION in services/engine/cpu_ops.py (2: bf16/fp16 caches)
 
 struct DecodeShape {
   int64_t num_query_heads_per_kv;   // G: query heads that read one KV head
@@ -36,9 +36,9 @@ struct DecodeShape {
 };
 
 struct KernelTable {   // one instruction set's loops (cpu_kernels.inc)
-  using DecodeFn = void (*)(const float*, const float*, const float*, const int64_t*, int64_t, const DecodeShape&,
+  using DecodeFn = void (*)(const float*, const void*, const void*, const int64_t*, int64_t, const DecodeShape&,
                             float, float*, float*);
-  DecodeFn decode_d64, decode_d128, decode_any;
+  DecodeFn decode[3][3];   // [cache type: float32, bfloat16, float16][head dim: 64, 128, any]
   void (*causal_softmax_rows)(float*, int64_t, int64_t, int64_t, int64_t, float*);
   void (*scatter_scaled_rows)(const float*, const float*, int64_t, int64_t, int64_t, int64_t, float*);
   void (*scale_rows)(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float, float*);
@@ -99,15 +99,34 @@ const Dispatch& dispatch() {
 
 const KernelTable& kernels() { return *dispatch().table; }
 
+// The cache element types the attention kernels read (the row of KernelTable::decode); anything else
+// is the caller's to route to the torch ops.
+int64_t cache_type_index(at::ScalarType type, const char* op) {
+  switch (type) {
+    case at::kFloat: return 0;
+    case at::kBFloat16: return 1;
+    case at::kHalf: return 2;
+    default: break;
+  }
+  TORCH_CHECK(false, op, ": caches of float32, bfloat16 or float16 only, got ", type);
+  return -1;   // not reached: TORCH_CHECK threw
+}
+
+// q of the caches' dtype, as the float32 the loops read (a copy unless it is float32 already).
+at::Tensor float_queries(const at::Tensor& q, const at::Tensor& k_cache, const char* op) {
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), op, ": q is ", q.scalar_type(), ", the caches ",
+              k_cache.scalar_type());
+  return q.scalar_type() == at::kFloat ? q : q.to(at::kFloat);
+}
+
 // q [B, H, D]; k_cache, v_cache [N, Hkv, bs, D]; block_tables [B, M] int64; context_lens [B] int32.
 // -> [B, H, D]. Query head h reads KV head h / G, as in the torch reference.
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
               "paged_decode_attention: q must be [B, H, D] and the caches [N, Hkv, block_size, D]");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat &&
-                  v_cache.scalar_type() == at::kFloat,
-              "paged_decode_attention: float32 only (other dtypes take the torch ops)");
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "paged_decode_attention: K and V caches differ in dtype");
+  const int64_t cache_type = cache_type_index(k_cache.scalar_type(), "paged_decode_attention");
   TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
               "paged_decode_attention: CPU tensors only");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_decode_attention: caches must be contiguous");
@@ -118,14 +137,16 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   const int64_t Hkv = k_cache.size(1), bs = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == D && H % Hkv == 0, "paged_decode_attention: head sizes do not match");
   TORCH_CHECK(block_tables.size(0) == B && context_lens.size(0) == B, "paged_decode_attention: one table per row");
-  const at::Tensor qc = q.contiguous(), tables = block_tables.contiguous(), lens = context_lens.contiguous();
-  at::Tensor out = at::empty({B, H, D}, q.options());
+  const at::Tensor qc = float_queries(q, k_cache, "paged_decode_attention").contiguous();
+  const at::Tensor tables = block_tables.contiguous(), lens = context_lens.contiguous();
+  at::Tensor out = at::empty({B, H, D}, qc.options());   // float32; returned in q's dtype
   const int64_t M = tables.size(1);
   const int32_t* lens_ptr = lens.data_ptr<int32_t>();
   const DecodeShape shape{H / Hkv, D, bs, Hkv * bs * D};
   const float* q_ptr = qc.data_ptr<float>();
-  const float* k_ptr = k_cache.data_ptr<float>();
-  const float* v_ptr = v_cache.data_ptr<float>();
+  const char* k_ptr = static_cast<const char*>(k_cache.data_ptr());
+  const char* v_ptr = static_cast<const char*>(v_cache.data_ptr());
+  const int64_t head_bytes = bs * D * k_cache.element_size();     // one KV head's slice of a block
   const int64_t* table_ptr = tables.data_ptr<int64_t>();
   float* out_ptr = out.data_ptr<float>();
   const int64_t num_blocks = k_cache.size(0);
@@ -140,37 +161,39 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
     }
   }
   const KernelTable& k = kernels();
-  const KernelTable::DecodeFn decode_fn = D == 64 ? k.decode_d64 : D == 128 ? k.decode_d128 : k.decode_any;
+  const KernelTable::DecodeFn decode_fn = k.decode[cache_type][D == 64 ? 0 : D == 128 ? 1 : 2];
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(shape.num_query_heads_per_kv * max_len);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / Hkv, kv_head = item % Hkv;
       const int64_t head0 = kv_head * shape.num_query_heads_per_kv;
-      decode_fn(q_ptr + (b * H + head0) * D, k_ptr + kv_head * bs * D, v_ptr + kv_head * bs * D,
+      decode_fn(q_ptr + (b * H + head0) * D, k_ptr + kv_head * head_bytes, v_ptr + kv_head * head_bytes,
                  table_ptr + b * M, lens_ptr[b], shape, static_cast<float>(scale), scores.data(),
                  out_ptr + (b * H + head0) * D);
     }
   });
-  return out;
+  return out.to(q.scalar_type());
 }
 
 constexpr int64_t kPrefillTile = 64;   // queries per task: with G heads, the GEMMs' M is G * 64
 
-// A layer's keys (or values) of one request, head by head, out of its blocks: -> [Hkv, context_len, D].
+// A layer's keys (or values) of one request, head by head, out of its blocks: -> [Hkv, context_len, D]
+// in float32 (the GEMMs' type; other cache dtypes are converted after the copy).
 at::Tensor gather_context(const at::Tensor& cache, const int64_t* table, int64_t context_len) {
-  const int64_t Hkv = cache.size(1), bs = cache.size(2), D = cache.size(3);
+  const int64_t Hkv = cache.size(1), bs = cache.size(2), D = cache.size(3), esize = cache.element_size();
   at::Tensor out = at::empty({Hkv, context_len, D}, cache.options());
-  const float* src = cache.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
+  const char* src = static_cast<const char*>(cache.data_ptr());
+  char* dst = static_cast<char*>(out.data_ptr());
   const int64_t num_blocks = (context_len + bs - 1) / bs;
   at::parallel_for(0, Hkv * num_blocks, 16, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t h = item / num_blocks, j = item % num_blocks;
       const int64_t n = std::min(bs, context_len - j * bs);
-      std::memcpy(dst + (h * context_len + j * bs) * D, src + ((table[j] * Hkv + h) * bs) * D, n * D * sizeof(float));
+      std::memcpy(dst + (h * context_len + j * bs) * D * esize, src + ((table[j] * Hkv + h) * bs) * D * esize,
+                  n * D * esize);
     }
   });
-  return out;
+  return out.scalar_type() == at::kFloat ? out : out.to(at::kFloat);
 }
 
 // One prefill chunk: q [n, H, D] (the chunk's queries, at positions context_len - n .. context_len - 1)
@@ -182,8 +205,8 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, con
                              const at::Tensor& block_table, int64_t context_len, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
               "prefill_attention: q must be [n, H, D] and the caches [N, Hkv, block_size, D]");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat,
-              "prefill_attention: float32 only (other dtypes take the torch ops)");
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "prefill_attention: K and V caches differ in dtype");
+  cache_type_index(k_cache.scalar_type(), "prefill_attention");
   TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
               "prefill_attention: CPU tensors only");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "prefill_attention: caches must be contiguous");
@@ -201,15 +224,16 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, con
   }
   const at::Tensor keys = gather_context(k_cache, table_ptr, context_len);      // [Hkv, ctx, D]
   const at::Tensor values = gather_context(v_cache, table_ptr, context_len);
-  TORCH_CHECK(q.stride(2) == 1, "prefill_attention: q's head dim must be contiguous");
-  at::Tensor out = at::empty({n, H, D}, q.options());
+  const at::Tensor qf = float_queries(q, k_cache, "prefill_attention");
+  TORCH_CHECK(qf.stride(2) == 1, "prefill_attention: q's head dim must be contiguous");
+  at::Tensor out = at::empty({n, H, D}, qf.options());   // float32; returned in q's dtype
   const int64_t first_pos = context_len - n, num_tiles = (n + kPrefillTile - 1) / kPrefillTile;
-  const float* q_ptr = q.data_ptr<float>();
-  const int64_t q_row_stride = q.stride(0), q_head_stride = q.stride(1);
+  const float* q_ptr = qf.data_ptr<float>();
+  const int64_t q_row_stride = qf.stride(0), q_head_stride = qf.stride(1);
   float* out_ptr = out.data_ptr<float>();
   // Tiles take longer the later they sit (more keys): pair the last with the first so the two
   // halves of the task list that parallel_for hands out carry about the same work.
-  const at::TensorOptions f32 = q.options();
+  const at::TensorOptions f32 = qf.options();
   at::parallel_for(0, Hkv * num_tiles, 1, [&](int64_t begin, int64_t end) {
     // Per-thread scratch, sized for the largest task, reused by every task (no allocation per tile).
     const int64_t max_rows = G * std::min(kPrefillTile, n);
@@ -230,7 +254,7 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, con
       kernels().scatter_scaled_rows(out_buf.data(), inv_totals.data(), G, rows, D, H * D, out_ptr + (r0 * H + h * G) * D);
     }
   });
-  return out;
+  return out.to(q.scalar_type());
 }
 
 // Rows per parallel task so that each task touches at least ~16K floats: decode-sized inputs run
@@ -243,9 +267,9 @@ void write_kv(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, con
               const at::Tensor& slot_mapping) {
   TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k.dim() == 3 && v.sizes() == k.sizes(),
               "write_kv: caches [N, Hkv, block_size, D], k and v [T, Hkv, D]");
-  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat &&
-                  k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-              "write_kv: float32 only");
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type() && k.scalar_type() == k_cache.scalar_type() &&
+                  v.scalar_type() == k_cache.scalar_type(),
+              "write_kv: k, v and the caches must share one dtype");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k.stride(2) == 1 && v.stride(2) == 1,
               "write_kv: contiguous caches, head dim contiguous in k and v");
   const int64_t T = k.size(0), Hkv = k.size(1), D = k.size(2), bs = k_cache.size(2);
@@ -259,17 +283,19 @@ void write_kv(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, con
     TORCH_CHECK(slot_ptr[t] >= 0 && slot_ptr[t] < num_slots, "write_kv: slot ", slot_ptr[t], " is outside the pool's 0..",
                 num_slots - 1);
   }
-  const float* k_ptr = k.data_ptr<float>();
-  const float* v_ptr = v.data_ptr<float>();
-  float* kc_ptr = k_cache.data_ptr<float>();
-  float* vc_ptr = v_cache.data_ptr<float>();
+  // Row copies, so any dtype works: pointers in bytes, strides in elements.
+  const int64_t esize = k_cache.element_size();
+  const char* k_ptr = static_cast<const char*>(k.data_ptr());
+  const char* v_ptr = static_cast<const char*>(v.data_ptr());
+  char* kc_ptr = static_cast<char*>(k_cache.data_ptr());
+  char* vc_ptr = static_cast<char*>(v_cache.data_ptr());
   at::parallel_for(0, T, grain_rows(2 * Hkv * D), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t block = slot_ptr[t] / bs, offset = slot_ptr[t] % bs;
       for (int64_t h = 0; h < Hkv; ++h) {
-        const int64_t dst = ((block * Hkv + h) * bs + offset) * D;
-        std::memcpy(kc_ptr + dst, k_ptr + t * k.stride(0) + h * k.stride(1), D * sizeof(float));
-        std::memcpy(vc_ptr + dst, v_ptr + t * v.stride(0) + h * v.stride(1), D * sizeof(float));
+        const int64_t dst = ((block * Hkv + h) * bs + offset) * D * esize;
+        std::memcpy(kc_ptr + dst, k_ptr + (t * k.stride(0) + h * k.stride(1)) * esize, D * esize);
+        std::memcpy(vc_ptr + dst, v_ptr + (t * v.stride(0) + h * v.stride(1)) * esize, D * esize);
       }
     }
   });

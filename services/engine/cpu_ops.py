@@ -19,7 +19,9 @@ from services.engine.attention import (AttentionMetadata, PrefillSeq, decode_att
                                        paged_attention, prefill_attention_torch, write_kv)
 
 DEFAULT_LIBRARY = Path(__file__).resolve().parents[2] / "native" / "build" / "libduoserve_cpu_ops.so"
-ABI_VERSION = 1             # kAbiVersion in native/cpu_ops.cpp that this module speaks
+ABI_VERSION = 2             # kAbiVersion in native/cpu_ops.cpp that this module speaks
+
+ATTENTION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)   # caches the attention kernels and KV write read
 
 log = logging.getLogger(__name__)
 
@@ -44,26 +46,33 @@ def load(path: Path = DEFAULT_LIBRARY) -> bool:
     return True
 
 
-def describe(device: torch.device) -> str:
-    """Which kernel set a forward pass on `device` runs, for logs and benchmark headers."""
+def describe(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """Which kernel set a forward pass on `device` in `dtype` runs, for logs and benchmark headers."""
     if device.type != "cpu":
         return f"{device.type} kernels"
-    return f"CPU kernels {torch.ops.duoserve.isa()}" if load() else "torch ops (CPU kernels not built)"
+    if not load():
+        return "torch ops (CPU kernels not built)"
+    isa = torch.ops.duoserve.isa()
+    if dtype == torch.float32:
+        return f"CPU kernels {isa}"
+    if dtype in ATTENTION_DTYPES:
+        return f"CPU kernels {isa} for attention and the KV write, torch ops for the rest"
+    return "torch ops"
 
 
 def write_kv_native(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     slot_mapping: torch.Tensor) -> None:
-    """`attention.write_kv` as row copies (float32)."""
-    if k.dtype != torch.float32 or k_cache.dtype != torch.float32:
+    """`attention.write_kv` as row copies (float32, bfloat16, float16)."""
+    if k_cache.dtype not in ATTENTION_DTYPES or k.dtype != k_cache.dtype:
         return write_kv(k_cache, v_cache, k, v, slot_mapping)
     torch.ops.duoserve.write_kv(k_cache, v_cache, k, v, slot_mapping)
 
 
 def decode_attention_native(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """`attention.decode_attention_torch`'s contract, read straight from the paged pool (float32);
-    other dtypes go to the torch ops. q [B, H, D] -> [B, H, D]."""
-    if q.dtype != torch.float32:
+    """`attention.decode_attention_torch`'s contract, read straight from the paged pool (float32,
+    bfloat16, float16 caches, computed in float32); other dtypes go to the torch ops. q [B, H, D] -> [B, H, D]."""
+    if k_cache.dtype not in ATTENTION_DTYPES or q.dtype != k_cache.dtype:
         return decode_attention_torch(q, k_cache, v_cache, meta, scale)
     return torch.ops.duoserve.paged_decode_attention(
         q, k_cache, v_cache, meta.decode_block_tables, decode_context_lens(meta), scale)
@@ -72,8 +81,9 @@ def decode_attention_native(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 def prefill_attention_native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                              v_cache: torch.Tensor, seq: PrefillSeq, scale: float) -> torch.Tensor:
     """`attention.prefill_attention_torch`'s contract, keys and values read back from the paged pool
-    (float32; other dtypes go to the torch ops). q [n, H, D] -> [n, H, D]."""
-    if q.dtype != torch.float32:
+    (float32, bfloat16, float16 caches, computed in float32; other dtypes go to the torch ops).
+    q [n, H, D] -> [n, H, D]."""
+    if k_cache.dtype not in ATTENTION_DTYPES or q.dtype != k_cache.dtype:
         return prefill_attention_torch(q, k, v, k_cache, v_cache, seq, scale)
     return torch.ops.duoserve.prefill_attention(q, k_cache, v_cache, seq.block_table, seq.context_len, scale)
 

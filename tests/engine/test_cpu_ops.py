@@ -56,6 +56,30 @@ def test_prefill_attention_matches_torch(query_len: int, context_len: int):
     torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_attention_reads_half_precision_caches(dtype: torch.dtype):
+    """bf16 and fp16 pools are read as float32 and computed in float32: within the output's rounding
+    of float32 attention over the same (rounded) numbers, decode and prefill, D 64 and the generic D."""
+    for num_heads, num_kv_heads, head_dim in ((9, 3, 64), (4, 2, 48)):
+        k_cache, v_cache = (c.to(dtype) for c in _pool(64, num_kv_heads, head_dim, seed=head_dim))
+        lens = torch.tensor([1, 17, 100], dtype=torch.int32)
+        tables = torch.randperm(64, generator=torch.Generator().manual_seed(3))[:21].view(3, 7)
+        mask = (torch.arange(7 * BS).view(1, -1) < lens.view(-1, 1)).view(3, 1, 1, -1)
+        meta = AttentionMetadata(torch.zeros(0, dtype=torch.int64), (), 0, tables, mask, lens)
+        q = torch.randn(3, num_heads, head_dim).to(dtype)
+        expected = decode_attention_torch(q.float(), k_cache.float(), v_cache.float(), meta, head_dim ** -0.5)
+        got = cpu_ops.decode_attention_native(q, k_cache, v_cache, meta, head_dim ** -0.5)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), expected, atol=1e-2, rtol=1e-2)
+        seq = PrefillSeq(0, 70, 100, tables[2])                    # a chunk over a cached prefix, two tiles
+        q = torch.randn(70, num_heads, head_dim).to(dtype)
+        fresh = [_cached(c.float(), tables[2], range(30, 100)) for c in (k_cache, v_cache)]
+        expected = prefill_attention_torch(q.float(), *fresh, k_cache.float(), v_cache.float(), seq, 0.125)
+        got = cpu_ops.prefill_attention_native(q, *(f.to(dtype) for f in fresh), k_cache, v_cache, seq, 0.125)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), expected, atol=1e-2, rtol=1e-2)
+
+
 def test_prefill_attention_reads_strided_queries():
     """q as the model passes it: a view into the fused qkv output (row stride wider than H * D)."""
     k_cache, v_cache = _pool(8, 2, 32, seed=3)
@@ -68,10 +92,11 @@ def test_prefill_attention_reads_strided_queries():
     torch.testing.assert_close(cpu_ops.prefill_attention_native(q, *fresh, k_cache, v_cache, seq, 0.2), expected)
 
 
-def test_write_kv_matches_torch_with_strided_inputs():
-    k_cache, v_cache = torch.zeros(6, 3, BS, 64), torch.zeros(6, 3, BS, 64)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_write_kv_matches_torch_with_strided_inputs(dtype: torch.dtype):
+    k_cache, v_cache = torch.zeros(6, 3, BS, 64, dtype=dtype), torch.zeros(6, 3, BS, 64, dtype=dtype)
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
-    qkv = torch.randn(7, (9 + 6) * 64)
+    qkv = torch.randn(7, (9 + 6) * 64).to(dtype)
     k, v = qkv[:, 9 * 64: 12 * 64].view(7, 3, 64), qkv[:, 12 * 64:].view(7, 3, 64)
     slots = torch.tensor([95, 0, 17, 33, 34, 50, 81])
     write_kv(ref_k, ref_v, k, v, slots)
@@ -96,7 +121,7 @@ def test_pointwise_ops_match_torch(rows: int):
     assert torch.equal(qkv[:, 12 * 64:], untouched)               # the values next to q and k are left alone
 
 
-def test_other_dtypes_take_the_torch_ops():
+def test_pointwise_ops_in_other_dtypes_take_the_torch_ops():
     x, weight = torch.randn(4, 64, dtype=torch.bfloat16), torch.randn(64, dtype=torch.bfloat16)
     assert torch.equal(cpu_ops.rms_norm_native(x, weight, 1e-6), kernels.rms_norm_torch(x, weight, 1e-6))
     gate_up = torch.randn(4, 128, dtype=torch.bfloat16)
@@ -116,6 +141,14 @@ def test_bad_block_ids_and_lengths_raise_instead_of_reading_outside_the_pool():
         torch.ops.duoserve.prefill_attention(q, k_cache, v_cache, torch.tensor([-1]), 1, 0.1)
     with pytest.raises(RuntimeError, match="slot 64 is outside"):
         torch.ops.duoserve.write_kv(k_cache, v_cache, torch.randn(1, 1, 64), torch.randn(1, 1, 64), torch.tensor([64]))
+    with pytest.raises(RuntimeError, match="caches of float32, bfloat16 or float16 only, got Double"):
+        torch.ops.duoserve.paged_decode_attention(q.double(), k_cache.double(), v_cache.double(), torch.tensor([[0]]),
+                                                  torch.tensor([3], dtype=torch.int32), 0.1)
+    with pytest.raises(RuntimeError, match="q is BFloat16, the caches Float"):
+        torch.ops.duoserve.prefill_attention(q.bfloat16(), k_cache, v_cache, torch.tensor([0]), 1, 0.1)
+    with pytest.raises(RuntimeError, match="must share one dtype"):
+        torch.ops.duoserve.write_kv(k_cache, v_cache, torch.randn(1, 1, 64).bfloat16(), torch.randn(1, 1, 64),
+                                    torch.tensor([0]))
     with pytest.raises(RuntimeError, match="float32 only"):
         torch.ops.duoserve.rms_norm(torch.randn(2, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64), 1e-6)
 
@@ -125,6 +158,8 @@ def test_cpu_forward_uses_the_native_kernels_and_says_which():
     isa = torch.ops.duoserve.isa()
     assert isa in ("x86-64-v4 (AVX-512)", "x86-64-v3 (AVX2, FMA)", "baseline")
     assert cpu_ops.describe(torch.device("cpu")) == f"CPU kernels {isa}"
+    assert cpu_ops.describe(torch.device("cpu"), torch.bfloat16).endswith("for attention and the KV write, "
+                                                                         "torch ops for the rest")
 
 
 def test_a_missing_library_means_torch_ops(tmp_path, caplog):
