@@ -8,6 +8,10 @@
 // (twice: K and V) and then runs tiny batched matmuls; this reads each key and value once, for all
 // G query heads that share its KV head, and allocates nothing but a per-thread score row.
 //
+// Dtypes: float32, bfloat16 and float16 tensors; the loops read half precision as float32, compute
+// in float32 and round once when they store (the attention ops convert q and their output around
+// float32 loops; only the KV cache stays in its dtype, which is what halves the bytes decode reads).
+//
 // Threads: at::parallel_for, i.e. torch's own OpenMP pool (the library links libgomp.so.1 by soname,
 // which resolves to the copy torch already loaded). Vector code: the loops (cpu_kernels.inc) are
 // compiled for x86-64-v4 (AVX-512), x86-64-v3 (AVX2+FMA) and the baseline; the first call picks the
@@ -26,7 +30,7 @@
 
 namespace {
 
-constexpr int64_t kAbiVersion = 2;   // ABI_VERSION in services/engine/cpu_ops.py (2: bf16/fp16 caches)
+constexpr int64_t kAbiVersion = 2;   // ABI_VERSION in services/engine/cpu_ops.py (2: bf16/fp16 too)
 
 struct DecodeShape {
   int64_t num_query_heads_per_kv;   // G: query heads that read one KV head
@@ -42,9 +46,10 @@ struct KernelTable {   // one instruction set's loops (cpu_kernels.inc)
   void (*causal_softmax_rows)(float*, int64_t, int64_t, int64_t, int64_t, float*);
   void (*scatter_scaled_rows)(const float*, const float*, int64_t, int64_t, int64_t, int64_t, float*);
   void (*scale_rows)(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float, float*);
-  void (*rms_norm_row)(const float*, const float*, float*, int64_t, float);
-  void (*silu_and_mul_row)(const float*, const float*, float*, int64_t);
-  void (*rotate_row)(float*, const float*, const float*, int64_t, int64_t, int64_t);
+  // The pointwise rows, [element type: float32, bfloat16, float16] as decode's first index.
+  void (*rms_norm_row[3])(const void*, const void*, void*, int64_t, float);
+  void (*silu_and_mul_row[3])(const void*, const void*, void*, int64_t);
+  void (*rotate_row[3])(void*, const void*, const void*, int64_t, int64_t, int64_t);
 };
 
 }  // namespace
@@ -99,16 +104,16 @@ const Dispatch& dispatch() {
 
 const KernelTable& kernels() { return *dispatch().table; }
 
-// The cache element types the attention kernels read (the row of KernelTable::decode); anything else
-// is the caller's to route to the torch ops.
-int64_t cache_type_index(at::ScalarType type, const char* op) {
+// The element types the kernels read (the first index of KernelTable's per-type entries); anything
+// else is the caller's to route to the torch ops.
+int64_t type_index(at::ScalarType type, const char* op) {
   switch (type) {
     case at::kFloat: return 0;
     case at::kBFloat16: return 1;
     case at::kHalf: return 2;
     default: break;
   }
-  TORCH_CHECK(false, op, ": caches of float32, bfloat16 or float16 only, got ", type);
+  TORCH_CHECK(false, op, ": float32, bfloat16 or float16 only, got ", type);
   return -1;   // not reached: TORCH_CHECK threw
 }
 
@@ -126,7 +131,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
               "paged_decode_attention: q must be [B, H, D] and the caches [N, Hkv, block_size, D]");
   TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "paged_decode_attention: K and V caches differ in dtype");
-  const int64_t cache_type = cache_type_index(k_cache.scalar_type(), "paged_decode_attention");
+  const int64_t cache_type = type_index(k_cache.scalar_type(), "paged_decode_attention");
   TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
               "paged_decode_attention: CPU tensors only");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_decode_attention: caches must be contiguous");
@@ -206,7 +211,7 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, con
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
               "prefill_attention: q must be [n, H, D] and the caches [N, Hkv, block_size, D]");
   TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "prefill_attention: K and V caches differ in dtype");
-  cache_type_index(k_cache.scalar_type(), "prefill_attention");
+  type_index(k_cache.scalar_type(), "prefill_attention");
   TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
               "prefill_attention: CPU tensors only");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "prefill_attention: caches must be contiguous");
@@ -302,19 +307,23 @@ void write_kv(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, con
 }
 
 
-// x [T, hidden] (rows contiguous), weight [hidden] -> x / rms(x) * weight, in float32 as Hugging Face's
-// LlamaRMSNorm computes it.
+// x [T, hidden] (rows contiguous), weight [hidden] -> x / rms(x) * weight, computed in float32 as
+// Hugging Face's LlamaRMSNorm does, rounded once to x's dtype.
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 1 && weight.size(0) == x.size(1), "rms_norm: x [T, hidden], weight [hidden]");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "rms_norm: float32 only");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "rms_norm: x is ", x.scalar_type(), ", weight ",
+              weight.scalar_type());
+  const auto row_fn = kernels().rms_norm_row[type_index(x.scalar_type(), "rms_norm")];
   const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
   at::Tensor out = at::empty_like(xc);
-  const int64_t n = xc.size(1);
-  const float* x_ptr = xc.data_ptr<float>();
-  const float* w_ptr = wc.data_ptr<float>();
-  float* out_ptr = out.data_ptr<float>();
+  const int64_t n = xc.size(1), row_bytes = n * xc.element_size();
+  const char* x_ptr = static_cast<const char*>(xc.data_ptr());
+  const void* w_ptr = wc.data_ptr();
+  char* out_ptr = static_cast<char*>(out.data_ptr());
   at::parallel_for(0, xc.size(0), grain_rows(n), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) kernels().rms_norm_row(x_ptr + t * n, w_ptr, out_ptr + t * n, n, static_cast<float>(eps));
+    for (int64_t t = begin; t < end; ++t) {
+      row_fn(x_ptr + t * row_bytes, w_ptr, out_ptr + t * row_bytes, n, static_cast<float>(eps));
+    }
   });
   return out;
 }
@@ -322,34 +331,37 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 // x [T, 2 I]: gate then up, as the fused gate_up projection lays them out -> silu(gate) * up [T, I].
 at::Tensor silu_and_mul(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) % 2 == 0, "silu_and_mul: x [T, 2 I]");
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "silu_and_mul: float32 only");
+  const auto row_fn = kernels().silu_and_mul_row[type_index(x.scalar_type(), "silu_and_mul")];
   const at::Tensor xc = x.contiguous();
-  const int64_t n = xc.size(1) / 2;
+  const int64_t n = xc.size(1) / 2, half_bytes = n * xc.element_size();
   at::Tensor out = at::empty({xc.size(0), n}, xc.options());
-  const float* x_ptr = xc.data_ptr<float>();
-  float* out_ptr = out.data_ptr<float>();
+  const char* x_ptr = static_cast<const char*>(xc.data_ptr());
+  char* out_ptr = static_cast<char*>(out.data_ptr());
   at::parallel_for(0, xc.size(0), grain_rows(2 * n), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) kernels().silu_and_mul_row(x_ptr + t * 2 * n, x_ptr + t * 2 * n + n, out_ptr + t * n, n);
+    for (int64_t t = begin; t < end; ++t) {
+      row_fn(x_ptr + 2 * t * half_bytes, x_ptr + (2 * t + 1) * half_bytes, out_ptr + t * half_bytes, n);
+    }
   });
   return out;
 }
 
-// Rotate-half rotary embedding in place. x [T, heads, D] with each head's D floats contiguous (a
-// view into the fused qkv output is fine); cos, sin [T, D/2] for each token's position.
+// Rotate-half rotary embedding in place. x [T, heads, D] with each head's D elements contiguous (a
+// view into the fused qkv output is fine); cos, sin [T, D/2] for each token's position, x's dtype.
 at::Tensor& rotary_embedding_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.size(2) % 2 == 0, "rotary_embedding_: x [T, heads, D], D contiguous");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat,
-              "rotary_embedding_: float32 only");
-  const int64_t T = x.size(0), heads = x.size(1), half = x.size(2) / 2;
+  TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(),
+              "rotary_embedding_: x, cos and sin must share one dtype");
+  const auto row_fn = kernels().rotate_row[type_index(x.scalar_type(), "rotary_embedding_")];
+  const int64_t T = x.size(0), heads = x.size(1), half = x.size(2) / 2, esize = x.element_size();
   TORCH_CHECK(cos.sizes() == sin.sizes() && cos.size(0) == T && cos.size(1) == half, "rotary_embedding_: cos, sin [T, D/2]");
   const at::Tensor cc = cos.contiguous(), sc = sin.contiguous();
-  float* x_ptr = x.data_ptr<float>();
-  const float* c_ptr = cc.data_ptr<float>();
-  const float* s_ptr = sc.data_ptr<float>();
+  char* x_ptr = static_cast<char*>(x.data_ptr());
+  const char* c_ptr = static_cast<const char*>(cc.data_ptr());
+  const char* s_ptr = static_cast<const char*>(sc.data_ptr());
   const int64_t row_stride = x.stride(0), head_stride = x.stride(1);
   at::parallel_for(0, T, grain_rows(heads * 2 * half), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      kernels().rotate_row(x_ptr + t * row_stride, c_ptr + t * half, s_ptr + t * half, heads, head_stride, half);
+      row_fn(x_ptr + t * row_stride * esize, c_ptr + t * half * esize, s_ptr + t * half * esize, heads, head_stride, half);
     }
   });
   return x;

@@ -2,9 +2,11 @@
 
 The library registers torch ops under `torch.ops.duoserve`; `make cpu-ops` (run by `make install`)
 builds it with g++ against the installed torch (`native/build_cpu_ops.py`). Nothing happens at
-import: `load` runs at the first CPU forward pass, once per path. Without the library (no compiler at install, another torch,
-a non-x86 machine that never built it) the engine runs the torch ops in `attention.py` instead,
-with the same results up to summation order, and says so once in the log.
+import: `load` runs at the first CPU forward pass, once per path. Without the library (no compiler
+at install, another torch, a non-x86 machine that never built it) the engine runs the torch ops in
+`attention.py` and `kernels.py` instead, with the same results up to summation order in float32
+(in bf16/fp16 also up to rounding: the kernels round once, torch's ops some intermediates too), and
+says so once in the log.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from services.engine.attention import (AttentionMetadata, PrefillSeq, decode_att
 DEFAULT_LIBRARY = Path(__file__).resolve().parents[2] / "native" / "build" / "libduoserve_cpu_ops.so"
 ABI_VERSION = 2             # kAbiVersion in native/cpu_ops.cpp that this module speaks
 
-ATTENTION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)   # caches the attention kernels and KV write read
+NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)   # what the kernels read; others take torch's ops
 
 log = logging.getLogger(__name__)
 
@@ -52,18 +54,13 @@ def describe(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
         return f"{device.type} kernels"
     if not load():
         return "torch ops (CPU kernels not built)"
-    isa = torch.ops.duoserve.isa()
-    if dtype == torch.float32:
-        return f"CPU kernels {isa}"
-    if dtype in ATTENTION_DTYPES:
-        return f"CPU kernels {isa} for attention and the KV write, torch ops for the rest"
-    return "torch ops"
+    return f"CPU kernels {torch.ops.duoserve.isa()}" if dtype in NATIVE_DTYPES else "torch ops"
 
 
 def write_kv_native(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     slot_mapping: torch.Tensor) -> None:
     """`attention.write_kv` as row copies (float32, bfloat16, float16)."""
-    if k_cache.dtype not in ATTENTION_DTYPES or k.dtype != k_cache.dtype:
+    if k_cache.dtype not in NATIVE_DTYPES or k.dtype != k_cache.dtype:
         return write_kv(k_cache, v_cache, k, v, slot_mapping)
     torch.ops.duoserve.write_kv(k_cache, v_cache, k, v, slot_mapping)
 
@@ -72,7 +69,7 @@ def decode_attention_native(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """`attention.decode_attention_torch`'s contract, read straight from the paged pool (float32,
     bfloat16, float16 caches, computed in float32); other dtypes go to the torch ops. q [B, H, D] -> [B, H, D]."""
-    if k_cache.dtype not in ATTENTION_DTYPES or q.dtype != k_cache.dtype:
+    if k_cache.dtype not in NATIVE_DTYPES or q.dtype != k_cache.dtype:
         return decode_attention_torch(q, k_cache, v_cache, meta, scale)
     return torch.ops.duoserve.paged_decode_attention(
         q, k_cache, v_cache, meta.decode_block_tables, decode_context_lens(meta), scale)
@@ -83,7 +80,7 @@ def prefill_attention_native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     """`attention.prefill_attention_torch`'s contract, keys and values read back from the paged pool
     (float32, bfloat16, float16 caches, computed in float32; other dtypes go to the torch ops).
     q [n, H, D] -> [n, H, D]."""
-    if k_cache.dtype not in ATTENTION_DTYPES or q.dtype != k_cache.dtype:
+    if k_cache.dtype not in NATIVE_DTYPES or q.dtype != k_cache.dtype:
         return prefill_attention_torch(q, k, v, k_cache, v_cache, seq, scale)
     return torch.ops.duoserve.prefill_attention(q, k_cache, v_cache, seq.block_table, seq.context_len, scale)
 
@@ -96,29 +93,29 @@ def paged_attention_native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
 
 
 def rms_norm_native(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`kernels.rms_norm_torch` in one pass over each row (float32)."""
-    if x.dtype != torch.float32:
+    """`kernels.rms_norm_torch` in one pass over each row, computed in float32, rounded once to x's dtype."""
+    if x.dtype not in NATIVE_DTYPES or weight.dtype != x.dtype:
         return kernels.rms_norm_torch(x, weight, eps)
     return torch.ops.duoserve.rms_norm(x, weight, eps)
 
 
 def rope_tables_native(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [T, D/2] as the kernel reads them (for other dtypes, the torch tables)."""
-    if cos.dtype != torch.float32:
+    if cos.dtype not in NATIVE_DTYPES:
         return kernels.rope_tables_torch(cos, sin)
     return cos.contiguous(), sin.contiguous()
 
 
 def apply_rope_native(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """`kernels.apply_rope_torch`, rotating x [T, heads, D] in place (float32)."""
-    if x.dtype != torch.float32:
+    """`kernels.apply_rope_torch`, rotating x [T, heads, D] in place, computed in float32, rounded once to x's dtype."""
+    if x.dtype not in NATIVE_DTYPES:
         return kernels.apply_rope_torch(x, tables)
     return torch.ops.duoserve.rotary_embedding_(x, *tables)
 
 
 def silu_and_mul_native(x: torch.Tensor) -> torch.Tensor:
-    """`kernels.silu_and_mul_torch` in one pass (float32)."""
-    if x.dtype != torch.float32:
+    """`kernels.silu_and_mul_torch` in one pass, computed in float32, rounded once to x's dtype."""
+    if x.dtype not in NATIVE_DTYPES:
         return kernels.silu_and_mul_torch(x)
     return torch.ops.duoserve.silu_and_mul(x)
 

@@ -3,8 +3,8 @@
 gpt-fast's shape: the model in `model.py` is plain torch and readable; the faster versions of its
 per-layer ops are applied from outside through this table. Three sets exist:
   torch    the reference: torch ops only (every device, every dtype)
-  cpu      `cpu_ops`: the C++ kernels in native/cpu_ops.cpp (attention and KV write in fp32/bf16/fp16,
-           the pointwise ops in float32; other dtypes fall through to torch)
+  cpu      `cpu_ops`: the C++ kernels in native/cpu_ops.cpp (fp32, bf16, fp16; other dtypes fall through
+           to torch)
   cuda     `triton_attention`: Triton kernels for the KV write and paged attention, torch for the rest
 `kernels_for` picks one; the native and Triton sets are imported lazily there, so an install
 without them (no compiler at `make cpu-ops`, no Triton) runs the torch set unchanged.
