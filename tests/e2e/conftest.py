@@ -42,31 +42,33 @@ class RunningStack:
         self.state = stack.read_state(self.config.state_path)
 
 
-def _start(mode: Mode, tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path) -> RunningStack:
+def start_stack(mode: Mode, tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path,
+                dtype: str = "float32") -> RunningStack:
+    name = f"e2e-{mode.value}" + ("" if dtype == "float32" else f"-{dtype}")
     config = StackConfig(state_dir=tmp_path_factory.mktemp(f"stack-{mode.value}"),
-                         cache_dir=default_model_dir.parent, name=f"e2e-{mode.value}", mode=mode,
+                         cache_dir=default_model_dir.parent, name=name, mode=mode, dtype=dtype,
                          num_kv_blocks=512, max_queue_len=64, startup_timeout_s=300)
     say = lambda msg: print(msg, file=sys.stderr)   # noqa: E731
     stack.up(config, detach=True, say=say)
     return RunningStack(config, stack.read_state(config.state_path))
 
 
-def _stop(running: RunningStack) -> None:
+def stop_stack(running: RunningStack) -> None:
     stack.down(running.config.state_dir, running.config.name, stop_timeout_s=10, say=lambda m: None)
 
 
 @pytest.fixture(scope="session")
 def split_stack(tmp_path_factory, default_model_dir):
-    running = _start(Mode.SPLIT, tmp_path_factory, default_model_dir)
+    running = start_stack(Mode.SPLIT, tmp_path_factory, default_model_dir)
     yield running
-    _stop(running)
+    stop_stack(running)
 
 
 @pytest.fixture(scope="session")
 def colocated_stack(tmp_path_factory, default_model_dir):
-    running = _start(Mode.COLOCATED, tmp_path_factory, default_model_dir)
+    running = start_stack(Mode.COLOCATED, tmp_path_factory, default_model_dir)
     yield running
-    _stop(running)
+    stop_stack(running)
 
 
 @pytest.fixture(params=["split", "colocated"])
