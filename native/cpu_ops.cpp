@@ -211,7 +211,7 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, con
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
               "prefill_attention: q must be [n, H, D] and the caches [N, Hkv, block_size, D]");
   TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "prefill_attention: K and V caches differ in dtype");
-  type_index(k_cache.scalar_type(), "prefill_attention");
+  type_index(k_cache.scalar_type(), "prefill_attention");   // a clear error for other dtypes
   TORCH_CHECK(q.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
               "prefill_attention: CPU tensors only");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "prefill_attention: caches must be contiguous");
@@ -361,7 +361,8 @@ at::Tensor& rotary_embedding_(at::Tensor& x, const at::Tensor& cos, const at::Te
   const int64_t row_stride = x.stride(0), head_stride = x.stride(1);
   at::parallel_for(0, T, grain_rows(heads * 2 * half), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      row_fn(x_ptr + t * row_stride * esize, c_ptr + t * half * esize, s_ptr + t * half * esize, heads, head_stride, half);
+      row_fn(x_ptr + t * row_stride * esize, c_ptr + t * half * esize, s_ptr + t * half * esize, heads, head_stride,
+             half);
     }
   });
   return x;

@@ -93,7 +93,8 @@ def paged_attention_native(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
 
 
 def rms_norm_native(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """`kernels.rms_norm_torch` in one pass over each row, computed in float32, rounded once to x's dtype."""
+    """`kernels.rms_norm_torch` in one pass over each row; computed in float32, rounded once to x's
+    dtype."""
     if x.dtype not in NATIVE_DTYPES or weight.dtype != x.dtype:
         return kernels.rms_norm_torch(x, weight, eps)
     return torch.ops.duoserve.rms_norm(x, weight, eps)
@@ -107,14 +108,15 @@ def rope_tables_native(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tens
 
 
 def apply_rope_native(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """`kernels.apply_rope_torch`, rotating x [T, heads, D] in place, computed in float32, rounded once to x's dtype."""
+    """`kernels.apply_rope_torch`, rotating x [T, heads, D] in place; computed in float32, rounded
+    once to x's dtype."""
     if x.dtype not in NATIVE_DTYPES:
         return kernels.apply_rope_torch(x, tables)
     return torch.ops.duoserve.rotary_embedding_(x, *tables)
 
 
 def silu_and_mul_native(x: torch.Tensor) -> torch.Tensor:
-    """`kernels.silu_and_mul_torch` in one pass, computed in float32, rounded once to x's dtype."""
+    """`kernels.silu_and_mul_torch` in one pass; computed in float32, rounded once to x's dtype."""
     if x.dtype not in NATIVE_DTYPES:
         return kernels.silu_and_mul_torch(x)
     return torch.ops.duoserve.silu_and_mul(x)
