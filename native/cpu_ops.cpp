@@ -41,8 +41,9 @@ struct DecodeShape {
 
 struct KernelTable {   // one instruction set's loops (cpu_kernels.inc)
   using DecodeFn = void (*)(const float*, const void*, const void*, const int64_t*, int64_t, const DecodeShape&,
-                            float, float*, float*);
+                            float, float*, float*, float*);
   DecodeFn decode[3][3];   // [cache type: float32, bfloat16, float16][head dim: 64, 128, any]
+  void (*merge_parts)(const float*, const float*, int64_t, int64_t, int64_t, int64_t, float*);
   void (*causal_softmax_rows)(float*, int64_t, int64_t, int64_t, int64_t, float*);
   void (*scatter_scaled_rows)(const float*, const float*, int64_t, int64_t, int64_t, int64_t, float*);
   void (*scale_rows)(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float, float*);
@@ -124,10 +125,24 @@ at::Tensor float_queries(const at::Tensor& q, const at::Tensor& k_cache, const c
   return q.scalar_type() == at::kFloat ? q : q.to(at::kFloat);
 }
 
+// Split-K for decode: with fewer (row, KV head) tasks than kTasksPerThread per thread (small batches,
+// many cores), each row's keys are cut into parts of at least kMinPartTokens, computed as separate
+// tasks and merged (flash-decoding); otherwise one task per (row, KV head) reads the whole row.
+constexpr int64_t kTasksPerThread = 4;
+constexpr int64_t kMinPartTokens = 256;
+
+int64_t decode_parts(int64_t num_items, int64_t max_len) {
+  const int64_t wanted_items = kTasksPerThread * at::get_num_threads();
+  if (num_items >= wanted_items) return 1;
+  return std::max<int64_t>(1, std::min((wanted_items + num_items - 1) / num_items, max_len / kMinPartTokens));
+}
+
 // q [B, H, D]; k_cache, v_cache [N, Hkv, bs, D]; block_tables [B, M] int64; context_lens [B] int32.
-// -> [B, H, D]. Query head h reads KV head h / G, as in the torch reference.
+// -> [B, H, D]. Query head h reads KV head h / G, as in the torch reference. num_parts: how many
+// parts each row's keys are split into (0: decode_parts decides; tests force it).
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                                  int64_t num_parts) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
               "paged_decode_attention: q must be [B, H, D] and the caches [N, Hkv, block_size, D]");
   TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type(), "paged_decode_attention: K and V caches differ in dtype");
@@ -165,18 +180,41 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
                   " names block ", table_ptr[b * M + j], ", outside the pool's 0..", num_blocks - 1);
     }
   }
+  TORCH_CHECK(num_parts >= 0, "paged_decode_attention: num_parts must be >= 0 (0: automatic), got ", num_parts);
+  const int64_t P = num_parts > 0 ? num_parts : decode_parts(B * Hkv, max_len), G = shape.num_query_heads_per_kv;
+  // Parts [B, Hkv, P, G, D] (one task's output contiguous) and their stats [B, Hkv, P, G, 2]; with
+  // one part, tasks write their normalized output straight into `out`.
+  at::Tensor parts = P > 1 ? at::empty({B, Hkv, P, G, D}, qc.options()) : out;
+  at::Tensor stats = at::empty({B, Hkv, P, G, 2}, qc.options());
+  float* parts_ptr = parts.data_ptr<float>();
+  float* stats_ptr = stats.data_ptr<float>();
   const KernelTable& k = kernels();
   const KernelTable::DecodeFn decode_fn = k.decode[cache_type][D == 64 ? 0 : D == 128 ? 1 : 2];
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(shape.num_query_heads_per_kv * max_len);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / Hkv, kv_head = item % Hkv;
-      const int64_t head0 = kv_head * shape.num_query_heads_per_kv;
-      decode_fn(q_ptr + (b * H + head0) * D, k_ptr + kv_head * head_bytes, v_ptr + kv_head * head_bytes,
-                 table_ptr + b * M, lens_ptr[b], shape, static_cast<float>(scale), scores.data(),
-                 out_ptr + (b * H + head0) * D);
+  at::parallel_for(0, B * Hkv * P, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(G * max_len);
+    for (int64_t item = begin; item < end; ++item) {               // item = (b * Hkv + kv_head) * P + part
+      const int64_t b = item / (Hkv * P), kv_head = item / P % Hkv, part = item % P;
+      const int64_t row_blocks = (lens_ptr[b] + bs - 1) / bs, part_blocks = (row_blocks + P - 1) / P;
+      const int64_t first_block = part * part_blocks;
+      float* part_stats = stats_ptr + item * G * 2;
+      if (first_block >= row_blocks) {                              // a short row: this part has no keys
+        for (int64_t g = 0; g < G; ++g) part_stats[2 * g + 1] = 0.0f;
+        continue;
+      }
+      const int64_t part_len = std::min<int64_t>(lens_ptr[b] - first_block * bs, part_blocks * bs);
+      decode_fn(q_ptr + (b * H + kv_head * G) * D, k_ptr + kv_head * head_bytes, v_ptr + kv_head * head_bytes,
+                table_ptr + b * M + first_block, part_len, shape, static_cast<float>(scale), scores.data(),
+                parts_ptr + item * G * D, part_stats);
     }
   });
+  if (P > 1) {
+    at::parallel_for(0, B * H, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {                     // bh = b * H + kv_head * G + g
+        const int64_t first = (bh / H * Hkv + bh % H / G) * P * G + bh % G;   // (b, kv_head, part 0, g)
+        k.merge_parts(parts_ptr + first * D, stats_ptr + first * 2, P, G * D, G * 2, D, out_ptr + bh * D);
+      }
+    });
+  }
   return out.to(q.scalar_type());
 }
 
@@ -378,7 +416,7 @@ TORCH_LIBRARY(duoserve, m) {
   m.def("abi_version() -> int", &abi_version);
   m.def("isa() -> str", &isa);
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-        "Tensor context_lens, float scale) -> Tensor",
+        "Tensor context_lens, float scale, int num_parts=0) -> Tensor",
         &paged_decode_attention);
   m.def("prefill_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, int context_len, "
         "float scale) -> Tensor",

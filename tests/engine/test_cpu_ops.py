@@ -42,6 +42,26 @@ def test_decode_attention_matches_torch(num_heads: int, num_kv_heads: int, head_
     torch.testing.assert_close(cpu_ops.decode_attention_native(q, k_cache, v_cache, meta, head_dim ** -0.5), expected)
 
 
+@pytest.mark.parametrize("num_parts", [0, 1, 2, 3, 7, 80])
+def test_decode_attention_split_k_matches_torch(num_parts: int):
+    """Rows cut into parts (split-K) and merged: rows shorter than a part, parts beyond a row's end
+    (80 parts of a 1000-token row: 63 blocks), and 0, which lets the kernel decide (a 1-row batch of
+    3 KV heads splits whenever the machine has more than one thread)."""
+    num_blocks, lens = 128, torch.tensor([1000, 1, 17, 300], dtype=torch.int32)
+    k_cache, v_cache = _pool(num_blocks, 3, 64, seed=num_parts)
+    width = int(lens.max() + BS - 1) // BS
+    tables = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(4))[:width * 2].view(2, width)
+    tables = torch.cat([tables, tables.flip(1)])                     # rows may share blocks: reads only
+    mask = (torch.arange(width * BS).view(1, -1) < lens.view(-1, 1)).view(len(lens), 1, 1, -1)
+    meta = AttentionMetadata(torch.zeros(0, dtype=torch.int64), (), 0, tables, mask, lens)
+    q = torch.randn(len(lens), 9, 64)
+    expected = decode_attention_torch(q, k_cache, v_cache, meta, 0.125)
+    for rows in (slice(0, 1), slice(0, 4)):                           # one long row alone, then the batch
+        got = torch.ops.duoserve.paged_decode_attention(q[rows], k_cache, v_cache, tables[rows], lens[rows], 0.125,
+                                                        num_parts)
+        torch.testing.assert_close(got, expected[rows])
+
+
 @pytest.mark.parametrize("query_len,context_len", [(512, 512), (70, 70), (1, 1), (21, 50), (1, 300), (130, 200)])
 def test_prefill_attention_matches_torch(query_len: int, context_len: int):
     """Whole prompts, chunks over a cached prefix, one-token chunks; more than one query tile."""
@@ -163,6 +183,9 @@ def test_bad_block_ids_and_lengths_raise_instead_of_reading_outside_the_pool():
     with pytest.raises(RuntimeError, match="names block 9, outside the pool's 0..3"):
         torch.ops.duoserve.paged_decode_attention(q, k_cache, v_cache, torch.tensor([[9]]),
                                                   torch.tensor([3], dtype=torch.int32), 0.1)
+    with pytest.raises(RuntimeError, match="num_parts must be >= 0"):
+        torch.ops.duoserve.paged_decode_attention(q, k_cache, v_cache, torch.tensor([[0]]),
+                                                  torch.tensor([3], dtype=torch.int32), 0.1, -1)
     with pytest.raises(RuntimeError, match="context_len 40, outside 1..16"):
         torch.ops.duoserve.paged_decode_attention(q, k_cache, v_cache, torch.tensor([[0]]),
                                                   torch.tensor([40], dtype=torch.int32), 0.1)
