@@ -102,7 +102,16 @@ class Retuner:
         return self.standby is not None
 
     def begin(self, share: ShareState) -> None:
-        """Start the standby at `share`; this worker keeps serving until it is ready."""
+        """Start the standby at `share`; this worker keeps serving until it is ready. With a standby
+        already starting, nothing: SetComputeShare refuses requests during a handover, but one can
+        slip in between the loop taking a share and starting its standby, and a second standby would
+        race the first for the takeover (the orchestrator re-sends a share its workers do not report)."""
+        if self.standby is not None:
+            pending = self.share
+            log.warning("share %.2f (cores %s) requested during the handover to %.2f (cores %s): not applied",
+                        share.share, share.cpu_ids, pending.share if pending else 0.0,
+                        pending.cpu_ids if pending else ())
+            return
         w = self.worker
         cuda = _is_cuda(w)
         argv = successor_argv(w.config.phase, w.config.launch_argv, () if cuda else share.cpu_ids,

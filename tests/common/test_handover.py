@@ -16,7 +16,8 @@ from orchestrator.redis_state import RedisState
 from services.common.contracts import Handoff, WorkerHandover, WorkerReport, from_json, to_json
 from services.engine.sampling_params import SamplingParams
 from services.worker.config import Phase
-from services.worker.handover import mps_percentage, successor_argv
+from services.worker.control import ShareState
+from services.worker.handover import Retuner, mps_percentage, successor_argv
 
 
 def test_successor_argv_replaces_cores_and_takeover_only():
@@ -28,6 +29,20 @@ def test_successor_argv_replaces_cores_and_takeover_only():
     cuda = successor_argv(Phase.PREFILL, ("--cpus=3", "--device", "cuda"), (), "prefill-1-a")
     assert cuda[3:] == ["--cpus=3", "--device", "cuda", "--takeover-from", "prefill-1-a"]   # host cores kept
     assert [mps_percentage(s) for s in (0.0, 0.004, 0.5, 0.704, 1.2)] == [1, 1, 50, 70, 100]
+
+
+def test_a_share_requested_while_a_standby_starts_starts_no_second_one(caplog):
+    """The race the e2e handover test once hit: two standbys for one retune, each waiting to take over."""
+    standby = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        retuner = Retuner(worker=None, stack_cpus=(0, 1), release_ports=lambda: None,
+                          share=ShareState(1.0, (0, 1), 0), standby=standby)
+        retuner.begin(ShareState(1.0, (0, 1), 0))          # worker=None: starting one would fail
+        assert retuner.standby is standby and retuner.pending
+        assert "requested during the handover to 1.00" in caplog.text
+    finally:
+        standby.kill()
+        standby.wait()
 
 
 def test_worker_handover_round_trips_with_its_hand_offs():
