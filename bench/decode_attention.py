@@ -12,11 +12,12 @@ timings are the median of interleaved repeats of one layer's call, each from col
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
+from typing import Callable
 
 import torch
 
+from bench.engine import interleaved_medians
 from services.engine import cpu_ops
 from services.engine.attention import AttentionMetadata, decode_attention_torch
 
@@ -40,21 +41,19 @@ def _inputs(batch: int, context: int, dtype: torch.dtype):
     return q, k_cache, v_cache, meta
 
 
-def _median_ms(fns: dict[str, callable], repeats: int, flush: torch.Tensor) -> dict[str, float]:
-    """Each function's median time, the functions interleaved so drift hits them alike. Every call
-    starts with cold caches, as in a forward pass, where a layer's keys were last read a whole step
-    (every weight and every other layer's KV) earlier: `flush` is rewritten before each call."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            flush.add_(1.0)
-            start = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - start) * 1000)
-    return {name: statistics.median(t) for name, t in times.items()}
+def _cold(fn: Callable[[], object], flush: torch.Tensor) -> Callable[[], float]:
+    """`fn` timed from cold caches (seconds), as in a forward pass, where a layer's keys were last read
+    a whole step (every weight and every other layer's KV) earlier: `flush` is rewritten first."""
+    def once() -> float:
+        flush.add_(1.0)
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    return once
 
 
 def measure(batch: int, context: int, dtype: torch.dtype, repeats: int, flush: torch.Tensor) -> dict[str, float]:
+    """Each way's median milliseconds for one call."""
     q, k_cache, v_cache, meta = _inputs(batch, context, dtype)
     lens, scale = meta.decode_context_lens, HEAD_DIM ** -0.5
     op = torch.ops.duoserve.paged_decode_attention
@@ -63,9 +62,8 @@ def measure(batch: int, context: int, dtype: torch.dtype, repeats: int, flush: t
         "kernel, 1 part": lambda: op(q, k_cache, v_cache, meta.decode_block_tables, lens, scale, 1),
         "kernel, split-K": lambda: op(q, k_cache, v_cache, meta.decode_block_tables, lens, scale, 0),
     }
-    for fn in fns.values():                                   # warm up: allocations, page faults
-        fn()
-    return _median_ms(fns, repeats, flush)
+    medians = interleaved_medians([_cold(fn, flush) for fn in fns.values()], repeats)
+    return {name: seconds * 1000 for name, seconds in zip(fns, medians)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,7 +57,7 @@ class Row:
         return self.duoserve_tok_s / self.generate_tok_s
 
 
-def _interleaved(fns: list[Callable[[], float]], repeats: int) -> list[float]:
+def interleaved_medians(fns: list[Callable[[], float]], repeats: int) -> list[float]:
     """Median seconds of each timing function: one warm-up each, then `repeats` rounds of all in turn."""
     for fn in fns:
         fn()
@@ -189,14 +189,14 @@ def run(config: EngineConfig, prompt_lens: list[int], batch_sizes: list[int], st
     rows = []
     for n in prompt_lens:
         prompt = _prompt(n, vocab, n)
-        times = _interleaved([duoserve_prefill(engine, prompt), transformers_prefill(hf, prompt),
+        times = interleaved_medians([duoserve_prefill(engine, prompt), transformers_prefill(hf, prompt),
                               transformers_generate(hf, [prompt], 1)], repeats=REPEATS)
         rows.append(Row("prefill", n, *(n / t for t in times)))
         print(_format(rows[-1]), file=sys.stderr, flush=True)
     decode_rows = [(b, False) for b in batch_sizes] + ([(ragged_batch, True)] if ragged_batch else [])
     for b, ragged in decode_rows:
         prompts = decode_prompts(b, vocab, ragged)
-        times = _interleaved([duoserve_decode(engine, prompts, steps), transformers_decode(hf, prompts, steps),
+        times = interleaved_medians([duoserve_decode(engine, prompts, steps), transformers_decode(hf, prompts, steps),
                               transformers_generate(hf, prompts, steps + 1)], repeats=REPEATS)
         rows.append(Row("decode ragged" if ragged else "decode", b, *(b * steps / t for t in times)))
         print(_format(rows[-1]), file=sys.stderr, flush=True)

@@ -106,11 +106,9 @@ class Retuner:
         already starting, nothing: SetComputeShare refuses requests during a handover, but one can
         slip in between the loop taking a share and starting its standby, and a second standby would
         race the first for the takeover (the orchestrator re-sends a share its workers do not report)."""
-        if self.standby is not None:
-            pending = self.share
+        if self.standby is not None:             # begin sets standby and share together
             log.warning("share %.2f (cores %s) requested during the handover to %.2f (cores %s): not applied",
-                        share.share, share.cpu_ids, pending.share if pending else 0.0,
-                        pending.cpu_ids if pending else ())
+                        share.share, share.cpu_ids, self.share.share, self.share.cpu_ids)
             return
         w = self.worker
         cuda = _is_cuda(w)
