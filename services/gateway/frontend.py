@@ -110,9 +110,13 @@ class Frontend:
 
     async def read_replies(self) -> None:
         """Dispatch this gateway's reply stream to the waiting requests, forever."""
-        cursor = "$"
+        cursor: str | None = None
         while True:
             try:
+                if cursor is None:
+                    # "$" made concrete once (as redis_queues.tail_cursor does): an XREAD at "$" after an
+                    # empty one would skip what was added between the two, a request's first token.
+                    cursor = await self._reply_tail()
                 batches = await self.client.xread({self.reply_stream: cursor}, count=512, block=1000)
             except aioredis.ConnectionError:
                 log.warning("redis unreachable; retrying")
@@ -123,6 +127,15 @@ class Frontend:
                     cursor = entry_id
                     self._dispatch(data)
                 await self.client.xtrim(self.reply_stream, minid=cursor, approximate=True)
+
+    async def _reply_tail(self) -> str:
+        """The reply stream's newest id; "0-0" while it does not exist, so its first entry is read."""
+        try:
+            info = await self.client.xinfo_stream(self.reply_stream)
+        except aioredis.ResponseError:
+            return "0-0"
+        last = info["last-generated-id"]
+        return last.decode() if isinstance(last, bytes) else last
 
     def _dispatch(self, data: dict) -> None:
         try:
