@@ -1,11 +1,13 @@
-"""`duoserve bench serve`: an open-loop load generator against a running stack's gateway.
+"""`duoserve bench serve`: an open-loop load generator against a running stack's gateway, or any
+OpenAI-compatible server (`--target http://HOST:PORT`; bench/clients.py has both clients).
 
 A request's life here:
   scheduled  the Arrival gives its send offset (trace, Poisson or gamma); the dispatcher sleeps until then
   waiting    with --max-concurrency, it waits for a free slot (not counted in its latency, as in vLLM)
-  sent       one AsyncClient stream: token ids (or text), ignore_eos=True, max_tokens=output_len
+  sent       one stream: token ids (or text), ignore_eos=True, max_tokens=output_len, temperature 0
   streaming  TTFT at the first chunk carrying tokens; each later chunk carrying tokens adds one ITL
-  done       E2E at the last chunk; a gRPC error or finish reason "error" marks it failed
+  done       E2E at the last chunk with tokens or a finish reason; the server's usage count, when given,
+             is its output tokens; an error (gRPC, HTTP) or finish reason "error" marks it failed
 
 Metrics follow vLLM's benchmarks/benchmark_serving.py (calculate_metrics) exactly:
   duration         first dispatch to the last request done
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import sys
@@ -33,6 +36,7 @@ from typing import Any, Sequence, TextIO
 
 import numpy as np
 
+from bench.clients import BenchClient, ServerError, open_client
 from bench.datasets import (DEFAULT_AZURE_CONV, REAL_TEXT, Arrival, RequestSpec, load_azure_conv,
                             load_prompt_file, random_requests, schedule, with_token_ids)
 
@@ -184,30 +188,27 @@ class Progress:
             self.out.flush()
 
 
-async def _one(client: Any, spec: RequestSpec, record: RequestRecord, t0: float) -> None:
-    kwargs = {"prompt": spec.prompt} if spec.prompt is not None else {"token_ids": list(spec.token_ids)}
+async def _one(client: BenchClient, spec: RequestSpec, record: RequestRecord, t0: float) -> None:
     first = last_tokens = 0.0
     st = time.perf_counter()
     record.sent_s = st - t0
     try:
-        async with client.stream(**kwargs, max_tokens=spec.output_len, ignore_eos=True,
-                                 temperature=0.0) as chunks:
+        async with contextlib.aclosing(client.stream(spec)) as chunks:
             async for chunk in chunks:
                 now = time.perf_counter()
-                if chunk.token_ids:
+                if chunk.num_tokens:
                     if not first:
                         first = now
                         record.ttft_s = now - st
                     else:
                         record.itl_s.append(now - last_tokens)
                     last_tokens = now
-                    record.output_tokens += len(chunk.token_ids)
-                record.e2e_s = now - st
-                if chunk.finish_reason is not None:
-                    record.finish_reason = chunk.finish_reason
-                    if chunk.usage is not None:
-                        record.output_tokens = chunk.usage.completion_tokens or record.output_tokens
-                        record.prompt_len = chunk.usage.prompt_tokens or record.prompt_len
+                    record.output_tokens += chunk.num_tokens
+                if chunk.num_tokens or chunk.finish_reason is not None:
+                    record.e2e_s = now - st      # not at a usage-only event after the last token (vLLM's E2E)
+                record.finish_reason = chunk.finish_reason or record.finish_reason
+                record.output_tokens = chunk.completion_tokens or record.output_tokens
+                record.prompt_len = chunk.prompt_tokens or record.prompt_len
         if record.finish_reason in (None, "error", "cancelled") or not first:
             record.error = f"finish reason {record.finish_reason}, {record.output_tokens} tokens"
         else:
@@ -216,7 +217,7 @@ async def _one(client: Any, spec: RequestSpec, record: RequestRecord, t0: float)
         record.error = f"{type(e).__name__}: {e}"
 
 
-async def _prepare(client: Any, specs: Sequence[RequestSpec]) -> list[RequestSpec]:
+async def _prepare(client: BenchClient, specs: Sequence[RequestSpec]) -> list[RequestSpec]:
     """Token ids from real text for specs without a prompt; each text prompt's real length; fit checks."""
     info = await client.model_info()
     out = list(specs)
@@ -225,9 +226,10 @@ async def _prepare(client: Any, specs: Sequence[RequestSpec]) -> list[RequestSpe
     for i, s in enumerate(out):
         if s.prompt is not None:
             out[i] = RequestSpec(len(await client.tokenize(s.prompt)) or 1, s.output_len, s.arrival_s, s.prompt)
-    kv_tokens = info["num_kv_blocks"] * info["block_size"]
-    limit = min(info["max_context"], kv_tokens)
-    too_long = [i for i, s in enumerate(out) if s.prompt_len + s.output_len > limit]
+    # An OpenAI server does not say its KV pool (None), and may not say its context either.
+    kv_tokens = info["num_kv_blocks"] * info["block_size"] if info.get("num_kv_blocks") else None
+    limit = min((x for x in (info.get("max_context"), kv_tokens) if x), default=None)
+    too_long = [i for i, s in enumerate(out) if limit is not None and s.prompt_len + s.output_len > limit]
     if too_long:
         s = out[too_long[0]]
         raise ValueError(f"{len(too_long)} requests do not fit the served model's {limit} tokens "
@@ -241,13 +243,11 @@ async def benchmark(target: str, specs: Sequence[RequestSpec], arrival: Arrival,
                     slo_tpot_ms: float | None = None, warmup: int = 1,
                     percentiles: Sequence[float] = DEFAULT_PERCENTILES, progress: bool = True,
                     label: str = "", workload: str = "") -> Result:
-    """Run the workload once against `target` (see the module docstring)."""
-    import duoserve
-
+    """Run the workload once against `target`: a gateway's HOST:PORT or an OpenAI server's http://HOST:PORT."""
     if max_concurrency is not None and max_concurrency < 1:
         raise ValueError("max concurrency must be at least 1")
     offsets = schedule(specs, arrival)
-    client = duoserve.AsyncClient(target, timeout=REQUEST_TIMEOUT_S)
+    client = open_client(target, REQUEST_TIMEOUT_S)
     try:
         specs = await _prepare(client, specs)
         for i in range(warmup):             # not measured: first-call costs (channel, allocator, caches)
@@ -383,7 +383,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         result = run_benchmark(args.target, specs, arrival, max_concurrency=args.max_concurrency,
                                slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, warmup=args.warmup,
                                progress=not args.no_progress, workload=words)
-    except DuoserveError as e:               # the gateway unreachable or refusing the set-up calls
+    except (DuoserveError, ServerError, OSError) as e:   # the server unreachable or refusing the set-up calls
         print(f"duoserve: error: {args.target}: {e}", file=sys.stderr)
         return 1
     print(format_result(result))
