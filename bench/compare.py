@@ -131,7 +131,6 @@ def run_setup(setup: Setup, args: argparse.Namespace, specs: Sequence[RequestSpe
     started = time.monotonic()
     say(f"{setup.name}: starting the stack")
     stack.up(config, detach=True, say=lambda m: say(f"{setup.name}: {m}"), out=io.StringIO())
-    runs: list[dict[str, Any]] = []
     try:
         state = stack.read_state(config.state_path)
         if setup.policy is not None:
@@ -141,26 +140,39 @@ def run_setup(setup: Setup, args: argparse.Namespace, specs: Sequence[RequestSpe
             mode = admin.call("SetPolicy", admin_pb.SetPolicyRequest(mode=setup.policy))
             say(f"{setup.name}: policy {mode.mode}, shares prefill {mode.shares.prefill:.2f} / "
                 f"decode {mode.shares.decode:.2f}")
-        warm = list(specs[:WARMUP_REQUESTS])
-        run_benchmark(state.gateway_target, warm, arrival_from_args(args, math.inf), warmup=0, progress=False)
-        say(f"{setup.name}: warmed up with {len(warm)} requests")
-        for rate in rates:
-            load_before = os.getloadavg()[0]
-            result = run_benchmark(state.gateway_target, specs, arrival_from_args(args, rate),
-                                   max_concurrency=args.max_concurrency, slo_ttft_ms=args.slo_ttft_ms,
-                                   slo_tpot_ms=args.slo_tpot_ms, warmup=0, progress=not args.no_progress,
-                                   label=f"{setup.name} @ {rate:g} req/s", workload=words)
-            print(format_result(result), file=sys.stderr)
-            # The machine's 1-min load average around the run: other processes on these cores skew every number.
-            entry = {"rate": rate, "load_avg_1m": [load_before, os.getloadavg()[0]], "result": result.to_json()}
-            if setup.policy is not None:
-                entry["decisions"] = _decisions_since(_admin(state), result.started_at)
-            runs.append(entry)
-            (out_dir / f"{setup.name}-rate{rate:g}.json").write_text(json.dumps(entry, indent=1))
+        def decisions(result: Any) -> dict[str, Any]:       # what the policy did during the run
+            return {"decisions": _decisions_since(_admin(state), result.started_at)}
+        runs = sweep(state.gateway_target, setup.name, args, specs, rates, words, out_dir, say,
+                     decisions if setup.policy is not None else None)
     finally:
         stack.down(config.state_dir, config.name, stop_timeout_s=config.stop_timeout_s,
                    say=lambda m: say(f"{setup.name}: {m}"))
     return {"setup": asdict(setup), "runs": runs, "wall_s": time.monotonic() - started}
+
+
+def sweep(target: str, name: str, args: argparse.Namespace, specs: Sequence[RequestSpec], rates: Sequence[float],
+          words: str, out_dir: Path, say: Callable[[str], None],
+          after_run: Callable[[Any], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """On a running server: warm it, then bench serve's run at each rate. One JSON entry per rate,
+    also written to out_dir; `after_run(result)` may add fields to it."""
+    warm = list(specs[:WARMUP_REQUESTS])
+    run_benchmark(target, warm, arrival_from_args(args, math.inf), warmup=0, progress=False)
+    say(f"{name}: warmed up with {len(warm)} requests")
+    runs: list[dict[str, Any]] = []
+    for rate in rates:
+        load_before = os.getloadavg()[0]
+        result = run_benchmark(target, specs, arrival_from_args(args, rate),
+                               max_concurrency=args.max_concurrency, slo_ttft_ms=args.slo_ttft_ms,
+                               slo_tpot_ms=args.slo_tpot_ms, warmup=0, progress=not args.no_progress,
+                               label=f"{name} @ {rate:g} req/s", workload=words)
+        print(format_result(result), file=sys.stderr)
+        # The machine's 1-min load average around the run: other processes on these cores skew every number.
+        entry = {"rate": rate, "load_avg_1m": [load_before, os.getloadavg()[0]], "result": result.to_json()}
+        if after_run is not None:
+            entry |= after_run(result)
+        runs.append(entry)
+        (out_dir / f"{name}-rate{rate:g}.json").write_text(json.dumps(entry, indent=1))
+    return runs
 
 
 def _decisions_since(admin: Any, since_unix: float) -> list[dict[str, Any]]:
