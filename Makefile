@@ -5,7 +5,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install cpu-ops native demo test bench-engine gpu-check clean
+.PHONY: install cpu-ops native demo test bench-engine bench-peer gpu-check clean
 
 install: $(STAMP)
 
@@ -51,6 +51,13 @@ test: install native
 
 bench-engine: install cpu-ops
 	$(BIN)/duoserve bench engine
+
+# duoserve's split and colocated stacks against vLLM's CPU build, one after another, the same requests
+# (docs/performance.md §5). vLLM gets its own virtual environment on first use (~3.4 GB, ~10 minutes),
+# never in `install`: PEER_ARGS="--vllm-venv DIR" puts it elsewhere.
+PEER_ARGS ?=
+bench-peer: install cpu-ops
+	$(BIN)/duoserve bench peer $(PEER_ARGS)
 
 # The CUDA backend on this machine's NVIDIA GPU, in one table: MPS, the stack on cuda, greedy output
 # against the CPU's, SMs per share (SM probe), hand-off and switch latency, prefill/decode throughput.

@@ -1,11 +1,11 @@
-"""PNG plots of a `duoserve bench compare` report (its compare.json), with matplotlib.
+"""PNG plots of a `duoserve bench compare` or `bench peer` report (compare.json, peer.json), with matplotlib.
 
-  attainment.png   SLO attainment against request rate, one line per configuration, the target dashed
+  attainment.png   SLO attainment against request rate, one line per configuration (or system), the target dashed
   goodput.png      goodput (requests/s meeting both SLOs) against request rate, with y = x for reference
   latency_cdf.png  CDFs of TTFT and TPOT per configuration, one column per rate, the SLOs dotted
 
 matplotlib is imported only here, and only when plotting (the Agg backend: no display needed).
-Redraw from a saved report: python -m bench.plots DIR/compare.json
+Redraw from a saved report: python -m bench.plots DIR/compare.json (or DIR/peer.json)
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ def plot_comparison(report: dict[str, Any], out_dir: Path) -> list[Path]:
     names = list(report["results"])
     target = report["attainment_target"]
     slo = f"TTFT <= {report['slo_ttft_ms']:g} ms, TPOT <= {report['slo_tpot_ms']:g} ms"
+    heading = report.get("heading", "")     # bench peer: "duoserve vs vLLM: "
     paths: list[Path] = []
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -46,7 +47,8 @@ def plot_comparison(report: dict[str, Any], out_dir: Path) -> list[Path]:
         best = report["summary"][name]["max_rate_text"]
         ax.plot(rates, [a * 100 for a in att], marker="o", label=f"{name} (max {best})")
     ax.axhline(target * 100, color="gray", linestyle="--", linewidth=1, label=f"target {target:.0%}")
-    ax.set(xlabel="request rate (req/s)", ylabel="SLO attainment (%)", ylim=(0, 105), title=f"Attainment ({slo})")
+    ax.set(xlabel="request rate (req/s)", ylabel="SLO attainment (%)", ylim=(0, 105),
+           title=f"{heading}Attainment ({slo})")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     paths.append(_save(fig, out_dir / "attainment.png"))
@@ -57,7 +59,8 @@ def plot_comparison(report: dict[str, Any], out_dir: Path) -> list[Path]:
     for name in names:
         rates, good = _series(report, name, "request_goodput")
         ax.plot(rates, good, marker="o", label=name)
-    ax.set(xlabel="request rate (req/s)", ylabel="goodput (req/s meeting both SLOs)", title=f"Goodput ({slo})")
+    ax.set(xlabel="request rate (req/s)", ylabel="goodput (req/s meeting both SLOs)",
+           title=f"{heading}Goodput ({slo})")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     paths.append(_save(fig, out_dir / "goodput.png"))

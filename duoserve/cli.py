@@ -8,6 +8,7 @@
   duoserve simulate --trace FILE   colocated vs static vs dynamic split over a trace, in simulated time
   duoserve bench serve             load generator against a running stack (vLLM's metrics, goodput)
   duoserve bench compare           colocated vs split static vs split dynamic over request rates
+  duoserve bench peer              duoserve (split, colocated) against vLLM's CPU build, the same requests
   duoserve bench validate-sim      the simulator against the real CPU stack, same requests (p50/p90 within 20%)
 
 Heavy imports (torch, transformers) happen inside the subcommands, so `--help` is instant.
@@ -56,6 +57,10 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
 
 def default_state_dir() -> Path:
     return Path(os.environ.get("DUOSERVE_STATE_DIR", Path.home() / ".cache" / "duoserve" / "stack"))
+
+
+def default_vllm_venv() -> Path:
+    return Path.home() / ".cache" / "duoserve" / "vllm-venv"
 
 
 def _cpu_list(text: str) -> tuple[int, ...]:
@@ -166,6 +171,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     _add_model_args(engine)
     _bench_serve_parser(bench_sub)
     _bench_compare_parser(bench_sub)
+    _bench_peer_parser(bench_sub)
     _bench_validate_parser(bench_sub)
 
 
@@ -207,7 +213,9 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
 
 def _bench_serve_parser(bench_sub: argparse._SubParsersAction) -> None:
     p = bench_sub.add_parser("serve", help="load generator against a running stack: vLLM's metrics, goodput")
-    p.add_argument("--target", required=True, help="HOST:PORT of the stack's gateway (`duoserve up` prints it)")
+    p.add_argument("--target", required=True,
+                   help="HOST:PORT of the stack's gateway (`duoserve up` prints it), or http://HOST:PORT of an "
+                        "OpenAI-compatible server (POST /v1/completions, streamed)")
     p.add_argument("--request-rate", type=_rate, default=None,
                    help="requests/s (poisson/gamma; default inf); trace: rescale the trace to this mean rate")
     p.add_argument("--output", type=Path, default=None, help="write the result (with every request) as JSON")
@@ -230,6 +238,27 @@ def _bench_compare_parser(bench_sub: argparse._SubParsersAction) -> None:
     _add_bench_stack_args(p)
 
 
+def _bench_peer_parser(bench_sub: argparse._SubParsersAction) -> None:
+    p = bench_sub.add_parser("peer", help="duoserve against vLLM's CPU build on this machine, one after another, "
+                                          "the same requests: SLO attainment, goodput, max rate, plots")
+    p.add_argument("--systems", default="vllm,vllm-omp2,split,colocated",
+                   help="which of vllm (its default threads), vllm-omp2 (OMP_NUM_THREADS=2), split, colocated")
+    p.add_argument("--rates", default="1,2.5,4,6", help="request rates to sweep, e.g. 1,2.5,4,6")
+    p.add_argument("--chunk-size", type=int, default=512, help="colocated: prompt tokens per iteration")
+    p.add_argument("--attainment", type=float, default=0.9,
+                   help="share of requests that must meet both SLOs (default 0.9)")
+    p.add_argument("--output", type=Path, default=Path("bench-peer"),
+                   help="directory for peer.json, per-run JSON, the vLLM logs and PNG plots")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
+    p.add_argument("--vllm-venv", type=Path, default=default_vllm_venv(),
+                   help="vLLM's own virtual environment, created on first use (~3.4 GB, ~10 minutes)")
+    p.add_argument("--vllm-startup-timeout", type=float, default=900.0, help="seconds until vLLM's /health is 200")
+    p.add_argument("--request-rate", type=_rate, default=None, help=argparse.SUPPRESS)
+    _add_workload_args(p)
+    p.set_defaults(slo_ttft_ms=3000.0, slo_tpot_ms=150.0, num_requests=200)
+    _add_bench_stack_args(p)
+
+
 def _bench_validate_parser(bench_sub: argparse._SubParsersAction) -> None:
     p = bench_sub.add_parser("validate-sim", help="the simulator against the real CPU stack on the same requests: "
                                                  "p50/p90 TTFT and TPOT within a tolerance")
@@ -245,7 +274,7 @@ def _bench_validate_parser(bench_sub: argparse._SubParsersAction) -> None:
 
 
 def _add_bench_stack_args(p: argparse.ArgumentParser) -> None:
-    """The stacks a benchmark starts for itself (`bench compare`, `bench validate-sim`)."""
+    """The stacks a benchmark starts for itself (`bench compare`, `bench peer`, `bench validate-sim`)."""
     p.add_argument("--num-kv-blocks", type=int, default=None, help="each stack's KV pool in blocks of 16 tokens")
     p.add_argument("--state-dir", type=Path, default=default_state_dir(),
                    help="where the stacks keep their state and logs (env DUOSERVE_STATE_DIR)")
@@ -330,6 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench" and args.bench_command == "compare":
             from bench.compare import run_from_args as run_compare
             return run_compare(args)
+        if args.command == "bench" and args.bench_command == "peer":
+            from bench.peer import run_from_args as run_peer
+            return run_peer(args)
         if args.command == "bench" and args.bench_command == "validate-sim":
             from bench.validate_sim import run_from_args as run_validate
             return run_validate(args)
