@@ -44,6 +44,8 @@ class StackConfig:
     redis_url: str | None = None             # external Redis (never started or stopped); None: start one
     model: str | None = None                 # None: the default model
     dtype: str = "float32"
+    weights: str = "packed"                  # cpu split: each worker's linear weights, "packed" (a private
+                                             # oneDNN copy: faster GEMMs) or "shared" (the arena's, zero copy)
     num_kv_blocks: int | None = None         # KV pool size (None: the arena's / worker's memory budget)
     cpus: tuple[int, ...] = ()               # the stack's cores (empty: all this process may use)
     prefill_cpus: tuple[int, ...] = ()       # split: prefill's initial cores (empty: first half of `cpus`)
@@ -76,6 +78,8 @@ class StackConfig:
             raise ValueError("num_kv_blocks must be at least 1")
         if self.startup_timeout_s <= 0 or self.stop_timeout_s < 0:
             raise ValueError("startup timeout must be positive and stop timeout not negative")
+        if self.weights not in ("packed", "shared"):
+            raise ValueError(f"weights must be packed or shared, got {self.weights!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         mps.check_percentage(self.prefill_percentage)
@@ -196,7 +200,7 @@ def process_spec(name: str, config: StackConfig, layout: Layout,
             if value is not None:
                 limits += [flag, str(value)]
         cpus = ",".join(map(str, config.worker_cpus()[name]))
-        where = (("--arena-socket", str(layout.arena_socket)) if name != "colocated"
+        where = (("--arena-socket", str(layout.arena_socket), "--weights", config.weights) if name != "colocated"
                  else (*model, "--dtype", config.dtype, *kv))
         argv = py + (f"services.{name}.main", *common, *where, "--cache-dir", str(config.cache_dir),
                      "--cpus", cpus, *limits, *device)

@@ -77,8 +77,10 @@ def build_worker(config: WorkerConfig, stack_cpus: tuple[int, ...]) -> tuple[Wor
         mode=MODES[config.phase], block_size=spec.block_size, max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens, chunk_size=chunk,
         max_model_len=model_config.max_position, eos_token_ids=model_config.eos_token_ids), blocks)
-    # No private repacked copies: the weights stay in the arena's shared memory (see docs/architecture.md).
-    runner = ModelRunner(LlamaModel(model_config, weights, pack_weights=False), kv_cache, spec.block_size)
+    # cpu, "packed": a private oneDNN copy of each linear weight (the arena's plain copy stays the source);
+    # "shared": GEMMs over the arena's segment in place (see docs/architecture.md, "Weights on the CPU").
+    pack = config.weights == "packed" and config.device == "cpu"
+    runner = ModelRunner(LlamaModel(model_config, weights, pack_weights=pack), kv_cache, spec.block_size)
     cpus = config.cpu_ids or stack_cpus
     # cuda: the share is the MPS limit this process started with (its host threads keep their cores).
     share = (config.mps_percentage or 100) / 100 if config.device == "cuda" else len(cpus) / len(stack_cpus)
