@@ -28,7 +28,7 @@ import redis
 
 import duoserve
 from duoserve import stack
-from services.common.contracts import KeySpace, QueuedRequest, TokenDelivery, from_json, to_json
+from services.common.contracts import KeySpace, QueuedRequest, deliveries_from_json, to_json
 from services.engine.sampling_params import SamplingParams
 
 
@@ -76,7 +76,7 @@ def straight_to_redis(client: redis.Redis, keys: KeySpace, prompt: list[int], ma
         for _stream, entries in client.xread({reply: cursor}, block=30_000) or ():
             for entry_id, fields in entries:
                 cursor = entry_id
-                delivery = from_json(TokenDelivery, fields[b"m"])
+                (delivery,) = deliveries_from_json(fields[b"m"])    # one request: one delivery an entry
                 received += len(delivery.token_ids)
                 if delivery.finish_reason:
                     client.delete(reply)

@@ -76,10 +76,10 @@ def format_status(s: pb.StackStatus) -> str:
              f"prefer {s.slo.prefer}" + (f"   AT RISK: {s.at_risk}" if s.at_risk else ""),
              f"queue {s.queue_waiting} waiting; KV {s.kv_blocks_total - s.kv_blocks_free}/{s.kv_blocks_total} blocks used",
              "", f"{'worker':10} {'share':>6} {'SMs/cores':>10} {'budget':>7} {'running':>8} {'waiting':>8} "
-             f"{'iters':>8} {'age s':>6}"]
+             f"{'iters':>8} {'host ms':>8} {'age s':>6}"]
     for w in s.workers:
         lines.append(f"{w.phase:10} {w.share:6.2f} {format_units(w):>10} {w.token_budget:7d} {w.num_running:8d} "
-                     f"{w.num_waiting:8d} {w.iterations:8d} {w.age_s:6.1f}")
+                     f"{w.num_waiting:8d} {w.iterations:8d} {w.host_ms:8.2f} {w.age_s:6.1f}")
     lines.append("")
     for name, lat in (("TTFT", s.ttft), ("TPOT", s.tpot)):
         lines.append(f"{name}: p50 {lat.p50_ms:.1f} ms, p90 {lat.p90_ms:.1f} ms, p99 {lat.p99_ms:.1f} ms "

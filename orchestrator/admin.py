@@ -65,7 +65,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         workers = [pb.WorkerStatus(phase=r.phase, worker_id=r.worker_id, target=r.grpc_target, share=r.share,
                                    cpu_ids=list(r.cpu_ids), token_budget=r.token_budget, num_running=r.num_running,
                                    num_waiting=r.num_waiting, iterations=r.iterations, age_s=snap.now - r.updated_at,
-                                   measured_units=r.units_used, units_total=r.units_total, units_kind=r.units_kind)
+                                   measured_units=r.units_used, units_total=r.units_total, units_kind=r.units_kind,
+                                   host_ms=r.host_ms)
                    for r in snap.workers.values() if snap.now - r.updated_at < STALE_REPORT_S or r.iterations == 0]
         last = c.last
         return pb.StackStatus(

@@ -47,7 +47,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("phase", "worker_id", "target", "share", "cpu_ids", "token_budget", "num_running", "num_waiting", "iterations", "age_s", "measured_units", "units_total", "units_kind")
+    __slots__ = ("phase", "worker_id", "target", "share", "cpu_ids", "token_budget", "num_running", "num_waiting", "iterations", "age_s", "measured_units", "units_total", "units_kind", "host_ms")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class WorkerStatus(_message.Message):
     MEASURED_UNITS_FIELD_NUMBER: _ClassVar[int]
     UNITS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     UNITS_KIND_FIELD_NUMBER: _ClassVar[int]
+    HOST_MS_FIELD_NUMBER: _ClassVar[int]
     phase: str
     worker_id: str
     target: str
@@ -74,7 +75,8 @@ class WorkerStatus(_message.Message):
     measured_units: int
     units_total: int
     units_kind: str
-    def __init__(self, phase: _Optional[str] = ..., worker_id: _Optional[str] = ..., target: _Optional[str] = ..., share: _Optional[float] = ..., cpu_ids: _Optional[_Iterable[int]] = ..., token_budget: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., iterations: _Optional[int] = ..., age_s: _Optional[float] = ..., measured_units: _Optional[int] = ..., units_total: _Optional[int] = ..., units_kind: _Optional[str] = ...) -> None: ...
+    host_ms: float
+    def __init__(self, phase: _Optional[str] = ..., worker_id: _Optional[str] = ..., target: _Optional[str] = ..., share: _Optional[float] = ..., cpu_ids: _Optional[_Iterable[int]] = ..., token_budget: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., iterations: _Optional[int] = ..., age_s: _Optional[float] = ..., measured_units: _Optional[int] = ..., units_total: _Optional[int] = ..., units_kind: _Optional[str] = ..., host_ms: _Optional[float] = ...) -> None: ...
 
 class LatencyStats(_message.Message):
     __slots__ = ("p50_ms", "p90_ms", "p99_ms", "target_ms", "attainment", "num_samples")

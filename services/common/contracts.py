@@ -6,7 +6,8 @@ added everywhere. Processes exchange token ids and block ids, never tensors.
 
   gateway  --QueuedRequest-->  prefill queue   (decode also re-queues preempted requests here)
   prefill  --Handoff------->   decode admit stream
-  prefill, decode --TokenDelivery--> the gateway's reply stream (`QueuedRequest.reply_to`)
+  prefill, decode --TokenDeliveries--> the gateway's reply stream (`QueuedRequest.reply_to`): one
+                   entry per gateway per iteration (a lone TokenDelivery is read as well)
   gateway  --CancelNotice-->   cancel stream (read by every worker, each from its own cursor)
 """
 from __future__ import annotations
@@ -125,6 +126,23 @@ class TokenDelivery:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenDeliveries:
+    """One iteration's deliveries to one gateway, in one stream entry (one XADD per gateway per
+    iteration instead of one per request: the token path's Redis and parsing work stays flat in the
+    batch size)."""
+
+    deliveries: tuple[TokenDelivery, ...]
+
+
+def deliveries_from_json(text: str | bytes) -> tuple[TokenDelivery, ...]:
+    """The deliveries of a reply-stream entry: a TokenDeliveries, or a lone TokenDelivery."""
+    data = json.loads(text)
+    if "deliveries" in data:
+        return tuple(from_json(TokenDelivery, item) for item in data["deliveries"])
+    return (from_json(TokenDelivery, data),)
+
+
+@dataclass(frozen=True, slots=True)
 class CancelNotice:
     """Stop a request wherever it is; its blocks are freed by whoever holds it."""
 
@@ -171,6 +189,7 @@ class WorkerReport:
     units_kind: str = ""       # what units_used counts: "sm" (cuda, the SM probe) or "core" (cpu); "" unknown
     units_used: int = 0        # SMs / cores the share in force actually gives it; 0 unknown
     units_total: int = 0       # SMs of the device / cores of the stack; 0 unknown
+    host_ms: float = 0.0       # median host time per iteration (outside the forward pass), recent iterations
 
 
 @dataclass(frozen=True, slots=True)

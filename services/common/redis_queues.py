@@ -62,11 +62,27 @@ def read_group(client: redis.Redis, stream: str, group: str, consumer: str, cls:
     try:
         reply = client.xreadgroup(group, consumer, {stream: ">"}, count=count, block=_block(block_ms))
     except redis.ResponseError as e:
-        if "NOGROUP" not in str(e):
-            raise
+        reply = e
+    return group_reply(client, stream, group, cls, reply)
+
+
+def queue_group_read(pipe: redis.client.Pipeline, stream: str, group: str, consumer: str, count: int) -> None:
+    """`read_group` without blocking, as one command of a pipeline; pass its result to `group_reply`
+    (the pipeline executed with raise_on_error=False)."""
+    pipe.xreadgroup(group, consumer, {stream: ">"}, count=count)
+
+
+def group_reply(client: redis.Redis, stream: str, group: str, cls: type[T], reply: Any) -> list[tuple[str, T]]:
+    """The decoded entries of an XREADGROUP reply (or the error it raised: a missing group is made
+    again and nothing returned; any other error is raised)."""
+    if isinstance(reply, redis.ResponseError):
+        if "NOGROUP" not in str(reply):
+            raise reply
         log.warning("consumer group %s of %s is missing; creating it again", group, stream)
         ensure_group(client, stream, group)
         return []
+    if isinstance(reply, Exception):
+        raise reply
     return _decode_acking_bad(client, stream, group, cls, _entries_of(reply))
 
 
@@ -164,19 +180,37 @@ class CancelWatcher:
     def poll(self, client: redis.Redis) -> set[str]:
         """Read what was published since the last poll, without blocking; returns the ids not seen
         before (a request cancelled twice is reported once)."""
+        pipe = client.pipeline(transaction=False)
+        self.queue_read(client, pipe)
+        return self.take(client, pipe.execute(raise_on_error=False)[0])
+
+    def queue_read(self, client: redis.Redis, pipe: redis.client.Pipeline) -> None:
+        """`poll`'s read as one command of a pipeline (a worker reads cancels and new work in one
+        round trip); hand its result to `take`."""
         if self._cursor is None:
             self._cursor = self._start_cursor(client)
+        pipe.xread({self.stream: self._cursor}, count=self.batch)
+
+    def take(self, client: redis.Redis, reply: Any) -> set[str]:
+        """The new ids of a `queue_read` reply; reads on by itself while the stream had more."""
+        if isinstance(reply, Exception):
+            raise reply
         new: set[str] = set()
+        entries = _entries_of(reply)
         while True:
-            notices, self._cursor, num_raw = _read_tail(client, self.stream, CancelNotice, self._cursor,
-                                                         self.batch, None)
-            for entry_id, notice in notices:
+            for raw_id, fields in entries:
+                entry_id = _text(raw_id)
+                self._cursor = entry_id
+                notice = _decode(self.stream, CancelNotice, entry_id, fields)
+                if notice is None:
+                    continue
                 if notice.request_id not in self._seen:
                     new.add(notice.request_id)
                 self._seen[notice.request_id] = _id_time(entry_id)
                 self._seen.move_to_end(notice.request_id)
-            if num_raw < self.batch:
+            if len(entries) < self.batch:
                 break
+            entries = _entries_of(client.xread({self.stream: self._cursor}, count=self.batch))
         self._forget_old()
         return new
 

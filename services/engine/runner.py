@@ -6,6 +6,7 @@ host and moved once per iteration to the KV pool's device (a no-op on CPU).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import torch
@@ -24,13 +25,17 @@ class ModelRunner:
         self.kv_cache = kv_cache          # [L, 2, N, Hkv, block_size, D]
         self.block_size = block_size
         self.device = kv_cache.device
+        self.last_forward_s = 0.0         # the last run's forward pass and logits, without building inputs
 
     @torch.inference_mode()
     def run(self, batch: SchedulerOutput) -> torch.Tensor:
         """-> logits [S, V] float32 for the chunks with is_sampled, in batch order."""
         input_ids, positions, meta, sample_rows = self.prepare(batch)
+        started = time.perf_counter()
         hidden = self.model.forward(input_ids, positions, meta, self.kv_cache)  # [T, hidden]
-        return self.model.compute_logits(hidden[sample_rows])
+        logits = self.model.compute_logits(hidden[sample_rows])
+        self.last_forward_s = time.perf_counter() - started   # cuda: launch time only (the sampler syncs)
+        return logits
 
     def prepare(self, batch: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         bs = self.block_size

@@ -22,7 +22,7 @@ from typing import AsyncIterator
 import redis.asyncio as aioredis
 
 from services.common.contracts import (CancelNotice, KeySpace, QueuedRequest, RequestLatency, TokenDelivery,
-                                       from_json, to_json)
+                                       deliveries_from_json, to_json)
 from services.common.model_info import ModelInfo, parse_model_info
 from services.engine.blocks import blocks_for_tokens
 from services.engine.output import OutputState
@@ -139,13 +139,14 @@ class Frontend:
 
     def _dispatch(self, data: dict) -> None:
         try:
-            delivery = from_json(TokenDelivery, data[b"m"])
+            deliveries = deliveries_from_json(data[b"m"])
         except (KeyError, ValueError, TypeError):
             log.warning("malformed reply entry dropped: %r", data)
             return
-        queue = self.pending.get(delivery.request_id)
-        if queue is not None:
-            queue.put_nowait(delivery)
+        for delivery in deliveries:
+            queue = self.pending.get(delivery.request_id)
+            if queue is not None:
+                queue.put_nowait(delivery)
 
     # ------------------------------------------------------------------ requests
     def tokenize(self, text: str) -> list[int]:

@@ -16,16 +16,19 @@ schedule -> run -> sample -> postprocess, then publish deliveries in one Redis p
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import statistics
 import time
 from dataclasses import dataclass, field, replace
 
 import redis
 
-from services.common.contracts import (Handoff, IterationSample, KeySpace, QueuedRequest, TokenDelivery, WorkerReport,
-                                       to_json)
-from services.common.redis_queues import CancelWatcher, ensure_group, read_group
+from services.common.contracts import (Handoff, IterationSample, KeySpace, QueuedRequest, TokenDeliveries,
+                                       TokenDelivery, WorkerReport, to_json)
+from services.common.redis_queues import (CancelWatcher, ensure_group, group_reply, queue_group_read,
+                                          read_group)
 from services.engine.llm_engine import sample_batch
 from services.engine.runner import ModelRunner
 from services.engine.sampler import Sampler
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 PREFILL_GROUP = "prefill"
 TIMINGS_MAXLEN = 20_000     # iteration samples kept for the performance model
 DECODE_GROUP = "decode"
+HOST_WINDOW = 64            # iterations over which the reported host time per iteration is a median
 IDLE_REPORT_S = 2.0         # an idle worker rewrites its report this often (orchestrator/admin.py: STALE_REPORT_S 10)
 
 
@@ -76,10 +80,13 @@ class Worker:
     switch_ms: tuple[float, float] = (0.0, 0.0)   # last handover that started this worker: latency, pause
     stats: StatsSnapshot = field(default_factory=StatsSnapshot)
     last_report_at: float = 0.0          # time.monotonic() of the last WorkerReport written
+    kv_blocks_free: int = 0              # the pool's free list length, read with each iteration's publish
+    host_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=HOST_WINDOW))
     keys: KeySpace = field(init=False)
     cancels: CancelWatcher = field(init=False)
     is_split_decode: bool = field(init=False)    # reads hand-offs instead of the prefill queue
     input_stream: str = field(init=False)
+    _input_type: type = field(init=False)        # what the input stream carries: Handoff or QueuedRequest
     group: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -87,8 +94,10 @@ class Worker:
         self.cancels = CancelWatcher(self.keys)
         self.is_split_decode = self.config.phase is Phase.DECODE
         self.input_stream = self.keys.decode_admit if self.is_split_decode else self.keys.prefill_queue
+        self._input_type = Handoff if self.is_split_decode else QueuedRequest
         self.group = DECODE_GROUP if self.is_split_decode else PREFILL_GROUP
         ensure_group(self.client, self.input_stream, self.group)
+        self.kv_blocks_free = self.scheduler.blocks.num_free
 
     # ------------------------------------------------------------------ the loop
     def run_forever(self) -> None:
@@ -96,11 +105,12 @@ class Worker:
             self.run_once()
 
     def run_once(self) -> None:
+        iteration_start = time.perf_counter()
         self._apply_requested_share()
-        self._drop_cancelled()
         if self.retuner is not None and self.retuner.poll():   # a standby took over: this worker stops
             return
-        self._take_new_work()
+        if self._poll_inputs():
+            iteration_start = time.perf_counter()   # it waited for work while idle: not host time
         if not self.scheduler.has_work():
             if time.monotonic() - self.last_report_at >= IDLE_REPORT_S:
                 self.report()         # idle: still alive and listed (the orchestrator drops silent workers)
@@ -113,14 +123,25 @@ class Worker:
             return
         self._mark_scheduled(batch)
         logits = self.runner.run(batch)                         # torch: tensors from block ids, forward
+        sampling_started = time.perf_counter()
         sampled = sample_batch(self.sampler, self.scheduler, batch, logits)
         kv_fence(self.runner.kv_cache)    # cuda: this iteration's KV writes done before any hand-off is published
+        device_s = self.runner.last_forward_s + time.perf_counter() - sampling_started
         advanced = self.scheduler.postprocess(batch, sampled)
         elapsed = time.perf_counter() - started
         pipe = self.client.pipeline(transaction=False)           # one round trip for everything below
         self._publish(advanced, pipe)
         self._record(batch, elapsed, pipe)
-        pipe.execute()
+        pipe.llen(self.keys.kv_free)          # the free count for the next report, in this round trip
+        self.kv_blocks_free = int(pipe.execute()[-1])
+        self._observe_host_time(time.perf_counter() - iteration_start - device_s)
+
+    def _observe_host_time(self, seconds: float) -> None:
+        """Everything an iteration spends outside the model's forward pass and the sampler (the
+        device's work): Redis, scheduling, input tensors, publishing, metrics (issue 11's budget:
+        < 2 ms at decode batch 32)."""
+        self.metrics.iteration_host_seconds.observe(seconds)
+        self.host_ms.append(seconds * 1000)
 
     # ------------------------------------------------------------------ inputs
     def _apply_requested_share(self) -> None:
@@ -141,29 +162,38 @@ class Worker:
         log.info("compute share now %.2f on cores %s (budget %s)", applied.share, applied.cpu_ids,
                  share.token_budget or "unchanged")
 
-    def _drop_cancelled(self) -> None:
-        for request_id in self.cancels.poll(self.client):
+    def _poll_inputs(self) -> bool:
+        """Cancels and new work in one round trip: cancelled requests dropped (blocks freed), new
+        entries admitted. While idle, then blocks on the input stream; True when it did."""
+        room = 0 if self.control.draining else \
+            self.config.max_num_seqs - len(self.scheduler.running) - len(self.scheduler.waiting)
+        pipe = self.client.pipeline(transaction=False)
+        self.cancels.queue_read(self.client, pipe)
+        if room > 0:
+            queue_group_read(pipe, self.input_stream, self.group, self.config.worker_id, room)
+        replies = pipe.execute(raise_on_error=False)
+        self._drop_cancelled(self.cancels.take(self.client, replies[0]))
+        if room <= 0:
+            return False
+        entries = group_reply(self.client, self.input_stream, self.group, self._input_type, replies[1])
+        blocked = not entries and not self.scheduler.has_work()
+        if blocked:
+            entries = read_group(self.client, self.input_stream, self.group, self.config.worker_id,
+                                 self._input_type, room, self.config.idle_block_ms)
+        for entry_id, message in entries:
+            if self.is_split_decode:
+                self._admit_handoff(entry_id, message)
+            else:
+                self._admit_queued(entry_id, message)
+        return blocked
+
+    def _drop_cancelled(self, request_ids: set[str]) -> None:
+        for request_id in request_ids:
             tracked = self.tracked.get(request_id)
             if tracked is None:
                 continue
             self.scheduler.finish(request_id, FinishReason.CANCELLED)   # frees its blocks now
             self._forget(request_id)
-
-    def _take_new_work(self) -> None:
-        if self.control.draining:
-            return
-        room = self.config.max_num_seqs - len(self.scheduler.running) - len(self.scheduler.waiting)
-        if room <= 0:
-            return
-        block_ms = 0 if self.scheduler.has_work() else self.config.idle_block_ms
-        if self.is_split_decode:
-            for entry_id, handoff in read_group(self.client, self.input_stream, self.group,
-                                                self.config.worker_id, Handoff, room, block_ms):
-                self._admit_handoff(entry_id, handoff)
-        else:
-            for entry_id, queued in read_group(self.client, self.input_stream, self.group,
-                                               self.config.worker_id, QueuedRequest, room, block_ms):
-                self._admit_queued(entry_id, queued)
 
     def _admit_queued(self, entry_id: str, queued: QueuedRequest) -> None:
         if self.cancels.is_cancelled(queued.request_id):
@@ -224,19 +254,26 @@ class Worker:
 
     # ------------------------------------------------------------------ outputs
     def _publish(self, advanced: list[Sequence], pipe: redis.client.Pipeline) -> None:
-        """Deliver new tokens; hand off finished prefills; ack (and drop) what left this worker."""
+        """Deliver new tokens (one entry per gateway), then hand off finished prefills (a first token
+        is published before decode can see its request); ack (and drop) what left this worker."""
         to_ack: list[str] = []
+        handoffs: list[Handoff] = []
+        by_gateway: dict[str, list[TokenDelivery]] = {}
         for seq in advanced:
             tracked = self.tracked[seq.request_id]
             finish = seq.finish_reason.value if seq.status is SequenceStatus.FINISHED else None
-            pipe.xadd(tracked.reply_to, {"m": to_json(self._delivery(tracked, finish))})
+            by_gateway.setdefault(tracked.reply_to, []).append(self._delivery(tracked, finish))
             if seq.status is SequenceStatus.HANDED_OFF:
-                pipe.xadd(self.keys.decode_admit, {"m": to_json(self._handoff(tracked))})
+                handoffs.append(self._handoff(tracked))
             if seq.status in (SequenceStatus.HANDED_OFF, SequenceStatus.FINISHED):
                 if tracked.entry_id is not None:
                     to_ack.append(tracked.entry_id)
                 del self.tracked[seq.request_id]
                 self.stats = _bump(self.stats, requests_finished=1)
+        for reply_to, deliveries in by_gateway.items():
+            pipe.xadd(reply_to, {"m": to_json(TokenDeliveries(tuple(deliveries)))})
+        for handoff in handoffs:
+            pipe.xadd(self.keys.decode_admit, {"m": to_json(handoff)})
         if to_ack:
             pipe.xack(self.input_stream, self.group, *to_ack)
             pipe.xdel(self.input_stream, *to_ack)
@@ -274,7 +311,7 @@ class Worker:
         num_prefill = batch.num_prefill_tokens
         num_decode = len(batch.decode_chunks)
         blocks = self.scheduler.blocks
-        free = blocks.num_free
+        free = self.kv_blocks_free         # as of the previous iteration's round trip: no extra one here
         share = self.control.share
         pipe.xadd(self.keys.timings, {"m": to_json(IterationSample(
             self.config.phase.value, share.share, len(share.cpu_ids), num_prefill, num_decode,
@@ -313,7 +350,8 @@ class Worker:
                               context_tokens=sum(seq.num_tokens for seq in self.scheduler.running),
                               units_kind=units.kind if units else "", units_used=units.used if units else 0,
                               units_total=units.total if units else 0, pid=os.getpid(),
-                              share_switch_ms=self.switch_ms[0], share_switch_stall_ms=self.switch_ms[1])
+                              share_switch_ms=self.switch_ms[0], share_switch_stall_ms=self.switch_ms[1],
+                              host_ms=statistics.median(self.host_ms) if self.host_ms else 0.0)
         (pipe or self.client).hset(self.keys.worker_stats(self.config.phase.value), mapping={"m": to_json(report)})
         self.last_report_at = time.monotonic()
 

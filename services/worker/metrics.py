@@ -7,6 +7,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 SWITCH_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+HOST_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128)
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
 
 
@@ -31,6 +32,10 @@ class WorkerMetrics:
                                        labelnames=["phase"], registry=r).labels(**labels)
         self.iteration_seconds = Histogram("duoserve:iteration_seconds", "Wall time of one engine iteration",
                                            labelnames=["phase"], buckets=LATENCY_BUCKETS, registry=r).labels(**labels)
+        self.iteration_host_seconds = Histogram(
+            "duoserve:iteration_host_seconds", "Wall time of one iteration outside the model's forward pass "
+            "(Redis, scheduling, input tensors, sampling, publishing)", labelnames=["phase"],
+            buckets=HOST_BUCKETS, registry=r).labels(**labels)
         self.handoff_latency_seconds = Histogram(
             "duoserve:handoff_latency_seconds", "Prefill done (hand-off published) to first decode iteration",
             labelnames=["phase"], buckets=LATENCY_BUCKETS, registry=r).labels(**labels)
