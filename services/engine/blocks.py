@@ -24,6 +24,9 @@ class BlockAllocator(Protocol):
 
     def can_allocate(self, num_blocks: int) -> bool: ...
     def allocate(self, request_id: str, num_blocks: int) -> list[int]: ...   # appended to the request's table
+    # Several requests in one call, in order, each all or nothing, stopping at the first that does
+    # not fit: the granted ones are the keys of the result (one round trip for an iteration's growth).
+    def allocate_many(self, requests: Sequence[tuple[str, int]]) -> dict[str, list[int]]: ...
     def free(self, request_id: str) -> int: ...                              # returns how many came back
     def owned(self, request_id: str) -> list[int]: ...                       # the request's blocks, in order
 
@@ -59,6 +62,14 @@ class BlockManager:
             raise OutOfBlocks(f"asked for {num_blocks} blocks, {len(self._free)} free")
         granted = [self._free.pop() for _ in range(num_blocks)]
         self._tables.setdefault(request_id, []).extend(granted)
+        return granted
+
+    def allocate_many(self, requests: Sequence[tuple[str, int]]) -> dict[str, list[int]]:
+        granted: dict[str, list[int]] = {}
+        for request_id, num_blocks in requests:
+            if num_blocks > len(self._free):
+                break
+            granted.setdefault(request_id, []).extend(self.allocate(request_id, num_blocks))
         return granted
 
     def free(self, request_id: str) -> int:

@@ -147,19 +147,34 @@ class Scheduler:
     def _schedule_decodes(self, preempted: list[str]) -> list[ScheduledChunk]:
         chunks: list[ScheduledChunk] = []
         budget = self.token_budget or self.config.max_num_batched_tokens
-        for seq in list(self.running):
-            if seq.status is not SequenceStatus.RUNNING or seq.is_prefilling:
-                continue
-            if len(chunks) >= budget:
-                break
+        decoding = [s for s in self.running if s.status is SequenceStatus.RUNNING and not s.is_prefilling][:budget]
+        self._grow_all(decoding)
+        for seq in decoding:
+            if seq not in self.running:
+                continue     # preempted to make room for an older request this iteration
             if not self._grow_for_decode(seq, preempted):
                 break    # seq itself was preempted: nothing newer is left to run
             chunks.append(self._chunk(seq, 1))
         return chunks
 
+    def _grow_all(self, seqs: list[Sequence]) -> None:
+        """The blocks every decode row needs for its next token, in one allocator call (FCFS order).
+        Rows it could not grant (the pool ran short, or another process took the blocks first) go
+        through `_grow_for_decode`, which preempts."""
+        needs = [(seq, self._blocks_needed(seq)) for seq in seqs]
+        needs = [(seq, n) for seq, n in needs if n > 0]
+        if not needs:
+            return
+        granted = self.blocks.allocate_many([(seq.request_id, n) for seq, n in needs])
+        for seq, _ in needs:
+            seq.block_ids.extend(granted.get(seq.request_id, ()))
+
+    def _blocks_needed(self, seq: Sequence) -> int:
+        return blocks_for_tokens(seq.num_computed_tokens + 1, self.config.block_size) - len(seq.block_ids)
+
     def _grow_for_decode(self, seq: Sequence, preempted: list[str]) -> bool:
         """Make room for one more token of `seq`, preempting the newest requests if needed."""
-        needed = blocks_for_tokens(seq.num_computed_tokens + 1, self.config.block_size) - len(seq.block_ids)
+        needed = self._blocks_needed(seq)
         while needed > 0 and not self.blocks.can_allocate(needed):
             victim = self.running[-1]
             self._preempt(victim)

@@ -180,11 +180,12 @@ class Worker:
         if blocked:
             entries = read_group(self.client, self.input_stream, self.group, self.config.worker_id,
                                  self._input_type, room, self.config.idle_block_ms)
-        for entry_id, message in entries:
-            if self.is_split_decode:
-                self._admit_handoff(entry_id, message)
-            else:
-                self._admit_queued(entry_id, message)
+        if self.is_split_decode and entries:
+            self._ack(*(entry_id for entry_id, _ in entries))    # one round trip; from here their state is ours
+            for _, handoff in entries:
+                self._admit_handoff(None, handoff)
+        for entry_id, queued in entries if not self.is_split_decode else ():
+            self._admit_queued(entry_id, queued)
         return blocked
 
     def _drop_cancelled(self, request_ids: set[str]) -> None:
@@ -211,7 +212,7 @@ class Worker:
                                                 is_first_delivery=not queued.output_token_ids)
 
     def _admit_handoff(self, entry_id: str | None, handoff: Handoff) -> None:
-        if entry_id is not None:   # None: handed over by a retiring decode worker, not from the stream
+        if entry_id is not None:   # None: acked by the caller, or handed over by a retiring decode worker
             self._ack(entry_id)    # from here its state is ours
         if self.cancels.is_cancelled(handoff.request_id):
             self.scheduler.blocks.free(handoff.request_id)

@@ -208,3 +208,61 @@ def test_request_grown_past_the_pool_finishes_with_length_instead_of_looping():
     seq = sched.waiting[0]
     run_to_end(sched)
     assert seq.finish_reason is FinishReason.LENGTH and sched.blocks.num_free == 3
+
+
+class CountingBlocks(BlockManager):
+    """The in-process allocator, counting calls: the decode path must grow every row in one call."""
+
+    def __init__(self, num_blocks: int) -> None:
+        super().__init__(num_blocks)
+        self.calls = {"allocate": 0, "allocate_many": 0, "can_allocate": 0}
+
+    def allocate(self, request_id: str, num_blocks: int) -> list[int]:
+        self.calls["allocate"] += 1
+        return super().allocate(request_id, num_blocks)
+
+    def allocate_many(self, requests):
+        self.calls["allocate_many"] += 1
+        granted: dict[str, list[int]] = {}
+        for request_id, n in requests:
+            if n > self.num_free:
+                break
+            granted.setdefault(request_id, []).extend(super().allocate(request_id, n))
+        return granted
+
+    def can_allocate(self, num_blocks: int) -> bool:
+        self.calls["can_allocate"] += 1
+        return super().can_allocate(num_blocks)
+
+
+def _decoding(blocks: BlockManager, num_seqs: int, context: int) -> Scheduler:
+    """A decode scheduler holding `num_seqs` requests whose `context` tokens fill whole blocks of 4."""
+    sched = Scheduler(SchedulerConfig(mode=SchedulerMode.DECODE, block_size=4), blocks)
+    for i in range(num_seqs):
+        seq = make_seq(f"r{i}", context, max_tokens=50, ignore_eos=True)
+        seq.output_token_ids.append(7)
+        seq.num_computed_tokens = context
+        seq.block_ids.extend(blocks.allocate(seq.request_id, blocks_for_tokens(context, 4)))
+        sched.admit_prefilled(seq)
+    return sched
+
+
+def test_decode_rows_crossing_a_block_edge_grow_in_one_allocator_call():
+    blocks = CountingBlocks(64)
+    sched = _decoding(blocks, 8, context=8)          # 8 tokens = 2 full blocks: each row needs a third
+    blocks.calls = dict.fromkeys(blocks.calls, 0)
+    out = sched.schedule()
+    assert len(out.decode_chunks) == 8 and not out.preempted_ids
+    assert blocks.calls == {"allocate": 0, "allocate_many": 1, "can_allocate": 0}
+    assert all(len(c.block_ids) == 3 for c in out.decode_chunks)
+
+
+def test_decode_growth_short_of_blocks_preempts_the_newest_and_leaks_nothing():
+    blocks = CountingBlocks(8 * 2 + 3)                # 8 rows of 2 blocks, 3 spare: 5 rows cannot grow
+    sched = _decoding(blocks, 8, context=8)
+    out = sched.schedule()
+    assert out.preempted_ids                           # the newest went back, oldest first kept
+    kept = [c.request_id for c in out.decode_chunks]
+    assert kept == [f"r{i}" for i in range(len(kept))]
+    held = sum(len(s.block_ids) for s in sched.running)
+    assert held + blocks.num_free == blocks.num_blocks
