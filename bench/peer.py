@@ -4,7 +4,8 @@ one load generator (bench serve's), the same requests.
 A system's life here:
   up      vllm, vllm-omp2: vLLM's OpenAI server from its own environment (bench.vllm_server, created on
           first use) on the model directory duoserve converted, OMP_NUM_THREADS unset or 2;
-          split: `duoserve up` with the orchestrator in auto; colocated: chunked prefill at --chunk-size
+          split: `duoserve up` with the orchestrator in auto; split-static: the same, its policy static (the
+          initial halves kept); colocated: chunked prefill at --chunk-size
           (both through bench compare's run_setup)
   warm    a few unmeasured requests
   swept   bench serve's run at each rate: the same requests (prompts as token ids from the model's own
@@ -31,7 +32,7 @@ from bench.compare import MaxRate, Setup, max_rate, ratio_text, run_setup, sweep
 from bench.datasets import REAL_TEXT, RequestSpec, with_token_ids
 from bench.serve import arrival_from_args, workload_from_args
 
-DEFAULT_SYSTEMS = "vllm,vllm-omp2,split,colocated"
+DEFAULT_SYSTEMS = "vllm,vllm-omp2,split,split-static,colocated"
 STEADY_STATE_REQUESTS = 200         # fewer per rate: queues may not build up; the report says so
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
@@ -52,6 +53,7 @@ class System:
 def systems_for(names: Sequence[str], chunk_size: int) -> list[System]:
     known = {"vllm": System("vllm"), "vllm-omp2": System("vllm-omp2", omp_threads=2),
              "split": System("split", setup=Setup("split", "split", policy="auto")),
+             "split-static": System("split-static", setup=Setup("split-static", "split", policy="static")),
              "colocated": System("colocated", setup=Setup("colocated", "colocated", chunk_size=chunk_size))}
     unknown = [n for n in names if n not in known]
     if unknown or not names:

