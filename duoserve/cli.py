@@ -251,6 +251,8 @@ def _bench_peer_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rates", default="1,1.5,2,3", help="request rates to sweep, e.g. 1,1.5,2,3 (2 cores, 200 "
                    "Azure requests at lengths x 0.1: every system here saturates near 2 req/s)")
     p.add_argument("--chunk-size", type=int, default=512, help="colocated: prompt tokens per iteration")
+    p.add_argument("--rejudge", type=Path, default=None, metavar="PEER_JSON",
+                   help="run nothing: print an earlier peer.json judged at --slo-ttft-ms/--slo-tpot-ms")
     p.add_argument("--attainment", type=float, default=0.9,
                    help="share of requests that must meet both SLOs (default 0.9)")
     p.add_argument("--output", type=Path, default=Path("bench-peer"),

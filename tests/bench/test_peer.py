@@ -230,3 +230,25 @@ def test_machine_info_reads_model_and_isa():
     info = machine_info("model name\t: AMD EPYC 9R14\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
     assert info["cpu"] == "AMD EPYC 9R14" and info["isa"] == ["avx2", "avx512f", "avx512_bf16"]
     assert info["nproc"] >= 1
+
+
+def test_rejudge_applies_other_slos_to_the_recorded_requests():
+    from bench.peer import rejudged
+    from bench.serve import RequestRecord, Result, compute_metrics
+
+    def run(rate: float, tpots_ms: list[float]) -> dict:
+        records = [RequestRecord(i, 10, 5, 0.0, success=True, ttft_s=0.1, e2e_s=0.1 + 4 * t / 1000, output_tokens=5)
+                   for i, t in enumerate(tpots_ms)]
+        metrics = compute_metrics(records, 10.0, slo_ttft_ms=3000, slo_tpot_ms=150)
+        result = Result("t", "x", "w", {}, None, 0.0, metrics, tuple(records))
+        return {"rate": rate, "load_avg_1m": [1.0, 1.0], "result": result.to_json()}
+
+    part = {"system": {"setup": None}, "load_avg_before": [1.0, 1.0, 1.0],
+            "runs": [run(1, [50] * 10), run(2, [50] * 5 + [120] * 5)]}
+    report = {"results": {"vllm": part}, "rates": [1, 2], "attainment_target": 0.9, "slo_ttft_ms": 3000,
+              "slo_tpot_ms": 150}
+    assert summarize(report["results"], [1, 2], 0.9)["vllm"]["max_rate_text"] == ">= 2.00"
+    tighter = rejudged(report, 3000, 100)
+    assert tighter["slo_tpot_ms"] == 100
+    assert tighter["summary"]["vllm"]["per_rate"]["2"]["slo_attainment"] == pytest.approx(0.5)
+    assert tighter["summary"]["vllm"]["max_rate"]["how"] == "interpolated"
