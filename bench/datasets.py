@@ -11,7 +11,7 @@ Outputs are forced to their length with ignore_eos=True, max_tokens=N, so every 
 comparison does the same work. Pure: no I/O except reading the dataset files; no grpc, no torch.
 
 Datasets:
-  azure-conv   ../shared/data/azure_conv_2023.csv (Azure LLM inference trace, conversation, 2023-11-16;
+  azure-conv   bench/data/azure_conv_2023.csv (Azure LLM inference trace, conversation, 2023-11-16;
                CC-BY 4.0): real arrival times (TIMESTAMP) and lengths (ContextTokens, GeneratedTokens),
                lengths scaled by `length_scale` (the trace's mean is 1155 prompt / 211 output tokens)
   random       lengths uniform in [len * (1 - range_ratio), len * (1 + range_ratio)] (vLLM's `random`)
@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-DEFAULT_AZURE_CONV = Path(__file__).resolve().parents[2] / "shared" / "data" / "azure_conv_2023.csv"
+DEFAULT_AZURE_CONV = Path(__file__).resolve().parent / "data" / "azure_conv_2023.csv"   # bench/data/README.md
 DEFAULT_LENGTH_SCALE = 0.1     # azure-conv: mean 116 prompt / 21 output tokens; 20 requests take ~20 s here
 
 # The opening of Charles Dickens, "A Tale of Two Cities" (1859; public domain, Project Gutenberg #98).
@@ -117,7 +117,7 @@ def load_azure_conv(path: Path = DEFAULT_AZURE_CONV, *, max_requests: int | None
     if start_offset_s < 0:
         raise ValueError("start offset must not be negative")
     if not path.exists():
-        raise ValueError(f"{path}: no such file (the Azure conversation trace; see shared/data/README.md)")
+        raise ValueError(f"{path}: no such file (the Azure conversation trace; see bench/data/README.md)")
     specs: list[RequestSpec] = []
     t0: float | None = None
     first: float | None = None

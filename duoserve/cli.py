@@ -190,7 +190,7 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
     """What `bench serve` and `bench compare` send: dataset, lengths, arrivals, SLOs."""
     p.add_argument("--dataset", choices=["azure-conv", "random", "prompt-file"], default="azure-conv")
     p.add_argument("--dataset-path", type=Path, default=None,
-                   help="azure-conv: the CSV (default ../shared/data/azure_conv_2023.csv); prompt-file: the file")
+                   help="azure-conv: the CSV (default bench/data/azure_conv_2023.csv, shipped); prompt-file: the file")
     p.add_argument("--num-requests", type=int, default=100,
                    help="requests (azure-conv: the first N from --start-offset; prompt-file: the first N lines)")
     p.add_argument("--start-offset", type=float, default=0.0, help="azure-conv: seconds into the trace to start")

@@ -1,7 +1,7 @@
 """Request traces for the simulator: arrival times, prompt and output lengths.
 
 Pure Python. The format is Azure's LLM inference trace (`TIMESTAMP,ContextTokens,GeneratedTokens`, as
-in shared/data/azure_conv_2023.csv); TIMESTAMP may also be plain seconds. Arrivals are kept as
+in bench/data/azure_conv_2023.csv); TIMESTAMP may also be plain seconds. Arrivals are kept as
 recorded (bursts included) and compressed or stretched by a rate multiple; `poisson` instead draws
 exponential gaps at the same mean rate from a seed, keeping the lengths in trace order.
 """

@@ -41,7 +41,7 @@ def test_azure_conv_errors_name_the_problem(tmp_path):
         load_azure_conv(HEAD, start_offset_s=3600)
 
 
-@pytest.mark.skipif(not DEFAULT_AZURE_CONV.exists(), reason="shared/data is not checked out next to the repo")
+@pytest.mark.skipif(not DEFAULT_AZURE_CONV.exists(), reason="bench/data/azure_conv_2023.csv is missing")
 def test_the_sample_is_the_head_of_the_shared_trace():
     full = load_azure_conv(DEFAULT_AZURE_CONV, length_scale=1.0, max_requests=12)
     assert full == load_azure_conv(HEAD, length_scale=1.0)

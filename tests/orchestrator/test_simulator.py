@@ -20,11 +20,11 @@ from orchestrator.sim_trace import TraceRequest, base_rate, load_trace, poisson
 from orchestrator.simulator import SimOptions, Simulation, System
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared" / "data"
+DATA = REPO / "bench" / "data"            # reference data copied into the repo (bench/data/README.md)
 
 # The first 120 requests of Azure's LLM inference trace, conversation service, 2023-11-16 18:15:46 on
 # (minutes:seconds after 18:00, ContextTokens, GeneratedTokens).
-# Source: Azure/AzurePublicDataset, data/AzureLLMInferenceTrace_conv.csv (CC-BY 4.0); shared/data/azure_conv_2023.csv.
+# Source: Azure/AzurePublicDataset, data/AzureLLMInferenceTrace_conv.csv (CC-BY 4.0); bench/data/azure_conv_2023.csv.
 AZURE_CONV_HEAD = """
     15:46.6805900,374,44 15:50.9951690,396,109 15:51.2224670,879,55 15:51.3910170,91,16 15:52.5732450,91,16
     15:52.9921190,381,84 15:54.4260870,1313,142 15:54.9320210,388,84 15:55.0176690,242,14 15:55.1455750,209,152
@@ -248,9 +248,8 @@ def test_op_scale_is_one_for_the_source_shape_and_follows_the_gemms():
     assert scale["mlp_up_proj"] == pytest.approx(14336 / 11008)
 
 
-@pytest.mark.skipif(not (SHARED / "vidur_h100_llama2_7b_mlp.csv").is_file(), reason="shared/data not here")
 def test_h100_prior_matches_vidur_scaled_to_llama3_8b():
-    check = vidur_check(SHARED / "vidur_h100_llama2_7b_mlp.csv", H100.build_model())
+    check = vidur_check(DATA / "vidur_h100_llama2_7b_mlp.csv", H100.build_model())
     assert check["rows"] > 100 and check["median_rel_error"] < 0.10
 
 
