@@ -62,9 +62,10 @@ CPU_PROFILE = StackProfile(
     max_num_seqs=128, max_model_len=8192, split_max_batched_tokens=2048, initial_budget=2048,
     colocated_chunks=(512, 1024, 2048), static_splits=((0.5, 0.5),), initial_split=(0.5, 0.5), overlap=0.5,
     switch_cost_ms=1.0, tick_ms=250.0, prefer="tpot", probe_prompt_tokens=256,
-    # Measured on the 2-core CPU stack: the gateway adds 14.8 ms per request (bench/stack_latency.py, issue 3),
-    # and the loop spends a median 3.2 ms between back-to-back decode iterations (bench validate-sim's loop_gaps).
-    ingress_ms=15.0, loop_gap_ms=3.0)
+    # Measured on the 2-core CPU stack: the gateway adds 14.8 ms per request (bench/stack_latency.py, issue 3;
+    # 5-23 ms in runs of 2026-12-03), and the loop spends a median 2.4 ms between back-to-back decode
+    # iterations (bench validate-sim's loop_gaps, 2026-12-03, after the host path's round trips were cut; 3.2 before).
+    ingress_ms=15.0, loop_gap_ms=2.4)
 
 
 @dataclass(frozen=True, slots=True)
