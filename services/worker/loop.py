@@ -180,12 +180,13 @@ class Worker:
         if blocked:
             entries = read_group(self.client, self.input_stream, self.group, self.config.worker_id,
                                  self._input_type, room, self.config.idle_block_ms)
-        if self.is_split_decode and entries:
+        if not self.is_split_decode:
+            for entry_id, queued in entries:
+                self._admit_queued(entry_id, queued)
+        elif entries:
             self._ack(*(entry_id for entry_id, _ in entries))    # one round trip; from here their state is ours
             for _, handoff in entries:
                 self._admit_handoff(None, handoff)
-        for entry_id, queued in entries if not self.is_split_decode else ():
-            self._admit_queued(entry_id, queued)
         return blocked
 
     def _drop_cancelled(self, request_ids: set[str]) -> None:
