@@ -115,6 +115,16 @@ class Handoff:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One generated token's log-probability and the most likely alternatives at its position, from
+    the log_softmax of the raw model logits (before penalties, temperature, top-k/p: vLLM V1's default)."""
+
+    token_id: int                          # the generated token
+    logprob: float                         # its log-probability
+    top: tuple[tuple[int, float], ...] = ()   # (token id, logprob) of the k most likely, best first
+
+
+@dataclass(frozen=True, slots=True)
 class TokenDelivery:
     """New tokens of one request, or its end, sent to the gateway that owns the client stream."""
 
@@ -123,6 +133,7 @@ class TokenDelivery:
     finish_reason: str | None = None       # "stop" | "length" | "cancelled" | "error" on the last one
     error: str = ""                        # with finish_reason "error": what went wrong, for the client
     queue_time_ms: float | None = None     # on prefill's first delivery: arrival to prefill start
+    logprobs: tuple[TokenLogprob, ...] = ()   # parallel to token_ids when the request asked (sampling.logprobs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +229,11 @@ class RequestLatency:
     time: float                # wall clock when it finished
 
 
+# Fields left out of the JSON when they hold an empty tuple (their default): most deliveries carry no
+# logprobs, and a token's alternatives are empty with logprobs=0. from_json restores the default.
+_OMIT_WHEN_EMPTY = frozenset({"logprobs", "top"})
+
+
 def to_json(message: Any) -> str:
     return json.dumps(_plain(message), separators=(",", ":"))
 
@@ -226,7 +242,8 @@ def _plain(value: Any) -> Any:
     """asdict's JSON-ready result without its deep copies (~4x faster on a batch of deliveries):
     dataclasses become dicts, tuples lists, recursively; everything else is already plain."""
     if hasattr(value, "__dataclass_fields__"):
-        return {name: _plain(getattr(value, name)) for name in value.__dataclass_fields__}
+        return {name: _plain(getattr(value, name)) for name in value.__dataclass_fields__
+                if name not in _OMIT_WHEN_EMPTY or getattr(value, name) != ()}
     if isinstance(value, (tuple, list)):
         return [_plain(item) for item in value] if value and not isinstance(value[0], (int, float, str)) \
             else list(value)
@@ -249,6 +266,10 @@ def from_json(cls: type[T], text: str | bytes | dict) -> T:
             value = SamplingParams(**sp)
         elif f.name == "running":          # WorkerHandover's hand-offs
             value = tuple(from_json(Handoff, item) for item in value)
+        elif f.name == "logprobs" and isinstance(value, list):   # TokenDelivery's
+            value = tuple(TokenLogprob(item["token_id"], item["logprob"],
+                                       tuple(tuple(pair) for pair in item.get("top", ())))
+                          for item in value)
         elif isinstance(value, list):
             value = tuple(value)
         kwargs[f.name] = value

@@ -58,14 +58,27 @@ class EngineConfig:
 
 def sample_batch(sampler: Sampler, scheduler: Scheduler, batch: SchedulerOutput,
                  logits: torch.Tensor) -> dict[str, int]:
-    """One token for each chunk that reached its end. logits [S, V], rows in batch order."""
+    """One token for each chunk that reached its end. logits [S, V], rows in batch order.
+
+    A request that asked for logprobs gets the new token's appended to its Sequence.logprobs."""
     sampled_chunks = [c for c in batch.chunks if c.is_sampled]
-    rows = []
-    for chunk in sampled_chunks:
-        seq = scheduler.get(chunk.request_id)
-        rows.append(SamplingRow(seq.params, len(seq.output_token_ids)))
-    tokens = sampler(logits, rows)
-    return {c.request_id: token for c, token in zip(sampled_chunks, tokens)}
+    seqs = [scheduler.get(c.request_id) for c in sampled_chunks]
+    eos = scheduler.config.eos_token_ids
+    rows = [_row(seq, eos) for seq in seqs]
+    out = sampler.sample(logits, rows)
+    for seq, logprob in zip(seqs, out.logprobs):
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+    return {c.request_id: token for c, token in zip(sampled_chunks, out.token_ids)}
+
+
+def _row(seq: Sequence, eos_token_ids: tuple[int, ...]) -> SamplingRow:
+    """The sampler's view of a request; its tokens only when a penalty or min_tokens reads them."""
+    params = seq.params
+    if params.has_penalties or params.min_tokens:
+        return SamplingRow(params, len(seq.output_token_ids), seq.prompt_token_ids, seq.output_token_ids,
+                           eos_token_ids)
+    return SamplingRow(params, len(seq.output_token_ids))
 
 
 @dataclass
@@ -156,7 +169,7 @@ class LLMEngine:
         if req.output.hit_stop_string and seq.status is not SequenceStatus.FINISHED:
             self.scheduler.finish(seq.request_id, FinishReason.STOP)
         out = make_output(seq.request_id, req.output, new_ids, seq.output_token_ids,
-                          len(seq.prompt_token_ids), seq.finish_reason)
+                          len(seq.prompt_token_ids), seq.finish_reason, seq.logprobs)
         if out.is_finished:
             del self.requests[seq.request_id]
         return out

@@ -7,10 +7,13 @@ start of a stop string, so a streamed client never sees text that is later taken
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence as Seq
+from typing import TYPE_CHECKING, Protocol, Sequence as Seq
 
 from services.engine.sampling_params import SamplingParams
 from services.engine.sequence import FinishReason
+
+if TYPE_CHECKING:
+    from services.common.contracts import TokenLogprob
 
 
 class Detokenizer(Protocol):
@@ -31,6 +34,8 @@ class RequestOutput:
     text: str                           # all final completion text so far
     num_prompt_tokens: int
     finish_reason: FinishReason | None  # set on the last output of a request
+    new_logprobs: tuple[TokenLogprob, ...] = ()   # parallel to new_token_ids when params.logprobs is set
+    logprobs: tuple[TokenLogprob, ...] = ()       # parallel to token_ids when params.logprobs is set
 
     @property
     def is_finished(self) -> bool:
@@ -46,19 +51,26 @@ class OutputState:
         self.num_emitted_chars = 0          # text already handed out
         self.stop_at: int | None = None     # index in the text where a stop string begins
         self._hold_back = max((len(s) for s in params.stop), default=1) - 1
+        self._num_pushed = 0                # tokens detokenized
+        self._stop_floor = 0                # a stop string must end past this index (vLLM: none
+                                            # counts before min_tokens tokens were generated)
 
     def push(self, token_id: int, is_special_stop: bool) -> None:
         """Add one generated token. EOS and stop token ids produce no text."""
         if is_special_stop or self.stop_at is not None:
             return
         self.detokenizer.push(token_id)
-        if self.params.stop:
+        self._num_pushed += 1
+        if self._num_pushed <= self.params.min_tokens:
+            self._stop_floor = len(self.detokenizer.text)
+        elif self.params.stop:
             self.stop_at = self._find_stop(self.detokenizer.text)
 
     def _find_stop(self, text: str) -> int | None:
         # Only the tail can hold a new match: search from where an earlier match could not have ended.
         search_from = max(0, self.num_emitted_chars - self._hold_back - 1)
-        hits = [i for s in self.params.stop if (i := text.find(s, search_from)) >= 0]
+        hits = [i for s in self.params.stop
+                if (i := text.find(s, max(search_from, self._stop_floor - len(s) + 1))) >= 0]
         return min(hits) if hits else None
 
     @property
@@ -84,7 +96,9 @@ class OutputState:
 
 
 def make_output(request_id: str, state: OutputState, new_token_ids: Seq[int], all_token_ids: Seq[int],
-                num_prompt_tokens: int, finish_reason: FinishReason | None) -> RequestOutput:
+                num_prompt_tokens: int, finish_reason: FinishReason | None,
+                all_logprobs: Seq[TokenLogprob] = ()) -> RequestOutput:
     new_text = state.take_text(finish_reason is not None)
+    new_logprobs = tuple(all_logprobs[len(all_logprobs) - len(new_token_ids):]) if all_logprobs else ()
     return RequestOutput(request_id, tuple(new_token_ids), new_text, tuple(all_token_ids),
-                         state.final_text, num_prompt_tokens, finish_reason)
+                         state.final_text, num_prompt_tokens, finish_reason, new_logprobs, tuple(all_logprobs))

@@ -1,6 +1,12 @@
 """Token sampler: one batched call turns a logits matrix into one token id per request.
 
 A row's path through here:
+  logprobs   (rows that ask) log_softmax of the raw logits, read after the draw: the token's
+             logprob and the k best alternatives (vLLM V1's default: before any processing)
+  processed  (rows with penalties or min_tokens still to reach) on a float32 copy: EOS and stop ids
+             masked to -inf until min_tokens, then repetition (prompt and output tokens: positive
+             logits divided, others multiplied), frequency and presence penalties (output tokens),
+             in vLLM's order; every other row is not touched or copied
   greedy     temperature 0 or top_k 1: one batched argmax over all such rows, on the raw logits
   filtered   temperature-scaled in float32; top-k, then top-p, shrink the allowed set to the tokens
              whose raw logit reaches a per-row threshold (ties with the threshold are all kept)
@@ -26,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from services.common.contracts import TokenLogprob
 from services.engine.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -40,6 +47,22 @@ class SamplingRow:
 
     params: SamplingParams      # the request's sampling parameters
     num_generated: int          # tokens the request has generated so far: the index of this token
+    prompt_token_ids: Sequence[int] = ()     # read only by repetition_penalty
+    output_token_ids: Sequence[int] = ()     # generated so far; read only by the penalties
+    eos_token_ids: tuple[int, ...] = ()      # the model's; masked (unless ignore_eos) before min_tokens
+
+    @property
+    def is_processed(self) -> bool:
+        """Its logits change before the draw: a penalty, or min_tokens not reached yet."""
+        return self.params.has_penalties or self.num_generated < self.params.min_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class SamplerOutput:
+    """One token per row, and its logprob where the row asked for them."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]      # None where the row's params.logprobs is None
 
 
 def _splitmix64(value: int) -> int:
@@ -64,8 +87,25 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int]:
         """Pick a token for each row of `logits` [B, V] (any float dtype) under rows[i].params."""
+        return self.sample(logits, rows).token_ids
+
+    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+        """Tokens for each row of `logits` [B, V], with logprobs for the rows that ask."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [len(rows)={len(rows)}, V], got {tuple(logits.shape)}")
+        processed = [i for i, row in enumerate(rows) if row.is_processed]
+        with_logprobs = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+        raw = logits
+        if processed:
+            logits = _process(logits, rows, processed)
+        tokens = self._draw(logits, rows)
+        logprobs: list[TokenLogprob | None] = [None] * len(rows)
+        if with_logprobs:
+            for i, lp in zip(with_logprobs, _logprobs(raw, rows, with_logprobs, tokens)):
+                logprobs[i] = lp
+        return SamplerOutput(tokens, logprobs)
+
+    def _draw(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int]:
         greedy = [i for i, row in enumerate(rows) if row.params.is_greedy]
         if len(greedy) == len(rows):
             return _greedy(logits).tolist()
@@ -85,6 +125,78 @@ class Sampler:
         if row.params.seed is None:
             return self._rng.getrandbits(_UNIFORM_BITS) * 2.0 ** -_UNIFORM_BITS
         return seeded_uniform(row.params.seed, row.num_generated)
+
+
+def _process(logits: torch.Tensor, rows: Sequence[SamplingRow], index: list[int]) -> torch.Tensor:
+    """A float32 copy of `logits` [B, V] with min_tokens and the penalties applied to rows `index`."""
+    out = logits.float()
+    if out.data_ptr() == logits.data_ptr():
+        out = out.clone()                  # never change the caller's logits: logprobs read them raw
+    picked = [rows[i] for i in index]
+    x = out[index] if len(index) < len(rows) else out                                    # [M, V]
+    vocab = x.shape[1]
+    for m, row in enumerate(picked):       # min_tokens: no way to stop before it is reached
+        if row.num_generated < row.params.min_tokens:
+            stop = [*row.params.stop_token_ids, *(() if row.params.ignore_eos else row.eos_token_ids)]
+            stop = [t for t in stop if 0 <= t < vocab]
+            if stop:
+                x[m, stop] = -math.inf
+    penalized = [m for m, row in enumerate(picked) if row.params.has_penalties]
+    if penalized:
+        x[penalized] = _penalize(x[penalized], [picked[m] for m in penalized])
+    if x is not out:
+        out[index] = x
+    return out
+
+
+def _penalize(x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """vLLM's apply_penalties on float32 logits [M, V]: repetition over prompt and output tokens,
+    then frequency (times each token's count in the output), then presence (once per output token)."""
+    m, vocab = x.shape
+    device = x.device
+    if any(row.params.repetition_penalty != 1.0 for row in rows):
+        seen = torch.zeros(m, vocab, dtype=torch.bool, device=device)                    # [M, V]
+        r_idx = [i for i, row in enumerate(rows) for _ in range(len(row.prompt_token_ids) + len(row.output_token_ids))]
+        t_idx = [t for row in rows for t in (*row.prompt_token_ids, *row.output_token_ids)]
+        if t_idx:
+            seen[torch.tensor(r_idx, device=device), torch.tensor(t_idx, device=device)] = True
+        penalty = torch.tensor([row.params.repetition_penalty for row in rows],
+                               dtype=torch.float32, device=device).unsqueeze(1)          # [M, 1]
+        factor = torch.where(seen, penalty, torch.ones((), device=device))              # [M, V]
+        x = torch.where(x > 0, x / factor, x * factor)
+    if any(row.params.frequency_penalty != 0.0 or row.params.presence_penalty != 0.0 for row in rows):
+        counts = torch.zeros(m, vocab, dtype=torch.float32, device=device)               # [M, V]
+        r_idx = [i for i, row in enumerate(rows) for _ in range(len(row.output_token_ids))]
+        t_idx = [t for row in rows for t in row.output_token_ids]
+        if t_idx:
+            counts.index_put_((torch.tensor(r_idx, device=device), torch.tensor(t_idx, device=device)),
+                              torch.ones(len(t_idx), device=device), accumulate=True)
+        frequency = torch.tensor([row.params.frequency_penalty for row in rows],
+                                 dtype=torch.float32, device=device).unsqueeze(1)        # [M, 1]
+        presence = torch.tensor([row.params.presence_penalty for row in rows],
+                                dtype=torch.float32, device=device).unsqueeze(1)         # [M, 1]
+        x = x - frequency * counts
+        x = x - presence * (counts > 0)
+    return x
+
+
+def _logprobs(raw: torch.Tensor, rows: Sequence[SamplingRow], index: list[int],
+              tokens: list[int]) -> list[TokenLogprob]:
+    """Each row's token logprob and its k best alternatives, from log_softmax of the raw logits."""
+    x = raw[index] if len(index) < raw.shape[0] else raw                                 # [L, V]
+    logprobs = torch.log_softmax(x, dim=1, dtype=torch.float32)                          # [L, V]
+    chosen = torch.tensor([tokens[i] for i in index], device=raw.device)                 # [L]
+    token_lp = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()               # [L]
+    k_max = max(rows[i].params.logprobs for i in index)
+    if k_max == 0:
+        return [TokenLogprob(tokens[i], lp) for i, lp in zip(index, token_lp)]
+    best = torch.topk(logprobs, min(k_max, logprobs.shape[1]), dim=1)                    # [L, K] descending
+    best_lp, best_ids = best.values.tolist(), best.indices.tolist()
+    out = []
+    for n, i in enumerate(index):
+        k = rows[i].params.logprobs
+        out.append(TokenLogprob(tokens[i], token_lp[n], tuple(zip(best_ids[n][:k], best_lp[n][:k]))))
+    return out
 
 
 def _greedy(logits: torch.Tensor) -> torch.Tensor:

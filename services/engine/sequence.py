@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from services.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from services.common.contracts import TokenLogprob
 
 
 class SequenceStatus(enum.Enum):
@@ -40,6 +44,10 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0                     # times its KV was dropped for recompute
+    # With params.logprobs set: the logprob of each token this engine sampled for it, in order (the
+    # sampler appends before postprocess appends the token); [-1] is the newest token's. A hand-off or
+    # re-queue carries none: each engine delivers the logprobs of the tokens it sampled itself.
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

@@ -51,3 +51,16 @@ def test_special_stop_token_adds_no_text():
     state.push(ord("a"), is_special_stop=False)
     state.push(0, is_special_stop=True)
     assert state.take_text(is_finished=True) == "a"
+
+
+def test_stop_strings_count_only_after_min_tokens():
+    # vLLM: no stop string ends a request before min_tokens tokens; a match must end after them.
+    state = OutputState(SamplingParams(stop=("ab",), min_tokens=3), CharDetokenizer())
+    for ch in "xab":                              # "ab" completed by the 3rd token: too early
+        state.push(ord(ch), is_special_stop=False)
+    assert not state.hit_stop_string
+    state.push(ord("a"), is_special_stop=False)   # "xaba": the old match is not found again
+    assert not state.hit_stop_string
+    state.push(ord("b"), is_special_stop=False)   # "xabab": a new match, after min_tokens
+    assert state.hit_stop_string
+    assert state.take_text(is_finished=True) == "xab"
