@@ -286,8 +286,10 @@ class Worker:
             tracked.is_first_delivery = False
             start = tracked.first_scheduled or time.time()
             queue_ms = max(0.0, (start - tracked.seq.arrival_time) * 1000)
-        return TokenDelivery(tracked.seq.request_id, (tracked.seq.output_token_ids[-1],), finish,
-                             queue_time_ms=queue_ms)
+        seq = tracked.seq      # its newest token's logprob was appended by sample_batch, if it asked
+        logprobs = (seq.logprobs[-1],) if seq.params.logprobs is not None and seq.logprobs else ()
+        return TokenDelivery(seq.request_id, (seq.output_token_ids[-1],), finish, queue_time_ms=queue_ms,
+                             logprobs=logprobs)
 
     def _handoff(self, tracked: _Tracked) -> Handoff:
         seq = tracked.seq
