@@ -25,10 +25,25 @@ class GatewayConfig:
     stall_timeout_s: float = 120.0  # no token for this long: the request fails UNAVAILABLE
     model_wait_s: float = 300.0     # how long to wait at start for the stack to publish its model
     gateway_id: str = ""            # names this process's reply stream
+    http_port: int = 0              # OpenAI-compatible HTTP API (/v1/completions, ...); 0 disables
+    http_host: str = "127.0.0.1"    # bind address of the HTTP API
+    peer_metrics: tuple[tuple[str, str], ...] = ()   # (process name, HOST:PORT) of the stack's other
+                                    # /metrics endpoints, merged into the HTTP API's /metrics
 
     def __post_init__(self) -> None:
         if self.max_queue_len < 1 or self.max_tokens_limit < 1:
             raise ValueError("max_queue_len and max_tokens_limit must be at least 1")
+        if not 0 <= self.http_port < 65536:
+            raise ValueError(f"http_port must be in [0, 65535], got {self.http_port}")
+
+
+def _peer(text: str) -> tuple[str, str]:
+    """NAME=HOST:PORT, e.g. decode=127.0.0.1:9101."""
+    name, sep, target = text.partition("=")
+    host, colon, port = target.rpartition(":")
+    if not (sep and name and host and colon and port.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected NAME=HOST:PORT, got {text!r}")
+    return name, target
 
 
 def parse_args(argv: Sequence[str] | None = None) -> GatewayConfig:
@@ -42,8 +57,15 @@ def parse_args(argv: Sequence[str] | None = None) -> GatewayConfig:
     p.add_argument("--max-queue-len", type=int, default=256)
     p.add_argument("--max-tokens-limit", type=int, default=4096)
     p.add_argument("--default-max-tokens", type=int, default=256)
+    p.add_argument("--http-port", type=int, default=0,
+                   help="OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics, ...); 0: off")
+    p.add_argument("--http-host", default="127.0.0.1", help="bind address of the HTTP API")
+    p.add_argument("--peer-metrics", type=_peer, action="append", default=[], metavar="NAME=HOST:PORT",
+                   help="another process's Prometheus endpoint, served again (labelled process=NAME) by the "
+                        "HTTP API's /metrics; repeat per process (`duoserve up` passes every one of the stack)")
     a = p.parse_args(argv)
     return GatewayConfig(redis_url=a.redis_url, key_prefix=a.key_prefix, port=a.port, host=a.host,
                          metrics_port=a.metrics_port, max_queue_len=a.max_queue_len,
                          max_tokens_limit=a.max_tokens_limit, default_max_tokens=a.default_max_tokens,
-                         gateway_id=f"gw-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+                         gateway_id=f"gw-{os.getpid()}-{uuid.uuid4().hex[:8]}", http_port=a.http_port,
+                         http_host=a.http_host, peer_metrics=tuple(a.peer_metrics))

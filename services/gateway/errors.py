@@ -2,10 +2,13 @@
 
 Servicers and the frontend raise these; no servicer builds a status itself.
   InvalidInput -> INVALID_ARGUMENT   QueueFull -> RESOURCE_EXHAUSTED   NotReady -> UNAVAILABLE
+  ModelNotFound -> NOT_FOUND
+The HTTP API maps the same exceptions to OpenAI's error bodies (`services.gateway.openai_protocol`).
   anything else -> INTERNAL, with a log line (the client sees no stack trace)
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
@@ -25,6 +28,11 @@ class InvalidInput(GatewayError):
 
 class QueueFull(GatewayError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class ModelNotFound(GatewayError):
+    """The request names a model this stack does not serve (the HTTP API's `model` field)."""
+    code = grpc.StatusCode.NOT_FOUND
 
 
 class NotReady(GatewayError):
@@ -67,6 +75,11 @@ def _wrap_unary(inner: Any) -> Any:
 
 
 def _wrap_stream(inner: Any) -> Any:
+    """Keeps the handler's kind: grpc.aio streams an async generator's yields, or runs a coroutine that
+    writes with `context.write` (as the aio HealthServicer's Watch does)."""
+    if not inspect.isasyncgenfunction(inner):
+        return _wrap_unary(inner)
+
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             async for response in inner(request, context):

@@ -1,8 +1,10 @@
 """The gateway process: the public gRPC API (duoserve.v1.Generation) in front of the stack's queues.
 
-Start-up: config -> gRPC server up at once with health NOT_SERVING (calls get UNAVAILABLE) ->
-wait for the stack's model info in Redis -> tokenizer loaded -> reply reader started -> SERVING.
-A request's life here is told in `services.gateway.frontend`.
+Start-up: config -> gRPC server (and the OpenAI-compatible HTTP API, when --http-port is set) up at once
+with health NOT_SERVING (calls get UNAVAILABLE, /health 503) -> wait for the stack's model info in
+Redis -> tokenizer loaded -> reply reader started -> SERVING. Both APIs run in this one event loop
+over one Frontend; SIGTERM drains both (NOT_SERVING, /health 503) and stops them.
+A request's life here is told in `services.gateway.frontend` (and `services.gateway.openai_serving`).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from services.gateway.config import GatewayConfig, parse_args
 from services.gateway.errors import ErrorInterceptor
 from services.gateway.frontend import Frontend
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.openai_http import HttpState, bind, start_http
 from services.gateway.servicer import GenerationServicer
 
 log = logging.getLogger("duoserve.gateway")
@@ -41,9 +44,12 @@ async def serve(config: GatewayConfig) -> None:
     reflection.enable_server_reflection((SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME), server)
     if server.add_insecure_port(f"{config.host}:{config.port}") == 0:
         raise OSError(f"cannot listen on {config.host}:{config.port}")
+    http_state = HttpState(frontend, config.peer_metrics)
+    http_socket = bind(config.http_host, config.http_port) if config.http_port else None
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
+    http = start_http(http_state, http_socket) if http_socket else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -52,10 +58,17 @@ async def serve(config: GatewayConfig) -> None:
     reader = asyncio.create_task(frontend.read_replies())
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("gateway %s serving on %s:%d", config.gateway_id, config.host, config.port)
+    http_state.serving = True
+    log.info("gateway %s serving on %s:%d%s", config.gateway_id, config.host, config.port,
+             f", HTTP on {config.http_host}:{config.http_port}" if http else "")
     await stop.wait()
+    http_state.serving = False
     await health_servicer.enter_graceful_shutdown()
+    if http:
+        http[0].should_exit = True             # stops accepting; open streams get timeout_graceful_shutdown
     await server.stop(grace=2.0)
+    if http:
+        await http[1]
     reader.cancel()
     await frontend.client.delete(frontend.reply_stream)
     await frontend.client.aclose()
