@@ -41,7 +41,7 @@ from typing import Callable, TextIO
 
 from duoserve.stack_plan import (LOOPBACK, SHM_DIR, STATE_FILE, STATE_VERSION, PORT_RETRIES,
     UNIX_SOCKET_PATH_MAX, BIND_FAILURES, HEALTHY, HANDOVER_NAMES, StackError, Mode, StackConfig, Layout,
-    ProcessSpec, stage_names, redis_url_of, plan, process_spec)
+    ProcessSpec, stage_names, ports_needed, redis_url_of, plan, process_spec)
 from duoserve.stack_procs import (ProcessRecord, StackState, write_state, read_state, make_stack_dir,
     stack_lock, process_start_time, is_alive, follow_handovers, signal_process, stop_processes,
     pick_free_ports, port_in_use, grpc_health, redis_health, health_of, log_tail, remove_segments,
@@ -51,7 +51,7 @@ from services.common import mps
 __all__ = [   # the supervisor's API, with the plan and process helpers it re-exports
     "LOOPBACK", "SHM_DIR", "STATE_FILE", "STATE_VERSION", "PORT_RETRIES", "UNIX_SOCKET_PATH_MAX",
     "BIND_FAILURES", "HEALTHY", "HANDOVER_NAMES", "StackError", "Mode", "StackConfig", "Layout",
-    "ProcessSpec", "stage_names", "redis_url_of", "plan", "process_spec", "ProcessRecord", "StackState",
+    "ProcessSpec", "stage_names", "ports_needed", "redis_url_of", "plan", "process_spec", "ProcessRecord", "StackState",
     "write_state", "read_state", "make_stack_dir", "stack_lock", "process_start_time", "is_alive",
     "follow_handovers", "signal_process", "stop_processes", "pick_free_ports", "port_in_use", "grpc_health",
     "redis_health", "health_of", "log_tail", "remove_segments", "find_redis_server", "up", "teardown",
@@ -71,8 +71,9 @@ class _Launcher:
         self.config, self.layout, self.say, self.stop_requested = config, layout, say, stop_requested
         self.logs = config.stack_dir / "logs"
         names = [n for stage in stage_names(config) for n in stage]
-        free = iter(pick_free_ports(2 * len(names)))
-        self.ports = {n: (next(free), next(free)) for n in names}
+        self.ports: dict[str, tuple[int, ...]] = {}
+        for name in names:
+            self.ports[name] = self._pick_ports(name)
         self.popens: dict[str, subprocess.Popen] = {}
         self.records: list[ProcessRecord] = []
         self.log_starts: dict[str, int] = {}       # where this launch's output begins in its log
@@ -145,10 +146,11 @@ class _Launcher:
         self.popens[name] = popen
         record = ProcessRecord(name=name, pid=popen.pid, start_time=process_start_time(popen.pid), stage=stage,
                                port=spec.port, metrics_port=spec.metrics_port, health=spec.health,
-                               log=str(log_path), argv=spec.argv)
+                               log=str(log_path), argv=spec.argv, http_port=spec.http_port)
         self.records = [r for r in self.records if r.name != name] + [record]
         if name == "gateway":
-            self.state = replace(self.state, gateway_target=spec.target)
+            self.state = replace(self.state, gateway_target=spec.target,
+                                 http_url=f"http://{LOOPBACK}:{spec.http_port}" if spec.http_port else None)
         self._save()
 
     def _save(self) -> None:
@@ -170,7 +172,7 @@ class _Launcher:
                     tail = log_tail(record.log, since=self.log_starts[name])
                     if any(s in tail.lower() for s in BIND_FAILURES) and retries[name] < PORT_RETRIES:
                         retries[name] += 1
-                        self.ports[name] = tuple(pick_free_ports(2, avoid=self._used_ports()))
+                        self.ports[name] = self._pick_ports(name)
                         self.say(f"{name}: port taken, retrying on {self.ports[name][0]}")
                         self._launch(name, stage)
                         continue
@@ -188,8 +190,12 @@ class _Launcher:
             if waiting:
                 self.stop_requested.wait(0.25)
 
+    def _pick_ports(self, name: str) -> tuple[int, ...]:
+        """The one place ports are chosen: free loopback ports, none another process of the plan holds."""
+        return tuple(pick_free_ports(ports_needed(name), avoid=self._used_ports()))
+
     def _used_ports(self) -> set[int]:
-        return {p for pair in self.ports.values() for p in pair}
+        return {p for ports in self.ports.values() for p in ports}
 
 
 def _check_redis_reachable(url: str) -> None:
@@ -247,6 +253,8 @@ def up(config: StackConfig, *, detach: bool, say: Callable[[str], None],
                 raise
         say(f"stack {config.name!r} ({config.mode.value}) SERVING after {time.monotonic() - started:.1f} s; "
             f"logs in {config.stack_dir / 'logs'}")
+        if state.http_url:          # stdout's one line stays the gRPC target, which scripts read
+            say(f"gRPC on {state.gateway_target}; OpenAI-compatible HTTP API on {state.http_url}/v1")
         print(state.gateway_target, file=out or sys.stdout, flush=True)
         if detach:
             return 0
@@ -420,14 +428,16 @@ def status(state_dir: Path, name: str, *, as_json: bool, out: TextIO | None = No
     if as_json:
         print(json.dumps({
             "name": state.name, "running": ok, "mode": state.mode, "stack_id": state.stack_id,
-            "gateway_target": state.gateway_target, "redis_url": state.redis_url, "owns_redis": state.owns_redis,
+            "gateway_target": state.gateway_target, "http_url": state.http_url, "redis_url": state.redis_url,
+            "owns_redis": state.owns_redis,
             "key_prefix": state.key_prefix, "segment_prefix": state.segment_prefix,
             "supervisor_pid": state.supervisor_pid, "device": state.device, "mps": state.mps,
             "processes": [asdict(p) for p in procs]}, indent=2), file=out)
         return 0 if ok else 1
     redis = f"{state.redis_url} ({'started by the stack' if state.owns_redis else 'external'})"
     mode = state.mode if state.device == "cpu" else f"{state.mode} on {state.device}"
-    print(f"stack {state.name} ({mode}, id {state.stack_id})  gateway {state.gateway_target}  "
+    http = f"  http {state.http_url}" if state.http_url else ""
+    print(f"stack {state.name} ({mode}, id {state.stack_id})  gateway {state.gateway_target}{http}  "
           f"redis {redis}", file=out)
     print(f"{'NAME':<10} {'PID':>8}  {'ALIVE':<5}  {'PORT':>5}  HEALTH", file=out)
     for p in procs:

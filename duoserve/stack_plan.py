@@ -141,6 +141,7 @@ class ProcessSpec:
     metrics_port: int              # Prometheus /metrics (0: none)
     health: str = "grpc"           # "grpc": grpc.health.v1 Check; "redis": PING
     env: tuple[tuple[str, str], ...] = ()   # extra environment (secrets stay off the command line)
+    http_port: int = 0             # gateway: the OpenAI-compatible HTTP API (0: none)
 
     @property
     def target(self) -> str:
@@ -160,19 +161,25 @@ def stage_names(config: StackConfig) -> tuple[tuple[str, ...], ...]:
     return redis + (("arena",), ("prefill", "decode"), last)
 
 
-def redis_url_of(config: StackConfig, ports: dict[str, tuple[int, int]]) -> str:
+def ports_needed(name: str) -> int:
+    """Ports a process listens on: gRPC and metrics; the gateway also the OpenAI-compatible HTTP API.
+    `ports[name]` in `plan` holds them in that order."""
+    return 3 if name == "gateway" else 2
+
+
+def redis_url_of(config: StackConfig, ports: dict[str, tuple[int, ...]]) -> str:
     return config.redis_url or f"redis://{LOOPBACK}:{ports['redis'][0]}/0"
 
 
 def plan(config: StackConfig, layout: Layout,
-         ports: dict[str, tuple[int, int]]) -> list[list[ProcessSpec]]:
-    """Every process of the stack, in stages. `ports[name]` is (port, metrics port)."""
+         ports: dict[str, tuple[int, ...]]) -> list[list[ProcessSpec]]:
+    """Every process of the stack, in stages. `ports[name]` is (port, metrics port[, HTTP port])."""
     return [[process_spec(name, config, layout, ports) for name in stage] for stage in stage_names(config)]
 
 
 def process_spec(name: str, config: StackConfig, layout: Layout,
-                 ports: dict[str, tuple[int, int]]) -> ProcessSpec:
-    port, metrics_port = ports[name]
+                 ports: dict[str, tuple[int, ...]]) -> ProcessSpec:
+    port, metrics_port = ports[name][:2]
     redis_url = redis_url_of(config, ports)
     common = ("--redis-url", redis_url, "--key-prefix", layout.key_prefix,
               "--port", str(port), "--metrics-port", str(metrics_port))
@@ -213,7 +220,13 @@ def process_spec(name: str, config: StackConfig, layout: Layout,
         return ProcessSpec(name, argv, port, metrics_port, env=env)
     if name == "gateway":
         queue = ("--max-queue-len", str(config.max_queue_len)) if config.max_queue_len else ()
-        return ProcessSpec(name, py + ("services.gateway.main", *common, *queue), port, metrics_port)
+        http_port = ports[name][2] if len(ports[name]) > 2 else 0
+        # Its HTTP /metrics serves every other process's series too: one scrape target for the stack.
+        peers = tuple(arg for other in (n for stage in stage_names(config) for n in stage)
+                      if other not in ("redis", "gateway") and ports[other][1]
+                      for arg in ("--peer-metrics", f"{other}={LOOPBACK}:{ports[other][1]}"))
+        argv = py + ("services.gateway.main", *common, *queue, "--http-port", str(http_port), *peers)
+        return ProcessSpec(name, argv, port, metrics_port, http_port=http_port)
     if name == "orchestrator":
         cpus = ",".join(map(str, config.cpus or tuple(sorted(os.sched_getaffinity(0)))))
         env = (("DUOSERVE_ADMIN_TOKEN", config.admin_token),) if config.admin_token else ()

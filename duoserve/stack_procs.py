@@ -34,6 +34,7 @@ class ProcessRecord:
     health: str                    # "grpc" or "redis"
     log: str                       # its stdout and stderr
     argv: tuple[str, ...]
+    http_port: int = 0             # gateway: the OpenAI-compatible HTTP API (0: none)
 
     @property
     def target(self) -> str:
@@ -60,6 +61,7 @@ class StackState:
     version: int = STATE_VERSION
     device: str = "cpu"            # where the model runs
     mps: dict | None = None        # cuda split: asdict(services.common.mps.MpsDaemon); `down` quits it if ours
+    http_url: str | None = None    # the gateway's OpenAI-compatible HTTP API, http://HOST:PORT (None: off)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

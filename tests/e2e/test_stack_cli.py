@@ -88,6 +88,19 @@ def test_colocated_plan_and_external_redis(tmp_path):
     assert f"--cpus {cores}" in colocated
 
 
+def test_gateway_gets_its_http_port_and_every_metrics_endpoint(tmp_path):
+    config = make_config(tmp_path, cpus=(0, 1))
+    names = [n for stage in stack.stage_names(config) for n in stage]
+    assert [stack.ports_needed(n) for n in names] == [3 if n == "gateway" else 2 for n in names]
+    ports = {n: tuple(1000 + 10 * i + k for k in range(stack.ports_needed(n))) for i, n in enumerate(names)}
+    by_name = {p.name: p for s in stack.plan(config, Layout.new(config.stack_dir), ports) for p in s}
+    gateway = " ".join(by_name["gateway"].argv)
+    assert by_name["gateway"].http_port == ports["gateway"][2] and f"--http-port {ports['gateway'][2]}" in gateway
+    for name in ("arena", "prefill", "decode", "orchestrator"):
+        assert f"--peer-metrics {name}=127.0.0.1:{ports[name][1]}" in gateway
+    assert "redis=" not in gateway and "gateway=" not in gateway
+
+
 def test_two_cores_split_prefill_core_0_decode_core_1(tmp_path):
     if not {0, 1} <= os.sched_getaffinity(0):
         pytest.skip("cores 0 and 1 not both available")
