@@ -48,6 +48,16 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A generated token's log-probability and the most likely tokens at its position (from the
+    model's raw output, before penalties, temperature, top_k and top_p)."""
+
+    token_id: int                               # the generated token
+    logprob: float                              # its log-probability (natural log)
+    top: tuple[tuple[int, float], ...] = ()     # (token id, logprob) of the `logprobs` most likely, best first
+
+
+@dataclass(frozen=True, slots=True)
 class Chunk:
     """One step of a streamed request."""
 
@@ -56,6 +66,7 @@ class Chunk:
     token_ids: tuple[int, ...]          # token ids generated since the previous chunk
     finish_reason: str | None = None    # "stop", "length", "cancelled" or "error" on the last chunk
     usage: Usage | None = None          # on the last chunk only
+    logprobs: tuple[TokenLogprob, ...] = ()   # parallel to token_ids when the request set `logprobs`
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +78,7 @@ class Completion:
     token_ids: tuple[int, ...]          # every generated token id, in order
     finish_reason: str                  # "stop", "length", "cancelled" or "error"
     usage: Usage                        # token counts and latencies (zeros if the server sent none)
+    logprobs: tuple[TokenLogprob, ...] = ()   # parallel to token_ids when the request set `logprobs`
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,6 +98,11 @@ def build_generate_request(
     stop: str | Iterable[str] | None = None,
     stop_token_ids: Iterable[int] | None = None,
     ignore_eos: bool = False,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    repetition_penalty: float | None = None,
+    min_tokens: int | None = None,
+    logprobs: int | None = None,
     request_id: str | None = None,
     priority: int | None = None,
     slo_class: str | None = None,
@@ -114,7 +131,10 @@ def build_generate_request(
 
     sampling = pb.SamplingParams()
     for name, value in (("max_tokens", max_tokens), ("temperature", temperature),
-                        ("top_p", top_p), ("top_k", top_k), ("seed", seed)):
+                        ("top_p", top_p), ("top_k", top_k), ("seed", seed),
+                        ("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty),
+                        ("repetition_penalty", repetition_penalty), ("min_tokens", min_tokens),
+                        ("logprobs", logprobs)):
         if value is not None:
             _assign(sampling, name, value)
     if stop is not None:
@@ -192,6 +212,8 @@ def to_chunk(response: pb.GenerateResponse) -> Chunk:
         token_ids=tuple(response.token_ids),
         finish_reason=enum_label(pb.FinishReason.DESCRIPTOR, response.finish_reason) if finished else None,
         usage=to_usage(response.usage) if response.HasField("usage") else None,
+        logprobs=tuple(TokenLogprob(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top))
+                       for lp in response.logprobs),
     )
 
 
@@ -213,12 +235,14 @@ class _Joiner:
         self.request_id = ""
         self.texts: list[str] = []
         self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
         self.last: Chunk | None = None
 
     def add(self, chunk: Chunk) -> None:
         self.request_id = chunk.request_id or self.request_id
         self.texts.append(chunk.text)
         self.token_ids.extend(chunk.token_ids)
+        self.logprobs.extend(chunk.logprobs)
         self.last = chunk
 
     def completion(self) -> Completion:
@@ -227,7 +251,7 @@ class _Joiner:
             raise errors.Internal("the server ended the stream without a finish reason")
         return Completion(request_id=self.request_id, text="".join(self.texts),
                           token_ids=tuple(self.token_ids), finish_reason=last.finish_reason,
-                          usage=last.usage or Usage(0, 0, 0.0, 0.0, 0.0))
+                          usage=last.usage or Usage(0, 0, 0.0, 0.0, 0.0), logprobs=tuple(self.logprobs))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,6 +341,11 @@ class Client:
         stop: str | Iterable[str] | None = None,
         stop_token_ids: Iterable[int] | None = None,
         ignore_eos: bool = False,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        repetition_penalty: float | None = None,
+        min_tokens: int | None = None,
+        logprobs: int | None = None,
         request_id: str | None = None,
         priority: int | None = None,
         slo_class: str | None = None,
@@ -326,12 +355,16 @@ class Client:
 
         Give exactly one of `prompt` (text), `messages` ([{"role": ..., "content": ...}], rendered
         with the model's chat template) or `token_ids`. Sampling arguments left None take the
-        server's defaults. `timeout` overrides the client's for this request.
+        server's defaults. `logprobs=k` (0 to 20) makes every chunk carry each token's logprob and
+        the k most likely alternatives (Chunk.logprobs). `timeout` overrides the client's for this
+        request.
         """
         request = build_generate_request(
             prompt, messages=messages, token_ids=token_ids, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-            stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, request_id=request_id,
+            stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
+            min_tokens=min_tokens, logprobs=logprobs, request_id=request_id,
             priority=priority, slo_class=slo_class)
         return Stream(self._stub.Generate(request, timeout=self._timeout(timeout)))
 
@@ -349,6 +382,11 @@ class Client:
         stop: str | Iterable[str] | None = None,
         stop_token_ids: Iterable[int] | None = None,
         ignore_eos: bool = False,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        repetition_penalty: float | None = None,
+        min_tokens: int | None = None,
+        logprobs: int | None = None,
         request_id: str | None = None,
         priority: int | None = None,
         slo_class: str | None = None,
@@ -359,7 +397,9 @@ class Client:
         with self.stream(
                 prompt, messages=messages, token_ids=token_ids, max_tokens=max_tokens,
                 temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-                stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, request_id=request_id,
+                stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, presence_penalty=presence_penalty,
+                frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
+                min_tokens=min_tokens, logprobs=logprobs, request_id=request_id,
                 priority=priority, slo_class=slo_class, timeout=timeout) as chunks:
             for chunk in chunks:
                 joiner.add(chunk)
@@ -490,6 +530,11 @@ class AsyncClient:
         stop: str | Iterable[str] | None = None,
         stop_token_ids: Iterable[int] | None = None,
         ignore_eos: bool = False,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        repetition_penalty: float | None = None,
+        min_tokens: int | None = None,
+        logprobs: int | None = None,
         request_id: str | None = None,
         priority: int | None = None,
         slo_class: str | None = None,
@@ -499,7 +544,9 @@ class AsyncClient:
         request = build_generate_request(
             prompt, messages=messages, token_ids=token_ids, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-            stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, request_id=request_id,
+            stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
+            min_tokens=min_tokens, logprobs=logprobs, request_id=request_id,
             priority=priority, slo_class=slo_class)
         return AsyncStream(self._get_stub().Generate(request, timeout=self._timeout(timeout)))
 
@@ -517,6 +564,11 @@ class AsyncClient:
         stop: str | Iterable[str] | None = None,
         stop_token_ids: Iterable[int] | None = None,
         ignore_eos: bool = False,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        repetition_penalty: float | None = None,
+        min_tokens: int | None = None,
+        logprobs: int | None = None,
         request_id: str | None = None,
         priority: int | None = None,
         slo_class: str | None = None,
@@ -527,7 +579,9 @@ class AsyncClient:
         async with self.stream(
                 prompt, messages=messages, token_ids=token_ids, max_tokens=max_tokens,
                 temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-                stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, request_id=request_id,
+                stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, presence_penalty=presence_penalty,
+                frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
+                min_tokens=min_tokens, logprobs=logprobs, request_id=request_id,
                 priority=priority, slo_class=slo_class, timeout=timeout) as chunks:
             async for chunk in chunks:
                 joiner.add(chunk)

@@ -20,7 +20,7 @@ import pytest
 
 import duoserve
 from duoserve import errors
-from duoserve.client import (AsyncStream, Stream, _Joiner, build_generate_request,
+from duoserve.client import (AsyncStream, Stream, TokenLogprob, _Joiner, build_generate_request,
                              model_info_to_dict, to_chunk)
 from duoserve.v1 import generation_pb2 as pb
 from duoserve.v1 import generation_pb2_grpc as pb_grpc
@@ -81,6 +81,32 @@ def test_every_sampling_field_is_carried():
     assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.seed) == (32, 0.7, 0.9, 40, -5)
     assert list(s.stop) == ["\n\n", "END"] and list(s.stop_token_ids) == [2, 7] and s.ignore_eos
     assert (request.request_id, request.priority, request.slo_class) == ("r-1", 3, "batch")
+
+
+def test_penalties_min_tokens_and_logprobs_are_carried_and_zero_differs_from_unset():
+    s = build_generate_request("x", presence_penalty=0.5, frequency_penalty=-1.0, repetition_penalty=1.3,
+                               min_tokens=4, logprobs=0).sampling
+    assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty, s.min_tokens) == (0.5, -1.0, 1.3, 4)
+    assert s.HasField("logprobs") and s.logprobs == 0
+    unset = build_generate_request("x", max_tokens=3).sampling
+    assert not any(unset.HasField(f) for f in ("presence_penalty", "frequency_penalty", "repetition_penalty",
+                                               "min_tokens", "logprobs"))
+
+
+def test_logprobs_come_with_their_chunk_and_join_into_the_completion():
+    def lp(token, value, top=()):
+        return pb.TokenLogprob(token_id=token, logprob=value,
+                               top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in top])
+    joiner = _Joiner()
+    for response in (pb.GenerateResponse(request_id="r", token_ids=[1], text="a",
+                                         logprobs=[lp(1, -0.5, [(1, -0.5), (9, -1.0)])]),
+                     pb.GenerateResponse(request_id="r", token_ids=[2], text="b", logprobs=[lp(2, -2.0)],
+                                         finish_reason=pb.FINISH_REASON_STOP)):
+        chunk = to_chunk(response)
+        joiner.add(chunk)
+    assert chunk.logprobs == (TokenLogprob(2, -2.0),)
+    assert joiner.completion().logprobs == (TokenLogprob(1, -0.5, ((1, -0.5), (9, -1.0))), TokenLogprob(2, -2.0))
+    assert to_chunk(pb.GenerateResponse(token_ids=[3])).logprobs == ()
 
 
 def test_a_single_stop_string_is_one_stop_string():

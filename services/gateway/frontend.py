@@ -22,7 +22,7 @@ from typing import AsyncIterator
 import redis.asyncio as aioredis
 
 from services.common.contracts import (CancelNotice, KeySpace, QueuedRequest, RequestLatency, TokenDelivery,
-                                       deliveries_from_json, to_json)
+                                       TokenLogprob, deliveries_from_json, to_json)
 from services.common.model_info import ModelInfo, parse_model_info
 from services.engine.blocks import blocks_for_tokens
 from services.engine.output import OutputState
@@ -68,6 +68,7 @@ class Chunk:
     text: str
     finish_reason: str | None = None
     usage: Usage | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()   # parallel to token_ids when sampling.logprobs is set
 
 
 @dataclass
@@ -265,7 +266,9 @@ class Frontend:
                 await self._cancel(request_id, "stop")   # the workers may run one more iteration; fine
             self._observe_tokens(timing, delivery, len(new_ids))
             usage = self._usage(timing, len(prompt), len(completion)) if finish else None
-            yield Chunk(request_id, tuple(new_ids), state.take_text(finish is not None), finish, usage)
+            # only the tokens kept in this chunk (a stop string may end it inside the delivery)
+            logprobs = delivery.logprobs[:len(new_ids)]
+            yield Chunk(request_id, tuple(new_ids), state.take_text(finish is not None), finish, usage, logprobs)
             if finish:
                 self.metrics.observe_finished(len(prompt), len(completion), usage.e2e_ms / 1000, finish)
                 await self._record_latency(usage)

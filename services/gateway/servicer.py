@@ -26,7 +26,12 @@ def to_sampling_params(sp: pb.SamplingParams, default_max_tokens: int) -> Sampli
             top_p=sp.top_p if sp.HasField("top_p") else 1.0,
             top_k=sp.top_k if sp.HasField("top_k") else 0,
             seed=sp.seed if sp.HasField("seed") else None,
-            stop=tuple(sp.stop), stop_token_ids=tuple(sp.stop_token_ids), ignore_eos=sp.ignore_eos)
+            stop=tuple(sp.stop), stop_token_ids=tuple(sp.stop_token_ids), ignore_eos=sp.ignore_eos,
+            presence_penalty=sp.presence_penalty if sp.HasField("presence_penalty") else 0.0,
+            frequency_penalty=sp.frequency_penalty if sp.HasField("frequency_penalty") else 0.0,
+            repetition_penalty=sp.repetition_penalty if sp.HasField("repetition_penalty") else 1.0,
+            min_tokens=sp.min_tokens if sp.HasField("min_tokens") else 0,
+            logprobs=sp.logprobs if sp.HasField("logprobs") else None)
     except InvalidSamplingParams as e:
         raise InvalidInput(str(e)) from None
 
@@ -46,6 +51,11 @@ def to_generate_input(request: pb.GenerateRequest, default_max_tokens: int) -> G
 
 def to_response(chunk: Chunk) -> pb.GenerateResponse:
     response = pb.GenerateResponse(request_id=chunk.request_id, token_ids=chunk.token_ids, text=chunk.text)
+    if chunk.logprobs:
+        response.logprobs.extend(
+            pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+                            top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
+            for lp in chunk.logprobs)
     if chunk.finish_reason:
         response.finish_reason = FINISH_REASONS[chunk.finish_reason]
     if chunk.usage:
