@@ -51,6 +51,10 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2], over generated tokens")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2], per generated occurrence")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 0, over prompt and generated tokens")
+    p.add_argument("--min-tokens", type=int, default=0, help="no end-of-sequence before this many tokens")
     p.add_argument("--target", default=None, help="HOST:PORT of a running stack's gateway (uses the SDK)")
     _add_model_args(p)
 

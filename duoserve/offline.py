@@ -12,7 +12,9 @@ def engine_config_from_args(args: argparse.Namespace):
 def sampling_params_from_args(args: argparse.Namespace):
     from services.engine.sampling_params import SamplingParams
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+                          top_k=args.top_k, seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                          repetition_penalty=args.repetition_penalty, min_tokens=args.min_tokens)
 
 
 def run_generate(args: argparse.Namespace) -> int:

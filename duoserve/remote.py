@@ -21,7 +21,9 @@ def request_kwargs(args: argparse.Namespace, prompt: str) -> dict:
     given = {"prompt": prompt} if args.raw else {"messages": [{"role": "user", "content": prompt}]}
     return {**given, "max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
             "top_k": args.top_k, "seed": args.seed, "stop": list(args.stop) or None,
-            "ignore_eos": args.ignore_eos}
+            "ignore_eos": args.ignore_eos, "presence_penalty": args.presence_penalty,
+            "frequency_penalty": args.frequency_penalty, "repetition_penalty": args.repetition_penalty,
+            "min_tokens": args.min_tokens}
 
 
 def run_remote_generate(args: argparse.Namespace) -> int:
