@@ -17,7 +17,6 @@ import grpc
 import redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 from duoserve.v1 import admin_pb2, admin_pb2_grpc
 from orchestrator.admin import AdminServicer, BearerAuth
@@ -27,6 +26,7 @@ from orchestrator.perf_model import DeviceSpec, ModelShape, PerfModel
 from orchestrator.policy import Policy, PolicyConfig
 from orchestrator.redis_state import RedisState
 from services.common.contracts import KeySpace
+from services.common.metrics_http import serve_metrics
 from services.common.model_info import read_model_info
 from services.engine.model_config import ModelConfig
 
@@ -65,8 +65,7 @@ def serve(config: OrchestratorConfig) -> int:
     if controller is None:
         return 0
     admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(controller, "cpu"), server)
-    if config.metrics_port:
-        start_http_server(config.metrics_port, addr="127.0.0.1", registry=controller.metrics.registry)
+    serve_metrics(config.metrics_port, controller.metrics.registry)
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -42,12 +42,13 @@ import redis
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from services.arena.config import ArenaConfig, parse_args
 from services.arena.cuda_export import CudaExport, describe
 from services.arena.export import ArenaExport, KVLayout, model_config_to_dict, peer_credentials, private_dir
 from services.common.contracts import KeySpace
+from services.common.metrics_http import serve_metrics
 from services.common.model_info import ModelInfo
 from services.common.shm import (create_segment, list_segments, owned_name, pid_alive, reclaim_segments,
                                  segment_owner, unlink_segment)
@@ -73,8 +74,7 @@ class ArenaMetrics:
                                      "Connections closed unanswered (another uid)", registry=r)
 
     def serve(self, port: int) -> None:
-        if port:
-            start_http_server(port, addr="127.0.0.1", registry=self.registry)
+        serve_metrics(port, self.registry)
 
 
 class Shutdown:

@@ -8,7 +8,8 @@ A request's life in the gateway:
   streaming    each TokenDelivery is detokenized incrementally (never splitting a character);
                stop strings are matched here, and a hit sends a CancelNotice so the workers stop
   finished     last chunk with finish reason and usage (prompt/completion tokens, queue, TTFT, e2e)
-  cancelled    the client went away or its deadline passed: a CancelNotice frees its blocks
+  cancelled    the client went away or its deadline passed: a CancelNotice frees its blocks; counted
+               as finished with reason "abort" (an error on the way: "error"), as vLLM counts them
 """
 from __future__ import annotations
 
@@ -78,6 +79,7 @@ class _Timing:
     queue_time_ms: float = 0.0
     first_token: float | None = None
     last_token: float | None = None
+    num_tokens: int = 0                  # completion tokens received so far
 
 
 @dataclass
@@ -105,6 +107,7 @@ class Frontend:
             await asyncio.sleep(0.2)
         info = parse_model_info(raw)
         self.tokenizer = await asyncio.to_thread(Tokenizer.from_dir, info.model_dir)
+        self.metrics.bind_model(info.name)
         self.info = info
         log.info("serving %s (%s mode, context %d, %d KV blocks)", info.name, info.mode, info.max_model_len,
                  info.num_kv_blocks)
@@ -230,6 +233,7 @@ class Frontend:
         self.pending[request_id] = queue
         self.metrics.num_requests_waiting.inc()
         is_done = False
+        ended = "abort"          # unless it finishes: the client went away or its deadline passed
         try:
             # "n" and "t" let the orchestrator see the queue without parsing every prompt.
             await self.client.xadd(self.keys.prefill_queue, {"m": to_json(QueuedRequest(
@@ -238,11 +242,15 @@ class Frontend:
             async for chunk in self._stream(request_id, prompt, req.sampling, queue, timing):
                 is_done = chunk.finish_reason is not None
                 yield chunk
+        except Exception:
+            ended = "error"      # the engine failed it, no token for too long, Redis gone
+            raise
         finally:
             self.pending.pop(request_id, None)
             gauge = self.metrics.num_requests_running if timing.is_running else self.metrics.num_requests_waiting
             gauge.dec()
             if not is_done:     # client gone, deadline, or error: free its blocks wherever it is
+                self.metrics.observe_finished(len(prompt), timing.num_tokens, time.time() - timing.arrival, ended)
                 await self._cancel(request_id, "cancelled")
 
     async def _stream(self, request_id: str, prompt: list[int], params: SamplingParams, queue: asyncio.Queue,
@@ -266,11 +274,12 @@ class Frontend:
                 await self._cancel(request_id, "stop")   # the workers may run one more iteration; fine
             self._observe_tokens(timing, delivery, len(new_ids))
             usage = self._usage(timing, len(prompt), len(completion)) if finish else None
+            if finish:          # counted before the last chunk goes out: a client may close on receiving it
+                self.metrics.observe_finished(len(prompt), len(completion), usage.e2e_ms / 1000, finish)
             # only the tokens kept in this chunk (a stop string may end it inside the delivery)
             logprobs = delivery.logprobs[:len(new_ids)]
             yield Chunk(request_id, tuple(new_ids), state.take_text(finish is not None), finish, usage, logprobs)
             if finish:
-                self.metrics.observe_finished(len(prompt), len(completion), usage.e2e_ms / 1000, finish)
                 await self._record_latency(usage)
                 return
 
@@ -294,6 +303,7 @@ class Frontend:
             self.metrics.num_requests_running.inc()
         if num_new == 0:
             return
+        timing.num_tokens += num_new
         if timing.first_token is None:
             timing.first_token = now
             self.metrics.time_to_first_token.observe(now - timing.arrival)

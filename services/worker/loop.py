@@ -325,9 +325,7 @@ class Worker:
         self.metrics.iteration_seconds.observe(elapsed)
         self.metrics.prompt_tokens.inc(num_prefill)
         self.metrics.generation_tokens.inc(num_decode + sum(c.is_sampled for c in batch.prefill_chunks))
-        self.metrics.num_requests_running.set(len(self.scheduler.running))
-        self.metrics.num_requests_waiting.set(len(self.scheduler.waiting))
-        self.metrics.kv_cache_usage_perc.set(1 - free / blocks.num_blocks)
+        # num_requests_running/waiting and kv_cache_usage_perc are read at each scrape (WorkerMetrics.read_when_scraped)
         self.stats = _bump(self.stats, iterations=1, tokens_processed=num_prefill + num_decode)
         self.stats = StatsSnapshot(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),

@@ -86,9 +86,19 @@ def build_worker(config: WorkerConfig, stack_cpus: tuple[int, ...]) -> tuple[Wor
     share = (config.mps_percentage or 100) / 100 if config.device == "cuda" else len(cpus) / len(stack_cpus)
     control = WorkerControl(ShareState(share, cpus,
                                        config.max_num_batched_tokens if config.phase is not Phase.DECODE else 0))
-    metrics = WorkerMetrics(config.phase.value)
+    metrics = WorkerMetrics(config.phase.value, model_name=model_dir.name)   # the name ModelInfo serves it under
     metrics.compute_share.set(share)
+    metrics.read_when_scraped(lambda: len(scheduler.running), lambda: len(scheduler.waiting),
+                              lambda: _kv_usage(blocks))
     return Worker(config, scheduler, runner, Sampler(), client, control, metrics, stack_cpus=stack_cpus), arena_view
+
+
+def _kv_usage(blocks: RedisBlockAllocator) -> float:
+    """The shared pool's use now (one LLEN, on the metrics thread); NaN while Redis does not answer."""
+    try:
+        return 1 - blocks.num_free / blocks.num_blocks
+    except redis.RedisError:
+        return float("nan")
 
 
 def run(phase: Phase, argv: Sequence[str] | None = None) -> int:

@@ -1,56 +1,69 @@
-"""Prometheus metrics of a worker, named like vLLM's with a `duoserve:` prefix.
+"""Prometheus metrics of a worker, named like vLLM's with a `duoserve:` prefix and labelled, as vLLM's
+are, with the served model's name (`model_name`), plus the worker's `phase`.
 
-Each process builds its own registry (no module-level collectors) and serves it on its own port.
+Each process builds its own registry (no module-level collectors) and serves it on its own port
+(`/metrics` only: services/common/metrics_http.py).
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from services.common.metrics_http import MetricsServer, serve_metrics
 
 SWITCH_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 HOST_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128)
+LABELS = ("model_name", "phase")
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
 
 
 class WorkerMetrics:
-    def __init__(self, phase: str) -> None:
+    def __init__(self, phase: str, model_name: str) -> None:
         self.registry = CollectorRegistry()
-        labels = {"phase": phase}
+        labels = {"model_name": model_name, "phase": phase}
         r = self.registry
         self.num_requests_running = Gauge("duoserve:num_requests_running", "Requests in the running batch",
-                                          labelnames=["phase"], registry=r).labels(**labels)
+                                          labelnames=LABELS, registry=r).labels(**labels)
         self.num_requests_waiting = Gauge("duoserve:num_requests_waiting", "Requests taken but not yet scheduled",
-                                          labelnames=["phase"], registry=r).labels(**labels)
+                                          labelnames=LABELS, registry=r).labels(**labels)
         self.kv_cache_usage_perc = Gauge("duoserve:kv_cache_usage_perc", "Fraction of KV blocks in use (0-1)",
-                                         labelnames=["phase"], registry=r).labels(**labels)
+                                         labelnames=LABELS, registry=r).labels(**labels)
         self.compute_share = Gauge("duoserve:compute_share", "Fraction of the device this worker may use",
-                                   labelnames=["phase"], registry=r).labels(**labels)
+                                   labelnames=LABELS, registry=r).labels(**labels)
         self.prompt_tokens = Counter("duoserve:prompt_tokens", "Prompt tokens prefilled",
-                                     labelnames=["phase"], registry=r).labels(**labels)
+                                     labelnames=LABELS, registry=r).labels(**labels)
         self.generation_tokens = Counter("duoserve:generation_tokens", "Tokens generated",
-                                         labelnames=["phase"], registry=r).labels(**labels)
+                                         labelnames=LABELS, registry=r).labels(**labels)
         self.num_preemptions = Counter("duoserve:num_preemptions", "Requests preempted for lack of KV blocks",
-                                       labelnames=["phase"], registry=r).labels(**labels)
+                                       labelnames=LABELS, registry=r).labels(**labels)
         self.iteration_seconds = Histogram("duoserve:iteration_seconds", "Wall time of one engine iteration",
-                                           labelnames=["phase"], buckets=LATENCY_BUCKETS, registry=r).labels(**labels)
+                                           labelnames=LABELS, buckets=LATENCY_BUCKETS, registry=r).labels(**labels)
         self.iteration_host_seconds = Histogram(
             "duoserve:iteration_host_seconds", "Wall time of one iteration outside the model's forward pass "
-            "(Redis, scheduling, input tensors, sampling, publishing)", labelnames=["phase"],
+            "(Redis, scheduling, input tensors, sampling, publishing)", labelnames=LABELS,
             buckets=HOST_BUCKETS, registry=r).labels(**labels)
         self.handoff_latency_seconds = Histogram(
             "duoserve:handoff_latency_seconds", "Prefill done (hand-off published) to first decode iteration",
-            labelnames=["phase"], buckets=LATENCY_BUCKETS, registry=r).labels(**labels)
+            labelnames=LABELS, buckets=LATENCY_BUCKETS, registry=r).labels(**labels)
         self.share_switch_seconds = Histogram(
             "duoserve:share_switch_seconds", "Retune by handover: SetComputeShare call to the successor's first "
-            "iteration", labelnames=["phase"], buckets=SWITCH_BUCKETS, registry=r).labels(**labels)
-        self._server = None
+            "iteration", labelnames=LABELS, buckets=SWITCH_BUCKETS, registry=r).labels(**labels)
+        self._server: MetricsServer | None = None
+
+    def read_when_scraped(self, num_running: Callable[[], int], num_waiting: Callable[[], int],
+                          kv_usage: Callable[[], float]) -> None:
+        """The state gauges are read at each scrape, not set per iteration: a request that leaves
+        (finished or cancelled) leaves them at once, also while the loop idles with nothing to run."""
+        self.num_requests_running.set_function(num_running)
+        self.num_requests_waiting.set_function(num_waiting)
+        self.kv_cache_usage_perc.set_function(kv_usage)
 
     def serve(self, port: int) -> None:
-        if port:
-            self._server, _ = start_http_server(port, addr="127.0.0.1", registry=self.registry)
+        self._server = serve_metrics(port, self.registry)
 
     def close(self) -> None:
         """Release the port (a retune by handover: the successor serves it next)."""
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.close()
             self._server = None

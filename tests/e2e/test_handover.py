@@ -198,7 +198,7 @@ def test_retune_by_handover_keeps_every_stream(handover_stack, offline_tokens):
     assert all(p.health == "SERVING" for p in stack.stack_status(followed))
     decode = next(r for r in followed.processes if r.name == "decode")
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{decode.metrics_port}/metrics", timeout=10).read().decode()
-    assert 'duoserve:share_switch_seconds_count{phase="decode"} 1.0' in metrics
+    assert 'duoserve:share_switch_seconds_count{model_name="smollm2-135m-instruct",phase="decode"} 1.0' in metrics
     with duoserve.Client(s.target, timeout=120) as client:   # the successors serve
         assert client.generate(prompt="Hello", max_tokens=4, temperature=0).usage.completion_tokens >= 1
 

@@ -182,7 +182,52 @@ def _set_compute_share_moves_cores_live(split_stack):
     _apply_share(split_stack, stub, 0.5, all_cpus[:1])
 
 
+MODEL_NAME = "smollm2-135m-instruct"     # the served name of the default model (its converted directory)
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """Every sample of a metrics port: 'name{labels}' -> value."""
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def _wait_for(predicate, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return predicate()
+
+
+def test_a_cancelled_request_leaves_the_worker_gauges_and_counts_as_abort(split_stack):
+    """Decode's running count and KV use drop when a request is cancelled, with the loop idle after
+    it (they used to keep their last values until the next request); the gateway counts it, as vLLM
+    does, under finished_reason="abort"."""
+    gateway, decode = split_stack.process("gateway").metrics_port, split_stack.process("decode").metrics_port
+    labels = f'model_name="{MODEL_NAME}",phase="decode"'
+    running, kv_use = f"duoserve:num_requests_running{{{labels}}}", f"duoserve:kv_cache_usage_perc{{{labels}}}"
+    aborted = f'duoserve:request_success_total{{finished_reason="abort",model_name="{MODEL_NAME}"}}'
+    aborted_before = _scrape(gateway)[aborted]
+    start_free = split_stack.num_free_blocks()
+    num_blocks = int(split_stack.redis.hget(split_stack.keys.kv_meta, "num_blocks"))
+    with duoserve.Client(split_stack.target, timeout=300) as client:
+        stream = client.stream(prompt="Tell me a very long story about a dragon.", max_tokens=400, ignore_eos=True)
+        received = 0
+        for chunk in stream:
+            received += len(chunk.token_ids)
+            if received >= 8:
+                break
+        assert _scrape(decode)[running] == 1.0 and _scrape(decode)[kv_use] > 1 - start_free / num_blocks
+        stream.close()
+    assert split_stack.wait_free_blocks(start_free) == start_free
+    idle = lambda: _scrape(decode)[running] == 0.0 and _scrape(decode)[kv_use] == 1 - start_free / num_blocks  # noqa: E731
+    assert _wait_for(idle), _scrape(decode)
+    assert _wait_for(lambda: _scrape(gateway)[aborted] == aborted_before + 1), _scrape(gateway)
+
+
 def test_every_process_serves_prometheus_metrics(split_stack):
+    import urllib.error
     import urllib.request
     expected = {
         "gateway": ["duoserve:time_to_first_token_seconds", "duoserve:inter_token_latency_seconds",
@@ -204,6 +249,13 @@ def test_every_process_serves_prometheus_metrics(split_stack):
         text = urllib.request.urlopen(f"http://127.0.0.1:{proc.metrics_port}/metrics", timeout=10).read().decode()
         for metric in metrics:
             assert metric in text, f"{name} does not export {metric}"
+        with pytest.raises(urllib.error.HTTPError) as other_path:       # /metrics only
+            urllib.request.urlopen(f"http://127.0.0.1:{proc.metrics_port}/v1/models", timeout=10)
+        assert other_path.value.code == 404, name
+    finished = f'duoserve:request_success_total{{finished_reason="length",model_name="{MODEL_NAME}"}}'
+    assert _scrape(split_stack.process("gateway").metrics_port)[finished] >= 1
+    assert _scrape(split_stack.process("decode").metrics_port)[
+        f'duoserve:generation_tokens_total{{model_name="{MODEL_NAME}",phase="decode"}}'] >= 3
 
 
 def test_gateway_restart_while_workers_keep_running(split_stack, default_model_dir):
