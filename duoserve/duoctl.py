@@ -167,7 +167,9 @@ def run(args: argparse.Namespace) -> int:
     elif cmd == "share":
         state = client.call("PinShares", pb.Shares(prefill=args.prefill, decode=args.decode,
                                                    token_budget=args.token_budget))
-        print(f"policy {state.mode}: prefill {state.shares.prefill:.2f}, decode {state.shares.decode:.2f}")
+        print(f"shares pinned: prefill {state.shares.prefill:.2f}, decode {state.shares.decode:.2f}, "
+              f"token budget {state.shares.token_budget} (policy {state.mode}; the workers take them at the "
+              "orchestrator's next tick)")
     elif cmd == "policy":
         state = client.call("SetPolicy", pb.SetPolicyRequest(mode=args.mode))
         print(f"policy {state.mode}")

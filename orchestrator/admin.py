@@ -100,8 +100,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         if request.token_budget < 0:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "token_budget: must be >= 0")
         current = self.controller.last.shares if self.controller.last else self.controller.default_shares()
-        self.controller.pin(Shares(request.prefill, request.decode, request.token_budget or current.token_budget))
-        return self._policy_state()
+        pinned = Shares(request.prefill, request.decode, request.token_budget or current.token_budget)
+        self.controller.pin(pinned)
+        # What was pinned (the workers get it at the next tick), not the decision still in force.
+        return pb.PolicyState(mode=self.controller.policy.mode.value, shares=_shares_pb(pinned))
 
     def GetHistory(self, request, context):
         decisions = []

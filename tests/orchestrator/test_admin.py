@@ -1,0 +1,58 @@
+"""The Admin API through `duoctl`, against an in-process server over a stand-in controller."""
+from __future__ import annotations
+
+from concurrent import futures
+from types import SimpleNamespace
+
+import grpc
+import pytest
+
+from duoserve import duoctl
+from duoserve.v1 import admin_pb2_grpc
+from orchestrator.admin import AdminServicer
+from orchestrator.policy import PolicyMode, Shares
+
+
+class _Controller:
+    """What AdminServicer.PinShares touches: the decision in force, and pin()."""
+
+    def __init__(self) -> None:
+        self.last = SimpleNamespace(shares=Shares(0.5, 0.5, 2048))     # the policy's last decision
+        self.policy = SimpleNamespace(mode=PolicyMode.AUTO, pinned=None)
+        self.pinned: Shares | None = None
+
+    def default_shares(self) -> Shares:
+        return Shares(0.5, 0.5, 2048)
+
+    def pin(self, shares: Shares) -> None:
+        self.pinned = self.policy.pinned = shares
+        self.policy.mode = PolicyMode.MANUAL
+
+
+@pytest.fixture
+def admin():
+    controller = _Controller()
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(controller, "cpu"), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield controller, f"127.0.0.1:{port}"
+    server.stop(None)
+
+
+def test_share_set_prints_what_it_set(admin, capsys) -> None:
+    controller, target = admin
+    assert duoctl.main(["--target", target, "share", "set", "--prefill", "1.0", "--decode", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "prefill 1.00, decode 0.50, token budget 2048" in out and "policy manual" in out, out
+    assert controller.pinned == Shares(1.0, 0.5, 2048)      # the budget kept from the decision in force
+
+    assert duoctl.main(["--target", target, "share", "set", "--prefill", "0.25", "--decode", "1",
+                        "--token-budget", "512"]) == 0
+    assert "prefill 0.25, decode 1.00, token budget 512" in capsys.readouterr().out
+
+
+def test_share_set_out_of_range_is_refused(admin, capsys) -> None:
+    _, target = admin
+    assert duoctl.main(["--target", target, "share", "set", "--prefill", "1.5", "--decode", "0.5"]) == 1
+    assert "prefill" in capsys.readouterr().err
