@@ -32,13 +32,14 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence, TextIO
+from typing import Any, Sequence
 
 import numpy as np
 
 from bench.clients import BenchClient, ServerError, open_client
 from bench.datasets import (DEFAULT_AZURE_CONV, REAL_TEXT, Arrival, RequestSpec, load_azure_conv,
                             load_prompt_file, random_requests, schedule, with_token_ids)
+from services.common.progress import progress as progress_bar
 
 DEFAULT_PERCENTILES = (90.0, 99.0)
 REQUEST_TIMEOUT_S = 1800.0          # one request, send to last chunk; a stuck stack fails rather than hangs
@@ -160,32 +161,25 @@ class Result:
 # ---------------------------------------------------------------------------------------------
 
 class Progress:
-    """One status line on stderr: rewritten in place on a terminal, else a line every 10 s."""
+    """A bar of finished requests with the running and failed counts, on stderr while a run lasts
+    (only on a terminal: services/common/progress.py)."""
 
-    def __init__(self, total: int, label: str, out: TextIO | None = None, enabled: bool = True) -> None:
-        self.total, self.label, self.out, self.enabled = total, label, out or sys.stderr, enabled
-        self.sent = self.done = self.failed = 0
-        self.start = time.perf_counter()
-        self.tty = self.out.isatty()
-        self.last_line = 0.0
+    def __init__(self, total: int, label: str, enabled: bool = True) -> None:
+        self.bar = progress_bar(total=total, desc=label, unit="req", enabled=enabled)
+        self.running = self.failed = 0
 
-    def update(self, force: bool = False) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        if not (self.tty or force or now - self.last_line >= 10.0):
-            return
-        self.last_line = now
-        line = (f"{self.label}{self.done}/{self.total} done, {self.sent - self.done} running, "
-                f"{self.failed} failed, {now - self.start:.1f} s")
-        self.out.write(f"\r\033[K{line}" if self.tty else line + "\n")
-        self.out.flush()
+    def sent(self) -> None:
+        self.running += 1
+        self.bar.set_postfix(running=self.running, failed=self.failed)
+
+    def finished(self, success: bool) -> None:
+        self.running -= 1
+        self.failed += not success
+        self.bar.set_postfix(running=self.running, failed=self.failed, refresh=False)
+        self.bar.update(1)
 
     def close(self) -> None:
-        self.update(force=True)
-        if self.enabled and self.tty:
-            self.out.write("\n")
-            self.out.flush()
+        self.bar.close()
 
 
 async def _one(client: BenchClient, spec: RequestSpec, record: RequestRecord, t0: float) -> None:
@@ -254,7 +248,7 @@ async def benchmark(target: str, specs: Sequence[RequestSpec], arrival: Arrival,
             spec = specs[i % len(specs)]
             await _one(client, spec, RequestRecord(-1, spec.prompt_len, spec.output_len, 0.0), time.perf_counter())
         records = [RequestRecord(i, s.prompt_len, s.output_len, offsets[i]) for i, s in enumerate(specs)]
-        bar = Progress(len(specs), f"[{label}] " if label else "", enabled=progress)
+        bar = Progress(len(specs), label, enabled=progress)
         slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
 
         async def run(spec: RequestSpec, record: RequestRecord) -> None:
@@ -263,9 +257,7 @@ async def benchmark(target: str, specs: Sequence[RequestSpec], arrival: Arrival,
             else:
                 async with slots:
                     await _one(client, spec, record, t0)
-            bar.done += 1
-            bar.failed += not record.success
-            bar.update()
+            bar.finished(record.success)
 
         started_at = time.time()
         t0 = time.perf_counter()
@@ -275,8 +267,7 @@ async def benchmark(target: str, specs: Sequence[RequestSpec], arrival: Arrival,
             if delay > 0:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(run(spec, record)))
-            bar.sent += 1
-            bar.update()
+            bar.sent()
         await asyncio.gather(*tasks)
         duration = time.perf_counter() - t0
         bar.close()

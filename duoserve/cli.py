@@ -216,7 +216,7 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT target for goodput and attainment")
     p.add_argument("--slo-tpot-ms", type=float, default=None, help="TPOT target for goodput and attainment")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured requests sent one at a time first")
-    p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (drawn only on a terminal)")
 
 
 def _bench_serve_parser(bench_sub: argparse._SubParsersAction) -> None:

@@ -23,6 +23,7 @@ from orchestrator.policy import SLO, Shares
 from orchestrator.sim_calibration import Calibration, StackProfile, calibrate, vidur_check
 from orchestrator.sim_trace import TraceRequest, base_rate, describe, load_trace, poisson
 from orchestrator.simulator import SimOptions, System, simulate
+from services.common.progress import progress
 
 VIDUR_CSV = "vidur_h100_llama2_7b_mlp.csv"
 
@@ -64,10 +65,10 @@ class _Runner:
         else:
             _init_worker(*args)
 
-    def map(self, tasks: list[tuple[System, float]]) -> list[dict[str, Any]]:
-        if self.pool is None:
-            return [_run_one(t) for t in tasks]
-        return list(self.pool.map(_run_one, tasks))
+    def map(self, tasks: list[tuple[System, float]], desc: str) -> list[dict[str, Any]]:
+        """Each task's result, in order; a progress bar of finished runs on a terminal."""
+        results = map(_run_one, tasks) if self.pool is None else self.pool.map(_run_one, tasks)
+        return list(progress(results, total=len(tasks), desc=desc, unit="run"))
 
     def close(self) -> None:
         if self.pool is not None:
@@ -89,7 +90,7 @@ def compare(calibration: Calibration, options: SimOptions, trace: list[TraceRequ
     try:
         tasks = [(s, r) for r in rates for s in systems]
         say(f"{len(tasks)} runs on the rate grid ({len(systems)} systems x {len(rates)} rates, {jobs} processes)")
-        for (s, r), run in zip(tasks, runner.map(tasks)):
+        for (s, r), run in zip(tasks, runner.map(tasks, "rate grid")):
             runs[s.name][r] = run
         brackets = {}
         for s in systems:
@@ -104,7 +105,7 @@ def compare(calibration: Calibration, options: SimOptions, trace: list[TraceRequ
             if not tasks:
                 break
             say(f"bisection step {step + 1}/{bisect_steps}: {len(tasks)} runs")
-            for (s, r), run in zip(tasks, runner.map(tasks)):
+            for (s, r), run in zip(tasks, runner.map(tasks, f"bisection {step + 1}/{bisect_steps}")):
                 runs[s.name][r] = run
                 brackets[s.name][0 if _passes(run, options.attainment) else 1] = r
     finally:

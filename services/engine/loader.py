@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from services.common.progress import progress
 from services.engine.model_config import ModelConfig
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"        # cache subdirectory of the converted default GGUF
@@ -121,19 +122,26 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> Path:
     # Build beside out_dir (same filesystem, so the final rename is atomic): a crash leaves only a tmp dir.
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    # ~18 s for the default model on 2 cores: a bar over the tensors, then the two writes (terminal only).
+    bar = progress(total=len(reader.tensors) + 2, desc=f"converting {gguf_path.name}", unit="step")
     try:
         config = _hf_config(reader)
-        tensors = _hf_tensors(reader, config)
+        tensors = _hf_tensors(reader, config, bar)
         config["tie_word_embeddings"] = "lm_head.weight" not in tensors
+        bar.set_postfix_str("writing model.safetensors")
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         del tensors
+        bar.update()
+        bar.set_postfix_str("tokenizer")
         _save_tokenizer(gguf_path, reader, tmp)
+        bar.update()
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         (tmp / _SOURCE_MARKER).write_text(json.dumps(_source_stamp(gguf_path)) + "\n")
         _publish(tmp, out_dir)
     finally:
+        bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
@@ -212,8 +220,9 @@ def _f32(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def _hf_tensors(reader: Any, config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Every GGUF tensor dequantized to float32, under its HF name and in HF [out, in] layout."""
+def _hf_tensors(reader: Any, config: dict[str, Any], bar: Any) -> dict[str, torch.Tensor]:
+    """Every GGUF tensor dequantized to float32, under its HF name and in HF [out, in] layout; `bar`
+    (a progress bar) advances one step per tensor."""
     import gguf
 
     tensors: dict[str, torch.Tensor] = {}
@@ -232,6 +241,7 @@ def _hf_tensors(reader: Any, config: dict[str, Any]) -> dict[str, torch.Tensor]:
         elif name.endswith("k_proj.weight"):
             weight = _unpermute_rows(weight, config["num_key_value_heads"])
         tensors[name] = weight
+        bar.update()
     if unknown:
         raise ValueError(f"GGUF has tensors with no Llama equivalent: {', '.join(unknown[:8])}")
     return tensors

@@ -222,8 +222,10 @@ def test_cli_writes_the_json_report(tmp_path, capsys):
                      "--systems", "colocated-c1024,split-static-60/40,split-dynamic", "--jobs", "1",
                      "--output", str(out)])
     assert code == 0
-    table = capsys.readouterr().out
+    printed = capsys.readouterr()
+    table = printed.out
     assert "split-dynamic" in table and "max rate" in table
+    assert "run/s" not in printed.err and "\r" not in printed.err      # no progress bar off a terminal
     report = json.loads(out.read_text())
     assert {"systems", "ratios", "rates", "slo", "trace", "calibration", "summary", "attainment_target",
             "slo_ttft_ms", "slo_tpot_ms", "rate_search", "options", "wall_s"} <= set(report)
