@@ -164,6 +164,7 @@ class Retuner:
 
     def _switch(self) -> None:
         w, share = self.worker, self.share
+        w.flush_published()          # tokens already produced reach the gateway before the standby's
         running, entry_ids = [], []
         for request_id, tracked in list(w.tracked.items()):
             if w.config.phase is Phase.DECODE and tracked.seq.status is SequenceStatus.RUNNING:

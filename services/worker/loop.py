@@ -41,6 +41,7 @@ from services.worker.config import Phase, WorkerConfig
 from services.worker.control import StatsSnapshot, WorkerControl
 from services.worker.handover import needs_handover
 from services.worker.metrics import WorkerMetrics
+from services.worker.publisher import PipelinePublisher
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ class Worker:
     input_stream: str = field(init=False)
     _input_type: type = field(init=False)        # what the input stream carries: Handoff or QueuedRequest
     group: str = field(init=False)
+    publisher: PipelinePublisher = field(init=False)   # sends each iteration's pipeline, overlapped
+    _reads_room: int = field(init=False, default=0)   # room for new requests when the pending reads were made
 
     def __post_init__(self) -> None:
         self.keys = KeySpace(self.config.key_prefix)
@@ -98,6 +101,7 @@ class Worker:
         self.group = DECODE_GROUP if self.is_split_decode else PREFILL_GROUP
         ensure_group(self.client, self.input_stream, self.group)
         self.kv_blocks_free = self.scheduler.blocks.num_free
+        self.publisher = PipelinePublisher(self._on_published, name=f"{self.config.phase.value}-publisher")
 
     # ------------------------------------------------------------------ the loop
     def run_forever(self) -> None:
@@ -133,8 +137,22 @@ class Worker:
         self._publish(advanced, pipe)
         self._record(batch, elapsed, pipe)
         pipe.llen(self.keys.kv_free)          # the free count for the next report, in this round trip
-        self.kv_blocks_free = int(pipe.execute()[-1])
+        reads = self.client.pipeline(transaction=False)
+        self._reads_room = self._queue_reads(reads)
+        self.publisher.submit(pipe, reads)    # sent, and the next inputs read, while it runs (publisher.py)
         self._observe_host_time(time.perf_counter() - iteration_start - device_s)
+
+    def _on_published(self, replies: list) -> None:
+        """On the publisher's thread: the pool's free count read by the pipeline's last command."""
+        self.kv_blocks_free = int(replies[-1])
+
+    def flush_published(self) -> None:
+        """Every queued pipeline sent, and reads already made applied (new work admitted, so that
+        it is this worker's to hand over or end): what the loop writes next lands after it."""
+        self.publisher.flush()
+        replies = self.publisher.take_reads()
+        if replies is not None:
+            self._admit(self._take_reads(self._reads_room, replies))
 
     def _observe_host_time(self, seconds: float) -> None:
         """Everything an iteration spends outside the model's forward pass and the sampler (the
@@ -163,23 +181,40 @@ class Worker:
                  share.token_budget or "unchanged")
 
     def _poll_inputs(self) -> bool:
-        """Cancels and new work in one round trip: cancelled requests dropped (blocks freed), new
-        entries admitted. While idle, then blocks on the input stream; True when it did."""
-        room = 0 if self.control.draining else \
-            self.config.max_num_seqs - len(self.scheduler.running) - len(self.scheduler.waiting)
-        pipe = self.client.pipeline(transaction=False)
-        self.cancels.queue_read(self.client, pipe)
-        if room > 0:
-            queue_group_read(pipe, self.input_stream, self.group, self.config.worker_id, room)
-        replies = pipe.execute(raise_on_error=False)
-        self._drop_cancelled(self.cancels.take(self.client, replies[0]))
-        if room <= 0:
-            return False
-        entries = group_reply(self.client, self.input_stream, self.group, self._input_type, replies[1])
-        blocked = not entries and not self.scheduler.has_work()
+        """Cancels and new work, read in one round trip (after the last iteration's publish, while
+        its forward pass ran, or now): cancelled requests dropped (blocks freed), new entries
+        admitted. While idle, then blocks on the input stream; True when it did."""
+        replies = self.publisher.take_reads()
+        if replies is None:
+            pipe = self.client.pipeline(transaction=False)
+            self._reads_room = self._queue_reads(pipe)
+            replies = pipe.execute(raise_on_error=False)
+        room = self._reads_room
+        entries = self._take_reads(room, replies)
+        blocked = room > 0 and not entries and not self.scheduler.has_work()
         if blocked:
             entries = read_group(self.client, self.input_stream, self.group, self.config.worker_id,
                                  self._input_type, room, self.config.idle_block_ms)
+        self._admit(entries)
+        return blocked
+
+    def _queue_reads(self, pipe: redis.client.Pipeline) -> int:
+        """Queue the cancel read and, with room for more requests, the input read; -> the room."""
+        room = 0 if self.control.draining else \
+            self.config.max_num_seqs - len(self.scheduler.running) - len(self.scheduler.waiting)
+        self.cancels.queue_read(self.client, pipe)
+        if room > 0:
+            queue_group_read(pipe, self.input_stream, self.group, self.config.worker_id, room)
+        return room
+
+    def _take_reads(self, room: int, replies: list) -> list:
+        """Drop what was cancelled; -> the new input entries read."""
+        self._drop_cancelled(self.cancels.take(self.client, replies[0]))
+        if room <= 0:
+            return []
+        return group_reply(self.client, self.input_stream, self.group, self._input_type, replies[1])
+
+    def _admit(self, entries: list) -> None:
         if not self.is_split_decode:
             for entry_id, queued in entries:
                 self._admit_queued(entry_id, queued)
@@ -187,7 +222,6 @@ class Worker:
             self._ack(*(entry_id for entry_id, _ in entries))    # one round trip; from here their state is ours
             for _, handoff in entries:
                 self._admit_handoff(None, handoff)
-        return blocked
 
     def _drop_cancelled(self, request_ids: set[str]) -> None:
         for request_id in request_ids:
@@ -233,6 +267,7 @@ class Worker:
         self.stats = _bump(self.stats, preemptions=len(batch.preempted_ids))
         if not self.is_split_decode:
             return      # hybrid and prefill schedulers keep preempted requests in their own queue
+        self.flush_published()    # their tokens so far reach the gateway before prefill resumes them
         pipe = self.client.pipeline(transaction=False)
         for request_id in batch.preempted_ids:
             tracked = self.tracked.pop(request_id)
@@ -359,6 +394,8 @@ class Worker:
 
     def cancel_all(self, reason: str) -> None:
         """On shutdown: end every request this worker holds, telling its gateway."""
+        self.flush_published()    # their last tokens first, and work already read is ours to end
+        self.publisher.close()
         for request_id, tracked in list(self.tracked.items()):
             self.scheduler.finish(request_id, FinishReason.ERROR)
             self._send_now(tracked.reply_to, TokenDelivery(request_id, (), "error", reason))

@@ -1,0 +1,52 @@
+"""The worker's pipeline publisher against a real redis-server: order kept, flush waits, a failed
+send surfaces on the caller's thread, and close sends what was queued."""
+from __future__ import annotations
+
+import pytest
+import redis
+
+from services.worker.publisher import PipelinePublisher
+
+
+def test_pipelines_go_out_in_order_and_flush_waits(redis_client, keys):
+    replies: list[list] = []
+    publisher = PipelinePublisher(replies.append, depth=2)
+    stream = f"{keys.prefix}:s"
+    for i in range(50):
+        publisher.submit(redis_client.pipeline(transaction=False).xadd(stream, {"i": i}).llen(f"{keys.prefix}:l"))
+    publisher.flush()
+    assert [int(e[1][b"i"]) for e in redis_client.xrange(stream)] == list(range(50))
+    assert len(replies) == 50 and all(r[-1] == 0 for r in replies)
+    publisher.close()
+
+
+def test_a_failed_send_is_raised_by_the_next_call(redis_client, keys):
+    publisher = PipelinePublisher(lambda replies: None)
+    publisher.submit(redis_client.pipeline(transaction=False).set(f"{keys.prefix}:k", 1).lpush(f"{keys.prefix}:k", 2))
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        publisher.flush()
+    publisher.submit(redis_client.pipeline(transaction=False).set(f"{keys.prefix}:ok", 1))   # it goes on after
+    publisher.close()
+    assert redis_client.get(f"{keys.prefix}:ok") == b"1"
+
+
+def test_close_sends_what_is_queued(redis_client, keys):
+    publisher = PipelinePublisher(lambda replies: None, depth=8)
+    for i in range(8):
+        publisher.submit(redis_client.pipeline(transaction=False).rpush(f"{keys.prefix}:l", i))
+    publisher.close()
+    assert redis_client.llen(f"{keys.prefix}:l") == 8
+
+
+def test_reads_run_after_their_pipeline_and_wait_to_be_taken(redis_client, keys):
+    publisher = PipelinePublisher(lambda replies: None)
+    assert publisher.take_reads() is None                      # nothing pending: the loop reads itself
+    key = f"{keys.prefix}:l"
+    publisher.submit(redis_client.pipeline(transaction=False).rpush(key, 1),
+                     redis_client.pipeline(transaction=False).llen(key).xreadgroup("g", "c", {key: ">"}))
+    with pytest.raises(RuntimeError, match="not taken"):
+        publisher.submit(redis_client.pipeline(transaction=False), redis_client.pipeline(transaction=False))
+    length, error = publisher.take_reads()
+    assert length == 1 and isinstance(error, redis.ResponseError)   # read errors come back as values
+    assert publisher.take_reads() is None
+    publisher.close()
