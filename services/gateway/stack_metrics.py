@@ -30,7 +30,10 @@ async def fetch(target: str, timeout_s: float = SCRAPE_TIMEOUT_S) -> str:
         try:
             writer.write(f"GET /metrics HTTP/1.0\r\nHost: {target}\r\nAccept: text/plain\r\n\r\n".encode())
             await writer.drain()
-            return await reader.read(MAX_BODY_BYTES)
+            data = bytearray()
+            while len(data) <= MAX_BODY_BYTES and (part := await reader.read(1 << 16)):   # to EOF
+                data += part
+            return bytes(data)
         finally:
             writer.close()
 

@@ -318,3 +318,19 @@ def test_health_watch_through_the_error_interceptor():
 
     assert asyncio.run(scenario()) == [health_pb2.HealthCheckResponse.NOT_SERVING,
                                        health_pb2.HealthCheckResponse.SERVING]
+
+
+def test_fetch_reads_a_large_exposition_to_its_end():
+    from prometheus_client import generate_latest, start_http_server
+    from services.gateway.stack_metrics import fetch
+
+    registry = CollectorRegistry()
+    gauge = Counter("duoserve:many", "Many series", ["i"], registry=registry)
+    for i in range(3000):
+        gauge.labels(str(i)).inc()
+    server, thread = start_http_server(0, addr="127.0.0.1", registry=registry)
+    try:
+        text = asyncio.run(fetch(f"127.0.0.1:{server.server_port}"))
+    finally:
+        server.shutdown()
+    assert text == generate_latest(registry).decode() and len(text) > 1 << 17
