@@ -30,7 +30,7 @@ from services.gateway.errors import GatewayError, InvalidInput, NotReady
 from services.gateway.frontend import Frontend, GenerateInput
 from services.gateway.openai_protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                               TokenizeRequest, error_body, error_of)
-from services.gateway.openai_serving import check_model, complete, plan_chat, plan_completion, start_stream
+from services.gateway.openai_serving import Plan, check_model, complete, plan_chat, plan_completion, start_stream
 from services.gateway.stack_metrics import render
 
 
@@ -66,6 +66,44 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
     return _error(400, error_body(400, "BadRequestError", f"{where}: {first.get('msg', 'invalid request')}", param))
 
 
+async def _answer(frontend: Frontend, plan: Plan, stream: bool) -> Response:
+    if stream:
+        return _EventStream(await start_stream(frontend, plan), media_type="text/event-stream")
+    return JSONResponse(await complete(frontend, plan))
+
+
+def _models(frontend: Frontend) -> dict:
+    name = check_model(frontend, None)
+    return {"object": "list", "data": [{
+        "id": name, "object": "model", "created": int(time.time()), "owned_by": "duoserve", "root": name,
+        "parent": None, "max_model_len": frontend.info.max_model_len, "permission": []}]}
+
+
+def _tokenize(frontend: Frontend, body: TokenizeRequest) -> dict:
+    check_model(frontend, body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise InvalidInput("prompt: give exactly one of prompt and messages")
+    if body.messages is not None:
+        messages = tuple((m.role, m.text(i)) for i, m in enumerate(body.messages))
+        ids = frontend.prompt_ids(GenerateInput("", SamplingParams(), messages=messages))
+    elif body.add_special_tokens:
+        ids = frontend.tokenize(body.prompt)
+    else:
+        if len(body.prompt) > frontend.config.max_prompt_chars:
+            raise InvalidInput(f"prompt: longer than {frontend.config.max_prompt_chars} characters")
+        ids = frontend.tokenizer.encode(body.prompt, add_special_tokens=False)
+    return {"count": len(ids), "max_model_len": frontend.info.max_model_len, "tokens": ids, "token_strs": None}
+
+
+def _detokenize(frontend: Frontend, body: DetokenizeRequest) -> dict:
+    check_model(frontend, body.model)
+    vocab = frontend.info.vocab_size
+    bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise InvalidInput(f"tokens: {bad} is outside the vocabulary [0, {vocab})")
+    return {"prompt": frontend.tokenizer.decode(body.tokens)}
+
+
 def build_app(state: HttpState) -> FastAPI:
     app = FastAPI(title="duoserve", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(RequestValidationError, lambda _r, e: _validation_error(e))
@@ -83,50 +121,24 @@ def build_app(state: HttpState) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> Response:
         ready()
-        plan = plan_completion(frontend, body)
-        if body.stream:
-            return _EventStream(await start_stream(frontend, plan), media_type="text/event-stream")
-        return JSONResponse(await complete(frontend, plan))
+        return await _answer(frontend, plan_completion(frontend, body), body.stream)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest) -> Response:
         ready()
-        plan = plan_chat(frontend, body)
-        if body.stream:
-            return _EventStream(await start_stream(frontend, plan), media_type="text/event-stream")
-        return JSONResponse(await complete(frontend, plan))
+        return await _answer(frontend, plan_chat(frontend, body), body.stream)
 
     @app.get("/v1/models")
     async def models() -> dict:
-        name = check_model(frontend, None)
-        return {"object": "list", "data": [{
-            "id": name, "object": "model", "created": int(time.time()), "owned_by": "duoserve", "root": name,
-            "parent": None, "max_model_len": frontend.info.max_model_len, "permission": []}]}
+        return _models(frontend)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:
-        check_model(frontend, body.model)
-        if (body.prompt is None) == (body.messages is None):
-            raise InvalidInput("prompt: give exactly one of prompt and messages")
-        if body.messages is not None:
-            messages = tuple((m.role, m.text(i)) for i, m in enumerate(body.messages))
-            ids = frontend.prompt_ids(GenerateInput("", SamplingParams(), messages=messages))
-        elif body.add_special_tokens:
-            ids = frontend.tokenize(body.prompt)
-        else:
-            if len(body.prompt) > frontend.config.max_prompt_chars:
-                raise InvalidInput(f"prompt: longer than {frontend.config.max_prompt_chars} characters")
-            ids = frontend.tokenizer.encode(body.prompt, add_special_tokens=False)
-        return {"count": len(ids), "max_model_len": frontend.info.max_model_len, "tokens": ids, "token_strs": None}
+        return _tokenize(frontend, body)
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict:
-        check_model(frontend, body.model)
-        vocab = frontend.info.vocab_size
-        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidInput(f"tokens: {bad} is outside the vocabulary [0, {vocab})")
-        return {"prompt": frontend.tokenizer.decode(body.tokens)}
+        return _detokenize(frontend, body)
 
     @app.get("/health")
     async def health() -> Response:

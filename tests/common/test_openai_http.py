@@ -14,6 +14,7 @@ from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter
 
+from services.common.contracts import TokenLogprob
 from services.common.model_info import ModelInfo
 from services.engine.sampling_params import SamplingParams
 from services.gateway.config import GatewayConfig, parse_args
@@ -77,7 +78,9 @@ class FakeFrontend:
                 last = i == len(text) - 1
                 finish = ("length" if len(text) == req.sampling.max_tokens else "stop") if last else None
                 usage = Usage(len(req.token_ids), i + 1, 0, 0, 0) if last else None
-                yield Chunk(req.request_id, (ord(ch),), ch, finish, usage)
+                k = req.sampling.logprobs
+                logprobs = () if k is None else (TokenLogprob(ord(ch), -0.5, ((ord(ch), -0.5), (ord("z"), -1.5))[:k]),)
+                yield Chunk(req.request_id, (ord(ch),), ch, finish, usage, logprobs)
                 if self.hold is not None:
                     await self.hold.wait()
         finally:
@@ -144,6 +147,37 @@ def test_prompt_forms(frontend):
     assert [req.token_ids for req in frontend.seen[1:]] == [(5,), (5,), (6, 7), (6, 7)]
     r = client.post("/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 1})
     assert [c["text"] for c in r.json()["choices"]] == ["a", "a"]
+
+
+def test_logprobs_in_both_shapes_and_penalties_passed_through(frontend):
+    client = client_of(frontend)
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "a"}], "max_tokens": 2,
+                                                  "logprobs": True, "top_logprobs": 2, "presence_penalty": 0.5,
+                                                  "frequency_penalty": -0.5, "repetition_penalty": 1.2,
+                                                  "min_tokens": 1})
+    assert r.json()["choices"][0]["logprobs"] == {"content": [
+        {"token": t, "logprob": -0.5, "bytes": [ord(t)], "top_logprobs": [
+            {"token": t, "logprob": -0.5, "bytes": [ord(t)]}, {"token": "z", "logprob": -1.5, "bytes": [122]}]}
+        for t in "ab"]}
+    params = frontend.seen[-1].sampling
+    assert (params.logprobs, params.presence_penalty, params.frequency_penalty, params.repetition_penalty,
+            params.min_tokens) == (2, 0.5, -0.5, 1.2, 1)
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "a"}], "max_tokens": 1,
+                                                  "logprobs": True})
+    assert r.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"] == []
+    assert frontend.seen[-1].sampling.logprobs == 0
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 3, "logprobs": 1})
+    assert r.json()["choices"][0]["logprobs"] == {"tokens": ["a", "b", "c"], "token_logprobs": [-0.5] * 3,
+                                                  "top_logprobs": [{"a": -0.5}, {"b": -0.5}, {"c": -0.5}],
+                                                  "text_offset": [0, 1, 2]}
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 3, "logprobs": 1, "stream": True})
+    assert [e["choices"][0]["logprobs"]["text_offset"] for e in events(r)] == [[0], [1], [2]]
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+    r = client.post("/v1/completions", json={"prompt": "x", "logprobs": 21})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
+    r = client.post("/v1/completions", json={"prompt": "x", "presence_penalty": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "presence_penalty"
 
 
 def test_streaming_completion_with_usage(frontend):

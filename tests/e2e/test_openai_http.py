@@ -164,3 +164,37 @@ def test_health_watch_on_the_gateway(split_stack):
         call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=30)
         assert next(call).status == health_pb2.HealthCheckResponse.SERVING
         call.cancel()
+
+
+def test_logprobs_in_both_shapes_match_the_grpc_api(client, model, grpc_client):
+    expected = grpc_client.generate(messages=QUESTION, max_tokens=8, temperature=0, logprobs=2)
+    chat = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=8, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == len(expected.token_ids) == len(expected.logprobs)
+    for got, want in zip(content, expected.logprobs):
+        assert got.logprob == pytest.approx(want.logprob, abs=1e-3)
+        assert [t.logprob for t in got.top_logprobs] == pytest.approx([v for _, v in want.top], abs=1e-3)
+        assert got.top_logprobs[0].token == got.token and bytes(got.bytes) == got.token.encode()   # greedy
+    assert "".join(c.token for c in content) == chat.choices[0].message.content
+
+    text = client.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0, logprobs=2)
+    lp = text.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == text.usage.completion_tokens
+    assert all(token in top and len(top) == 2 for token, top in zip(lp.tokens, lp.top_logprobs))
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+
+
+def test_penalties_and_min_tokens_reach_the_engine(client, model, grpc_client):
+    prompt, greedy = "Repeat after me: la la la la la la la la", dict(max_tokens=24, temperature=0)
+    penalties = dict(frequency_penalty=2.0, presence_penalty=1.0)
+    plain = client.completions.create(model=model, prompt=prompt, **greedy).choices[0].text
+    penalized = client.completions.create(model=model, prompt=prompt, **greedy, **penalties,
+                                          extra_body={"repetition_penalty": 1.5}).choices[0].text
+    assert penalized == grpc_client.generate(prompt, **greedy, **penalties, repetition_penalty=1.5).text
+    assert penalized != plain
+    free = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=12, temperature=0)
+    assert free.choices[0].finish_reason == "stop" and free.usage.completion_tokens < 12
+    held = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=12, temperature=0,
+                                          extra_body={"min_tokens": 12})
+    assert held.choices[0].finish_reason == "length" and held.usage.completion_tokens == 12
