@@ -72,7 +72,7 @@ class CompletionRequest(_Sampling):
             out = list(p)
         if not out or any(isinstance(x, list) and not x for x in out):
             raise InvalidInput("prompt: empty; give a string, a list of strings or token ids")
-        if len(out) > MAX_PROMPTS or len(out) * self.n > MAX_PROMPTS:
+        if len(out) * self.n > MAX_PROMPTS:
             raise InvalidInput(f"prompt: at most {MAX_PROMPTS} prompts times n per request")
         return out
 
