@@ -128,56 +128,72 @@ class Sampler:
 
 
 def _process(logits: torch.Tensor, rows: Sequence[SamplingRow], index: list[int]) -> torch.Tensor:
-    """A float32 copy of `logits` [B, V] with min_tokens and the penalties applied to rows `index`."""
+    """A float32 copy of `logits` [B, V] with the penalties and min_tokens applied to rows `index`.
+
+    Only the entries of tokens the rows have seen (or must not stop on) change, so each step is a
+    gather and a scatter over those tokens, never a pass over the whole vocabulary per row.
+    """
     out = logits.float()
     if out.data_ptr() == logits.data_ptr():
         out = out.clone()                  # never change the caller's logits: logprobs read them raw
-    picked = [rows[i] for i in index]
-    x = out[index] if len(index) < len(rows) else out                                    # [M, V]
-    vocab = x.shape[1]
-    for m, row in enumerate(picked):       # min_tokens: no way to stop before it is reached
+    _penalize(out, rows, [i for i in index if rows[i].params.has_penalties])
+    # min_tokens last: a -inf stays -inf through every penalty, so the order does not matter
+    masked_rows: list[int] = []
+    masked_ids: list[int] = []
+    for i in index:
+        row = rows[i]
         if row.num_generated < row.params.min_tokens:
             stop = [*row.params.stop_token_ids, *(() if row.params.ignore_eos else row.eos_token_ids)]
-            stop = [t for t in stop if 0 <= t < vocab]
-            if stop:
-                x[m, stop] = -math.inf
-    penalized = [m for m, row in enumerate(picked) if row.params.has_penalties]
-    if penalized:
-        x[penalized] = _penalize(x[penalized], [picked[m] for m in penalized])
-    if x is not out:
-        out[index] = x
+            stop = [t for t in stop if 0 <= t < out.shape[1]]
+            masked_rows += [i] * len(stop)
+            masked_ids += stop
+    if masked_ids:
+        out[masked_rows, masked_ids] = -math.inf
     return out
 
 
-def _penalize(x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """vLLM's apply_penalties on float32 logits [M, V]: repetition over prompt and output tokens,
-    then frequency (times each token's count in the output), then presence (once per output token)."""
-    m, vocab = x.shape
-    device = x.device
-    if any(row.params.repetition_penalty != 1.0 for row in rows):
-        seen = torch.zeros(m, vocab, dtype=torch.bool, device=device)                    # [M, V]
-        r_idx = [i for i, row in enumerate(rows) for _ in range(len(row.prompt_token_ids) + len(row.output_token_ids))]
-        t_idx = [t for row in rows for t in (*row.prompt_token_ids, *row.output_token_ids)]
-        if t_idx:
-            seen[torch.tensor(r_idx, device=device), torch.tensor(t_idx, device=device)] = True
-        penalty = torch.tensor([row.params.repetition_penalty for row in rows],
-                               dtype=torch.float32, device=device).unsqueeze(1)          # [M, 1]
-        factor = torch.where(seen, penalty, torch.ones((), device=device))              # [M, V]
-        x = torch.where(x > 0, x / factor, x * factor)
-    if any(row.params.frequency_penalty != 0.0 or row.params.presence_penalty != 0.0 for row in rows):
-        counts = torch.zeros(m, vocab, dtype=torch.float32, device=device)               # [M, V]
-        r_idx = [i for i, row in enumerate(rows) for _ in range(len(row.output_token_ids))]
-        t_idx = [t for row in rows for t in row.output_token_ids]
-        if t_idx:
-            counts.index_put_((torch.tensor(r_idx, device=device), torch.tensor(t_idx, device=device)),
-                              torch.ones(len(t_idx), device=device), accumulate=True)
-        frequency = torch.tensor([row.params.frequency_penalty for row in rows],
-                                 dtype=torch.float32, device=device).unsqueeze(1)        # [M, 1]
-        presence = torch.tensor([row.params.presence_penalty for row in rows],
-                                dtype=torch.float32, device=device).unsqueeze(1)         # [M, 1]
-        x = x - frequency * counts
-        x = x - presence * (counts > 0)
-    return x
+def _penalize(x: torch.Tensor, rows: Sequence[SamplingRow], index: list[int]) -> None:
+    """vLLM's apply_penalties, in place on float32 logits x [B, V], rows `index`: repetition over
+    prompt and output tokens, then frequency (times each token's count in the output), then
+    presence (once per distinct output token)."""
+    repeated = [i for i in index if rows[i].params.repetition_penalty != 1.0]
+    if repeated:
+        r, t, lengths = _token_index(rows, repeated, x.device, with_prompt=True)                # [N]
+        penalty = torch.tensor([rows[i].params.repetition_penalty for i in repeated],
+                               dtype=torch.float32, device=x.device).repeat_interleave(lengths)  # [N]
+        seen = x[r, t]                                  # gathered before any write: repeats write the same value
+        x[r, t] = torch.where(seen > 0, seen / penalty, seen * penalty)
+    counted = [i for i in index if rows[i].params.frequency_penalty != 0.0 or rows[i].params.presence_penalty != 0.0]
+    if counted:
+        r, t, _ = _token_index(rows, counted, x.device, with_prompt=False)                      # [N]
+        if t.numel() == 0:
+            return
+        vocab = x.shape[1]
+        pairs, counts = torch.unique(r * vocab + t, return_counts=True)                        # [U] distinct (row, token)
+        r, t = pairs // vocab, pairs % vocab
+        by_row = torch.zeros(len(rows), 2, dtype=torch.float32, device=x.device)               # [B, 2]
+        by_row[counted] = torch.tensor([[rows[i].params.frequency_penalty, rows[i].params.presence_penalty]
+                                        for i in counted], dtype=torch.float32, device=x.device)
+        penalties = by_row[r]                                                                  # [U, 2]
+        x[r, t] = x[r, t] - penalties[:, 0] * counts.float() - penalties[:, 1]
+
+
+def _token_index(rows: Sequence[SamplingRow], which: list[int], device: torch.device,
+                 with_prompt: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(batch row, token id) of every token of rows `which` (prompt and output, or output only), and
+    each row's count. -> [N], [N], [len(which)]"""
+    tokens: list[int] = []
+    lengths: list[int] = []
+    for i in which:
+        row = rows[i]
+        before = len(tokens)
+        if with_prompt:
+            tokens += row.prompt_token_ids
+        tokens += row.output_token_ids
+        lengths.append(len(tokens) - before)
+    lengths_t = torch.tensor(lengths, device=device)
+    r = torch.tensor(which, device=device).repeat_interleave(lengths_t)
+    return r, torch.tensor(tokens, dtype=torch.long, device=device), lengths_t
 
 
 def _logprobs(raw: torch.Tensor, rows: Sequence[SamplingRow], index: list[int],
