@@ -3,10 +3,11 @@
 A row's path through here:
   logprobs   (rows that ask) log_softmax of the raw logits, read after the draw: the token's
              logprob and the k best alternatives (vLLM V1's default: before any processing)
-  processed  (rows with penalties or min_tokens still to reach) on a float32 copy: EOS and stop ids
-             masked to -inf until min_tokens, then repetition (prompt and output tokens: positive
-             logits divided, others multiplied), frequency and presence penalties (output tokens),
-             in vLLM's order; every other row is not touched or copied
+  processed  (rows with penalties or min_tokens still to reach) on a float32 copy of the batch:
+             repetition (prompt and output tokens: positive logits divided, others multiplied),
+             frequency and presence penalties (output tokens), in vLLM's order, and EOS and stop
+             ids masked to -inf until min_tokens; a batch without such rows is neither copied nor
+             touched, and the other rows of a batch with some are drawn exactly as without them
   greedy     temperature 0 or top_k 1: one batched argmax over all such rows, on the raw logits
   filtered   temperature-scaled in float32; top-k, then top-p, shrink the allowed set to the tokens
              whose raw logit reaches a per-row threshold (ties with the threshold are all kept)

@@ -271,10 +271,14 @@ def test_timing_sanity_batch_32_vocab_49152(capsys: pytest.CaptureFixture[str]) 
         "temperature only": [kinds[4]] * 32,
         "top_p only (flat logits: full sort)": [kinds[2]] * 32,
     }
+    rows_of = {name: [SamplingRow(p, i) for i, p in enumerate(params)] for name, params in cases.items()}
+    penalized = SamplingParams(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.5, min_tokens=200,
+                               max_tokens=300, logprobs=5)
+    rows_of["greedy + penalties, min_tokens, logprobs (1100-token contexts)"] = [
+        SamplingRow(penalized, 100, list(range(1000)), list(range(2000, 2100)), (2,)) for _ in range(32)]
     sampler = Sampler()
     with capsys.disabled():
-        for name, params in cases.items():
-            rows = [SamplingRow(p, i) for i, p in enumerate(params)]
+        for name, rows in rows_of.items():
             sampler(logits, rows)                                          # warm-up
             times = []
             for _ in range(5):
