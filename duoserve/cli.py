@@ -1,6 +1,6 @@
 """`duoserve`: the command line. Parses arguments into the config of what it runs, then delegates.
 
-  duoserve generate PROMPT...      run the engine in this process (or, with --target, ask a running stack)
+  duoserve generate PROMPT...      run the engine in this process (or, with --target/--name, ask a running stack)
   duoserve up [--detach]           start the service stack (redis, arena, prefill, decode, gateway)
   duoserve down                    stop it and remove what it left (processes, shared memory, socket)
   duoserve status [--json]         each process of the stack: pid, alive, port, health
@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from duoserve import targets
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("DUOSERVE_CACHE_DIR", Path.home() / ".cache" / "duoserve" / "models"))
@@ -55,12 +56,16 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2], per generated occurrence")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 0, over prompt and generated tokens")
     p.add_argument("--min-tokens", type=int, default=0, help="no end-of-sequence before this many tokens")
-    p.add_argument("--target", default=None, help="HOST:PORT of a running stack's gateway (uses the SDK)")
+    p.add_argument("--target", default=None,
+                   help="HOST[:PORT] of a running stack's gateway (port 50051 unless given; uses the SDK)")
+    p.add_argument("--name", default=os.environ.get("DUOSERVE_STACK"),
+                   help="ask the stack `duoserve up --name NAME` started here (env DUOSERVE_STACK)")
+    p.add_argument("--state-dir", type=Path, default=default_state_dir(), help=argparse.SUPPRESS)
     _add_model_args(p)
 
 
 def default_state_dir() -> Path:
-    return Path(os.environ.get("DUOSERVE_STATE_DIR", Path.home() / ".cache" / "duoserve" / "stack"))
+    return targets.default_state_dir(os.environ)
 
 
 def default_vllm_venv() -> Path:
@@ -80,9 +85,17 @@ def _cpu_list(text: str) -> tuple[int, ...]:
 
 
 def _add_stack_name_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--name", default="default", help="which stack (several can run side by side)")
-    p.add_argument("--state-dir", type=Path, default=default_state_dir(),
-                   help="where stacks keep their state file and logs (env DUOSERVE_STATE_DIR)")
+    targets.add_stack_args(p, os.environ)
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port}: a TCP port is 0 (any free port) to 65535")
+    return port
 
 
 def _up_parser(sub: argparse._SubParsersAction) -> None:
@@ -91,6 +104,13 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=["split", "colocated"], default="split",
                    help="split: arena + prefill + decode (default); colocated: one chunked-prefill engine")
     p.add_argument("--detach", action="store_true", help="return once SERVING, leaving the stack running")
+    p.add_argument("--host", default=os.environ.get("DUOSERVE_HOST", "127.0.0.1"),
+                   help="the gateway's bind address: 127.0.0.1 (default) or 0.0.0.0 (env DUOSERVE_HOST)")
+    p.add_argument("--port", type=_port, default=os.environ.get("DUOSERVE_PORT", str(targets.DEFAULT_GRPC_PORT)),
+                   help="the gateway's gRPC port (default 50051, env DUOSERVE_PORT; 0: any free port)")
+    p.add_argument("--http-port", type=_port,
+                   default=os.environ.get("DUOSERVE_HTTP_PORT", str(targets.DEFAULT_HTTP_PORT)),
+                   help="its OpenAI-compatible HTTP port (default 8000, env DUOSERVE_HTTP_PORT; 0: any free port)")
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL"),
                    help="use this Redis (env REDIS_URL; never started or stopped); default: start one")
     _add_checkpoint_args(p)
@@ -148,7 +168,7 @@ def stack_config_from_args(args: argparse.Namespace):
         max_queue_len=args.max_queue_len, startup_timeout_s=args.startup_timeout, stop_timeout_s=args.stop_timeout,
         with_orchestrator=not args.no_orchestrator, admin_token=args.admin_token, device=args.device,
         prefill_percentage=args.prefill_percentage, decode_percentage=args.decode_percentage,
-        mps_pipe_dir=args.mps_pipe_dir)
+        mps_pipe_dir=args.mps_pipe_dir, host=args.host, port=args.port, http_port=args.http_port)
 
 
 def _say(message: str) -> None:
@@ -221,9 +241,11 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
 
 def _bench_serve_parser(bench_sub: argparse._SubParsersAction) -> None:
     p = bench_sub.add_parser("serve", help="load generator against a running stack: vLLM's metrics, goodput")
-    p.add_argument("--target", required=True,
-                   help="HOST:PORT of the stack's gateway (`duoserve up` prints it), or http://HOST:PORT of an "
-                        "OpenAI-compatible server (POST /v1/completions, streamed)")
+    p.add_argument("--target", default=None,
+                   help="HOST[:PORT] of a stack's gateway (`duoserve up` prints it; port 50051 unless given), or "
+                        "http://HOST:PORT of an OpenAI-compatible server (POST /v1/completions, streamed); "
+                        "default: the stack --name")
+    _add_stack_name_args(p)
     p.add_argument("--request-rate", type=_rate, default=None,
                    help="requests/s (poisson/gamma; default inf); trace: rescale the trace to this mean rate")
     p.add_argument("--output", type=Path, default=None, help="write the result (with every request) as JSON")
@@ -341,6 +363,17 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", type=Path, default=None, help="write the report as JSON")
 
 
+def _resolve_target(args: argparse.Namespace) -> None:
+    """generate and bench serve: --target (a port added when missing), else the stack --name's gateway."""
+    is_serve = args.command == "bench" and args.bench_command == "serve"
+    if args.command != "generate" and not is_serve:
+        return
+    if args.target:
+        args.target = targets.with_default_port(args.target)
+    elif args.name:            # generate without either runs the engine in this process
+        args.target = targets.stack_target(args.state_dir, args.name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="duoserve", description="duoserve: split prefill/decode LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -356,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _resolve_target(args)
         if args.command == "generate" and args.target:
             from duoserve.remote import run_remote_generate   # the SDK only: no torch
             return run_remote_generate(args)
@@ -383,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from orchestrator.sim_sweep import default_jobs, run_from_args   # pure Python: no torch
             args.jobs = args.jobs or default_jobs()
             return run_from_args(args)
-    except ValueError as e:   # bad settings or input: one line a person can act on
+    except (ValueError, targets.StackNotFound) as e:   # bad settings or input: one line a person can act on
         print(f"duoserve: error: {e}", file=sys.stderr)
         return 2
     return 1

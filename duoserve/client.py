@@ -30,6 +30,7 @@ import grpc
 from google.protobuf.descriptor import EnumDescriptor
 
 from duoserve import errors
+from duoserve.targets import with_default_port
 from duoserve.v1 import generation_pb2 as pb
 from duoserve.v1 import generation_pb2_grpc as pb_grpc
 
@@ -265,8 +266,9 @@ class Stream:
     of a `for` loop alone leaves the request running until one of those happens.
     """
 
-    def __init__(self, call: Any) -> None:
+    def __init__(self, call: Any, target: str | None = None) -> None:
         self._call = call           # grpc's call object: an iterator of GenerateResponse
+        self._target = target       # named in errors
         self._closed = False        # closed by the caller: iteration ends quietly
         self._done = False          # no more chunks will come
 
@@ -285,7 +287,7 @@ class Stream:
             self._done = True
             if self._closed:                    # close() from another thread while we waited
                 raise StopIteration from None
-            raise errors.from_rpc_error(e) from e
+            raise errors.from_rpc_error(e, self._target) from e
         except BaseException:                   # KeyboardInterrupt while waiting
             self.close()
             raise
@@ -321,7 +323,7 @@ class Client:
 
     def __init__(self, target: str, *, timeout: float | None = None,
                  credentials: grpc.ChannelCredentials | None = None) -> None:
-        self.target = target
+        self.target = with_default_port(target)   # "host" means host:50051
         self.timeout = timeout
         self._channel = (grpc.secure_channel(target, credentials) if credentials is not None
                          else grpc.insecure_channel(target))
@@ -366,7 +368,7 @@ class Client:
             frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
             min_tokens=min_tokens, logprobs=logprobs, request_id=request_id,
             priority=priority, slo_class=slo_class)
-        return Stream(self._stub.Generate(request, timeout=self._timeout(timeout)))
+        return Stream(self._stub.Generate(request, timeout=self._timeout(timeout)), self.target)
 
     def generate(
         self,
@@ -405,6 +407,11 @@ class Client:
                 joiner.add(chunk)
         return joiner.completion()
 
+    def chat(self, messages: Iterable[Mapping[str, str]], **kwargs: Any) -> Completion:
+        """One chat turn: `messages` ([{"role": "user", "content": ...}]) through the model's chat
+        template, the assistant's reply returned; keyword arguments as for generate()."""
+        return self.generate(messages=messages, **kwargs)
+
     def tokenize(self, text: str, *, timeout: float | None = None) -> list[int]:
         """The token ids the server would use for `text` as a prompt."""
         request = pb.TokenizeRequest()
@@ -412,7 +419,7 @@ class Client:
         try:
             response = self._stub.Tokenize(request, timeout=self._timeout(timeout))
         except grpc.RpcError as e:
-            raise errors.from_rpc_error(e) from e
+            raise errors.from_rpc_error(e, self.target) from e
         return list(response.token_ids)
 
     def model_info(self, *, timeout: float | None = None) -> dict[str, Any]:
@@ -421,7 +428,7 @@ class Client:
         try:
             info = self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._timeout(timeout))
         except grpc.RpcError as e:
-            raise errors.from_rpc_error(e) from e
+            raise errors.from_rpc_error(e, self.target) from e
         return model_info_to_dict(info)
 
     def close(self) -> None:
@@ -449,8 +456,9 @@ class AsyncStream:
     cancelling the task that iterates it cancels the request too.
     """
 
-    def __init__(self, call: Any) -> None:
+    def __init__(self, call: Any, target: str | None = None) -> None:
         self._call = call           # grpc.aio's UnaryStreamCall
+        self._target = target       # named in errors
         self._closed = False        # closed by the caller: iteration ends quietly
         self._done = False          # no more chunks will come
 
@@ -464,7 +472,7 @@ class AsyncStream:
             response = await self._call.read()
         except grpc.RpcError as e:
             self._done = True
-            raise errors.from_rpc_error(e) from e
+            raise errors.from_rpc_error(e, self._target) from e
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if self._closed and not (task is not None and task.cancelling()):
@@ -509,7 +517,7 @@ class AsyncClient:
 
     def __init__(self, target: str, *, timeout: float | None = None,
                  credentials: grpc.ChannelCredentials | None = None) -> None:
-        self.target = target
+        self.target = with_default_port(target)   # "host" means host:50051
         self.timeout = timeout
         self._credentials = credentials
         self._channel: grpc.aio.Channel | None = None
@@ -548,7 +556,7 @@ class AsyncClient:
             frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
             min_tokens=min_tokens, logprobs=logprobs, request_id=request_id,
             priority=priority, slo_class=slo_class)
-        return AsyncStream(self._get_stub().Generate(request, timeout=self._timeout(timeout)))
+        return AsyncStream(self._get_stub().Generate(request, timeout=self._timeout(timeout)), self.target)
 
     async def generate(
         self,
@@ -587,6 +595,10 @@ class AsyncClient:
                 joiner.add(chunk)
         return joiner.completion()
 
+    async def chat(self, messages: Iterable[Mapping[str, str]], **kwargs: Any) -> Completion:
+        """One chat turn, as Client.chat."""
+        return await self.generate(messages=messages, **kwargs)
+
     async def tokenize(self, text: str, *, timeout: float | None = None) -> list[int]:
         """The token ids the server would use for `text` as a prompt."""
         request = pb.TokenizeRequest()
@@ -594,7 +606,7 @@ class AsyncClient:
         try:
             response = await self._get_stub().Tokenize(request, timeout=self._timeout(timeout))
         except grpc.RpcError as e:
-            raise errors.from_rpc_error(e) from e
+            raise errors.from_rpc_error(e, self.target) from e
         return list(response.token_ids)
 
     async def model_info(self, *, timeout: float | None = None) -> dict[str, Any]:
@@ -603,7 +615,7 @@ class AsyncClient:
             info = await self._get_stub().GetModelInfo(
                 pb.GetModelInfoRequest(), timeout=self._timeout(timeout))
         except grpc.RpcError as e:
-            raise errors.from_rpc_error(e) from e
+            raise errors.from_rpc_error(e, self.target) from e
         return model_info_to_dict(info)
 
     async def close(self) -> None:

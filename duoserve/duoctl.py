@@ -19,29 +19,23 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import grpc
 from google.protobuf import json_format
 
 from duoserve.errors import DuoserveError, from_rpc_error
+from duoserve.targets import StackNotFound, add_stack_args, stack_target
 from duoserve.v1 import admin_pb2 as pb
 from duoserve.v1 import admin_pb2_grpc
 
 
 def _find_target(state_dir: Path, name: str) -> str:
     """The orchestrator of the stack `duoserve up --name NAME` recorded in its state file."""
-    state_file = state_dir / name / "state.json"
     try:
-        state = json.loads(state_file.read_text())
-    except (OSError, ValueError):
-        raise DuoserveError(f"no stack {name!r} in {state_dir}; start one with `duoserve up --detach` "
-                            "or pass --target HOST:PORT", code="UNAVAILABLE") from None
-    for proc in state.get("processes", ()):
-        if proc.get("name") == "orchestrator":
-            return f"127.0.0.1:{proc['port']}"
-    raise DuoserveError(f"stack {name!r} runs no orchestrator (colocated mode, or --no-orchestrator)",
-                        code="UNAVAILABLE")
+        return stack_target(state_dir, name, "orchestrator")
+    except StackNotFound as e:
+        raise DuoserveError(str(e), code="UNAVAILABLE") from None
 
 
 class AdminClient:
@@ -109,20 +103,27 @@ def format_history(h: pb.History) -> str:
     return "\n".join(lines) or "no decisions yet"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    env = os.environ
+def _add_connection_args(p: argparse.ArgumentParser, env: Mapping[str, str], nested: bool) -> None:
+    """--target/--token and the stack's name, at the top level or (overriding it) after a subcommand."""
+    default = (lambda value: argparse.SUPPRESS) if nested else (lambda value: value)
+    p.add_argument("--target", default=default(env.get("DUOCTL_TARGET")), help="orchestrator HOST:PORT (env DUOCTL_TARGET)")
+    p.add_argument("--token", default=default(env.get("DUOSERVE_ADMIN_TOKEN")),
+                   help="admin bearer token (env DUOSERVE_ADMIN_TOKEN)")
+    add_stack_args(p, env, nested=nested)
+
+
+def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    env = os.environ if env is None else env
     p = argparse.ArgumentParser(prog="duoctl", description="operate a duoserve stack")
-    p.add_argument("--target", default=env.get("DUOCTL_TARGET"), help="orchestrator HOST:PORT (env DUOCTL_TARGET)")
-    p.add_argument("--token", default=env.get("DUOSERVE_ADMIN_TOKEN"), help="admin bearer token (env DUOSERVE_ADMIN_TOKEN)")
-    p.add_argument("--name", default="default", help="which local stack (as `duoserve up --name`)")
-    p.add_argument("--state-dir", type=Path,
-                   default=Path(env.get("DUOSERVE_STATE_DIR", Path.home() / ".cache" / "duoserve" / "stack")))
+    _add_connection_args(p, env, nested=False)
     sub = p.add_subparsers(dest="command", required=True)
+    commands = []
     for name in ("status", "history", "model"):
         cmd = sub.add_parser(name)
         cmd.add_argument("--json", action="store_true")
         if name == "history":
             cmd.add_argument("--limit", type=int, default=20)
+        commands.append(cmd)
     watch = sub.add_parser("watch")
     watch.add_argument("--interval", type=float, default=1.0)
     watch.add_argument("--count", type=int, default=0, help="refreshes before exiting (0: until Ctrl-C)")
@@ -137,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     share.add_argument("--token-budget", type=int, default=0)
     policy = sub.add_parser("policy").add_subparsers(dest="action", required=True).add_parser("set")
     policy.add_argument("mode", choices=["auto", "static", "manual"])
+    for cmd in (*commands, watch, slo, share, policy):     # `duoctl status --name X` as well as `duoctl --name X status`
+        _add_connection_args(cmd, env, nested=True)
     return p
 
 

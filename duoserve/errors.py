@@ -100,10 +100,17 @@ _BY_CODE: dict[str, type[DuoserveError]] = {cls.code: cls for cls in (
     Unauthenticated, PermissionDenied, FailedPrecondition, Internal)}
 
 
-def from_rpc_error(e: grpc.RpcError) -> DuoserveError:
-    """The DuoserveError for a failed call (grpc's sync or asyncio RpcError)."""
+def from_rpc_error(e: grpc.RpcError, target: str | None = None) -> DuoserveError:
+    """The DuoserveError for a failed call (grpc's sync or asyncio RpcError); with the `target`
+    called, a port that is not a gateway's says so."""
     status = e.code() if callable(getattr(e, "code", None)) else None
     name = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
     details = e.details() if callable(getattr(e, "details", None)) else None
     message = details or (str(e) if status is None else f"call failed with {name}")
+    if target and name == "UNIMPLEMENTED":
+        message = (f"{target} is not a duoserve gateway: it does not serve duoserve.v1.Generation (a worker's, "
+                   f"the arena's or the orchestrator's port?); `duoserve status` prints the gateway's ({message})")
+    elif target and "http1" in message.lower():
+        message = (f"{target} speaks HTTP/1, not gRPC: the OpenAI-compatible API (port 8000 by default) is "
+                   f"for HTTP clients; the SDK talks to the gateway's gRPC port (50051 by default) ({message})")
     return _BY_CODE.get(name, DuoserveError)(message, code=name)

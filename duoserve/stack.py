@@ -42,7 +42,7 @@ from typing import Callable, TextIO
 from duoserve.stack_plan import (LOOPBACK, SHM_DIR, STATE_FILE, STATE_VERSION, PORT_RETRIES,
     UNIX_SOCKET_PATH_MAX, BIND_FAILURES, HEALTHY, HANDOVER_NAMES, StackError, Mode, StackConfig, Layout,
     ProcessSpec, stage_names, ports_needed, redis_url_of, plan, process_spec)
-from duoserve.stack_procs import (ProcessRecord, StackState, write_state, read_state, make_stack_dir,
+from duoserve.stack_procs import (bindable, ProcessRecord, StackState, write_state, read_state, make_stack_dir,
     stack_lock, process_start_time, is_alive, follow_handovers, signal_process, stop_processes,
     pick_free_ports, port_in_use, grpc_health, redis_health, health_of, log_tail, remove_segments,
     find_redis_server)
@@ -150,7 +150,7 @@ class _Launcher:
         self.records = [r for r in self.records if r.name != name] + [record]
         if name == "gateway":
             self.state = replace(self.state, gateway_target=spec.target,
-                                 http_url=f"http://{LOOPBACK}:{spec.http_port}" if spec.http_port else None)
+                                 http_url=f"http://{spec.host}:{spec.http_port}" if spec.http_port else None)
         self._save()
 
     def _save(self) -> None:
@@ -170,6 +170,8 @@ class _Launcher:
                 record = next(r for r in self.records if r.name == name)
                 if popen.poll() is not None:
                     tail = log_tail(record.log, since=self.log_starts[name])
+                    if any(s in tail.lower() for s in BIND_FAILURES) and name == "gateway":
+                        _check_public_ports(self.config)      # taken meanwhile: say which flag
                     if any(s in tail.lower() for s in BIND_FAILURES) and retries[name] < PORT_RETRIES:
                         retries[name] += 1
                         self.ports[name] = self._pick_ports(name)
@@ -191,8 +193,16 @@ class _Launcher:
                 self.stop_requested.wait(0.25)
 
     def _pick_ports(self, name: str) -> tuple[int, ...]:
-        """The one place ports are chosen: free loopback ports, none another process of the plan holds."""
-        return tuple(pick_free_ports(ports_needed(name), avoid=self._used_ports()))
+        """The one place ports are chosen: free loopback ports, none another process of the plan holds;
+        the gateway's two public ports as configured (0: free ones too)."""
+        free = iter(pick_free_ports(ports_needed(name), avoid=self._used_ports() | set(self._public_ports())))
+        if name != "gateway":
+            return tuple(next(free) for _ in range(ports_needed(name)))
+        grpc_port, metrics_port, http_port = next(free), next(free), next(free)
+        return self.config.port or grpc_port, metrics_port, self.config.http_port or http_port
+
+    def _public_ports(self) -> tuple[int, ...]:
+        return tuple(p for p in (self.config.port, self.config.http_port) if p)
 
     def _used_ports(self) -> set[int]:
         return {p for ports in self.ports.values() for p in ports}
@@ -206,6 +216,15 @@ def _check_redis_reachable(url: str) -> None:
         client.close()
     except (redis.RedisError, ValueError) as e:
         raise StackError(f"cannot reach the Redis at {url}: {e}") from e
+
+
+def _check_public_ports(config: StackConfig) -> None:
+    """The gateway's configured ports must be free: one line naming the flag, not a traceback."""
+    for flag, port in (("--port", config.port), ("--http-port", config.http_port)):
+        if port and not bindable(config.host, port):
+            raise StackError(f"{flag} {port}: {config.host}:{port} is already in use (another stack? "
+                             f"`duoserve status --name NAME`); choose another with {flag} PORT, or {flag} 0 "
+                             "for any free port")
 
 
 def _check_not_running(config: StackConfig, say: Callable[[str], None]) -> None:
@@ -237,10 +256,11 @@ def up(config: StackConfig, *, detach: bool, say: Callable[[str], None],
                 raise StackError("redis-server not found: install it (apt-get install redis-server, or "
                                  "`make install`) or give an external Redis with --redis-url / REDIS_URL")
             config = replace(config, redis_server=found)
-        if config.redis_url is not None:
-            _check_redis_reachable(config.redis_url)
         with stack_lock(config.stack_dir):
             _check_not_running(config, say)
+            _check_public_ports(config)
+            if config.redis_url is not None:
+                _check_redis_reachable(config.redis_url)
             launcher = _Launcher(config, Layout.new(config.stack_dir), say, stop_requested, supervised=not detach)
             started = time.monotonic()
             try:

@@ -13,6 +13,7 @@ from pathlib import Path
 from services.common import mps
 
 LOOPBACK = "127.0.0.1"
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 SHM_DIR = Path("/dev/shm")
 STATE_FILE = "state.json"
 STATE_VERSION = 1
@@ -65,6 +66,14 @@ class StackConfig:
     decode_percentage: int = 50              # cuda split: decode's
     mps_pipe_dir: Path | None = None         # cuda: a running MPS daemon's pipe dir to use (else the default
                                              # /tmp/nvidia-mps, else a private daemon is started)
+    host: str = LOOPBACK                     # the gateway's bind address (both APIs); the rest stay on loopback
+    port: int = 0                            # the gateway's gRPC port; 0: any free port (`duoserve up`: 50051)
+    http_port: int = 0                       # its OpenAI-compatible HTTP port; 0: any free port (`up`: 8000)
+
+    @property
+    def connect_host(self) -> str:
+        """Where clients on this machine reach the gateway."""
+        return LOOPBACK if self.host in WILDCARD_HOSTS else self.host
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.name):
@@ -78,6 +87,13 @@ class StackConfig:
             raise ValueError("num_kv_blocks must be at least 1")
         if self.startup_timeout_s <= 0 or self.stop_timeout_s < 0:
             raise ValueError("startup timeout must be positive and stop timeout not negative")
+        if self.host not in (LOOPBACK, "localhost", *WILDCARD_HOSTS):
+            raise ValueError(f"--host {self.host!r}: 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
+        for flag, port in (("--port", self.port), ("--http-port", self.http_port)):
+            if not 0 <= port <= 65535:
+                raise ValueError(f"{flag} {port}: a TCP port is 0 (any free port) to 65535")
+        if self.port and self.port == self.http_port:
+            raise ValueError(f"--port and --http-port are both {self.port}; give the two APIs different ports")
         if self.weights not in ("packed", "shared"):
             raise ValueError(f"weights must be packed or shared, got {self.weights!r}")
         if self.device not in ("cpu", "cuda"):
@@ -142,10 +158,11 @@ class ProcessSpec:
     health: str = "grpc"           # "grpc": grpc.health.v1 Check; "redis": PING
     env: tuple[tuple[str, str], ...] = ()   # extra environment (secrets stay off the command line)
     http_port: int = 0             # gateway: the OpenAI-compatible HTTP API (0: none)
+    host: str = LOOPBACK           # where its health check (and this machine's clients) reach it
 
     @property
     def target(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
+        return f"{self.host}:{self.port}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,8 +242,9 @@ def process_spec(name: str, config: StackConfig, layout: Layout,
         peers = tuple(arg for other in (n for stage in stage_names(config) for n in stage)
                       if other not in ("redis", "gateway") and ports[other][1]
                       for arg in ("--peer-metrics", f"{other}={LOOPBACK}:{ports[other][1]}"))
-        argv = py + ("services.gateway.main", *common, *queue, "--http-port", str(http_port), *peers)
-        return ProcessSpec(name, argv, port, metrics_port, http_port=http_port)
+        argv = py + ("services.gateway.main", *common, *queue, "--host", config.host, "--http-host", config.host,
+                     "--http-port", str(http_port), *peers)
+        return ProcessSpec(name, argv, port, metrics_port, http_port=http_port, host=config.connect_host)
     if name == "orchestrator":
         cpus = ",".join(map(str, config.cpus or tuple(sorted(os.sched_getaffinity(0)))))
         env = (("DUOSERVE_ADMIN_TOKEN", config.admin_token),) if config.admin_token else ()

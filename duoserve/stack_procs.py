@@ -229,6 +229,19 @@ def port_in_use(port: int) -> bool:
     return False
 
 
+def bindable(host: str, port: int) -> bool:
+    """Whether a server could listen on host:port now (SO_REUSEADDR, as gRPC and uvicorn set it, so a
+    port a stopped stack left in TIME_WAIT counts as free)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def grpc_health(target: str, timeout_s: float = 1.0) -> str:
     """The grpc.health.v1 status of the server's overall service "", or why there is none."""
     import grpc

@@ -177,7 +177,7 @@ def test_cpu_profile_has_no_gpu_and_no_mps(stacks) -> None:
 @pytest.mark.parametrize("profile", sorted(PROFILES))
 def test_one_pod_and_one_published_port(stacks, profile: str) -> None:
     """Arena, workers, orchestrator (and MPS) share redis's network, IPC and PID namespaces; the
-    gateway alone publishes a port, and redis's own port is not published."""
+    gateway alone publishes ports (gRPC and HTTP), and redis's own port is not published."""
     services = stacks[profile]
     owner = services["redis"]
     assert owner.get("ipc") == "shareable"
@@ -191,7 +191,7 @@ def test_one_pod_and_one_published_port(stacks, profile: str) -> None:
     ports = {name: published(s) for name, s in services.items() if published(s)}
     assert set(ports) == {"redis"} or set(ports) == {"gateway"}, ports     # a pod's ports sit on its owner
     gateway = services["gateway"]
-    assert published(gateway) == [("50051", 50051)]
+    assert published(gateway) == [("50051", 50051), ("8000", 8000)]
     assert all(p[1] != 6379 for plist in ports.values() for p in plist)
 
 

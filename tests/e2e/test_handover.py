@@ -41,7 +41,8 @@ def handover_stack(request, tmp_path_factory, default_model_dir):
     """A foreground `duoserve up` (its supervisor must follow the workers' successors), handover forced."""
     device = request.param
     state_dir = tmp_path_factory.mktemp(f"stack-handover-{device}")
-    env = {**os.environ, "DUOSERVE_RETUNE_MODE": "handover"}    # read by the workers (and their successors)
+    env = {**os.environ, "DUOSERVE_RETUNE_MODE": "handover",    # read by the workers (and their successors)
+           "DUOSERVE_PORT": "0", "DUOSERVE_HTTP_PORT": "0"}        # not 50051/8000: other stacks may run
     env.pop("REDIS_URL", None)
     err = open(state_dir / "up.err", "w+")
     up = subprocess.Popen([sys.executable, "-m", "duoserve.cli", "up", "--name", "e2e-handover", "--state-dir",

@@ -174,6 +174,54 @@ def test_cli_builds_the_stack_config(tmp_path, monkeypatch):
     assert stack_config_from_args(build_parser().parse_args(["up"])).redis_url == "redis://127.0.0.1:1/0"
 
 
+def test_up_serves_on_50051_and_8000_unless_told(monkeypatch):
+    from duoserve.cli import build_parser, stack_config_from_args
+    for var in ("DUOSERVE_PORT", "DUOSERVE_HTTP_PORT", "DUOSERVE_HOST", "DUOSERVE_STACK"):
+        monkeypatch.delenv(var, raising=False)
+    config = stack_config_from_args(build_parser().parse_args(["up"]))
+    assert (config.host, config.port, config.http_port, config.name) == ("127.0.0.1", 50051, 8000, "default")
+    config = stack_config_from_args(build_parser().parse_args(["up", "--host", "0.0.0.0", "--port", "0",
+                                                               "--http-port", "9000"]))
+    assert (config.host, config.port, config.http_port, config.connect_host) == ("0.0.0.0", 0, 9000, "127.0.0.1")
+    monkeypatch.setenv("DUOSERVE_STACK", "x")
+    monkeypatch.setenv("DUOSERVE_PORT", "6000")
+    config = stack_config_from_args(build_parser().parse_args(["up"]))
+    assert (config.name, config.port) == ("x", 6000)
+
+
+def test_a_taken_port_is_one_line_naming_the_flag(tmp_path, capsys):
+    import socket
+    from duoserve.cli import main
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert main(["up", "--state-dir", str(tmp_path), "--port", str(port), "--http-port", "0",
+                     "--redis-url", "redis://127.0.0.1:1/0"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--port {port}" in err and "already in use" in err, err
+
+
+@pytest.mark.parametrize("argv", [["status", "--name", "nope"], ["--name", "nope", "status"]])
+def test_duoctl_takes_the_stack_name_before_or_after_the_command(argv, tmp_path, capsys):
+    from duoserve.duoctl import main
+    assert main(["--state-dir", str(tmp_path), *argv]) != 0
+    assert "no stack 'nope'" in capsys.readouterr().err
+
+
+def test_generate_and_bench_serve_find_a_stack_by_name(tmp_path, capsys):
+    from duoserve.cli import main
+    assert main(["generate", "--state-dir", str(tmp_path), "--name", "nope", "hi"]) == 2
+    assert main(["bench", "serve", "--state-dir", str(tmp_path), "--name", "nope"]) == 2
+    assert capsys.readouterr().err.count("no stack 'nope' is running here") == 2
+
+
+def test_targets_without_a_port_mean_50051():
+    from duoserve.targets import with_default_port
+    assert [with_default_port(t) for t in ("localhost", "10.0.0.1:7", "[::1]", "[::1]:9", "http://h:8000")] == \
+        ["localhost:50051", "10.0.0.1:7", "[::1]:50051", "[::1]:9", "http://h:8000"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Real stacks: helpers
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +305,9 @@ def cli(*args: str, env: dict[str, str], timeout: float) -> subprocess.Completed
 
 
 def cli_env(state_dir: Path) -> dict[str, str]:
-    env = {**os.environ, "DUOSERVE_STATE_DIR": str(state_dir)}
+    """Free ports instead of 50051/8000: stacks of several tests (and a user's) may run at once."""
+    env = {**os.environ, "DUOSERVE_STATE_DIR": str(state_dir), "DUOSERVE_PORT": "0", "DUOSERVE_HTTP_PORT": "0"}
+    env.pop("DUOSERVE_STACK", None)
     env.pop("REDIS_URL", None)
     return env
 
