@@ -1,8 +1,9 @@
 """duoserve: the client SDK of an LLM server that runs prefill and decode side by side on one GPU.
 
-    from duoserve import Client
-    with Client("localhost:50051") as client:
-        print(client.generate("Hello", max_tokens=16).text)
+    import duoserve
+    with duoserve.Client("localhost:50051") as client:     # a target without a port means 50051
+        reply = client.chat([{"role": "user", "content": "What is the capital of France?"}], temperature=0)
+        print(reply.text)
 
 Importing duoserve loads grpc and protobuf only: no torch, no transformers.
 """
