@@ -216,6 +216,26 @@ class RedisBlockAllocator:
             result.setdefault(request_id, []).extend(ids)
         return result
 
+    def queue_allocate_many(self, pipe: redis.client.Pipeline, requests: Sequence[tuple[str, int]]) -> None:
+        """`allocate_many` as one command of a pipeline (decode asks for its next iteration's growth
+        while the forward runs); pass the command's reply to `granted_from`."""
+        for _, n in requests:
+            _check_count(n)
+        keys = [self._keys.kv_free, self._keys.kv_meta, *(self._keys.kv_owned(r) for r, _ in requests)]
+        self._allocate_script(keys=keys, args=[n for _, n in requests], client=pipe)
+
+    def granted_from(self, reply: object, requests: Sequence[tuple[str, int]]) -> dict[str, list[int]]:
+        """What a queued `allocate_many` granted (an error it raised is raised here)."""
+        if isinstance(reply, Exception):
+            raise reply
+        if reply[0] == -1:
+            raise PoolNotInitialized(f"no KV pool at {self._keys.kv_meta}: init_pool was never called "
+                                     "(or Redis lost its data)")
+        result: dict[str, list[int]] = {}
+        for (request_id, _), ids in zip(requests, reply[1:]):
+            result.setdefault(request_id, []).extend(int(b) for b in ids)
+        return result
+
     def free(self, request_id: str) -> int:
         """Return all of the request's blocks; how many came back (0 if it owned none: idempotent)."""
         return self.free_many((request_id,))

@@ -169,6 +169,27 @@ class Scheduler:
         for seq, _ in needs:
             seq.block_ids.extend(granted.get(seq.request_id, ()))
 
+    def upcoming_decode_growth(self) -> list[tuple[str, int]]:
+        """(request id, blocks) the decode rows running now will need for their next token, FCFS: what
+        `_grow_all` would ask the allocator for at the next `schedule`, to ask for it ahead."""
+        budget = self.token_budget or self.config.max_num_batched_tokens
+        decoding = [s for s in self.running if s.status is SequenceStatus.RUNNING and not s.is_prefilling][:budget]
+        needs = ((seq.request_id, self._blocks_needed(seq)) for seq in decoding)
+        return [(request_id, n) for request_id, n in needs if n > 0]
+
+    def adopt_blocks(self, granted: dict[str, list[int]]) -> list[str]:
+        """Blocks granted ahead to running requests join their tables; -> ids no longer running
+        (whose grants the caller frees)."""
+        by_id = {seq.request_id: seq for seq in self.running}
+        gone = []
+        for request_id, ids in granted.items():
+            seq = by_id.get(request_id)
+            if seq is None:
+                gone.append(request_id)
+            else:
+                seq.block_ids.extend(ids)
+        return gone
+
     def _blocks_needed(self, seq: Sequence) -> int:
         return blocks_for_tokens(seq.num_computed_tokens + 1, self.config.block_size) - len(seq.block_ids)
 

@@ -50,6 +50,8 @@ TIMINGS_MAXLEN = 20_000     # iteration samples kept for the performance model
 DECODE_GROUP = "decode"
 HOST_WINDOW = 64            # iterations over which the reported host time per iteration is a median
 IDLE_REPORT_S = 2.0         # an idle worker rewrites its report this often (orchestrator/admin.py: STALE_REPORT_S 10)
+BUSY_REPORT_S = 0.05        # a busy one at most this often (the orchestrator reads them every 250 ms), and
+                            # whenever its batch changes
 
 
 @dataclass
@@ -91,6 +93,8 @@ class Worker:
     group: str = field(init=False)
     publisher: PipelinePublisher = field(init=False)   # sends each iteration's pipeline, overlapped
     _reads_room: int = field(init=False, default=0)   # room for new requests when the pending reads were made
+    _growth: list = field(init=False, default_factory=list)   # (request id, blocks) asked ahead in those reads
+    _reported_batch: tuple[int, int] = field(init=False, default=(-1, -1))   # running, waiting in the last report
 
     def __post_init__(self) -> None:
         self.keys = KeySpace(self.config.key_prefix)
@@ -139,6 +143,7 @@ class Worker:
         pipe.llen(self.keys.kv_free)          # the free count for the next report, in this round trip
         reads = self.client.pipeline(transaction=False)
         self._reads_room = self._queue_reads(reads)
+        self._queue_growth(reads)
         self.publisher.submit(pipe, reads)    # sent, and the next inputs read, while it runs (publisher.py)
         self._observe_host_time(time.perf_counter() - iteration_start - device_s)
 
@@ -207,8 +212,20 @@ class Worker:
             queue_group_read(pipe, self.input_stream, self.group, self.config.worker_id, room)
         return room
 
+    def _queue_growth(self, pipe: redis.client.Pipeline) -> None:
+        """Split decode: the blocks the next iteration's rows will need, asked for in the same round
+        trip (so `schedule` finds them granted and calls Redis only when the pool runs short)."""
+        self._growth = self.scheduler.upcoming_decode_growth() if self.is_split_decode else []
+        if self._growth:
+            self.scheduler.blocks.queue_allocate_many(pipe, self._growth)
+
     def _take_reads(self, room: int, replies: list) -> list:
-        """Drop what was cancelled; -> the new input entries read."""
+        """Blocks granted ahead join their rows; drop what was cancelled; -> the new input entries read."""
+        if self._growth:
+            granted = self.scheduler.blocks.granted_from(replies[-1], self._growth)
+            self._growth = []
+            for request_id in self.scheduler.adopt_blocks(granted):
+                self.scheduler.blocks.free(request_id)
         self._drop_cancelled(self.cancels.take(self.client, replies[0]))
         if room <= 0:
             return []
@@ -369,7 +386,9 @@ class Worker:
             last_iteration_ms=elapsed * 1000, last_batch_tokens=num_prefill + num_decode,
             kv_blocks_free=free, kv_blocks_total=blocks.num_blocks)
         self.control.publish_stats(self.stats)
-        self.report(pipe)
+        if (time.monotonic() - self.last_report_at >= BUSY_REPORT_S
+                or (self.stats.num_running, self.stats.num_waiting) != self._reported_batch):
+            self.report(pipe)
 
     def probe_units(self) -> None:
         """Measure what the share in force gives this worker (SMs on CUDA, cores on the CPU)."""
@@ -391,6 +410,7 @@ class Worker:
                               host_ms=statistics.median(self.host_ms) if self.host_ms else 0.0)
         (pipe or self.client).hset(self.keys.worker_stats(self.config.phase.value), mapping={"m": to_json(report)})
         self.last_report_at = time.monotonic()
+        self._reported_batch = (s.num_running, s.num_waiting)
 
     def cancel_all(self, reason: str) -> None:
         """On shutdown: end every request this worker holds, telling its gateway."""

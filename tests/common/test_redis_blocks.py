@@ -91,6 +91,22 @@ def test_allocate_many_grants_in_order_until_one_does_not_fit(redis_client, keys
     assert blocks.num_free == 2
 
 
+def test_allocate_many_queued_in_a_pipeline_grants_the_same(redis_client, keys):
+    blocks = make_allocator(redis_client, keys, 8)
+    asks = [("a", 2), ("b", 3), ("c", 4)]
+    pipe = redis_client.pipeline(transaction=False)
+    pipe.llen(keys.kv_free)
+    blocks.queue_allocate_many(pipe, asks)
+    replies = pipe.execute(raise_on_error=False)
+    assert blocks.granted_from(replies[-1], asks) == {"a": [0, 1], "b": [2, 3, 4]}
+    assert blocks.owned("b") == [2, 3, 4] and blocks.num_free == 3
+    redis_client.delete(keys.kv_meta)
+    pipe = redis_client.pipeline(transaction=False)
+    blocks.queue_allocate_many(pipe, [("d", 1)])
+    with pytest.raises(PoolNotInitialized):
+        blocks.granted_from(pipe.execute(raise_on_error=False)[-1], [("d", 1)])
+
+
 def test_free_many_is_one_call_and_idempotent(redis_client, keys):
     blocks = make_allocator(redis_client, keys, 8)
     blocks.allocate_many([("a", 2), ("b", 3), ("c", 1)])

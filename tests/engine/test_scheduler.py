@@ -173,6 +173,25 @@ def test_prefill_mode_hands_off_with_blocks_and_decode_mode_continues():
     assert seq.output_token_ids == [11, 12, 12] and blocks.num_free == 16
 
 
+def test_decode_growth_asked_ahead_is_what_schedule_would_ask():
+    blocks = BlockManager(16)
+    decode = Scheduler(SchedulerConfig(mode=SchedulerMode.DECODE, block_size=4), blocks)
+    seqs = [make_seq(r, prompt_len=n, max_tokens=8) for r, n in (("x", 3), ("y", 5))]
+    for seq in seqs:                                      # as prefill hands it off: prompt computed, a first token
+        seq.block_ids.extend(blocks.allocate(seq.request_id, blocks_for_tokens(seq.num_tokens, 4)))
+        seq.num_computed_tokens = seq.num_tokens
+        seq.output_token_ids.append(7)
+        decode.admit_prefilled(seq)
+    decode.postprocess(decode.schedule(), {"x": 7, "y": 7})   # x: 4 tokens computed, its 5th needs block 2
+    assert decode.upcoming_decode_growth() == [("x", 1)]
+    granted = blocks.allocate_many(decode.upcoming_decode_growth())
+    assert decode.adopt_blocks({**granted, "gone": [15]}) == ["gone"]
+    free_before = blocks.num_free
+    out = decode.schedule()                               # nothing left to allocate
+    assert blocks.num_free == free_before and len(out.decode_chunks) == 2
+    assert decode.upcoming_decode_growth() == []
+
+
 def test_request_too_large_is_refused_up_front():
     sched = make_scheduler(num_blocks=4, max_model_len=100)
     with pytest.raises(RequestTooLarge, match="KV pool"):
