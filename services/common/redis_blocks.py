@@ -121,6 +121,7 @@ class RedisBlockAllocator:
         self._free_script = client.register_script(_FREE)
         self._num_blocks: int | None = None     # cached: a pool's size never changes
         self._block_size: int | None = None
+        self._allocate_loaded = False           # the script is in Redis's cache (queued as a bare EVALSHA)
 
     # ------------------------------------------------------------------ pool
     def init_pool(self, num_blocks: int, block_size: int) -> int:
@@ -217,15 +218,23 @@ class RedisBlockAllocator:
         return result
 
     def queue_allocate_many(self, pipe: redis.client.Pipeline, requests: Sequence[tuple[str, int]]) -> None:
-        """`allocate_many` as one command of a pipeline (decode asks for its next iteration's growth
-        while the forward runs); pass the command's reply to `granted_from`."""
+        """`allocate_many` as one command of a pipeline (decode asks for its rows' growth in the round
+        trip that reads its inputs); pass the command's reply to `granted_from`. A bare EVALSHA: redis-py's
+        pipelined scripts would cost a SCRIPT EXISTS round trip every time."""
         for _, n in requests:
             _check_count(n)
+        if not self._allocate_loaded:
+            self._client.script_load(_ALLOCATE)
+            self._allocate_loaded = True
         keys = [self._keys.kv_free, self._keys.kv_meta, *(self._keys.kv_owned(r) for r, _ in requests)]
-        self._allocate_script(keys=keys, args=[n for _, n in requests], client=pipe)
+        pipe.evalsha(self._allocate_script.sha, len(keys), *keys, *(n for _, n in requests))
 
     def granted_from(self, reply: object, requests: Sequence[tuple[str, int]]) -> dict[str, list[int]]:
-        """What a queued `allocate_many` granted (an error it raised is raised here)."""
+        """What a queued `allocate_many` granted (an error it raised is raised here; a script Redis no
+        longer has grants nothing, and is loaded again next time)."""
+        if isinstance(reply, redis.exceptions.NoScriptError):
+            self._allocate_loaded = False
+            return {}
         if isinstance(reply, Exception):
             raise reply
         if reply[0] == -1:

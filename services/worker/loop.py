@@ -92,8 +92,7 @@ class Worker:
     _input_type: type = field(init=False)        # what the input stream carries: Handoff or QueuedRequest
     group: str = field(init=False)
     publisher: PipelinePublisher = field(init=False)   # sends each iteration's pipeline, overlapped
-    _reads_room: int = field(init=False, default=0)   # room for new requests when the pending reads were made
-    _growth: list = field(init=False, default_factory=list)   # (request id, blocks) asked ahead in those reads
+    _growth: list = field(init=False, default_factory=list)   # (request id, blocks) asked for in this poll
     _reported_batch: tuple[int, int] = field(init=False, default=(-1, -1))   # running, waiting in the last report
 
     def __post_init__(self) -> None:
@@ -141,10 +140,7 @@ class Worker:
         self._publish(advanced, pipe)
         self._record(batch, elapsed, pipe)
         pipe.llen(self.keys.kv_free)          # the free count for the next report, in this round trip
-        reads = self.client.pipeline(transaction=False)
-        self._reads_room = self._queue_reads(reads)
-        self._queue_growth(reads)
-        self.publisher.submit(pipe, reads)    # sent, and the next inputs read, while it runs (publisher.py)
+        self.publisher.submit(pipe)           # sent while the next iteration runs (publisher.py)
         self._observe_host_time(time.perf_counter() - iteration_start - device_s)
 
     def _on_published(self, replies: list) -> None:
@@ -152,12 +148,8 @@ class Worker:
         self.kv_blocks_free = int(replies[-1])
 
     def flush_published(self) -> None:
-        """Every queued pipeline sent, and reads already made applied (new work admitted, so that
-        it is this worker's to hand over or end): what the loop writes next lands after it."""
+        """Every queued pipeline sent: what the loop writes next directly lands after it."""
         self.publisher.flush()
-        replies = self.publisher.take_reads()
-        if replies is not None:
-            self._admit(self._take_reads(self._reads_room, replies))
 
     def _observe_host_time(self, seconds: float) -> None:
         """Everything an iteration spends outside the model's forward pass and the sampler (the
@@ -186,16 +178,14 @@ class Worker:
                  share.token_budget or "unchanged")
 
     def _poll_inputs(self) -> bool:
-        """Cancels and new work, read in one round trip (after the last iteration's publish, while
-        its forward pass ran, or now): cancelled requests dropped (blocks freed), new entries
-        admitted. While idle, then blocks on the input stream; True when it did."""
-        replies = self.publisher.take_reads()
-        if replies is None:
-            pipe = self.client.pipeline(transaction=False)
-            self._reads_room = self._queue_reads(pipe)
-            replies = pipe.execute(raise_on_error=False)
-        room = self._reads_room
-        entries = self._take_reads(room, replies)
+        """Cancels, new work and (split decode) the blocks the next iteration's rows need, in one
+        round trip, not waiting for the last iteration's publish (still going out on the publisher's
+        thread): cancelled requests dropped (blocks freed), new entries admitted, blocks adopted.
+        While idle, then blocks on the input stream; True when it did."""
+        pipe = self.client.pipeline(transaction=False)
+        room = self._queue_reads(pipe)
+        self._queue_growth(pipe)
+        entries = self._take_reads(room, pipe.execute(raise_on_error=False))
         blocked = room > 0 and not entries and not self.scheduler.has_work()
         if blocked:
             entries = read_group(self.client, self.input_stream, self.group, self.config.worker_id,
@@ -213,8 +203,8 @@ class Worker:
         return room
 
     def _queue_growth(self, pipe: redis.client.Pipeline) -> None:
-        """Split decode: the blocks the next iteration's rows will need, asked for in the same round
-        trip (so `schedule` finds them granted and calls Redis only when the pool runs short)."""
+        """Split decode: the blocks this iteration's rows need for their next token, asked for in the
+        same round trip (so `schedule` finds them granted and calls Redis only when the pool runs short)."""
         self._growth = self.scheduler.upcoming_decode_growth() if self.is_split_decode else []
         if self._growth:
             self.scheduler.blocks.queue_allocate_many(pipe, self._growth)
@@ -414,8 +404,7 @@ class Worker:
 
     def cancel_all(self, reason: str) -> None:
         """On shutdown: end every request this worker holds, telling its gateway."""
-        self.flush_published()    # their last tokens first, and work already read is ours to end
-        self.publisher.close()
+        self.publisher.close()    # their last tokens first
         for request_id, tracked in list(self.tracked.items()):
             self.scheduler.finish(request_id, FinishReason.ERROR)
             self._send_now(tracked.reply_to, TokenDelivery(request_id, (), "error", reason))

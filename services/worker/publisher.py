@@ -8,10 +8,6 @@ request's tokens stay in order and a hand-off never overtakes its first token. A
 makes directly that must follow what is queued (a preempted request re-queued, errors at shutdown,
 a handover) calls `flush` first.
 
-A pipeline may carry the next iteration's reads (cancels, new work): executed right after it on the
-same thread, their replies wait for `take_reads`, so the loop finds its inputs already read when the
-forward pass ends: one round trip per iteration, off the loop's thread, instead of two on it.
-
 Back-pressure: at most `depth` pipelines wait; the loop blocks on the next one (and that wait
 counts as host time). A failed send is raised on the loop's thread at the next `submit`/`flush`.
 """
@@ -33,29 +29,13 @@ class PipelinePublisher:
         self._on_reply = on_reply             # called on the thread with each pipeline's replies
         self._pending: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
-        self._reads: list | None = None       # replies of the last submitted reads, until taken
-        self.reads_pending = False            # reads submitted and not yet taken
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, pipe: redis.client.Pipeline, reads: redis.client.Pipeline | None = None) -> None:
-        """Queue one pipeline (and reads to run after it, replies kept for `take_reads`); blocks while
-        `depth` are already waiting."""
+    def submit(self, pipe: redis.client.Pipeline) -> None:
+        """Queue one pipeline; blocks while `depth` are already waiting."""
         self._raise_failure()
-        if reads is not None:
-            if self.reads_pending:
-                raise RuntimeError("the previous reads were not taken")
-            self.reads_pending = True
-        self._pending.put((pipe, reads))
-
-    def take_reads(self) -> list | None:
-        """The submitted reads' replies (errors as values, raise_on_error=False), waiting for them;
-        None when no reads are pending."""
-        if not self.reads_pending:
-            return None
-        self.flush()
-        replies, self._reads, self.reads_pending = self._reads, None, False
-        return replies
+        self._pending.put(pipe)
 
     def flush(self) -> None:
         """Return once every submitted pipeline has been executed."""
@@ -76,15 +56,12 @@ class PipelinePublisher:
 
     def _run(self) -> None:
         while True:
-            job = self._pending.get()
+            pipe = self._pending.get()
             try:
-                if job is _STOP:
+                if pipe is _STOP:
                     return
-                pipe, reads = job
                 if self._error is None:       # after a failure nothing more is sent until it is raised
                     self._on_reply(pipe.execute())
-                    if reads is not None:
-                        self._reads = reads.execute(raise_on_error=False)
             except BaseException as e:        # noqa: BLE001 (re-raised on the loop's thread)
                 self._error = e
             finally:

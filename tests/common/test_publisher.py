@@ -37,16 +37,3 @@ def test_close_sends_what_is_queued(redis_client, keys):
     publisher.close()
     assert redis_client.llen(f"{keys.prefix}:l") == 8
 
-
-def test_reads_run_after_their_pipeline_and_wait_to_be_taken(redis_client, keys):
-    publisher = PipelinePublisher(lambda replies: None)
-    assert publisher.take_reads() is None                      # nothing pending: the loop reads itself
-    key = f"{keys.prefix}:l"
-    publisher.submit(redis_client.pipeline(transaction=False).rpush(key, 1),
-                     redis_client.pipeline(transaction=False).llen(key).xreadgroup("g", "c", {key: ">"}))
-    with pytest.raises(RuntimeError, match="not taken"):
-        publisher.submit(redis_client.pipeline(transaction=False), redis_client.pipeline(transaction=False))
-    length, error = publisher.take_reads()
-    assert length == 1 and isinstance(error, redis.ResponseError)   # read errors come back as values
-    assert publisher.take_reads() is None
-    publisher.close()

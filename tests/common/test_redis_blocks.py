@@ -100,6 +100,13 @@ def test_allocate_many_queued_in_a_pipeline_grants_the_same(redis_client, keys):
     replies = pipe.execute(raise_on_error=False)
     assert blocks.granted_from(replies[-1], asks) == {"a": [0, 1], "b": [2, 3, 4]}
     assert blocks.owned("b") == [2, 3, 4] and blocks.num_free == 3
+    redis_client.script_flush()                               # Redis restarted: grants nothing, loads again
+    pipe = redis_client.pipeline(transaction=False)
+    blocks.queue_allocate_many(pipe, asks)
+    assert blocks.granted_from(pipe.execute(raise_on_error=False)[-1], asks) == {}
+    pipe = redis_client.pipeline(transaction=False)
+    blocks.queue_allocate_many(pipe, [("c", 1)])
+    assert blocks.granted_from(pipe.execute(raise_on_error=False)[-1], [("c", 1)]) == {"c": [5]}
     redis_client.delete(keys.kv_meta)
     pipe = redis_client.pipeline(transaction=False)
     blocks.queue_allocate_many(pipe, [("d", 1)])
