@@ -176,6 +176,11 @@ def _say(message: str) -> None:
 
 
 def _run_stack_command(args: argparse.Namespace) -> int:
+    import importlib.util
+    if args.command == "up":      # before anything starts: the stack's processes need the server parts
+        missing = next((m for m in ("redis", "torch", "fastapi", "uvicorn") if importlib.util.find_spec(m) is None), None)
+        if missing:
+            raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
     from duoserve import stack
     try:
         if args.command == "up":
@@ -363,6 +368,12 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", type=Path, default=None, help="write the report as JSON")
 
 
+# What `pip install duoserve[server]` adds to the client (the top-level module names).
+SERVER_MODULES = frozenset({"torch", "transformers", "tokenizers", "safetensors", "gguf", "numpy", "jinja2",
+                            "grpc_health", "grpc_reflection", "redis", "prometheus_client", "fastapi",
+                            "uvicorn", "tqdm", "matplotlib", "aiohttp"})
+
+
 def _resolve_target(args: argparse.Namespace) -> None:
     """generate and bench serve: --target (a port added when missing), else the stack --name's gateway."""
     is_serve = args.command == "bench" and args.bench_command == "serve"
@@ -419,6 +430,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_from_args(args)
     except (ValueError, targets.StackNotFound) as e:   # bad settings or input: one line a person can act on
         print(f"duoserve: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:   # `pip install duoserve` is the client; the servers are an extra
+        if e.name not in SERVER_MODULES:
+            raise
+        print(f"duoserve: error: `duoserve {args.command}` needs the server parts ({e.name} is not installed): "
+              "pip install 'duoserve[server]'", file=sys.stderr)
         return 2
     return 1
 

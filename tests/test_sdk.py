@@ -9,6 +9,7 @@ import asyncio
 import gc
 import os
 import pickle
+import re
 import socket
 import subprocess
 import sys
@@ -391,3 +392,23 @@ def test_package_exports():
     assert set(duoserve.__all__) == {"Client", "AsyncClient", "Completion", "Chunk", "Usage",
                                      "errors", "__version__"}
     assert duoserve.errors is errors
+
+
+def test_pip_install_duoserve_is_the_client_only():
+    """`pip install duoserve` brings grpcio and protobuf; everything the servers need is the `server` extra."""
+    import tomllib
+    from pathlib import Path
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[<>=;\[ ]", dep, 1)[0] for dep in project["dependencies"]}
+    assert names == {"grpcio", "protobuf"}
+    server = {re.split(r"[<>=;\[ ]", dep, 1)[0] for dep in project["optional-dependencies"]["server"]}
+    assert {"torch", "redis", "fastapi", "uvicorn", "transformers"} <= server
+
+
+def test_server_commands_in_a_client_install_say_what_to_install(monkeypatch, capsys):
+    import importlib.util
+    from duoserve.cli import main
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    assert main(["up", "--port", "0", "--http-port", "0"]) == 2
+    assert "pip install 'duoserve[server]'" in capsys.readouterr().err
