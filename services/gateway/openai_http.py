@@ -17,6 +17,7 @@ import contextlib
 import socket
 import time
 from dataclasses import dataclass
+from typing import Awaitable, TypeVar
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -32,6 +33,8 @@ from services.gateway.openai_protocol import (ChatCompletionRequest, CompletionR
                                               TokenizeRequest, error_body, error_of)
 from services.gateway.openai_serving import Plan, check_model, complete, plan_chat, plan_completion, start_stream
 from services.gateway.stack_metrics import render
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -66,10 +69,29 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
     return _error(400, error_body(400, "BadRequestError", f"{where}: {first.get('msg', 'invalid request')}", param))
 
 
-async def _answer(frontend: Frontend, plan: Plan, stream: bool) -> Response:
+DISCONNECT_POLL_S = 0.25      # how often a request still without a response checks for its client
+CLIENT_GONE = 499             # nobody reads it (nginx's "client closed request")
+
+
+async def _answer(request: Request, frontend: Frontend, plan: Plan, stream: bool) -> Response:
+    """The response; a client that disconnects before it starts (a whole non-streaming request, a
+    stream before its first token) cancels its choices, which free their KV blocks."""
     if stream:
-        return _EventStream(await start_stream(frontend, plan), media_type="text/event-stream")
-    return JSONResponse(await complete(frontend, plan))
+        events = await _unless_disconnected(request, start_stream(frontend, plan))
+        return events if isinstance(events, Response) else _EventStream(events, media_type="text/event-stream")
+    body = await _unless_disconnected(request, complete(frontend, plan))
+    return body if isinstance(body, Response) else JSONResponse(body)
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | Response:
+    task = asyncio.ensure_future(work)
+    while not (await asyncio.wait({task}, timeout=DISCONNECT_POLL_S))[0]:
+        if await request.is_disconnected():
+            task.cancel()            # complete()/start_stream() cancel every choice on the way out
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return Response(status_code=CLIENT_GONE)
+    return task.result()
 
 
 def _models(frontend: Frontend) -> dict:
@@ -119,14 +141,14 @@ def build_app(state: HttpState) -> FastAPI:
             raise NotReady("the gateway is not serving (starting or draining); retry shortly")
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Response:
+    async def completions(body: CompletionRequest, request: Request) -> Response:
         ready()
-        return await _answer(frontend, plan_completion(frontend, body), body.stream)
+        return await _answer(request, frontend, plan_completion(frontend, body), body.stream)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest) -> Response:
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         ready()
-        return await _answer(frontend, plan_chat(frontend, body), body.stream)
+        return await _answer(request, frontend, plan_chat(frontend, body), body.stream)
 
     @app.get("/v1/models")
     async def models() -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import time
 from urllib.parse import urlsplit
 
 import grpc
@@ -139,6 +140,23 @@ def test_a_client_gone_mid_stream_frees_its_blocks(split_stack, http_url, model)
     assert split_stack.num_free_blocks() < start_free                 # it holds blocks now
     client.conn.close()                                               # gone, mid-stream
     assert split_stack.wait_free_blocks(start_free) == start_free
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_gone_before_any_response_frees_its_blocks(split_stack, http_url, model, stream):
+    """A non-streaming request (no response until its end) cancels too; a stream, whichever side of its
+    first token the close lands."""
+    start_free = split_stack.num_free_blocks()
+    body = {"model": model, "prompt": "Tell me a very long story about a dragon.", "max_tokens": 1800,
+            "ignore_eos": True, "stream": stream}          # ~2 minutes to finish: the blocks must come back sooner
+    client = Http(http_url)
+    client.conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    deadline = time.monotonic() + 60
+    while split_stack.num_free_blocks() == start_free:                # running (or queued and prefilling)
+        assert time.monotonic() < deadline, "the request never took blocks"
+        time.sleep(0.05)
+    client.conn.close()                                               # gone before any response
+    assert split_stack.wait_free_blocks(start_free, timeout=30) == start_free
 
 
 def test_health_models_tokenize_detokenize_metrics(http_url, model, grpc_client):
