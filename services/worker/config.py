@@ -55,6 +55,7 @@ class WorkerConfig:
     weights: str = "packed"             # cpu: "packed" = a private oneDNN-packed copy of the linear weights
                                         # (1.1-1.8x faster GEMMs, one more copy of them per worker);
                                         # "shared" = GEMMs over the arena's copy in place. cuda: always shared
+    overlap_publish: bool = True        # send each iteration's publish on a thread while the next one runs
 
     def __post_init__(self) -> None:
         if self.phase is not Phase.COLOCATED and self.arena_socket is None:
@@ -121,6 +122,9 @@ def parse_args(phase: Phase, argv: Sequence[str] | None = None) -> WorkerConfig:
     p.add_argument("--weights", choices=WEIGHT_LAYOUTS, default="packed",
                    help="cpu: packed = this worker's own oneDNN-packed copy of the linear weights (faster "
                         "GEMMs, more memory); shared = run on the arena's copy in place (zero copy)")
+    p.add_argument("--overlap-publish", choices=("on", "off"), default=env.get("DUOSERVE_OVERLAP_PUBLISH", "on"),
+                   help="on (default): publish each iteration's outputs on a thread during the next forward "
+                        "pass; off: at once, on the loop's thread (env DUOSERVE_OVERLAP_PUBLISH)")
     p.add_argument("--takeover-from", default="", help=argparse.SUPPRESS)   # set by a worker for its standby
     a = p.parse_args(argv)
     retune_mode = a.retune_mode or ("handover" if a.device == "cuda" else "inplace")   # an MPS limit is fixed
@@ -131,4 +135,5 @@ def parse_args(phase: Phase, argv: Sequence[str] | None = None) -> WorkerConfig:
         chunk_size=a.chunk_size, worker_id=f"{phase.value}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
         retune_mode=retune_mode, takeover_from=a.takeover_from, device=a.device,
         mps_percentage=_percentage(env.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")), weights=a.weights,
+        overlap_publish=a.overlap_publish == "on",
         launch_argv=tuple(sys.argv[1:] if argv is None else argv))

@@ -104,7 +104,8 @@ class Worker:
         self.group = DECODE_GROUP if self.is_split_decode else PREFILL_GROUP
         ensure_group(self.client, self.input_stream, self.group)
         self.kv_blocks_free = self.scheduler.blocks.num_free
-        self.publisher = PipelinePublisher(self._on_published, name=f"{self.config.phase.value}-publisher")
+        self.publisher = PipelinePublisher(self._on_published, name=f"{self.config.phase.value}-publisher",
+                                           threaded=self.config.overlap_publish)
 
     # ------------------------------------------------------------------ the loop
     def run_forever(self) -> None:

@@ -8,6 +8,9 @@ request's tokens stay in order and a hand-off never overtakes its first token. A
 makes directly that must follow what is queued (a preempted request re-queued, errors at shutdown,
 a handover) calls `flush` first.
 
+Without a thread (`threaded=False`: `--overlap-publish off`) `submit` sends at once, on the caller's
+thread, with the same interface.
+
 Back-pressure: at most `depth` pipelines wait; the loop blocks on the next one (and that wait
 counts as host time). A failed send is raised on the loop's thread at the next `submit`/`flush`.
 """
@@ -25,16 +28,21 @@ _STOP = None
 class PipelinePublisher:
     """A FIFO of built pipelines, executed by one daemon thread."""
 
-    def __init__(self, on_reply: Callable[[list], None], depth: int = 2, name: str = "publisher") -> None:
-        self._on_reply = on_reply             # called on the thread with each pipeline's replies
+    def __init__(self, on_reply: Callable[[list], None], depth: int = 2, name: str = "publisher",
+                 threaded: bool = True) -> None:
+        self._on_reply = on_reply             # called with each pipeline's replies (on the thread, if any)
         self._pending: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True) if threaded else None
+        if self._thread is not None:
+            self._thread.start()
 
     def submit(self, pipe: redis.client.Pipeline) -> None:
         """Queue one pipeline; blocks while `depth` are already waiting."""
         self._raise_failure()
+        if self._thread is None:
+            self._on_reply(pipe.execute())
+            return
         self._pending.put(pipe)
 
     def flush(self) -> None:
@@ -44,7 +52,7 @@ class PipelinePublisher:
 
     def close(self) -> None:
         """Send what is queued, then stop the thread."""
-        if self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive():
             self._pending.put(_STOP)
             self._thread.join()
         self._raise_failure()

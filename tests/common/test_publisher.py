@@ -37,3 +37,12 @@ def test_close_sends_what_is_queued(redis_client, keys):
     publisher.close()
     assert redis_client.llen(f"{keys.prefix}:l") == 8
 
+
+
+def test_without_a_thread_submit_sends_at_once(redis_client, keys):
+    replies: list[list] = []
+    publisher = PipelinePublisher(replies.append, threaded=False)
+    publisher.submit(redis_client.pipeline(transaction=False).rpush(f"{keys.prefix}:l", 1))
+    assert replies == [[1]] and redis_client.llen(f"{keys.prefix}:l") == 1
+    publisher.flush()
+    publisher.close()

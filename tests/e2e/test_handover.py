@@ -3,7 +3,8 @@ on prefill while greedy streams run; a standby at the new share takes over, ever
 offline engine's greedy output, no KV block leaks, the switch latency is reported, the foreground
 supervisor follows the successors, and `duoserve down` leaves nothing behind. The cuda backend always
 retunes this way (an MPS limit is fixed per process); on the CPU it is forced with
-DUOSERVE_RETUNE_MODE=handover, so CI runs the whole path."""
+DUOSERVE_RETUNE_MODE=handover, so CI runs the whole path (with the publish unthreaded,
+DUOSERVE_OVERLAP_PUBLISH=off: every other stack test runs it threaded, the default)."""
 from __future__ import annotations
 
 import os
@@ -42,6 +43,7 @@ def handover_stack(request, tmp_path_factory, default_model_dir):
     device = request.param
     state_dir = tmp_path_factory.mktemp(f"stack-handover-{device}")
     env = {**os.environ, "DUOSERVE_RETUNE_MODE": "handover",    # read by the workers (and their successors)
+           "DUOSERVE_OVERLAP_PUBLISH": "off",                       # and the unthreaded publish
            "DUOSERVE_PORT": "0", "DUOSERVE_HTTP_PORT": "0"}        # not 50051/8000: other stacks may run
     env.pop("REDIS_URL", None)
     err = open(state_dir / "up.err", "w+")

@@ -216,3 +216,14 @@ def test_penalties_and_min_tokens_reach_the_engine(client, model, grpc_client):
     held = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=12, temperature=0,
                                           extra_body={"min_tokens": 12})
     assert held.choices[0].finish_reason == "length" and held.usage.completion_tokens == 12
+
+
+def test_the_sdk_says_when_a_port_is_not_the_gateways(split_stack, http_url):
+    """A worker's gRPC port and the HTTP port, given to the SDK by mistake, are named for what they are."""
+    decode = split_stack.process("decode")
+    with duoserve.Client(f"127.0.0.1:{decode.port}", timeout=10) as wrong:
+        with pytest.raises(duoserve.errors.DuoserveError, match="is not a duoserve gateway"):
+            wrong.generate("hi", max_tokens=1)
+    with duoserve.Client(urlsplit(http_url).netloc, timeout=10) as wrong:
+        with pytest.raises(duoserve.errors.DuoserveError, match="speaks HTTP/1"):
+            wrong.generate("hi", max_tokens=1)
