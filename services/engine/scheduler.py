@@ -146,8 +146,7 @@ class Scheduler:
 
     def _schedule_decodes(self, preempted: list[str]) -> list[ScheduledChunk]:
         chunks: list[ScheduledChunk] = []
-        budget = self.token_budget or self.config.max_num_batched_tokens
-        decoding = [s for s in self.running if s.status is SequenceStatus.RUNNING and not s.is_prefilling][:budget]
+        decoding = self._decode_rows()
         self._grow_all(decoding)
         for seq in decoding:
             if seq not in self.running:
@@ -161,21 +160,26 @@ class Scheduler:
         """The blocks every decode row needs for its next token, in one allocator call (FCFS order).
         Rows it could not grant (the pool ran short, or another process took the blocks first) go
         through `_grow_for_decode`, which preempts."""
-        needs = [(seq, self._blocks_needed(seq)) for seq in seqs]
-        needs = [(seq, n) for seq, n in needs if n > 0]
+        needs = self._growth(seqs)
         if not needs:
             return
         granted = self.blocks.allocate_many([(seq.request_id, n) for seq, n in needs])
         for seq, _ in needs:
             seq.block_ids.extend(granted.get(seq.request_id, ()))
 
+    def _decode_rows(self) -> list[Sequence]:
+        """The running requests that decode this iteration, oldest first, within the token budget."""
+        budget = self.token_budget or self.config.max_num_batched_tokens
+        return [s for s in self.running if s.status is SequenceStatus.RUNNING and not s.is_prefilling][:budget]
+
+    def _growth(self, seqs: list[Sequence]) -> list[tuple[Sequence, int]]:
+        needs = ((seq, self._blocks_needed(seq)) for seq in seqs)
+        return [(seq, n) for seq, n in needs if n > 0]
+
     def upcoming_decode_growth(self) -> list[tuple[str, int]]:
         """(request id, blocks) the decode rows running now will need for their next token, FCFS: what
         `_grow_all` would ask the allocator for at the next `schedule`, to ask for it ahead."""
-        budget = self.token_budget or self.config.max_num_batched_tokens
-        decoding = [s for s in self.running if s.status is SequenceStatus.RUNNING and not s.is_prefilling][:budget]
-        needs = ((seq.request_id, self._blocks_needed(seq)) for seq in decoding)
-        return [(request_id, n) for request_id, n in needs if n > 0]
+        return [(seq.request_id, n) for seq, n in self._growth(self._decode_rows())]
 
     def adopt_blocks(self, granted: dict[str, list[int]]) -> list[str]:
         """Blocks granted ahead to running requests join their tables; -> ids no longer running

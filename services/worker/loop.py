@@ -215,8 +215,7 @@ class Worker:
         if self._growth:
             granted = self.scheduler.blocks.granted_from(replies[-1], self._growth)
             self._growth = []
-            for request_id in self.scheduler.adopt_blocks(granted):
-                self.scheduler.blocks.free(request_id)
+            self.scheduler.blocks.free_many(self.scheduler.adopt_blocks(granted))   # rows gone meanwhile
         self._drop_cancelled(self.cancels.take(self.client, replies[0]))
         if room <= 0:
             return []

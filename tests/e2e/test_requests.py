@@ -57,16 +57,22 @@ def test_sixteen_concurrent_streams_complete(any_stack):
     assert any_stack.wait_free_blocks(start_free) == start_free
 
 
+def _long_stream_started(client: duoserve.Client, tokens: int = 8):
+    """A 400-token stream, left open once its first `tokens` tokens have arrived."""
+    stream = client.stream(prompt="Tell me a very long story about a dragon.", max_tokens=400, ignore_eos=True)
+    received = 0
+    for chunk in stream:
+        received += len(chunk.token_ids)
+        if received >= tokens:
+            return stream
+    raise AssertionError(f"the stream ended after {received} tokens")
+
+
 def test_cancelled_stream_frees_its_blocks(any_stack):
     start_free = any_stack.num_free_blocks()
     with duoserve.Client(any_stack.target, timeout=300) as client:
-        stream = client.stream(prompt="Tell me a very long story about a dragon.", max_tokens=400, ignore_eos=True)
-        received = 0
-        for chunk in stream:
-            received += len(chunk.token_ids)
-            if received >= 8:
-                assert any_stack.num_free_blocks() < start_free      # it holds blocks now
-                break
+        stream = _long_stream_started(client)
+        assert any_stack.num_free_blocks() < start_free              # it holds blocks now
         stream.close()
     assert any_stack.wait_free_blocks(start_free) == start_free
 
@@ -212,12 +218,7 @@ def test_a_cancelled_request_leaves_the_worker_gauges_and_counts_as_abort(split_
     start_free = split_stack.num_free_blocks()
     num_blocks = int(split_stack.redis.hget(split_stack.keys.kv_meta, "num_blocks"))
     with duoserve.Client(split_stack.target, timeout=300) as client:
-        stream = client.stream(prompt="Tell me a very long story about a dragon.", max_tokens=400, ignore_eos=True)
-        received = 0
-        for chunk in stream:
-            received += len(chunk.token_ids)
-            if received >= 8:
-                break
+        stream = _long_stream_started(client)
         assert _scrape(decode)[running] == 1.0 and _scrape(decode)[kv_use] > 1 - start_free / num_blocks
         stream.close()
     assert split_stack.wait_free_blocks(start_free) == start_free
