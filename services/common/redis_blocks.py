@@ -18,7 +18,8 @@ Needs Redis >= 6.2 (LPOP with a count).
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import contextlib
+from typing import Iterable, Iterator, Sequence
 
 import redis
 
@@ -122,6 +123,7 @@ class RedisBlockAllocator:
         self._num_blocks: int | None = None     # cached: a pool's size never changes
         self._block_size: int | None = None
         self._allocate_loaded = False           # the script is in Redis's cache (queued as a bare EVALSHA)
+        self._deferred_frees: list[str] | None = None   # inside `deferring_frees`: ids freed, not yet sent
 
     # ------------------------------------------------------------------ pool
     def init_pool(self, num_blocks: int, block_size: int) -> int:
@@ -250,11 +252,34 @@ class RedisBlockAllocator:
         return self.free_many((request_id,))
 
     def free_many(self, request_ids: Iterable[str]) -> int:
-        """`free` for several requests in one script call; total blocks returned."""
+        """`free` for several requests in one script call; total blocks returned (0 while deferring)."""
+        if self._deferred_frees is not None:
+            self._deferred_frees.extend(request_ids)
+            return 0
         owned_keys = [self._keys.kv_owned(r) for r in request_ids]
         if not owned_keys:
             return 0
         return int(self._free_script(keys=[self._keys.kv_free, self._keys.kv_meta, *owned_keys]))
+
+    @contextlib.contextmanager
+    def deferring_frees(self) -> Iterator[list[str]]:
+        """Within the block, `free` and `free_many` only note the request ids, in the list yielded,
+        for the caller to send with `queue_free_many` in a pipeline it sends anyway (the worker's
+        publish: no round trip of their own). Only for ids that cannot be allocated again before
+        that pipeline is sent (a finished request; not a preempted one that prefill recomputes)."""
+        deferred: list[str] = []
+        self._deferred_frees = deferred
+        try:
+            yield deferred
+        finally:
+            self._deferred_frees = None
+
+    def queue_free_many(self, pipe: redis.client.Pipeline, request_ids: Sequence[str]) -> None:
+        """`free_many` as one command of a pipeline (EVAL with the script's text: a pipeline sent
+        after Redis restarted finds no cached script, and this one needs no reply)."""
+        if request_ids:
+            owned_keys = [self._keys.kv_owned(r) for r in request_ids]
+            pipe.eval(_FREE, 2 + len(owned_keys), self._keys.kv_free, self._keys.kv_meta, *owned_keys)
 
     def _run_allocate(self, requests: list[tuple[str, int]]) -> tuple[int, list[list[int]]]:
         """(free blocks left, the grants in order: fewer than asked when one did not fit)."""

@@ -301,6 +301,19 @@ def _entries_of(reply: Any) -> list[tuple[Any, Any]]:
     return [entry for _, stream_entries in reply for entry in stream_entries]
 
 
+def last_ids(reply: Any) -> dict[str, str]:
+    """Stream name -> the id of its last entry in an XREAD reply over several streams (RESP2 or
+    RESP3); streams with nothing new are absent."""
+    if not reply:
+        return {}
+    found: dict[str, str] = {}
+    for stream, value in (reply.items() if isinstance(reply, dict) else reply):
+        entries = _entries_of({stream: value} if isinstance(reply, dict) else [[stream, value]])
+        if entries:
+            found[_text(stream)] = _text(entries[-1][0])
+    return found
+
+
 def _block(block_ms: int | None) -> int | None:
     return int(block_ms) if block_ms else None
 

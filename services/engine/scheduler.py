@@ -172,14 +172,16 @@ class Scheduler:
         budget = self.token_budget or self.config.max_num_batched_tokens
         return [s for s in self.running if s.status is SequenceStatus.RUNNING and not s.is_prefilling][:budget]
 
-    def _growth(self, seqs: list[Sequence]) -> list[tuple[Sequence, int]]:
-        needs = ((seq, self._blocks_needed(seq)) for seq in seqs)
+    def _growth(self, seqs: list[Sequence], steps_ahead: int = 0) -> list[tuple[Sequence, int]]:
+        needs = ((seq, self._blocks_needed(seq, steps_ahead)) for seq in seqs)
         return [(seq, n) for seq, n in needs if n > 0]
 
-    def upcoming_decode_growth(self) -> list[tuple[str, int]]:
+    def upcoming_decode_growth(self, steps_ahead: int = 0) -> list[tuple[str, int]]:
         """(request id, blocks) the decode rows running now will need for their next token, FCFS: what
-        `_grow_all` would ask the allocator for at the next `schedule`, to ask for it ahead."""
-        return [(seq.request_id, n) for seq, n in self._growth(self._decode_rows())]
+        `_grow_all` would ask the allocator for at the next `schedule`, to ask for it ahead. With
+        `steps_ahead` 1, called between `schedule` and `postprocess`: for the token after the one
+        this iteration computes (the worker asks during the forward pass)."""
+        return [(seq.request_id, n) for seq, n in self._growth(self._decode_rows(), steps_ahead)]
 
     def adopt_blocks(self, granted: dict[str, list[int]]) -> list[str]:
         """Blocks granted ahead to running requests join their tables; -> ids no longer running
@@ -194,8 +196,8 @@ class Scheduler:
                 seq.block_ids.extend(ids)
         return gone
 
-    def _blocks_needed(self, seq: Sequence) -> int:
-        return blocks_for_tokens(seq.num_computed_tokens + 1, self.config.block_size) - len(seq.block_ids)
+    def _blocks_needed(self, seq: Sequence, steps_ahead: int = 0) -> int:
+        return blocks_for_tokens(seq.num_computed_tokens + 1 + steps_ahead, self.config.block_size) - len(seq.block_ids)
 
     def _grow_for_decode(self, seq: Sequence, preempted: list[str]) -> bool:
         """Make room for one more token of `seq`, preempting the newest requests if needed."""

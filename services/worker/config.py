@@ -55,7 +55,9 @@ class WorkerConfig:
     weights: str = "packed"             # cpu: "packed" = a private oneDNN-packed copy of the linear weights
                                         # (1.1-1.8x faster GEMMs, one more copy of them per worker);
                                         # "shared" = GEMMs over the arena's copy in place. cuda: always shared
-    overlap_publish: bool = True        # send each iteration's publish on a thread while the next one runs
+    overlap_publish: bool = True        # host work off the loop's thread: the publish sent while the next
+                                        # iteration runs, decode's growth asked for during the forward pass,
+                                        # inputs read only when the doorbell rang
 
     def __post_init__(self) -> None:
         if self.phase is not Phase.COLOCATED and self.arena_socket is None:
@@ -124,7 +126,9 @@ def parse_args(phase: Phase, argv: Sequence[str] | None = None) -> WorkerConfig:
                         "GEMMs, more memory); shared = run on the arena's copy in place (zero copy)")
     p.add_argument("--overlap-publish", choices=("on", "off"), default=env.get("DUOSERVE_OVERLAP_PUBLISH", "on"),
                    help="on (default): publish each iteration's outputs on a thread during the next forward "
-                        "pass; off: at once, on the loop's thread (env DUOSERVE_OVERLAP_PUBLISH)")
+                        "pass, ask for decode's next blocks during this one, read inputs only when a doorbell "
+                        "thread saw some; off: all of it on the loop's thread, every iteration "
+                        "(env DUOSERVE_OVERLAP_PUBLISH)")
     p.add_argument("--takeover-from", default="", help=argparse.SUPPRESS)   # set by a worker for its standby
     a = p.parse_args(argv)
     retune_mode = a.retune_mode or ("handover" if a.device == "cuda" else "inplace")   # an MPS limit is fixed

@@ -11,8 +11,11 @@ A request's life in a worker:
   cancelled  a CancelNotice (client gone, or a stop string seen by the gateway): the request is
              dropped at the next iteration boundary and its blocks are freed
 
-Every iteration: apply a requested compute share, poll cancels and new work, then
-schedule -> run -> sample -> postprocess, then publish deliveries in one Redis pipeline.
+Every iteration: apply a requested compute share, poll cancels and new work (a busy worker only
+when its doorbell rang: doorbell.py), then schedule -> run -> sample -> postprocess, then publish
+deliveries, and the blocks of finished requests, in one Redis pipeline sent on the publisher's
+thread while the next iteration runs. Split decode asks for the blocks its rows need next on that
+thread too, during the forward pass.
 """
 from __future__ import annotations
 
@@ -39,9 +42,10 @@ from services.worker.fence import kv_fence
 from services.worker.compute_units import probe_compute_units
 from services.worker.config import Phase, WorkerConfig
 from services.worker.control import StatsSnapshot, WorkerControl
+from services.worker.doorbell import InputDoorbell
 from services.worker.handover import needs_handover
 from services.worker.metrics import WorkerMetrics
-from services.worker.publisher import PipelinePublisher
+from services.worker.publisher import PipelinePublisher, Sent
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +96,10 @@ class Worker:
     _input_type: type = field(init=False)        # what the input stream carries: Handoff or QueuedRequest
     group: str = field(init=False)
     publisher: PipelinePublisher = field(init=False)   # sends each iteration's pipeline, overlapped
+    doorbell: InputDoorbell | None = field(init=False)   # rings when inputs or cancels arrive (overlap on)
     _growth: list = field(init=False, default_factory=list)   # (request id, blocks) asked for in this poll
+    _growth_ahead: tuple[list, Sent] | None = field(init=False, default=None)   # asked during the forward
+    _inputs_left: bool = field(init=False, default=True)   # the last read may have left entries unread
     _reported_batch: tuple[int, int] = field(init=False, default=(-1, -1))   # running, waiting in the last report
 
     def __post_init__(self) -> None:
@@ -106,6 +113,9 @@ class Worker:
         self.kv_blocks_free = self.scheduler.blocks.num_free
         self.publisher = PipelinePublisher(self._on_published, name=f"{self.config.phase.value}-publisher",
                                            threaded=self.config.overlap_publish)
+        self.doorbell = InputDoorbell(self.client, (self.input_stream, self.keys.cancel),
+                                      name=f"{self.config.phase.value}-doorbell") \
+            if self.config.overlap_publish else None
 
     # ------------------------------------------------------------------ the loop
     def run_forever(self) -> None:
@@ -130,15 +140,18 @@ class Worker:
             self.control.wait_stopping(self.config.idle_block_ms / 1000)   # waiting for blocks to free up
             return
         self._mark_scheduled(batch)
+        self._ask_growth_ahead()                                # sent while the forward pass runs
         logits = self.runner.run(batch)                         # torch: tensors from block ids, forward
         sampling_started = time.perf_counter()
         sampled = sample_batch(self.sampler, self.scheduler, batch, logits)
         kv_fence(self.runner.kv_cache)    # cuda: this iteration's KV writes done before any hand-off is published
         device_s = self.runner.last_forward_s + time.perf_counter() - sampling_started
-        advanced = self.scheduler.postprocess(batch, sampled)
+        with self.scheduler.blocks.deferring_frees() as finished:   # their ids are never allocated again
+            advanced = self.scheduler.postprocess(batch, sampled)
         elapsed = time.perf_counter() - started
         pipe = self.client.pipeline(transaction=False)           # one round trip for everything below
         self._publish(advanced, pipe)
+        self.scheduler.blocks.queue_free_many(pipe, finished)
         self._record(batch, elapsed, pipe)
         pipe.llen(self.keys.kv_free)          # the free count for the next report, in this round trip
         self.publisher.submit(pipe)           # sent while the next iteration runs (publisher.py)
@@ -149,7 +162,9 @@ class Worker:
         self.kv_blocks_free = int(replies[-1])
 
     def flush_published(self) -> None:
-        """Every queued pipeline sent: what the loop writes next directly lands after it."""
+        """Every queued pipeline sent (blocks asked for ahead adopted): what the loop writes next
+        directly lands after it."""
+        self._adopt_growth_ahead()
         self.publisher.flush()
 
     def _observe_host_time(self, seconds: float) -> None:
@@ -179,14 +194,20 @@ class Worker:
                  share.token_budget or "unchanged")
 
     def _poll_inputs(self) -> bool:
-        """Cancels, new work and (split decode) the blocks the next iteration's rows need, in one
-        round trip, not waiting for the last iteration's publish (still going out on the publisher's
-        thread): cancelled requests dropped (blocks freed), new entries admitted, blocks adopted.
+        """Cancels, new work and (split decode, unless asked for ahead) the blocks the next
+        iteration's rows need, in one round trip, not waiting for the last iteration's publish (still
+        going out on the publisher's thread): cancelled requests dropped (blocks freed), new entries
+        admitted, blocks adopted. A busy worker whose doorbell did not ring skips the round trip.
         While idle, then blocks on the input stream; True when it did."""
+        self._adopt_growth_ahead()
+        rang = self.doorbell is None or self.doorbell.take()     # taken before the read: later entries ring again
+        if self.scheduler.has_work() and not rang and not self._inputs_left:
+            return False
         pipe = self.client.pipeline(transaction=False)
         room = self._queue_reads(pipe)
         self._queue_growth(pipe)
         entries = self._take_reads(room, pipe.execute(raise_on_error=False))
+        self._inputs_left = room <= 0 or len(entries) >= room
         blocked = room > 0 and not entries and not self.scheduler.has_work()
         if blocked:
             entries = read_group(self.client, self.input_stream, self.group, self.config.worker_id,
@@ -209,6 +230,27 @@ class Worker:
         self._growth = self.scheduler.upcoming_decode_growth() if self.is_split_decode else []
         if self._growth:
             self.scheduler.blocks.queue_allocate_many(pipe, self._growth)
+
+    def _ask_growth_ahead(self) -> None:
+        """Split decode with the publish overlapped: the blocks this batch's rows need for the token
+        after this one, asked for on the publisher's thread during the forward pass; adopted at the
+        next poll, so `schedule` finds them granted (rows that finish meanwhile: their publish,
+        behind this on the same thread, frees the grant with the rest of their blocks)."""
+        if not (self.is_split_decode and self.config.overlap_publish):
+            return
+        growth = self.scheduler.upcoming_decode_growth(steps_ahead=1)
+        if growth:
+            pipe = self.client.pipeline(transaction=False)
+            self.scheduler.blocks.queue_allocate_many(pipe, growth)
+            self._growth_ahead = (growth, self.publisher.submit(pipe, keep_reply=True))
+
+    def _adopt_growth_ahead(self) -> None:
+        if self._growth_ahead is None:
+            return
+        growth, sent = self._growth_ahead
+        self._growth_ahead = None
+        granted = self.scheduler.blocks.granted_from(self.publisher.wait_for(sent)[-1], growth)
+        self.scheduler.blocks.free_many(self.scheduler.adopt_blocks(granted))     # rows gone meanwhile
 
     def _take_reads(self, room: int, replies: list) -> list:
         """Blocks granted ahead join their rows; drop what was cancelled; -> the new input entries read."""
@@ -405,6 +447,8 @@ class Worker:
     def cancel_all(self, reason: str) -> None:
         """On shutdown: end every request this worker holds, telling its gateway."""
         self.publisher.close()    # their last tokens first
+        if self.doorbell is not None:
+            self.doorbell.close()
         for request_id, tracked in list(self.tracked.items()):
             self.scheduler.finish(request_id, FinishReason.ERROR)
             self._send_now(tracked.reply_to, TokenDelivery(request_id, (), "error", reason))

@@ -46,3 +46,27 @@ def test_without_a_thread_submit_sends_at_once(redis_client, keys):
     assert replies == [[1]] and redis_client.llen(f"{keys.prefix}:l") == 1
     publisher.flush()
     publisher.close()
+
+
+@pytest.mark.parametrize("threaded", [True, False])
+def test_a_pipeline_that_keeps_its_reply_is_waited_for(redis_client, keys, threaded):
+    published: list[list] = []
+    publisher = PipelinePublisher(published.append, threaded=threaded)
+    publisher.submit(redis_client.pipeline(transaction=False).rpush(f"{keys.prefix}:l", 1))
+    kept = publisher.submit(redis_client.pipeline(transaction=False).rpush(f"{keys.prefix}:l", 2)
+                            .lpush(f"{keys.prefix}:s", 1).incr(f"{keys.prefix}:l"), keep_reply=True)
+    replies = publisher.wait_for(kept)
+    assert replies[:2] == [2, 1] and isinstance(replies[2], redis.ResponseError)   # errors as values
+    assert published == [[1]]                       # in order; the kept reply went to the caller only
+    publisher.submit(redis_client.pipeline(transaction=False).rpush(f"{keys.prefix}:l", 3))
+    publisher.close()
+    assert published == [[1], [3]]
+
+
+def test_waiting_for_a_pipeline_after_a_failed_send_raises(redis_client, keys):
+    publisher = PipelinePublisher(lambda replies: None)
+    publisher.submit(redis_client.pipeline(transaction=False).set(f"{keys.prefix}:k", 1).lpush(f"{keys.prefix}:k", 2))
+    kept = publisher.submit(redis_client.pipeline(transaction=False).get(f"{keys.prefix}:k"), keep_reply=True)
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        publisher.wait_for(kept)
+    publisher.close()

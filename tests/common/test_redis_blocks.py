@@ -123,6 +123,24 @@ def test_free_many_is_one_call_and_idempotent(redis_client, keys):
     assert all_block_ids(redis_client, keys) == list(range(8))
 
 
+def test_frees_deferred_in_a_block_go_out_with_a_pipeline(redis_client, keys):
+    blocks = make_allocator(redis_client, keys, 8)
+    blocks.allocate_many([("a", 2), ("b", 3)])
+    with blocks.deferring_frees() as deferred:
+        assert blocks.free("a") == 0 and blocks.free_many(["b"]) == 0
+    assert deferred == ["a", "b"] and blocks.num_free == 3          # noted, nothing sent yet
+    blocks.allocate("c", 1)                                         # outside the block: at once again
+    pipe = redis_client.pipeline(transaction=False)
+    blocks.queue_free_many(pipe, deferred)
+    blocks.queue_free_many(pipe, [])                                # nothing queued for no ids
+    assert pipe.execute() == [5]
+    assert sorted(blocks.owners()) == ["c"] and blocks.num_free == 7
+    redis_client.script_flush()                                     # as after a Redis restart: EVAL, no cache needed
+    pipe = redis_client.pipeline(transaction=False)
+    blocks.queue_free_many(pipe, ["c"])
+    assert pipe.execute() == [1] and all_block_ids(redis_client, keys) == list(range(8))
+
+
 def test_owners_are_per_prefix_even_with_glob_characters(redis_client):
     a = make_allocator(redis_client, KeySpace("glob[a]*"), 4)
     b = make_allocator(redis_client, KeySpace("globa-x"), 4)

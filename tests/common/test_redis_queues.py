@@ -9,7 +9,7 @@ import redis
 
 from services.common.contracts import CancelNotice, KeySpace, QueuedRequest, to_json
 from services.common.redis_queues import (CancelWatcher, ack, claim_stale, enqueue, ensure_group, queue_depth,
-                                          read_group, read_tail, tail_cursor)
+                                          last_ids, read_group, read_tail, tail_cursor)
 from services.engine.sampling_params import SamplingParams
 
 GROUP = "prefill"
@@ -193,3 +193,16 @@ def test_resp3_clients_decode_the_same(redis_server, keys):
 
 def _s(value) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_last_ids_of_a_read_over_several_streams(redis_server, keys, protocol):
+    client = redis.Redis.from_url(redis_server.url, protocol=protocol)
+    a, b = f"{keys.prefix}:a", f"{keys.prefix}:b"
+    client.xadd(a, {"m": "1"}, id="5-1")
+    client.xadd(a, {"m": "2"}, id="6-1")
+    client.xadd(b, {"m": "3"}, id="7-1")
+    assert last_ids(client.xread({a: "0-0", b: "7-1"})) == {a: "6-1"}
+    assert last_ids(client.xread({a: "0-0", b: "0-0"}, count=1)) == {a: "5-1", b: "7-1"}
+    assert last_ids(client.xread({a: "6-1", b: "7-1"})) == {}
+    client.close()

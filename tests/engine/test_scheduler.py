@@ -182,7 +182,9 @@ def test_decode_growth_asked_ahead_is_what_schedule_would_ask():
         seq.num_computed_tokens = seq.num_tokens
         seq.output_token_ids.append(7)
         decode.admit_prefilled(seq)
-    decode.postprocess(decode.schedule(), {"x": 7, "y": 7})   # x: 4 tokens computed, its 5th needs block 2
+    out = decode.schedule()
+    assert decode.upcoming_decode_growth(steps_ahead=1) == [("x", 1)]   # asked during the forward pass
+    decode.postprocess(out, {"x": 7, "y": 7})             # x: 4 tokens computed, its 5th needs block 2
     assert decode.upcoming_decode_growth() == [("x", 1)]
     granted = blocks.allocate_many(decode.upcoming_decode_growth())
     assert decode.adopt_blocks({**granted, "gone": [15]}) == ["gone"]
