@@ -95,6 +95,10 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:
                    help="bearer token the Admin API (duoctl) requires (env DUOSERVE_ADMIN_TOKEN)")
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds until every process is SERVING")
     p.add_argument("--stop-timeout", type=float, default=10.0, help="seconds from SIGTERM to SIGKILL")
+    p.add_argument("--restart", choices=["always", "never"], default=os.environ.get("DUOSERVE_RESTART", "always"),
+                   help="always (default): a supervisor restarts a process that dies, with backoff, in "
+                        "dependency order (detached too); never: the first death stops the stack (env "
+                        "DUOSERVE_RESTART)")
 
 
 def _down_parser(sub: argparse._SubParsersAction) -> None:
@@ -120,7 +124,8 @@ def stack_config_from_args(args: argparse.Namespace):
         max_queue_len=args.max_queue_len, startup_timeout_s=args.startup_timeout, stop_timeout_s=args.stop_timeout,
         with_orchestrator=not args.no_orchestrator, admin_token=args.admin_token, device=args.device,
         prefill_percentage=args.prefill_percentage, decode_percentage=args.decode_percentage,
-        mps_pipe_dir=args.mps_pipe_dir, host=args.host, port=args.port, http_port=args.http_port)
+        mps_pipe_dir=args.mps_pipe_dir, host=args.host, port=args.port, http_port=args.http_port,
+        restart=args.restart)
 
 
 def _say(message: str) -> None:

@@ -9,8 +9,10 @@ A stack's life:
              until every grpc.health.v1 check says SERVING. A process that exits on a port collision is
              relaunched on new ports; one that exits otherwise, or misses the deadline, stops the start:
              everything started is torn down and the error shows that process's log tail
-  running    detached: the state file is the only record and `up` returns; foreground: `up` watches its
-             processes until Ctrl-C / SIGTERM / SIGHUP, a process dying, or `duoserve down`
+  running    a supervisor (duoserve/supervisor.py) watches the processes and restarts one that dies
+             (`--restart never`: the first death stops the stack): the foreground `up` itself until
+             Ctrl-C / SIGTERM / SIGHUP or `duoserve down`; detached, a process of its own recorded in the
+             state file, which `down` stops first
   stopped    stages in reverse order: SIGTERM, wait, SIGKILL; the Redis it started stopped (an external
              one only loses this stack's keys); /dev/shm/duoserve-<stack id>-* segments, the arena socket
              and the state file removed. The logs stay.
@@ -45,7 +47,8 @@ from duoserve.stack_plan import (LOOPBACK, SHM_DIR, STATE_FILE, STATE_VERSION, P
 from duoserve.stack_procs import (bindable, ProcessRecord, StackState, write_state, read_state, make_stack_dir,
     stack_lock, process_start_time, is_alive, follow_handovers, signal_process, stop_processes,
     pick_free_ports, port_in_use, grpc_health, redis_health, health_of, log_tail, remove_segments,
-    find_redis_server)
+    find_redis_server, launch_process)
+from duoserve import supervisor
 from services.common import mps
 
 __all__ = [   # the supervisor's API, with the plan and process helpers it re-exports
@@ -133,20 +136,15 @@ class _Launcher:
     def _launch(self, name: str, stage: int) -> None:
         spec = self._spec(name)
         log_path = self.logs / f"{name}.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **dict(spec.env)}
-        with open(log_path, "ab") as log:
-            log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(spec.argv)}\n".encode())
-            log.flush()
-            self.log_starts[name] = log.tell()
-            try:
-                popen = subprocess.Popen(spec.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         env=env, start_new_session=True, close_fds=True)
-            except OSError as e:
-                raise StackError(f"cannot start {name} ({spec.argv[0]}): {e}") from e
+        self.log_starts[name] = log_path.stat().st_size if log_path.exists() else 0
+        try:
+            popen = launch_process(spec.argv, dict(spec.env), log_path)
+        except OSError as e:
+            raise StackError(f"cannot start {name} ({spec.argv[0]}): {e}") from e
         self.popens[name] = popen
         record = ProcessRecord(name=name, pid=popen.pid, start_time=process_start_time(popen.pid), stage=stage,
                                port=spec.port, metrics_port=spec.metrics_port, health=spec.health,
-                               log=str(log_path), argv=spec.argv, http_port=spec.http_port)
+                               log=str(log_path), argv=spec.argv, http_port=spec.http_port, env=spec.env)
         self.records = [r for r in self.records if r.name != name] + [record]
         if name == "gateway":
             self.state = replace(self.state, gateway_target=spec.target,
@@ -277,6 +275,9 @@ def up(config: StackConfig, *, detach: bool, say: Callable[[str], None],
             say(f"gRPC on {state.gateway_target}; OpenAI-compatible HTTP API on {state.http_url}/v1")
         print(state.gateway_target, file=out or sys.stdout, flush=True)
         if detach:
+            if config.restart == "always":
+                with stack_lock(config.stack_dir):
+                    _start_detached_supervisor(config, state, say)
             return 0
         say("Ctrl-C stops it")
         return _supervise(config, state, launcher.popens, stop_requested, say)
@@ -285,47 +286,29 @@ def up(config: StackConfig, *, detach: bool, say: Callable[[str], None],
             signal.signal(s, handler)
 
 
-def _adopt_successors(config: StackConfig, state: StackState, popens: dict[str, subprocess.Popen],
-                      adopted: dict[str, ProcessRecord], dead: list[tuple[str, int | None]]
-                      ) -> tuple[StackState, list[tuple[str, int | None]]]:
-    """A worker gone after a retune by handover lives on as its successor: watch (and record) that one."""
-    followed = follow_handovers(state)
-    still_dead = []
-    for name, code in dead:
-        live = [r for r in followed.processes if r.name == name and is_alive(r.pid, r.start_time)]
-        if live:
-            popens.pop(name, None)
-            adopted[name] = live[-1]
-        else:
-            still_dead.append((name, code))
-    if len(still_dead) < len(dead):
-        write_state(config.state_path, followed)      # `down` and `status` find the successor without Redis
-        return followed, still_dead
-    return state, dead
+def _start_detached_supervisor(config: StackConfig, state: StackState, say: Callable[[str], None]) -> StackState:
+    """A detached stack is supervised too: by a process of its own, recorded as the state's supervisor."""
+    log_path = config.stack_dir / "logs" / "supervisor.log"
+    try:
+        popen = launch_process(supervisor.command(config.stack_dir, config.stop_timeout_s, config.python), {},
+                               log_path)
+    except OSError as e:
+        raise StackError(f"cannot start the stack's supervisor: {e}") from e
+    state = replace(state, supervisor_pid=popen.pid, supervisor_start_time=process_start_time(popen.pid))
+    write_state(config.state_path, state)
+    say(f"supervisor (pid {popen.pid}) restarts any process that dies; its log: {log_path}")
+    return state
 
 
 def _supervise(config: StackConfig, state: StackState, popens: dict[str, subprocess.Popen],
                stop_requested: threading.Event, say: Callable[[str], None]) -> int:
-    """Foreground: watch until a signal, a process exiting, or `duoserve down` (which signals us)."""
-    status = 0
-    adopted: dict[str, ProcessRecord] = {}      # workers that replaced themselves (retune by handover)
-    while not stop_requested.wait(0.5):
-        dead = [(name, p.returncode) for name, p in popens.items() if p.poll() is not None]
-        dead += [(name, None) for name, r in adopted.items() if not is_alive(r.pid, r.start_time)]
-        if dead:
-            state, dead = _adopt_successors(config, state, popens, adopted, dead)
-        if dead:
-            for name, code in dead:
-                record = next(r for r in state.processes if r.name == name)
-                say(f"{name} exited with status {code}; last lines of {record.log}:\n{log_tail(record.log)}")
-            status = 1
-            break
-        if not config.state_path.exists():
-            say("state file removed: stopping")
-            break
-    with stack_lock(config.stack_dir):
-        teardown(state, config.state_path, config.stop_timeout_s, say)
-    return status
+    """Foreground: watch (and restart, unless --restart never) until a signal or `duoserve down`."""
+    def stop_all(current: StackState) -> None:
+        teardown(current, config.state_path, config.stop_timeout_s, say)
+
+    return supervisor.Supervisor(config.state_path, restart=config.restart == "always", stop_requested=stop_requested,
+                                 say=say, teardown=stop_all, popens=list(popens.values()),
+                                 stop_timeout_s=config.stop_timeout_s).run(state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,13 +380,14 @@ def down(state_dir: Path, name: str, *, stop_timeout_s: float, say: Callable[[st
     if state is None:
         say(f"no stack named {name!r} (no {state_path})")
         return 1
-    if is_alive(state.supervisor_pid, state.supervisor_start_time):    # a foreground `up`: it tears down
+    if is_alive(state.supervisor_pid, state.supervisor_start_time):    # a foreground `up` or the detached
+                                                                         # supervisor: it tears down
         signal_process(state.supervisor_pid, state.supervisor_start_time, signal.SIGTERM, group=False)
         deadline = time.monotonic() + stop_timeout_s * (len(state.processes) + 1) + 10
         while is_alive(state.supervisor_pid, state.supervisor_start_time) and time.monotonic() < deadline:
             time.sleep(0.1)
         if is_alive(state.supervisor_pid, state.supervisor_start_time):
-            say(f"the foreground `duoserve up` (pid {state.supervisor_pid}) did not finish stopping: killed")
+            say(f"the stack's supervisor (pid {state.supervisor_pid}) did not finish stopping: killed")
             signal_process(state.supervisor_pid, state.supervisor_start_time, signal.SIGKILL, group=False)
     with stack_lock(stack_dir):
         state = read_state(state_path)
@@ -422,6 +406,7 @@ class ProcessStatus:
     metrics_port: int
     health: str                    # SERVING, NOT_SERVING, UNREACHABLE, ... or DEAD
     log: str
+    restarts: int = 0              # times the supervisor restarted it
 
 
 def stack_status(state: StackState) -> list[ProcessStatus]:
@@ -429,7 +414,7 @@ def stack_status(state: StackState) -> list[ProcessStatus]:
     for r in state.processes:
         alive = is_alive(r.pid, r.start_time)
         health = health_of(r.health, r.port, timeout_s=1.0, pid=r.pid) if alive else "DEAD"
-        out.append(ProcessStatus(r.name, r.pid, alive, r.port, r.metrics_port, health, r.log))
+        out.append(ProcessStatus(r.name, r.pid, alive, r.port, r.metrics_port, health, r.log, r.restarts))
     return out
 
 
@@ -459,7 +444,11 @@ def status(state_dir: Path, name: str, *, as_json: bool, out: TextIO | None = No
     http = f"  http {state.http_url}" if state.http_url else ""
     print(f"stack {state.name} ({mode}, id {state.stack_id})  gateway {state.gateway_target}{http}  "
           f"redis {redis}", file=out)
-    print(f"{'NAME':<10} {'PID':>8}  {'ALIVE':<5}  {'PORT':>5}  HEALTH", file=out)
+    supervised = is_alive(state.supervisor_pid, state.supervisor_start_time)
+    print(f"supervisor: {f'pid {state.supervisor_pid}' if supervised else 'none (processes that die stay dead)'}",
+          file=out)
+    print(f"{'NAME':<12} {'PID':>8}  {'ALIVE':<5}  {'PORT':>5}  {'RESTARTS':>8}  HEALTH", file=out)
     for p in procs:
-        print(f"{p.name:<10} {p.pid:>8}  {'yes' if p.alive else 'no':<5}  {p.port:>5}  {p.health}", file=out)
+        print(f"{p.name:<12} {p.pid:>8}  {'yes' if p.alive else 'no':<5}  {p.port:>5}  {p.restarts:>8}  {p.health}",
+              file=out)
     return 0 if ok else 1

@@ -23,6 +23,9 @@ BIND_FAILURES = ("address already in use", "cannot listen on", "failed to bind",
                  "could not create server tcp listening socket")
 HEALTHY = "SERVING"
 HANDOVER_NAMES = ("prefill", "decode")   # workers that may replace themselves (retune by handover)
+# What must restart after a process it depends on restarted: the workers map the arena's segments,
+# which a new arena makes afresh (it does not re-open a dead one's), so they attach to the new ones.
+RESTART_WITH = {"arena": ("prefill", "decode")}
 
 
 class StackError(RuntimeError):
@@ -57,6 +60,8 @@ class StackConfig:
     max_queue_len: int | None = None         # gateway: waiting requests before RESOURCE_EXHAUSTED
     startup_timeout_s: float = 600.0         # from the first launch to every process SERVING
     stop_timeout_s: float = 10.0             # SIGTERM -> SIGKILL, per stage
+    restart: str = "always"                  # "always": a supervisor restarts a process that dies (backoff);
+                                             # "never": the first death stops the stack (detached: nothing watches)
     with_orchestrator: bool = True           # split: run the orchestrator (SLO-aware shares, Admin API)
     admin_token: str = ""                    # Admin API bearer token (handed over in the environment)
     python: str = sys.executable             # interpreter of the service processes
@@ -85,6 +90,8 @@ class StackConfig:
                 raise ValueError(f"{what} {list(cpus)} not all available to this process ({sorted(available)})")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError("num_kv_blocks must be at least 1")
+        if self.restart not in ("always", "never"):
+            raise ValueError(f"restart must be always or never, got {self.restart!r}")
         if self.startup_timeout_s <= 0 or self.stop_timeout_s < 0:
             raise ValueError("startup timeout must be positive and stop timeout not negative")
         if self.host not in (LOOPBACK, "localhost", *WILDCARD_HOSTS):
@@ -204,9 +211,11 @@ def process_spec(name: str, config: StackConfig, layout: Layout,
     model = ("--model", config.model) if config.model else ()
     kv = ("--num-kv-blocks", str(config.num_kv_blocks)) if config.num_kv_blocks else ()
     if name == "redis":
+        # An append-only file (fsync'd every second, in the background): restarted by the supervisor,
+        # Redis comes back with the queues, the block pool and every request's state.
         argv = (config.redis_server or "redis-server", "--bind", LOOPBACK, "--port", str(port),
-                "--save", "", "--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes",
-                "--dir", str(config.stack_dir / "redis"))
+                "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--daemonize", "no",
+                "--protected-mode", "yes", "--dir", str(config.stack_dir / "redis"))
         return ProcessSpec(name, argv, port, 0, health="redis")
     device = ("--device", config.device) if config.device != "cpu" else ()
     if name == "arena":

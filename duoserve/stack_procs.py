@@ -9,10 +9,12 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from duoserve.stack_plan import LOOPBACK, SHM_DIR, STATE_VERSION, HEALTHY, HANDOVER_NAMES, StackError
 
@@ -35,6 +37,9 @@ class ProcessRecord:
     log: str                       # its stdout and stderr
     argv: tuple[str, ...]
     http_port: int = 0             # gateway: the OpenAI-compatible HTTP API (0: none)
+    env: tuple[tuple[str, str], ...] = ()   # its own environment on top of the launcher's (a restart
+                                            # uses it again; the state file is readable by its owner only)
+    restarts: int = 0              # times the supervisor restarted it
 
     @property
     def target(self) -> str:
@@ -71,14 +76,18 @@ class StackState:
         data = json.loads(text)
         if data.get("version") != STATE_VERSION:
             raise StackError(f"state file version {data.get('version')!r} is not {STATE_VERSION}")
-        procs = tuple(ProcessRecord(**{**p, "argv": tuple(p["argv"])}) for p in data.pop("processes"))
+        procs = tuple(ProcessRecord(**{**p, "argv": tuple(p["argv"]), "env": tuple(tuple(kv) for kv in p.get("env", ()))})
+                      for p in data.pop("processes"))
         return StackState(**data, processes=procs)
 
 
 def write_state(path: Path, state: StackState) -> None:
-    """Atomically: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(state.to_json())
+    """Atomically: a reader sees the old file or the new one, never half of one. Mode 0600: it holds
+    the processes' environments."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(state.to_json())
     os.replace(tmp, path)
 
 
@@ -114,6 +123,17 @@ def stack_lock(stack_dir: Path):
 # ---------------------------------------------------------------------------------------------
 # Processes, ports, health
 # ---------------------------------------------------------------------------------------------
+
+def launch_process(argv: Sequence[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """Start one of the stack's processes: its own session (signalled as a group), stdin closed, stdout and
+    stderr appended to its log after a line with the time and command. Raises OSError."""
+    with open(log_path, "ab") as log:
+        log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
+        log.flush()
+        return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, start_new_session=True,
+                                close_fds=True)
+
 
 def process_start_time(pid: int) -> int | None:
     """The kernel's start time of a live process (None if gone or a zombie)."""

@@ -462,7 +462,8 @@ def beside(split_stack, default_model_dir, tmp_path_factory):
     The last test of this file stops it; down here is for a run that ends before."""
     config = StackConfig(state_dir=tmp_path_factory.mktemp("beside"), cache_dir=default_model_dir.parent,
                          name="beside", redis_url=split_stack.state.redis_url, num_kv_blocks=128,
-                         startup_timeout_s=300, stop_timeout_s=5)
+                         startup_timeout_s=300, stop_timeout_s=5,
+                         restart="never")      # its last test kills processes to see `down` clean up after them
     names = [n for stage in stack.stage_names(config) for n in stage]     # the launcher's port order
     said: list[str] = []
 
