@@ -13,7 +13,7 @@ added everywhere. Processes exchange token ids and block ids, never tensors.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields  # noqa: F401 (asdict: kept for callers)
+from dataclasses import asdict, dataclass, fields, replace  # noqa: F401 (asdict: kept for callers)
 from typing import Any, TypeVar
 
 from services.engine.sampling_params import SamplingParams
@@ -76,6 +76,12 @@ class KeySpace:
     def orchestrator_state(self) -> str:  # hash: SLO, policy mode, pinned shares (survives restarts)
         return f"{self.prefix}:orchestrator:state"
 
+    def decode_progress(self, request_id: str) -> str:   # list: tokens decode generated since its hand-off
+        return f"{self.prefix}:decode:progress:{request_id}"
+
+    def worker_alive(self, worker_id: str) -> str:   # string with a TTL: "host pid start_time" of a live worker
+        return f"{self.prefix}:alive:{worker_id}"
+
     def handover_ready(self, worker_id: str) -> str:   # list: a standby's pid once it is warm (retune by handover)
         return f"{self.prefix}:handover:{worker_id}:ready"
 
@@ -134,6 +140,17 @@ class TokenDelivery:
     error: str = ""                        # with finish_reason "error": what went wrong, for the client
     queue_time_ms: float | None = None     # on prefill's first delivery: arrival to prefill start
     logprobs: tuple[TokenLogprob, ...] = ()   # parallel to token_ids when the request asked (sampling.logprobs)
+    position: int | None = None            # index of token_ids[0] among the request's output tokens: a
+                                           # request recomputed after a worker died may deliver a token
+                                           # again, and the gateway keeps only what it had not sent
+
+    def after(self, num_delivered: int) -> TokenDelivery:
+        """This delivery without the tokens (and logprobs) before output index `num_delivered`."""
+        skip = 0 if self.position is None else max(0, num_delivered - self.position)
+        if not skip:
+            return self
+        return replace(self, token_ids=self.token_ids[skip:], logprobs=self.logprobs[skip:],
+                       position=self.position + skip)
 
 
 @dataclass(frozen=True, slots=True)

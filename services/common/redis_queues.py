@@ -116,6 +116,33 @@ def claim_stale(client: redis.Redis, stream: str, group: str, consumer: str, cls
     return _decode_acking_bad(client, stream, group, cls, claimed)
 
 
+def group_consumers(client: redis.Redis, stream: str, group: str) -> list[tuple[str, int]]:
+    """(name, entries pending with it) for every consumer of the group; [] without the group."""
+    try:
+        infos = client.xinfo_consumers(stream, group)
+    except redis.ResponseError:
+        return []
+    return [(_text(info["name"]), int(info["pending"])) for info in infos]
+
+
+def take_over_consumer(client: redis.Redis, stream: str, group: str, consumer: str, dead: str,
+                       cls: type[T]) -> list[tuple[str, T]]:
+    """Every entry pending with the consumer `dead`, claimed for `consumer` (still pending: acked once
+    handled), oldest first; then `dead` is removed from the group. Entries deleted from the stream
+    meanwhile are dropped (XCLAIM skips them)."""
+    claimed: list[tuple[Any, Any]] = []
+    for _ in range(1000):          # 1000 entries a time; bounded in case an old Redis keeps deleted ids
+        pending = client.xpending_range(stream, group, min="-", max="+", count=1000, consumername=dead)
+        if not pending:
+            break
+        ids = [p["message_id"] for p in pending]
+        claimed.extend(e for e in client.xclaim(stream, group, consumer, 0, ids) if e[0] is not None and e[1])
+        if len(pending) < 1000:
+            break
+    client.xgroup_delconsumer(stream, group, dead)
+    return _decode_acking_bad(client, stream, group, cls, claimed)
+
+
 def tail_cursor(client: redis.Redis, stream: str) -> str:
     """The id of the newest entry ever added ("$" made concrete); "0-0" if the stream does not exist,
     so that everything added from now on is read."""

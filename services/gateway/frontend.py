@@ -260,7 +260,7 @@ class Frontend:
         stop_ids = eos | set(params.stop_token_ids)
         completion: list[int] = []
         while True:
-            delivery = await self._next_delivery(queue, request_id, started=bool(completion))
+            delivery = (await self._next_delivery(queue, request_id, started=bool(completion))).after(len(completion))
             new_ids: list[int] = []
             for token in delivery.token_ids:
                 completion.append(token)

@@ -165,10 +165,11 @@ class Retuner:
     def _switch(self) -> None:
         w, share = self.worker, self.share
         w.flush_published()          # tokens already produced reach the gateway before the standby's
-        running, entry_ids = [], []
+        running, entry_ids, released = [], [], []
         for request_id, tracked in list(w.tracked.items()):
             if w.config.phase is Phase.DECODE and tracked.seq.status is SequenceStatus.RUNNING:
                 running.append(w._handoff(tracked))         # KV stays in its blocks, owned by the request
+                released.append(tracked.entry_id)           # the standby holds it from the WorkerHandover
             elif tracked.entry_id is not None:              # prefill: recomputed by the standby
                 w.scheduler.blocks.free(request_id)
                 entry_ids.append(tracked.entry_id)
@@ -177,6 +178,7 @@ class Retuner:
                 w.client.xadd(w.keys.prefill_queue, {FIELD: to_json(QueuedRequest(
                     request_id, tuple(tracked.seq.prompt_token_ids), tracked.seq.params, tracked.reply_to,
                     tracked.seq.arrival_time, tuple(tracked.seq.output_token_ids)))})
+        w.release_inputs([e for e in released if e], [h.request_id for h in running])
         w.tracked.clear()
         self.switched = True
         w.scheduler.running.clear()

@@ -46,6 +46,7 @@ from services.worker.doorbell import InputDoorbell
 from services.worker.handover import needs_handover
 from services.worker.metrics import WorkerMetrics
 from services.worker.publisher import PipelinePublisher, Sent
+from services.worker.recovery import SCAN_INTERVAL_S, heartbeat_value, queue_heartbeat, take_over_dead
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,8 @@ class Worker:
     _growth: list = field(init=False, default_factory=list)   # (request id, blocks) asked for in this poll
     _growth_ahead: tuple[list, Sent] | None = field(init=False, default=None)   # asked during the forward
     _inputs_left: bool = field(init=False, default=True)   # the last read may have left entries unread
+    _heartbeat: str = field(init=False)                    # recovery.py: how peers tell this worker alive
+    _next_peer_scan: float = field(init=False, default=0.0)   # time.monotonic() of the next dead-peer scan
     _reported_batch: tuple[int, int] = field(init=False, default=(-1, -1))   # running, waiting in the last report
 
     def __post_init__(self) -> None:
@@ -110,6 +113,10 @@ class Worker:
         self._input_type = Handoff if self.is_split_decode else QueuedRequest
         self.group = DECODE_GROUP if self.is_split_decode else PREFILL_GROUP
         ensure_group(self.client, self.input_stream, self.group)
+        self._heartbeat = heartbeat_value()
+        pipe = self.client.pipeline(transaction=False)
+        queue_heartbeat(pipe, self.keys.worker_alive(self.config.worker_id), self._heartbeat)
+        pipe.execute()            # alive before it owns any entry, so no peer takes its work over
         self.kv_blocks_free = self.scheduler.blocks.num_free
         self.publisher = PipelinePublisher(self._on_published, name=f"{self.config.phase.value}-publisher",
                                            threaded=self.config.overlap_publish)
@@ -124,6 +131,8 @@ class Worker:
 
     def run_once(self) -> None:
         iteration_start = time.perf_counter()
+        if time.monotonic() >= self._next_peer_scan:
+            self.recover_dead_peers()
         self._apply_requested_share()
         if self.retuner is not None and self.retuner.poll():   # a standby took over: this worker stops
             return
@@ -149,13 +158,32 @@ class Worker:
         with self.scheduler.blocks.deferring_frees() as finished:   # their ids are never allocated again
             advanced = self.scheduler.postprocess(batch, sampled)
         elapsed = time.perf_counter() - started
-        pipe = self.client.pipeline(transaction=False)           # one round trip for everything below
+        # One round trip for everything below, all or nothing (MULTI): a first token, its hand-off and
+        # the ack of its queue entry land together, so a worker killed meanwhile leaves the request
+        # pending for recovery.py, never half handed off.
+        pipe = self.client.pipeline(transaction=True)
         self._publish(advanced, pipe)
         self.scheduler.blocks.queue_free_many(pipe, finished)
         self._record(batch, elapsed, pipe)
         pipe.llen(self.keys.kv_free)          # the free count for the next report, in this round trip
         self.publisher.submit(pipe)           # sent while the next iteration runs (publisher.py)
         self._observe_host_time(time.perf_counter() - iteration_start - device_s)
+
+    def recover_dead_peers(self) -> None:
+        """Take over the entries a dead worker of this group left pending (recovery.py): prefill
+        frees the blocks it had half filled and recomputes; decode admits the hand-offs."""
+        self._next_peer_scan = time.monotonic() + SCAN_INTERVAL_S
+        entries = take_over_dead(self.client, self.keys.worker_alive, self.input_stream, self.group,
+                                 self.config.worker_id, self._input_type)
+        if not entries:
+            return
+        if not self.is_split_decode:
+            self.scheduler.blocks.free_many([queued.request_id for _, queued in entries])
+            self._admit(entries)
+            return
+        for entry_id, handoff in entries:     # resumed in place: its KV is still in the arena's pool
+            progress = tuple(int(t) for t in self.client.lrange(self.keys.decode_progress(handoff.request_id), 0, -1))
+            self._admit_handoff(entry_id, handoff, progress, self.scheduler.blocks.owned(handoff.request_id))
 
     def _on_published(self, replies: list) -> None:
         """On the publisher's thread: the pool's free count read by the pipeline's last command."""
@@ -267,10 +295,9 @@ class Worker:
         if not self.is_split_decode:
             for entry_id, queued in entries:
                 self._admit_queued(entry_id, queued)
-        elif entries:
-            self._ack(*(entry_id for entry_id, _ in entries))    # one round trip; from here their state is ours
-            for _, handoff in entries:
-                self._admit_handoff(None, handoff)
+        else:      # a hand-off stays pending until its request leaves decode: one that dies leaves it to recovery.py
+            for entry_id, handoff in entries:
+                self._admit_handoff(entry_id, handoff)
 
     def _drop_cancelled(self, request_ids: set[str]) -> None:
         for request_id in request_ids:
@@ -295,18 +322,23 @@ class Worker:
         self.tracked[seq.request_id] = _Tracked(seq, queued.reply_to, entry_id,
                                                 is_first_delivery=not queued.output_token_ids)
 
-    def _admit_handoff(self, entry_id: str | None, handoff: Handoff) -> None:
-        if entry_id is not None:   # None: acked by the caller, or handed over by a retiring decode worker
-            self._ack(entry_id)    # from here its state is ours
+    def _admit_handoff(self, entry_id: str | None, handoff: Handoff, progress: tuple[int, ...] = (),
+                       block_ids: list[int] | None = None) -> None:
+        """Decode takes a request over with its KV in place. `entry_id` None: handed over by a retiring
+        decode worker. `progress`, `block_ids`: a dead decode's tokens since the hand-off and its
+        block table now (recovery), so the request resumes where the client's stream stopped."""
         if self.cancels.is_cancelled(handoff.request_id):
             self.scheduler.blocks.free(handoff.request_id)
+            self.release_inputs([entry_id] if entry_id else [], [handoff.request_id])
             return
         seq = Sequence(handoff.request_id, list(handoff.prompt_token_ids), handoff.sampling,
-                       arrival_time=handoff.arrival_time, output_token_ids=list(handoff.output_token_ids),
-                       num_computed_tokens=handoff.num_computed_tokens, block_ids=list(handoff.block_ids))
+                       arrival_time=handoff.arrival_time,
+                       output_token_ids=[*handoff.output_token_ids, *progress],
+                       num_computed_tokens=handoff.num_computed_tokens + len(progress),
+                       block_ids=list(handoff.block_ids if block_ids is None else block_ids))
         self.scheduler.admit_prefilled(seq)
-        self.tracked[seq.request_id] = _Tracked(seq, handoff.reply_to, is_first_delivery=False,
-                                                handoff_time=handoff.handoff_time)
+        self.tracked[seq.request_id] = _Tracked(seq, handoff.reply_to, entry_id, is_first_delivery=False,
+                                                handoff_time=None if progress else handoff.handoff_time)
 
     def _requeue_preempted(self, batch: SchedulerOutput) -> None:
         """Decode: a preempted request goes back to prefill with its tokens, to be recomputed."""
@@ -317,13 +349,16 @@ class Worker:
         if not self.is_split_decode:
             return      # hybrid and prefill schedulers keep preempted requests in their own queue
         self.flush_published()    # their tokens so far reach the gateway before prefill resumes them
-        pipe = self.client.pipeline(transaction=False)
+        pipe = self.client.pipeline(transaction=True)          # re-queued and released together
+        entry_ids = []
         for request_id in batch.preempted_ids:
             tracked = self.tracked.pop(request_id)
             seq = tracked.seq
             pipe.xadd(self.keys.prefill_queue, {"m": to_json(QueuedRequest(
                 request_id, tuple(seq.prompt_token_ids), seq.params, tracked.reply_to, seq.arrival_time,
                 tuple(seq.output_token_ids)))})
+            entry_ids += [tracked.entry_id] if tracked.entry_id else []
+        self._queue_release(pipe, entry_ids, batch.preempted_ids)
         pipe.execute()
 
     def _mark_scheduled(self, batch: SchedulerOutput) -> None:
@@ -343,6 +378,7 @@ class Worker:
         """Deliver new tokens (one entry per gateway), then hand off finished prefills (a first token
         is published before decode can see its request); ack (and drop) what left this worker."""
         to_ack: list[str] = []
+        gone: list[str] = []
         handoffs: list[Handoff] = []
         by_gateway: dict[str, list[TokenDelivery]] = {}
         for seq in advanced:
@@ -354,15 +390,16 @@ class Worker:
             if seq.status in (SequenceStatus.HANDED_OFF, SequenceStatus.FINISHED):
                 if tracked.entry_id is not None:
                     to_ack.append(tracked.entry_id)
+                gone.append(seq.request_id)
                 del self.tracked[seq.request_id]
                 self.stats = _bump(self.stats, requests_finished=1)
+            elif self.is_split_decode:       # what a decode that dies now resumes from (recovery.py)
+                pipe.rpush(self.keys.decode_progress(seq.request_id), seq.output_token_ids[-1])
         for reply_to, deliveries in by_gateway.items():
             pipe.xadd(reply_to, {"m": to_json(TokenDeliveries(tuple(deliveries)))})
         for handoff in handoffs:
             pipe.xadd(self.keys.decode_admit, {"m": to_json(handoff)})
-        if to_ack:
-            pipe.xack(self.input_stream, self.group, *to_ack)
-            pipe.xdel(self.input_stream, *to_ack)
+        self._queue_release(pipe, to_ack, gone)
 
     def _delivery(self, tracked: _Tracked, finish: str | None) -> TokenDelivery:
         queue_ms = None
@@ -373,7 +410,7 @@ class Worker:
         seq = tracked.seq      # its newest token's logprob was appended by sample_batch, if it asked
         logprobs = (seq.logprobs[-1],) if seq.params.logprobs is not None and seq.logprobs else ()
         return TokenDelivery(seq.request_id, (seq.output_token_ids[-1],), finish, queue_time_ms=queue_ms,
-                             logprobs=logprobs)
+                             logprobs=logprobs, position=len(seq.output_token_ids) - 1)
 
     def _handoff(self, tracked: _Tracked) -> Handoff:
         seq = tracked.seq
@@ -391,8 +428,23 @@ class Worker:
 
     def _forget(self, request_id: str) -> None:
         tracked = self.tracked.pop(request_id, None)
-        if tracked is not None and tracked.entry_id is not None:
-            self._ack(tracked.entry_id)
+        if tracked is not None:
+            self.release_inputs([tracked.entry_id] if tracked.entry_id else [], [request_id])
+
+    def release_inputs(self, entry_ids: list[str], request_ids: list[str]) -> None:
+        """These requests left this worker (their blocks already freed or passed on): their input
+        entries acked and deleted, decode's progress records dropped; one round trip."""
+        pipe = self.client.pipeline(transaction=True)
+        self._queue_release(pipe, entry_ids, request_ids)
+        if len(pipe):
+            pipe.execute()
+
+    def _queue_release(self, pipe: redis.client.Pipeline, entry_ids: list[str], request_ids) -> None:
+        if entry_ids:
+            pipe.xack(self.input_stream, self.group, *entry_ids)
+            pipe.xdel(self.input_stream, *entry_ids)
+        if self.is_split_decode and request_ids:
+            pipe.delete(*(self.keys.decode_progress(r) for r in request_ids))
 
     # ------------------------------------------------------------------ bookkeeping
     def _record(self, batch: SchedulerOutput, elapsed: float, pipe: redis.client.Pipeline) -> None:
@@ -440,7 +492,11 @@ class Worker:
                               units_total=units.total if units else 0, pid=os.getpid(),
                               share_switch_ms=self.switch_ms[0], share_switch_stall_ms=self.switch_ms[1],
                               host_ms=statistics.median(self.host_ms) if self.host_ms else 0.0)
-        (pipe or self.client).hset(self.keys.worker_stats(self.config.phase.value), mapping={"m": to_json(report)})
+        target = pipe or self.client.pipeline(transaction=False)
+        target.hset(self.keys.worker_stats(self.config.phase.value), mapping={"m": to_json(report)})
+        queue_heartbeat(target, self.keys.worker_alive(self.config.worker_id), self._heartbeat)
+        if pipe is None:
+            target.execute()
         self.last_report_at = time.monotonic()
         self._reported_batch = (s.num_running, s.num_waiting)
 

@@ -46,3 +46,15 @@ def test_empty_logprobs_stay_out_of_the_json() -> None:
     # SamplingParams.logprobs is not a tuple: None and 0 are both written
     assert json.loads(to_json(SamplingParams()))["logprobs"] is None
     assert json.loads(to_json(SamplingParams(logprobs=0)))["logprobs"] == 0
+
+
+def test_a_delivery_after_what_the_gateway_already_sent() -> None:
+    lp = (TokenLogprob(5, -0.1), TokenLogprob(6, -0.2), TokenLogprob(7, -0.3))
+    delivery = TokenDelivery("r", (5, 6, 7), logprobs=lp, position=4)
+    assert delivery.after(4) is delivery and delivery.after(2) is delivery      # nothing sent twice
+    again = delivery.after(6)                                                   # 4 and 5 were sent already
+    assert again.token_ids == (7,) and again.logprobs == lp[2:] and again.position == 6
+    assert delivery.after(9).token_ids == ()
+    unplaced = TokenDelivery("r", (5,))                                         # from an older worker
+    assert unplaced.after(100) is unplaced
+    assert from_json(TokenDelivery, to_json(delivery)) == delivery
