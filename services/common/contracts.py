@@ -76,6 +76,9 @@ class KeySpace:
     def orchestrator_state(self) -> str:  # hash: SLO, policy mode, pinned shares (survives restarts)
         return f"{self.prefix}:orchestrator:state"
 
+    def request_claim(self, request_id: str) -> str:   # string with a TTL: a client's request id while it runs
+        return f"{self.prefix}:request:{request_id}"
+
     def decode_progress(self, request_id: str) -> str:   # list: tokens decode generated since its hand-off
         return f"{self.prefix}:decode:progress:{request_id}"
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -30,12 +29,12 @@ from services.engine.output import OutputState
 from services.engine.sampling_params import SamplingParams
 from services.engine.tokenizer import Tokenizer
 from services.gateway.config import GatewayConfig
+from services.gateway import request_ids
 from services.gateway.errors import InvalidInput, NotReady, QueueFull
 from services.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger("duoserve.gateway")
 
-MAX_REQUEST_ID_CHARS = 128
 CANCEL_STREAM_MAXLEN = 100_000      # cancels are read within an iteration; older ones are history
 LATENCY_MAXLEN = 10_000             # finished requests kept for SLO attainment
 
@@ -213,48 +212,43 @@ class Frontend:
             raise QueueFull(f"the prefill queue holds {depth} requests (limit {self.config.max_queue_len}); "
                             "retry with backoff")
 
-    def _request_id(self, given: str) -> str:
-        if not given:
-            return f"req-{uuid.uuid4().hex}"
-        if len(given) > MAX_REQUEST_ID_CHARS or not given.isprintable():
-            raise InvalidInput(f"request_id: at most {MAX_REQUEST_ID_CHARS} printable characters")
-        if given in self.pending:
-            raise InvalidInput(f"request_id: {given!r} is already running on this gateway")
-        return given
-
     async def generate(self, req: GenerateInput) -> AsyncIterator[Chunk]:
         """Stream one request's completion. Cancelling the consumer cancels the request."""
-        request_id = self._request_id(req.request_id)
         prompt = self.prompt_ids(req)
         self.check_fits(len(prompt), req.sampling)
         await self._check_queue()
+        ids = await request_ids.claim(self.client, self.keys, req.request_id)
+        engine_id = ids.engine_id          # the workers' name for it (request_ids.py)
         timing = _Timing(arrival=time.time())
         queue: asyncio.Queue = asyncio.Queue()
-        self.pending[request_id] = queue
+        self.pending[engine_id] = queue
         self.metrics.num_requests_waiting.inc()
         is_done = False
         ended = "abort"          # unless it finishes: the client went away or its deadline passed
         try:
             # "n" and "t" let the orchestrator see the queue without parsing every prompt.
             await self.client.xadd(self.keys.prefill_queue, {"m": to_json(QueuedRequest(
-                request_id, tuple(prompt), req.sampling, self.reply_stream, timing.arrival)),
+                engine_id, tuple(prompt), req.sampling, self.reply_stream, timing.arrival)),
                 "n": len(prompt), "t": repr(timing.arrival)})
-            async for chunk in self._stream(request_id, prompt, req.sampling, queue, timing):
+            async for chunk in self._stream(ids, prompt, req.sampling, queue, timing):
                 is_done = chunk.finish_reason is not None
                 yield chunk
+                await request_ids.refresh(self.client, ids)
         except Exception:
             ended = "error"      # the engine failed it, no token for too long, Redis gone
             raise
         finally:
-            self.pending.pop(request_id, None)
+            self.pending.pop(engine_id, None)
             gauge = self.metrics.num_requests_running if timing.is_running else self.metrics.num_requests_waiting
             gauge.dec()
             if not is_done:     # client gone, deadline, or error: free its blocks wherever it is
                 self.metrics.observe_finished(len(prompt), timing.num_tokens, time.time() - timing.arrival, ended)
-                await self._cancel(request_id, "cancelled")
+                await self._cancel(engine_id, "cancelled")
+            await self._release(ids)
 
-    async def _stream(self, request_id: str, prompt: list[int], params: SamplingParams, queue: asyncio.Queue,
-                      timing: _Timing) -> AsyncIterator[Chunk]:
+    async def _stream(self, ids: request_ids.RequestIds, prompt: list[int], params: SamplingParams,
+                      queue: asyncio.Queue, timing: _Timing) -> AsyncIterator[Chunk]:
+        request_id = ids.client_id
         state = OutputState(params, self.tokenizer.detokenizer(prompt))
         eos = set(self.info.eos_token_ids) if not params.ignore_eos else set()
         stop_ids = eos | set(params.stop_token_ids)
@@ -271,7 +265,7 @@ class Frontend:
             finish = delivery.finish_reason
             if state.hit_stop_string:
                 finish = "stop"
-                await self._cancel(request_id, "stop")   # the workers may run one more iteration; fine
+                await self._cancel(ids.engine_id, "stop")   # the workers may run one more iteration; fine
             self._observe_tokens(timing, delivery, len(new_ids))
             usage = self._usage(timing, len(prompt), len(completion)) if finish else None
             if finish:          # counted before the last chunk goes out: a client may close on receiving it
@@ -321,6 +315,12 @@ class Frontend:
         tpot = (usage.e2e_ms - usage.ttft_ms) / (usage.completion_tokens - 1) if usage.completion_tokens > 1 else 0.0
         sample = RequestLatency(usage.ttft_ms, tpot, usage.prompt_tokens, usage.completion_tokens, time.time())
         await self.client.xadd(self.keys.latencies, {"m": to_json(sample)}, maxlen=LATENCY_MAXLEN, approximate=True)
+
+    async def _release(self, ids: request_ids.RequestIds) -> None:
+        try:
+            await request_ids.release(self.client, ids)
+        except aioredis.RedisError:
+            log.warning("could not release request id %s (it expires by itself)", ids.client_id)
 
     async def _cancel(self, request_id: str, reason: str) -> None:
         try:

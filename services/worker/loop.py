@@ -307,7 +307,20 @@ class Worker:
             self.scheduler.finish(request_id, FinishReason.CANCELLED)   # frees its blocks now
             self._forget(request_id)
 
+    def _already_here(self, request_id: str, entry_id: str | None) -> bool:
+        """A second request under an id this worker holds is dropped (acked, nothing else: its id,
+        blocks and gateway stream are the first one's). The gateway's ids make it impossible
+        (services/gateway/request_ids.py); a worker still never crashes on one."""
+        if request_id not in self.tracked:
+            return False
+        log.warning("dropped a second request %s: one with this id is already here", request_id)
+        if entry_id is not None:
+            self._ack(entry_id)
+        return True
+
     def _admit_queued(self, entry_id: str, queued: QueuedRequest) -> None:
+        if self._already_here(queued.request_id, entry_id):
+            return
         if self.cancels.is_cancelled(queued.request_id):
             self._ack(entry_id)
             return
@@ -327,6 +340,8 @@ class Worker:
         """Decode takes a request over with its KV in place. `entry_id` None: handed over by a retiring
         decode worker. `progress`, `block_ids`: a dead decode's tokens since the hand-off and its
         block table now (recovery), so the request resumes where the client's stream stopped."""
+        if self._already_here(handoff.request_id, entry_id):
+            return
         if self.cancels.is_cancelled(handoff.request_id):
             self.scheduler.blocks.free(handoff.request_id)
             self.release_inputs([entry_id] if entry_id else [], [handoff.request_id])

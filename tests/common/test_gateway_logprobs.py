@@ -14,6 +14,7 @@ from services.engine.sampling_params import SamplingParams
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import InvalidInput
 from services.gateway.frontend import Chunk, Frontend, _Timing
+from services.gateway.request_ids import RequestIds
 from services.gateway.servicer import to_response, to_sampling_params
 
 
@@ -68,7 +69,7 @@ def test_a_stop_string_inside_a_delivery_cuts_its_logprobs_with_its_tokens():
         queue: asyncio.Queue = asyncio.Queue()
         queue.put_nowait(TokenDelivery("r", (ord("a"),), logprobs=logprobs[:1]))
         queue.put_nowait(TokenDelivery("r", tuple(map(ord, text[1:])), logprobs=logprobs[1:]))
-        return [c async for c in frontend._stream("r", [1], params, queue, _Timing(arrival=0.0))]
+        return [c async for c in frontend._stream(RequestIds("r", "r", None), [1], params, queue, _Timing(arrival=0.0))]
 
     chunks = asyncio.run(run())
     assert [c.token_ids for c in chunks] == [(ord("a"),), tuple(map(ord, "bXY"))]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import threading
 import time
 
@@ -259,16 +258,17 @@ def test_every_process_serves_prometheus_metrics(split_stack):
         f'duoserve:generation_tokens_total{{model_name="{MODEL_NAME}",phase="decode"}}'] >= 3
 
 
-def test_gateway_restart_while_workers_keep_running(split_stack, default_model_dir):
+def test_gateway_restart_while_workers_keep_running(split_stack):
+    """The stack's supervisor restarts a killed gateway; the workers go on as they were."""
     gateway = split_stack.process("gateway")
     workers = {name: split_stack.process(name).pid for name in ("prefill", "decode", "arena")}
     os.kill(gateway.pid, signal.SIGKILL)
-    time.sleep(0.5)
-    with open(gateway.log, "ab") as log:
-        proc = subprocess.Popen(list(gateway.argv), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    _adopt(split_stack, gateway, proc.pid)          # `duoserve down` stops the new one
+    deadline = time.monotonic() + 120
+    while split_stack.process("gateway").restarts < gateway.restarts + 1:
+        assert time.monotonic() < deadline, "the supervisor did not restart the gateway"
+        time.sleep(0.25)
+        split_stack.reload_state()
     with duoserve.Client(split_stack.target, timeout=120) as client:
-        deadline = time.monotonic() + 60
         while True:
             try:
                 got = client.generate(messages=[{"role": "user", "content": "What is the capital of France?"}],
@@ -283,12 +283,21 @@ def test_gateway_restart_while_workers_keep_running(split_stack, default_model_d
         os.kill(pid, 0)                                  # still the same processes
 
 
-def _adopt(running, record, pid: int) -> None:
-    """Record a restarted process in the stack's state file in place of the one it replaces."""
-    from dataclasses import replace
-    from duoserve import stack
-    state = running.state
-    procs = tuple(replace(p, pid=pid, start_time=stack.process_start_time(pid)) if p.name == record.name else p
-                  for p in state.processes)
-    stack.write_state(running.config.state_path, replace(state, processes=procs))
-    running.reload_state()
+def test_a_request_id_runs_once_at_a_time_and_is_free_again_after(split_stack):
+    with duoserve.Client(split_stack.target, timeout=300) as client:
+        running = client.stream(prompt="Tell me a story", max_tokens=400, temperature=0, ignore_eos=True,
+                                request_id="same-id")
+        next(iter(running))
+        with pytest.raises(errors.InvalidArgument, match="already running"):
+            client.generate(prompt="hi", max_tokens=2, request_id="same-id")
+        running.close()                                  # cancelled: the id is free again at once
+        deadline = time.monotonic() + 30
+        while True:                                      # (the gateway releases it as the stream ends)
+            try:
+                again = client.generate(prompt="hi", max_tokens=3, temperature=0, ignore_eos=True,
+                                        request_id="same-id")
+                break
+            except errors.InvalidArgument:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert again.request_id == "same-id" and len(again.token_ids) == 3   # not dropped as cancelled
