@@ -126,7 +126,11 @@ class Supervisor:
 
     # ------------------------------------------------------------------ restarting
     def _restart(self, state: StackState, name: str) -> StackState:
-        record = next(r for r in state.processes if r.name == name)
+        """Start `name` again as the state file records it (its command line and environment there win:
+        an operator may have changed them), on the same ports and log."""
+        on_file = read_state(self.state_path)
+        record = next((r for r in (on_file.processes if on_file else ()) if r.name == name), None) \
+            or next(r for r in state.processes if r.name == name)
         try:
             popen = launch_process(record.argv, dict(record.env), Path(record.log))
         except OSError as e:
@@ -136,7 +140,7 @@ class Supervisor:
             return state
         self.popens[popen.pid] = popen
         new = replace(record, pid=popen.pid, start_time=process_start_time(popen.pid), restarts=record.restarts + 1)
-        state = self._save(replace(state, processes=tuple(new if r is record else r for r in state.processes)))
+        state = self._save(replace(state, processes=tuple(new if r.name == name else r for r in state.processes)))
         self.tracker.restarted(name, time.monotonic())
         self.say(f"{name} restarted (pid {new.pid}, restart {new.restarts})")
         self._wait_healthy(new)

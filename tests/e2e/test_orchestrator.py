@@ -95,19 +95,12 @@ def test_a_burst_of_long_prompts_raises_the_prefill_share_then_it_comes_back(spl
 
 
 def test_orchestrator_restart_keeps_workers_serving_and_requires_its_token(split_stack):
-    from tests.e2e.test_requests import _adopt
     admin = _admin(split_stack)
     admin.call("SetSLO", pb.SLO(ttft_ms=3500, tpot_ms=250, percentile=95, prefer="ttft"))
-    record = split_stack.process("orchestrator")
-    os.kill(record.pid, signal.SIGKILL)
+    _restart(split_stack, "orchestrator", {"DUOSERVE_ADMIN_TOKEN": "t0ken"}, check_serving=False)
     with duoserve.Client(split_stack.target, timeout=120) as client:     # the data plane does not notice
         assert client.generate(messages=[{"role": "user", "content": "What is the capital of France?"}],
                                max_tokens=16, temperature=0).text.count("Paris")
-    env = {**os.environ, "DUOSERVE_ADMIN_TOKEN": "t0ken"}
-    with open(record.log, "ab") as log:
-        proc = subprocess.Popen(list(record.argv), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-    _adopt(split_stack, record, proc.pid)
     deadline = time.monotonic() + 60
     while True:
         refused = _duoctl(split_stack, "status", "--json")
@@ -123,17 +116,25 @@ def test_orchestrator_restart_keeps_workers_serving_and_requires_its_token(split
     assert {p["phase"] for p in status["model_fit"]["phases"]} >= {"prefill", "decode"}
     history = _duoctl(split_stack, "history", token="t0ken")
     assert history.returncode == 0
-    _restart(split_stack, record, env=dict(os.environ))      # leave the stack as the other tests expect it
+    _restart(split_stack, "orchestrator", {})      # leave the stack as the other tests expect it
 
 
-def _restart(stack, record, env: dict[str, str]) -> None:
-    from tests.e2e.test_requests import _adopt
-    os.kill(stack.process(record.name).pid, signal.SIGTERM)
-    with open(record.log, "ab") as log:
-        proc = subprocess.Popen(list(record.argv), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-    _adopt(stack, record, proc.pid)
-    deadline = time.monotonic() + 60
-    while _duoctl(stack, "status").returncode != 0:
-        assert time.monotonic() < deadline, "the orchestrator did not come back"
+def _restart(stack, name: str, env: dict[str, str], check_serving: bool = True) -> None:
+    """Kill `name` after giving it `env` in the state file: the stack's supervisor restarts it so."""
+    from dataclasses import replace
+    from duoserve import stack as stacks
+    stack.reload_state()
+    old = stack.process(name)
+    procs = tuple(replace(p, env=tuple(env.items())) if p.name == name else p for p in stack.state.processes)
+    stacks.write_state(stack.config.state_path, replace(stack.state, processes=procs))
+    os.kill(old.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while True:
+        stack.reload_state()
+        if stack.process(name).restarts > old.restarts:
+            break
+        assert time.monotonic() < deadline, f"the supervisor did not restart {name}"
+        time.sleep(0.25)
+    while check_serving and _duoctl(stack, "status").returncode != 0:
+        assert time.monotonic() < deadline, f"{name} did not come back"
         time.sleep(0.5)
