@@ -168,7 +168,7 @@ class Retuner:
         running, entry_ids, released = [], [], []
         for request_id, tracked in list(w.tracked.items()):
             if w.config.phase is Phase.DECODE and tracked.seq.status is SequenceStatus.RUNNING:
-                running.append(w._handoff(tracked))         # KV stays in its blocks, owned by the request
+                running.append(tracked.handoff())         # KV stays in its blocks, owned by the request
                 released.append(tracked.entry_id)           # the standby holds it from the WorkerHandover
             elif tracked.entry_id is not None:              # prefill: recomputed by the standby
                 w.scheduler.blocks.free(request_id)

@@ -30,8 +30,7 @@ import redis
 
 from services.common.contracts import (Handoff, IterationSample, KeySpace, QueuedRequest, TokenDeliveries,
                                        TokenDelivery, WorkerReport, to_json)
-from services.common.redis_queues import (CancelWatcher, ensure_group, group_reply, queue_group_read,
-                                          read_group)
+from services.common.redis_queues import CancelWatcher, ensure_group
 from services.engine.llm_engine import sample_batch
 from services.engine.runner import ModelRunner
 from services.engine.sampler import Sampler
@@ -42,10 +41,11 @@ from services.worker.fence import kv_fence
 from services.worker.compute_units import probe_compute_units
 from services.worker.config import Phase, WorkerConfig
 from services.worker.control import StatsSnapshot, WorkerControl
-from services.worker.doorbell import InputDoorbell
+from services.worker.inputs import InputReader, InputStream
+from services.worker.tracked import TrackedRequest
 from services.worker.handover import needs_handover
 from services.worker.metrics import WorkerMetrics
-from services.worker.publisher import PipelinePublisher, Sent
+from services.worker.publisher import PipelinePublisher
 from services.worker.recovery import SCAN_INTERVAL_S, heartbeat_value, queue_heartbeat, take_over_dead
 
 log = logging.getLogger(__name__)
@@ -60,18 +60,6 @@ BUSY_REPORT_S = 0.05        # a busy one at most this often (the orchestrator re
 
 
 @dataclass
-class _Tracked:
-    """What the worker keeps about a request besides the scheduler's Sequence."""
-
-    seq: Sequence
-    reply_to: str                      # the gateway's reply stream
-    entry_id: str | None = None        # queue entry to ack once the request leaves this worker
-    is_first_delivery: bool = True     # carry queue time on the first tokens this worker sends
-    first_scheduled: float | None = None   # wall clock of its first chunk here
-    handoff_time: float | None = None  # decode: when prefill published the hand-off
-
-
-@dataclass
 class Worker:
     """One worker's loop over its scheduler and model runner."""
 
@@ -83,7 +71,7 @@ class Worker:
     control: WorkerControl
     metrics: WorkerMetrics
     stack_cpus: tuple[int, ...] = ()     # every core the stack may use (the cpu backend's unit total)
-    tracked: dict[str, _Tracked] = field(default_factory=dict)   # every request this worker holds
+    tracked: dict[str, TrackedRequest] = field(default_factory=dict)   # every request this worker holds
     retuner: object | None = None        # services.worker.handover.Retuner in handover mode (set by main)
     switch_ms: tuple[float, float] = (0.0, 0.0)   # last handover that started this worker: latency, pause
     stats: StatsSnapshot = field(default_factory=StatsSnapshot)
@@ -91,23 +79,18 @@ class Worker:
     kv_blocks_free: int = 0              # the pool's free list length, read with each iteration's publish
     host_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=HOST_WINDOW))
     keys: KeySpace = field(init=False)
-    cancels: CancelWatcher = field(init=False)
     is_split_decode: bool = field(init=False)    # reads hand-offs instead of the prefill queue
     input_stream: str = field(init=False)
     _input_type: type = field(init=False)        # what the input stream carries: Handoff or QueuedRequest
     group: str = field(init=False)
     publisher: PipelinePublisher = field(init=False)   # sends each iteration's pipeline, overlapped
-    doorbell: InputDoorbell | None = field(init=False)   # rings when inputs or cancels arrive (overlap on)
-    _growth: list = field(init=False, default_factory=list)   # (request id, blocks) asked for in this poll
-    _growth_ahead: tuple[list, Sent] | None = field(init=False, default=None)   # asked during the forward
-    _inputs_left: bool = field(init=False, default=True)   # the last read may have left entries unread
+    inputs: InputReader = field(init=False)            # cancels, new work, decode's growth (inputs.py)
     _heartbeat: str = field(init=False)                    # recovery.py: how peers tell this worker alive
     _next_peer_scan: float = field(init=False, default=0.0)   # time.monotonic() of the next dead-peer scan
     _reported_batch: tuple[int, int] = field(init=False, default=(-1, -1))   # running, waiting in the last report
 
     def __post_init__(self) -> None:
         self.keys = KeySpace(self.config.key_prefix)
-        self.cancels = CancelWatcher(self.keys)
         self.is_split_decode = self.config.phase is Phase.DECODE
         self.input_stream = self.keys.decode_admit if self.is_split_decode else self.keys.prefill_queue
         self._input_type = Handoff if self.is_split_decode else QueuedRequest
@@ -120,9 +103,10 @@ class Worker:
         self.kv_blocks_free = self.scheduler.blocks.num_free
         self.publisher = PipelinePublisher(self._on_published, name=f"{self.config.phase.value}-publisher",
                                            threaded=self.config.overlap_publish)
-        self.doorbell = InputDoorbell(self.client, (self.input_stream, self.keys.cancel),
-                                      name=f"{self.config.phase.value}-doorbell") \
-            if self.config.overlap_publish else None
+        self.inputs = InputReader(
+            self.client, self.keys, InputStream(self.input_stream, self.group, self.config.worker_id, self._input_type),
+            self.scheduler, self.publisher, grows_decode=self.is_split_decode, overlapped=self.config.overlap_publish,
+            idle_block_ms=self.config.idle_block_ms, name=self.config.phase.value)
 
     # ------------------------------------------------------------------ the loop
     def run_forever(self) -> None:
@@ -149,7 +133,7 @@ class Worker:
             self.control.wait_stopping(self.config.idle_block_ms / 1000)   # waiting for blocks to free up
             return
         self._mark_scheduled(batch)
-        self._ask_growth_ahead()                                # sent while the forward pass runs
+        self.inputs.ask_growth_ahead()                          # sent while the forward pass runs
         logits = self.runner.run(batch)                         # torch: tensors from block ids, forward
         sampling_started = time.perf_counter()
         sampled = sample_batch(self.sampler, self.scheduler, batch, logits)
@@ -185,6 +169,11 @@ class Worker:
             progress = tuple(int(t) for t in self.client.lrange(self.keys.decode_progress(handoff.request_id), 0, -1))
             self._admit_handoff(entry_id, handoff, progress, self.scheduler.blocks.owned(handoff.request_id))
 
+    @property
+    def cancels(self) -> CancelWatcher:
+        """The cancels this worker has seen (inputs.py reads them)."""
+        return self.inputs.cancels
+
     def _on_published(self, replies: list) -> None:
         """On the publisher's thread: the pool's free count read by the pipeline's last command."""
         self.kv_blocks_free = int(replies[-1])
@@ -192,7 +181,7 @@ class Worker:
     def flush_published(self) -> None:
         """Every queued pipeline sent (blocks asked for ahead adopted): what the loop writes next
         directly lands after it."""
-        self._adopt_growth_ahead()
+        self.inputs.adopt_growth_ahead()
         self.publisher.flush()
 
     def _observe_host_time(self, seconds: float) -> None:
@@ -222,74 +211,14 @@ class Worker:
                  share.token_budget or "unchanged")
 
     def _poll_inputs(self) -> bool:
-        """Cancels, new work and (split decode, unless asked for ahead) the blocks the next
-        iteration's rows need, in one round trip, not waiting for the last iteration's publish (still
-        going out on the publisher's thread): cancelled requests dropped (blocks freed), new entries
-        admitted, blocks adopted. A busy worker whose doorbell did not ring skips the round trip.
-        While idle, then blocks on the input stream; True when it did."""
-        self._adopt_growth_ahead()
-        rang = self.doorbell is None or self.doorbell.take()     # taken before the read: later entries ring again
-        if self.scheduler.has_work() and not rang and not self._inputs_left:
-            return False
-        pipe = self.client.pipeline(transaction=False)
-        room = self._queue_reads(pipe)
-        self._queue_growth(pipe)
-        entries = self._take_reads(room, pipe.execute(raise_on_error=False))
-        self._inputs_left = room <= 0 or len(entries) >= room
-        blocked = room > 0 and not entries and not self.scheduler.has_work()
-        if blocked:
-            entries = read_group(self.client, self.input_stream, self.group, self.config.worker_id,
-                                 self._input_type, room, self.config.idle_block_ms)
-        self._admit(entries)
-        return blocked
-
-    def _queue_reads(self, pipe: redis.client.Pipeline) -> int:
-        """Queue the cancel read and, with room for more requests, the input read; -> the room."""
+        """Cancels and new work (inputs.py): cancelled requests dropped (blocks freed), new entries
+        admitted. True when it waited for work while idle."""
         room = 0 if self.control.draining else \
             self.config.max_num_seqs - len(self.scheduler.running) - len(self.scheduler.waiting)
-        self.cancels.queue_read(self.client, pipe)
-        if room > 0:
-            queue_group_read(pipe, self.input_stream, self.group, self.config.worker_id, room)
-        return room
-
-    def _queue_growth(self, pipe: redis.client.Pipeline) -> None:
-        """Split decode: the blocks this iteration's rows need for their next token, asked for in the
-        same round trip (so `schedule` finds them granted and calls Redis only when the pool runs short)."""
-        self._growth = self.scheduler.upcoming_decode_growth() if self.is_split_decode else []
-        if self._growth:
-            self.scheduler.blocks.queue_allocate_many(pipe, self._growth)
-
-    def _ask_growth_ahead(self) -> None:
-        """Split decode with the publish overlapped: the blocks this batch's rows need for the token
-        after this one, asked for on the publisher's thread during the forward pass; adopted at the
-        next poll, so `schedule` finds them granted (rows that finish meanwhile: their publish,
-        behind this on the same thread, frees the grant with the rest of their blocks)."""
-        if not (self.is_split_decode and self.config.overlap_publish):
-            return
-        growth = self.scheduler.upcoming_decode_growth(steps_ahead=1)
-        if growth:
-            pipe = self.client.pipeline(transaction=False)
-            self.scheduler.blocks.queue_allocate_many(pipe, growth)
-            self._growth_ahead = (growth, self.publisher.submit(pipe, keep_reply=True))
-
-    def _adopt_growth_ahead(self) -> None:
-        if self._growth_ahead is None:
-            return
-        growth, sent = self._growth_ahead
-        self._growth_ahead = None
-        granted = self.scheduler.blocks.granted_from(self.publisher.wait_for(sent)[-1], growth)
-        self.scheduler.blocks.free_many(self.scheduler.adopt_blocks(granted))     # rows gone meanwhile
-
-    def _take_reads(self, room: int, replies: list) -> list:
-        """Blocks granted ahead join their rows; drop what was cancelled; -> the new input entries read."""
-        if self._growth:
-            granted = self.scheduler.blocks.granted_from(replies[-1], self._growth)
-            self._growth = []
-            self.scheduler.blocks.free_many(self.scheduler.adopt_blocks(granted))   # rows gone meanwhile
-        self._drop_cancelled(self.cancels.take(self.client, replies[0]))
-        if room <= 0:
-            return []
-        return group_reply(self.client, self.input_stream, self.group, self._input_type, replies[1])
+        reads = self.inputs.poll(room)
+        self._drop_cancelled(reads.cancelled)
+        self._admit(reads.entries)
+        return reads.blocked
 
     def _admit(self, entries: list) -> None:
         if not self.is_split_decode:
@@ -332,7 +261,7 @@ class Worker:
             self._send_now(queued.reply_to, TokenDelivery(queued.request_id, (), "error", str(e)))
             self._ack(entry_id)
             return
-        self.tracked[seq.request_id] = _Tracked(seq, queued.reply_to, entry_id,
+        self.tracked[seq.request_id] = TrackedRequest(seq, queued.reply_to, entry_id,
                                                 is_first_delivery=not queued.output_token_ids)
 
     def _admit_handoff(self, entry_id: str | None, handoff: Handoff, progress: tuple[int, ...] = (),
@@ -352,7 +281,7 @@ class Worker:
                        num_computed_tokens=handoff.num_computed_tokens + len(progress),
                        block_ids=list(handoff.block_ids if block_ids is None else block_ids))
         self.scheduler.admit_prefilled(seq)
-        self.tracked[seq.request_id] = _Tracked(seq, handoff.reply_to, entry_id, is_first_delivery=False,
+        self.tracked[seq.request_id] = TrackedRequest(seq, handoff.reply_to, entry_id, is_first_delivery=False,
                                                 handoff_time=None if progress else handoff.handoff_time)
 
     def _requeue_preempted(self, batch: SchedulerOutput) -> None:
@@ -399,9 +328,9 @@ class Worker:
         for seq in advanced:
             tracked = self.tracked[seq.request_id]
             finish = seq.finish_reason.value if seq.status is SequenceStatus.FINISHED else None
-            by_gateway.setdefault(tracked.reply_to, []).append(self._delivery(tracked, finish))
+            by_gateway.setdefault(tracked.reply_to, []).append(tracked.delivery(finish))
             if seq.status is SequenceStatus.HANDED_OFF:
-                handoffs.append(self._handoff(tracked))
+                handoffs.append(tracked.handoff())
             if seq.status in (SequenceStatus.HANDED_OFF, SequenceStatus.FINISHED):
                 if tracked.entry_id is not None:
                     to_ack.append(tracked.entry_id)
@@ -415,23 +344,6 @@ class Worker:
         for handoff in handoffs:
             pipe.xadd(self.keys.decode_admit, {"m": to_json(handoff)})
         self._queue_release(pipe, to_ack, gone)
-
-    def _delivery(self, tracked: _Tracked, finish: str | None) -> TokenDelivery:
-        queue_ms = None
-        if tracked.is_first_delivery:
-            tracked.is_first_delivery = False
-            start = tracked.first_scheduled or time.time()
-            queue_ms = max(0.0, (start - tracked.seq.arrival_time) * 1000)
-        seq = tracked.seq      # its newest token's logprob was appended by sample_batch, if it asked
-        logprobs = (seq.logprobs[-1],) if seq.params.logprobs is not None and seq.logprobs else ()
-        return TokenDelivery(seq.request_id, (seq.output_token_ids[-1],), finish, queue_time_ms=queue_ms,
-                             logprobs=logprobs, position=len(seq.output_token_ids) - 1)
-
-    def _handoff(self, tracked: _Tracked) -> Handoff:
-        seq = tracked.seq
-        return Handoff(seq.request_id, tuple(seq.block_ids), tuple(seq.prompt_token_ids),
-                       tuple(seq.output_token_ids), seq.num_computed_tokens, seq.params, tracked.reply_to,
-                       seq.arrival_time, handoff_time=time.time())
 
     def _send_now(self, stream: str, delivery: TokenDelivery) -> None:
         self.client.xadd(stream, {"m": to_json(delivery)})
@@ -518,8 +430,7 @@ class Worker:
     def cancel_all(self, reason: str) -> None:
         """On shutdown: end every request this worker holds, telling its gateway."""
         self.publisher.close()    # their last tokens first
-        if self.doorbell is not None:
-            self.doorbell.close()
+        self.inputs.close()
         for request_id, tracked in list(self.tracked.items()):
             self.scheduler.finish(request_id, FinishReason.ERROR)
             self._send_now(tracked.reply_to, TokenDelivery(request_id, (), "error", reason))

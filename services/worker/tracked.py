@@ -1,0 +1,38 @@
+"""What a worker keeps about each request it holds, beside the scheduler's Sequence, and the two
+messages it builds from that: the TokenDelivery of its newest token and its Handoff to decode."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from services.common.contracts import Handoff, TokenDelivery
+from services.engine.sequence import Sequence
+
+
+@dataclass
+class TrackedRequest:
+    seq: Sequence
+    reply_to: str                      # the gateway's reply stream
+    entry_id: str | None = None        # input entry, pending until the request leaves this worker
+    is_first_delivery: bool = True     # carry queue time on the first tokens this worker sends
+    first_scheduled: float | None = None   # wall clock of its first chunk here
+    handoff_time: float | None = None  # decode: when prefill published the hand-off
+
+    def delivery(self, finish: str | None) -> TokenDelivery:
+        """Its newest token (and that token's logprob, which sample_batch appended if it asked)."""
+        queue_ms = None
+        if self.is_first_delivery:
+            self.is_first_delivery = False
+            start = self.first_scheduled or time.time()
+            queue_ms = max(0.0, (start - self.seq.arrival_time) * 1000)
+        seq = self.seq
+        logprobs = (seq.logprobs[-1],) if seq.params.logprobs is not None and seq.logprobs else ()
+        return TokenDelivery(seq.request_id, (seq.output_token_ids[-1],), finish, queue_time_ms=queue_ms,
+                             logprobs=logprobs, position=len(seq.output_token_ids) - 1)
+
+    def handoff(self) -> Handoff:
+        """Everything decode needs to go on from here; the KV stays in its blocks."""
+        seq = self.seq
+        return Handoff(seq.request_id, tuple(seq.block_ids), tuple(seq.prompt_token_ids),
+                       tuple(seq.output_token_ids), seq.num_computed_tokens, seq.params, self.reply_to,
+                       seq.arrival_time, handoff_time=time.time())
