@@ -91,24 +91,20 @@ class Supervisor:
         return is_alive(record.pid, record.start_time)
 
     def _find_dead(self, state: StackState) -> tuple[StackState, list[ProcessRecord]]:
-        """(the state with handover successors followed, the processes dead with nothing in their place)."""
+        """(the state with handover successors followed, the processes dead with nothing in their place).
+        The state file is the record (`down`, `status` and an operator read and edit it), so it is read
+        again before anything is decided about the dead, and written only when following changed it."""
         if all(self._alive(r) for r in state.processes):
             return state, []
+        state = read_state(self.state_path) or state
         followed = follow_handovers(state)
         alive_names = {r.name for r in followed.processes if self._alive(r)}
-        kept: dict[str, ProcessRecord] = {}
-        records = []
-        for r in followed.processes:
-            if self._alive(r):
-                records.append(r)
-            elif r.name not in alive_names:
-                kept[r.name] = r                       # one record per dead name: its last
-        records.extend(kept.values())
-        records.sort(key=lambda r: r.stage)
-        current = replace(followed, processes=tuple(records))
+        last_dead = {r.name: r for r in followed.processes if r.name not in alive_names}   # one per name
+        current = replace(followed, processes=tuple(r for r in followed.processes
+                                                    if self._alive(r) or last_dead.get(r.name) is r))
         if current != state:
             current = self._save(current)              # `down` and `status` see successors without Redis
-        return current, list(kept.values())
+        return current, list(last_dead.values())
 
     def _save(self, state: StackState) -> StackState:
         """Write the processes; who supervises is the file's to say (a detached supervisor records itself)."""
