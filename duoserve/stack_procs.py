@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from services.common.pids import process_start_time  # noqa: F401 (re-exported: duoserve.stack)
 from duoserve.stack_plan import LOOPBACK, SHM_DIR, STATE_VERSION, HEALTHY, HANDOVER_NAMES, StackError
 
 
@@ -133,18 +134,6 @@ def launch_process(argv: Sequence[str], env: dict[str, str], log_path: Path) -> 
         return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, start_new_session=True,
                                 close_fds=True)
-
-
-def process_start_time(pid: int) -> int | None:
-    """The kernel's start time of a live process (None if gone or a zombie)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()     # after "pid (comm) "; comm may hold spaces
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])                            # field 22 of proc(5)
 
 
 def is_alive(pid: int | None, start_time: int | None) -> bool:

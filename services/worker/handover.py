@@ -178,7 +178,7 @@ class Retuner:
                 w.client.xadd(w.keys.prefill_queue, {FIELD: to_json(QueuedRequest(
                     request_id, tuple(tracked.seq.prompt_token_ids), tracked.seq.params, tracked.reply_to,
                     tracked.seq.arrival_time, tuple(tracked.seq.output_token_ids)))})
-        w.release_inputs([e for e in released if e], [h.request_id for h in running])
+        w.release_inputs(released, [h.request_id for h in running])
         w.tracked.clear()
         self.switched = True
         w.scheduler.running.clear()

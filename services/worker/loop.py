@@ -243,15 +243,14 @@ class Worker:
         if request_id not in self.tracked:
             return False
         log.warning("dropped a second request %s: one with this id is already here", request_id)
-        if entry_id is not None:
-            self._ack(entry_id)
+        self.release_inputs([entry_id], [])         # the first one's progress records stay
         return True
 
     def _admit_queued(self, entry_id: str, queued: QueuedRequest) -> None:
         if self._already_here(queued.request_id, entry_id):
             return
         if self.cancels.is_cancelled(queued.request_id):
-            self._ack(entry_id)
+            self.release_inputs([entry_id], [])
             return
         seq = Sequence(queued.request_id, list(queued.prompt_token_ids), queued.sampling,
                        arrival_time=queued.arrival_time, output_token_ids=list(queued.output_token_ids))
@@ -259,7 +258,7 @@ class Worker:
             self.scheduler.add(seq)
         except RequestTooLarge as e:
             self._send_now(queued.reply_to, TokenDelivery(queued.request_id, (), "error", str(e)))
-            self._ack(entry_id)
+            self.release_inputs([entry_id], [])
             return
         self.tracked[seq.request_id] = TrackedRequest(seq, queued.reply_to, entry_id,
                                                 is_first_delivery=not queued.output_token_ids)
@@ -273,7 +272,7 @@ class Worker:
             return
         if self.cancels.is_cancelled(handoff.request_id):
             self.scheduler.blocks.free(handoff.request_id)
-            self.release_inputs([entry_id] if entry_id else [], [handoff.request_id])
+            self.release_inputs([entry_id], [handoff.request_id])
             return
         seq = Sequence(handoff.request_id, list(handoff.prompt_token_ids), handoff.sampling,
                        arrival_time=handoff.arrival_time,
@@ -301,7 +300,7 @@ class Worker:
             pipe.xadd(self.keys.prefill_queue, {"m": to_json(QueuedRequest(
                 request_id, tuple(seq.prompt_token_ids), seq.params, tracked.reply_to, seq.arrival_time,
                 tuple(seq.output_token_ids)))})
-            entry_ids += [tracked.entry_id] if tracked.entry_id else []
+            entry_ids.append(tracked.entry_id)
         self._queue_release(pipe, entry_ids, batch.preempted_ids)
         pipe.execute()
 
@@ -321,7 +320,7 @@ class Worker:
     def _publish(self, advanced: list[Sequence], pipe: redis.client.Pipeline) -> None:
         """Deliver new tokens (one entry per gateway), then hand off finished prefills (a first token
         is published before decode can see its request); ack (and drop) what left this worker."""
-        to_ack: list[str] = []
+        to_ack: list[str | None] = []
         gone: list[str] = []
         handoffs: list[Handoff] = []
         by_gateway: dict[str, list[TokenDelivery]] = {}
@@ -332,8 +331,7 @@ class Worker:
             if seq.status is SequenceStatus.HANDED_OFF:
                 handoffs.append(tracked.handoff())
             if seq.status in (SequenceStatus.HANDED_OFF, SequenceStatus.FINISHED):
-                if tracked.entry_id is not None:
-                    to_ack.append(tracked.entry_id)
+                to_ack.append(tracked.entry_id)
                 gone.append(seq.request_id)
                 del self.tracked[seq.request_id]
                 self.stats = _bump(self.stats, requests_finished=1)
@@ -348,25 +346,22 @@ class Worker:
     def _send_now(self, stream: str, delivery: TokenDelivery) -> None:
         self.client.xadd(stream, {"m": to_json(delivery)})
 
-    def _ack(self, *entry_ids: str) -> None:
-        """Done with these input entries: acked and deleted, so the stream holds only live work."""
-        self.client.pipeline(transaction=False).xack(self.input_stream, self.group, *entry_ids) \
-            .xdel(self.input_stream, *entry_ids).execute()
-
     def _forget(self, request_id: str) -> None:
         tracked = self.tracked.pop(request_id, None)
         if tracked is not None:
-            self.release_inputs([tracked.entry_id] if tracked.entry_id else [], [request_id])
+            self.release_inputs([tracked.entry_id], [request_id])
 
-    def release_inputs(self, entry_ids: list[str], request_ids: list[str]) -> None:
+    def release_inputs(self, entry_ids: list[str | None], request_ids: list[str]) -> None:
         """These requests left this worker (their blocks already freed or passed on): their input
-        entries acked and deleted, decode's progress records dropped; one round trip."""
+        entries (None: a request that came without one) acked and deleted, so the stream holds only
+        live work, and decode's progress records dropped; one round trip."""
         pipe = self.client.pipeline(transaction=True)
         self._queue_release(pipe, entry_ids, request_ids)
         if len(pipe):
             pipe.execute()
 
-    def _queue_release(self, pipe: redis.client.Pipeline, entry_ids: list[str], request_ids) -> None:
+    def _queue_release(self, pipe: redis.client.Pipeline, entry_ids: list[str | None], request_ids) -> None:
+        entry_ids = [e for e in entry_ids if e]
         if entry_ids:
             pipe.xack(self.input_stream, self.group, *entry_ids)
             pipe.xdel(self.input_stream, *entry_ids)

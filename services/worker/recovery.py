@@ -23,6 +23,7 @@ from typing import Callable
 
 import redis
 
+from services.common.pids import process_start_time
 from services.common.redis_queues import group_consumers, take_over_consumer
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,12 @@ SCAN_INTERVAL_S = 2.0
 def heartbeat_value(pid: int | None = None) -> str:
     pid = pid or os.getpid()
     return f"{socket.gethostname()} {pid} {_start_time(pid)}"
+
+
+def _start_time(pid: int) -> str:
+    """As the heartbeat writes it: "-" when there is no such process."""
+    start = process_start_time(pid)
+    return "-" if start is None else str(start)
 
 
 def queue_heartbeat(pipe: redis.client.Pipeline, key: str, value: str) -> None:
@@ -65,13 +72,3 @@ def take_over_dead(client: redis.Redis, key_of: Callable[[str], str], stream: st
         taken.extend(entries)
     return taken
 
-
-def _start_time(pid: int) -> str:
-    """The kernel's start time of `pid` ("-" when there is no such process)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode(errors="replace")
-    except OSError:
-        return "-"
-    fields = stat[stat.rfind(")") + 2:].split()
-    return "-" if fields[0] in ("Z", "X") else fields[19]
