@@ -5,7 +5,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install cpu-ops native demo test bench-engine bench-peer gpu-check clean
+.PHONY: install cpu-ops native demo test chaos bench-engine bench-peer gpu-check clean
 
 install: $(STAMP)
 
@@ -48,6 +48,15 @@ demo: install cpu-ops
 
 test: install native
 	$(BIN)/python -m pytest -q
+
+# Longer chaos than `make test`'s: every CHAOS_INTERVAL s the next process of CHAOS_VICTIMS is killed
+# with kill -9 under a steady load, for CHAOS_MINUTES; then the short chaos tests (docs/reliability.md).
+CHAOS_MINUTES  ?= 10
+CHAOS_INTERVAL ?= 20
+CHAOS_VICTIMS  ?= prefill,decode,orchestrator
+chaos: install native
+	$(BIN)/python -m pytest -q -s tests/chaos --soak-minutes $(CHAOS_MINUTES) \
+	  --soak-interval $(CHAOS_INTERVAL) --soak-victims $(CHAOS_VICTIMS)
 
 bench-engine: install cpu-ops
 	$(BIN)/duoserve bench engine

@@ -20,6 +20,15 @@ def default_model_dir(model_cache_dir: Path) -> Path:
     return resolve_model_dir(None, model_cache_dir)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("duoserve chaos")
+    group.addoption("--soak-minutes", type=float, default=0.0,
+                    help="run tests/chaos/test_soak.py for this long (0: skip it; `make chaos` sets it)")
+    group.addoption("--soak-interval", type=float, default=20.0, help="seconds between two kills in the soak")
+    group.addoption("--soak-victims", default="prefill,decode,orchestrator",
+                    help="comma-separated processes the soak kills in turn")
+
+
 def _cuda_available() -> bool:
     try:
         import torch
