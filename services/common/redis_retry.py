@@ -17,7 +17,6 @@ nothing it acknowledged is lost). A process's view of it:
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import time
@@ -96,11 +95,13 @@ class Outage:
 
 def wait_until_up(conn: redis.Redis, wait: Callable[[float], bool], backoff: Backoff | None = None) -> bool:
     """Ping until Redis answers (True), or until `wait(delay)` (sleeps `delay`, True when the process
-    is stopping) says stop (False)."""
+    is stopping) says stop (False). The pool's idle connections are dropped once it answers: they
+    may still be the dead server's, and the first command on one would fail again."""
     backoff = backoff or Backoff()
     while True:
         try:
             conn.ping()
+            conn.connection_pool.disconnect(inuse_connections=False)
             return True
         except CONNECTION_ERRORS:
             pass
@@ -108,19 +109,9 @@ def wait_until_up(conn: redis.Redis, wait: Callable[[float], bool], backoff: Bac
             return False
 
 
-async def wait_until_up_async(conn: aioredis.Redis, timeout_s: float = 1.0, backoff: Backoff | None = None) -> None:
-    """Ping until Redis answers; a ping that takes longer than `timeout_s` counts as no answer."""
-    backoff = backoff or Backoff()
-    while not await is_up_async(conn, timeout_s):
-        await asyncio.sleep(backoff.next())
-
-
-async def is_up_async(conn: aioredis.Redis, timeout_s: float = 1.0) -> bool:
-    try:
-        await asyncio.wait_for(conn.ping(), timeout_s)
-        return True
-    except (*CONNECTION_ERRORS, asyncio.TimeoutError, OSError):
-        return False
+async def drop_idle_connections(conn: aioredis.Redis) -> None:
+    """After an outage: connections left idle in the pool may be the dead server's (see wait_until_up)."""
+    await conn.connection_pool.disconnect(inuse_connections=False)
 
 
 @dataclass

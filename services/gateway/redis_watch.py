@@ -21,7 +21,7 @@ import logging
 from dataclasses import asdict
 from typing import Awaitable, Callable
 
-from services.common.redis_retry import CONNECTION_ERRORS, Backoff, DataEpoch, Outage
+from services.common.redis_retry import CONNECTION_ERRORS, Backoff, DataEpoch, Outage, drop_idle_connections
 from services.gateway.frontend import Frontend
 
 log = logging.getLogger("duoserve.gateway")
@@ -66,6 +66,8 @@ class RedisWatch:
             await self.set_serving(False)
 
     async def _up(self, data_lost: bool) -> None:
+        if self.outage.is_down:
+            await drop_idle_connections(self.frontend.client)
         if data_lost:
             await self._after_data_loss()
         await self.frontend.write_unsent()

@@ -52,7 +52,7 @@ def resync(worker, error: BaseException) -> None:
             taken = _rejoin(worker, lost, held)
         except CONNECTION_ERRORS:
             continue                  # gone again before we were done: wait once more
-        worker.outage.back(f"took up the {taken} requests pending with this worker (it held {held})")
+        worker.outage.back(f"requests taken up again: {taken} (it held {held})")
         return
 
 
