@@ -1,8 +1,8 @@
 """The stack's Redis killed under load (issue 13): every process reconnects and nothing is lost.
 
 A split stack of its own, detached and supervised as `duoserve up --detach` leaves it. Redis is
-killed with SIGKILL while 16 greedy requests run; the supervisor restarts it from its append-only
-file. Every request then completes with the tokens of a run without the kill, every KV block is back
+killed with SIGKILL while 16 greedy requests run (mostly in prefill, or mostly in decode); the
+supervisor restarts it from its append-only file. Every request then completes with the tokens of a run without the kill, every KV block is back
 (and the pool passes its audit), and only Redis shows a restart in `duoserve status`: the workers,
 the gateway and the orchestrator reconnected. The second test holds the restart (the supervisor is
 paused with SIGSTOP) to see the gateway while Redis is away: NOT_SERVING, /health 503, new requests
@@ -32,8 +32,8 @@ from tests.chaos.test_kill import _generate_all, _prompts, _record, _state, _sta
 pytestmark = pytest.mark.slow
 
 NUM_BLOCKS = 512
-PROMPT_TOKENS = 200          # long enough that some requests are still in prefill when Redis goes
-MAX_TOKENS = 32              # and the others mid-generation in decode
+PROMPT_TOKENS = 200          # the held restart: some requests still in prefill when Redis goes,
+MAX_TOKENS = 32              # the others mid-generation in decode
 OTHERS = ("arena", "prefill", "decode", "gateway", "orchestrator")
 
 
@@ -75,24 +75,29 @@ def _assert_pool_whole(config: StackConfig) -> None:
     assert audit.is_consistent and audit.owners == 0
 
 
-def test_a_killed_redis_is_restarted_and_every_request_completes_unchanged(redis_stack):
+@pytest.mark.parametrize("where, prompt_tokens, max_tokens, after_s", [
+    ("prefill", 600, 12, 1.5),      # most requests queued in prefill or being prefilled
+    ("decode", 32, 64, 3.0),        # most requests mid-generation in decode
+])
+def test_a_killed_redis_is_restarted_and_every_request_completes_unchanged(redis_stack, where, prompt_tokens,
+                                                                           max_tokens, after_s):
     target = _state(redis_stack).gateway_target
-    prompts = _prompts(16, PROMPT_TOKENS)
-    expected = _generate_all(target, prompts, max_tokens=MAX_TOKENS)
+    prompts = _prompts(16, prompt_tokens)
+    expected = _generate_all(target, prompts, max_tokens=max_tokens)
     _assert_pool_whole(redis_stack)
     before = _restarts(redis_stack)
     times: dict[str, float] = {}
 
     def kill() -> None:
-        time.sleep(2.0)
+        time.sleep(after_s)
         os.kill(_record(redis_stack, "redis").pid, signal.SIGKILL)
         times["killed"] = time.monotonic()
         times["not serving"] = _wait_health(target, "NOT_SERVING", timeout=10) if grpc_health(target) != "NOT_SERVING" else 0.0
         times["serving"] = _wait_health(target, "SERVING")
 
-    got = _generate_all(target, prompts, during=kill, max_tokens=MAX_TOKENS)
+    got = _generate_all(target, prompts, during=kill, max_tokens=max_tokens)
     done_s = time.monotonic() - times["killed"]
-    print(f"redis killed: gateway NOT_SERVING after {times['not serving']:.1f} s, SERVING again "
+    print(f"redis killed ({where}): gateway NOT_SERVING after {times['not serving']:.1f} s, SERVING again "
           f"{times['serving']:.1f} s later; 16 requests done {done_s:.1f} s after the kill", file=sys.stderr)
     assert got == expected                                   # one stream each: no token missing or twice
     after = _restarts(redis_stack)
