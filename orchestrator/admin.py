@@ -1,9 +1,11 @@
 """The Admin gRPC service (duoctl's server): converts and delegates to the Controller.
 
 `BearerAuth` refuses every call without `authorization: Bearer <token>` when a token is configured.
+A call that needs Redis while it does not answer gets UNAVAILABLE, saying to retry.
 """
 from __future__ import annotations
 
+import functools
 import hmac
 from typing import Any, Callable
 
@@ -13,6 +15,7 @@ from duoserve.v1 import admin_pb2 as pb
 from duoserve.v1 import admin_pb2_grpc
 from orchestrator.controller import Controller
 from orchestrator.policy import SLO, PolicyMode, Shares
+from services.common.redis_retry import CONNECTION_ERRORS, UNREACHABLE
 
 LATENCY_WINDOW_S = 120.0      # SLO attainment is judged over this much recent history
 STALE_REPORT_S = 10.0         # a worker silent this long is not listed
@@ -33,6 +36,17 @@ class BearerAuth(grpc.ServerInterceptor):
             context.abort(grpc.StatusCode.UNAUTHENTICATED,
                           "this stack's admin API needs `authorization: Bearer <token>` (duoctl --token)")
         return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+def _needs_redis(method: Callable) -> Callable:
+    """UNAVAILABLE, not UNKNOWN with a traceback, while Redis does not answer."""
+    @functools.wraps(method)
+    def call(self, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except CONNECTION_ERRORS:
+            context.abort(grpc.StatusCode.UNAVAILABLE, UNREACHABLE)
+    return call
 
 
 def _shares_pb(s: Shares) -> pb.Shares:
@@ -58,6 +72,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self.controller = controller
         self.backend = backend
 
+    @_needs_redis
     def GetStatus(self, request, context):
         c = self.controller
         snap = c.last_snapshot or c.state.snapshot()
@@ -77,6 +92,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             model_fit=self.GetModelFit(request, context), at_risk=(last.at_risk or "") if last else "",
             last_reason=last.reason if last else "")
 
+    @_needs_redis
     def SetSLO(self, request, context):
         try:
             slo = SLO(request.ttft_ms, request.tpot_ms, (request.percentile or 90.0) / 100.0, request.prefer or "tpot")
@@ -85,6 +101,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self.controller.set_slo(slo)
         return self._slo_pb(slo)
 
+    @_needs_redis
     def SetPolicy(self, request, context):
         try:
             self.controller.set_mode(PolicyMode(request.mode))
@@ -93,6 +110,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                           "manual needs shares: duoctl share set)")
         return self._policy_state()
 
+    @_needs_redis
     def PinShares(self, request, context):
         for name in ("prefill", "decode"):
             if not 0.0 < getattr(request, name) <= 1.0:
@@ -105,6 +123,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         # What was pinned (the workers get it at the next tick), not the decision still in force.
         return pb.PolicyState(mode=self.controller.policy.mode.value, shares=_shares_pb(pinned))
 
+    @_needs_redis
     def GetHistory(self, request, context):
         decisions = []
         for d in self.controller.state.history(request.limit or 50):

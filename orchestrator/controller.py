@@ -7,7 +7,8 @@ A tick's life:
   act       a changed decision is sent with SetComputeShare to each worker and recorded in Redis
 
 Its settings (SLO, mode, pinned shares) live in Redis, so a restarted orchestrator resumes them;
-the workers keep their last share meanwhile.
+the workers keep their last share meanwhile. While Redis does not answer the loop pauses (one log
+line when it goes, one when it is back) and then goes on where it was.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from orchestrator.config import OrchestratorConfig
 from orchestrator.perf_model import PerfModel
 from orchestrator.policy import SLO, Decision, Policy, PolicyMode, QueueState, Shares, WaitingRequest
 from orchestrator.redis_state import RedisState, Snapshot
+from services.common.redis_retry import CONNECTION_ERRORS, Outage, wait_until_up
 
 log = logging.getLogger("duoserve.orchestrator")
 RESYNC_S = 30.0      # a sent share the workers still do not report after this long is sent again
@@ -106,10 +108,15 @@ class Controller:
 
     # ------------------------------------------------------------------ the loop
     def run(self, stop: threading.Event) -> None:
+        outage = Outage(log, "the control loop pauses; the workers keep their shares")
         while not stop.wait(self.config.tick_ms / 1000):
             try:
                 self.tick()
-            except (grpc.RpcError, OSError, ValueError) as e:   # a worker restarting, Redis hiccup
+            except CONNECTION_ERRORS as e:
+                outage.lost(e)
+                if wait_until_up(self.state.client, stop.wait):
+                    outage.back()
+            except (grpc.RpcError, OSError, ValueError) as e:   # a worker restarting
                 log.warning("tick failed: %s", e)
 
     def tick(self) -> Decision | None:

@@ -27,7 +27,8 @@ from orchestrator.policy import Policy, PolicyConfig
 from orchestrator.redis_state import RedisState
 from services.common.contracts import KeySpace
 from services.common.metrics_http import serve_metrics
-from services.common.model_info import read_model_info
+from services.common import redis_retry
+from services.common.model_info import ModelInfo, read_model_info
 from services.engine.model_config import ModelConfig
 
 log = logging.getLogger("duoserve.orchestrator")
@@ -35,9 +36,16 @@ SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
+def _model_info_now(client: redis.Redis, keys: KeySpace) -> ModelInfo | None:
+    try:
+        return read_model_info(client, keys.model_info)
+    except redis_retry.CONNECTION_ERRORS:
+        return None              # Redis not up (yet, or again): asked again
+
+
 def build_controller(config: OrchestratorConfig, client: redis.Redis, stop: threading.Event) -> Controller | None:
     keys = KeySpace(config.key_prefix)
-    while (info := read_model_info(client, keys.model_info)) is None:
+    while (info := _model_info_now(client, keys)) is None:
         if stop.wait(0.5):
             return None
     shape = ModelShape.from_model_config(ModelConfig.from_dir(info.model_dir), DTYPE_BYTES.get(info.dtype, 4))
@@ -60,7 +68,7 @@ def serve(config: OrchestratorConfig) -> int:
     reflection.enable_server_reflection((SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME), server)
     if server.add_insecure_port(f"127.0.0.1:{config.port}") == 0:
         raise OSError(f"cannot listen on 127.0.0.1:{config.port}")
-    client = redis.Redis.from_url(config.redis_url)
+    client = redis_retry.client(config.redis_url)
     controller = build_controller(config, client, stop)
     if controller is None:
         return 0

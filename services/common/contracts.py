@@ -95,6 +95,10 @@ class KeySpace:
     def successors(self) -> str:          # hash: old worker pid -> successor pid (the supervisor follows it)
         return f"{self.prefix}:successors"
 
+    @property
+    def epoch(self) -> str:               # string: a token set once per data set; a Redis that came back
+        return f"{self.prefix}:epoch"     # empty has another (services/common/redis_retry.DataEpoch)
+
 
 @dataclass(frozen=True, slots=True)
 class QueuedRequest:

@@ -12,6 +12,10 @@ moment, whatever number of processes allocate and free at the same time. `can_al
 the blocks it was asked for or raises `OutOfBlocks` having changed nothing. Batched forms
 (`allocate_many`, `free_many`) cost one round trip per iteration instead of one per request.
 
+After Redis restarts (from its append-only file: nothing acknowledged is lost, and a script is
+all or nothing there too) the pool is as it was; `audit` checks that invariant in one script and
+puts right what can safely be put right (docs/reliability.md, "Redis restarts").
+
 Keys (see `KeySpace`): kv_meta (hash: num_blocks, block_size) is the pool's record of existence;
 an exhausted pool has no free-list key at all (Redis drops empty lists), so scripts check kv_meta.
 Needs Redis >= 6.2 (LPOP with a count).
@@ -19,6 +23,7 @@ Needs Redis >= 6.2 (LPOP with a count).
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 import redis
@@ -110,6 +115,72 @@ end
 return total
 """
 
+# KEYS: free, meta.  ARGV: the SCAN pattern of every request's list (kv_owned("") + "*").
+# Every block id must be in exactly one list. Repairs what is safe, in one atomic step (SCAN inside
+# the script sees every owned list as of this instant): an id in no list goes back to the free list,
+# an id both free and owned, repeated in the free list or out of range leaves the free list. An id in
+# two requests' lists is only counted (which one holds its KV is unknowable). The owned lists are not
+# declared in KEYS: a standalone Redis allows it, as it allows the non-deterministic SCAN since 5.0.
+# Returns {-1} no pool | {num_blocks, free, owned, owners, returned, dropped_from_free, shared}.
+_AUDIT = _PUSH + """
+local n = tonumber(redis.call('HGET', KEYS[2], 'num_blocks') or '-1')
+if n < 0 then
+  return {-1}
+end
+local owned_ids, owned, owners, shared = {}, 0, 0, 0
+local cursor = '0'
+repeat
+  local reply = redis.call('SCAN', cursor, 'MATCH', ARGV[1], 'COUNT', 1000)
+  cursor = reply[1]
+  for _, key in ipairs(reply[2]) do
+    owners = owners + 1
+    for _, id in ipairs(redis.call('LRANGE', key, 0, -1)) do
+      local i = tonumber(id)
+      owned = owned + 1
+      if owned_ids[i] then shared = shared + 1 else owned_ids[i] = true end
+    end
+  end
+until cursor == '0'
+local keep, free_ids, dropped, returned = {}, {}, 0, 0
+for _, id in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  local i = tonumber(id)
+  if i == nil or i < 0 or i >= n or owned_ids[i] or free_ids[i] then
+    dropped = dropped + 1
+  else
+    free_ids[i] = true
+    keep[#keep + 1] = i
+  end
+end
+for i = 0, n - 1 do
+  if not owned_ids[i] and not free_ids[i] then
+    keep[#keep + 1] = i
+    returned = returned + 1
+  end
+end
+if dropped > 0 or returned > 0 then
+  redis.call('DEL', KEYS[1])
+  push('RPUSH', KEYS[1], keep)
+end
+return {n, #keep, owned, owners, returned, dropped, shared}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class PoolAudit:
+    """What `RedisBlockAllocator.audit` found (and repaired)."""
+
+    num_blocks: int
+    free: int                  # on the free list after the repair
+    owned: int                 # in requests' lists
+    owners: int                # requests that own blocks
+    returned: int              # ids that were in no list: put back on the free list
+    dropped_from_free: int     # ids removed from the free list: owned too, repeated or out of range
+    shared: int                # ids in two requests' lists: not repairable, their KV may be mixed
+
+    @property
+    def is_consistent(self) -> bool:
+        return self.returned == self.dropped_from_free == self.shared == 0
+
 
 class RedisBlockAllocator:
     """`BlockAllocator` over one Redis: the free list and every request's block table."""
@@ -168,6 +239,17 @@ class RedisBlockAllocator:
         if num_blocks is None:
             raise PoolNotInitialized(f"no KV pool at {self._keys.kv_meta}: init_pool was never called")
         self._num_blocks, self._block_size = int(num_blocks), int(block_size or 0)
+
+    def audit(self) -> PoolAudit:
+        """Check that every block is in exactly one list (the free list or one request's) and repair
+        what is safe (see _AUDIT), atomically. With the stack's append-only file nothing is ever
+        found: every change is one script and Redis loses nothing it acknowledged; this is the check
+        a worker makes after Redis came back, and the repair for a Redis that lost part of its data."""
+        reply = self._client.eval(_AUDIT, 2, self._keys.kv_free, self._keys.kv_meta,
+                                  _glob_escape(self._keys.kv_owned("")) + "*")
+        if reply[0] == -1:
+            raise PoolNotInitialized(f"no KV pool at {self._keys.kv_meta} (Redis lost its data?)")
+        return PoolAudit(*(int(v) for v in reply))
 
     # ------------------------------------------------------------------ reads (hints)
     @property

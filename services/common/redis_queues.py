@@ -143,6 +143,29 @@ def take_over_consumer(client: redis.Redis, stream: str, group: str, consumer: s
     return _decode_acking_bad(client, stream, group, cls, claimed)
 
 
+def read_own_pending(client: redis.Redis, stream: str, group: str, consumer: str, cls: type[T],
+                     batch: int = 1000) -> list[tuple[str, T]]:
+    """Every entry pending with `consumer`, oldest first: XREADGROUP from id 0 reads its own
+    delivered-but-unacked history, nothing new (what a consumer that lost track of its state takes up
+    again). Entries deleted from the stream meanwhile are skipped; [] without the group."""
+    found: list[tuple[Any, Any]] = []
+    after = "0"
+    while True:
+        try:
+            reply = client.xreadgroup(group, consumer, {stream: after}, count=batch)
+        except redis.ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            ensure_group(client, stream, group)
+            return []
+        entries = _entries_of(reply)
+        found.extend(e for e in entries if e[1])
+        if len(entries) < batch:
+            break
+        after = _text(entries[-1][0])
+    return _decode_acking_bad(client, stream, group, cls, found)
+
+
 def tail_cursor(client: redis.Redis, stream: str) -> str:
     """The id of the newest entry ever added ("$" made concrete); "0-0" if the stream does not exist,
     so that everything added from now on is read."""

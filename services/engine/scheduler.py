@@ -310,3 +310,11 @@ class Scheduler:
     def finish_all(self, request_ids: Iterable[str], reason: FinishReason) -> None:
         for request_id in request_ids:
             self.finish(request_id, reason)
+
+    def forget_all(self) -> list[Sequence]:
+        """Drop every request without touching its blocks: their record in the allocator is what a
+        worker that lost its connection to Redis takes them up again from (services/worker/reconnect.py)."""
+        seqs = [*self.running, *self.waiting]
+        self.running.clear()
+        self.waiting.clear()
+        return seqs

@@ -10,6 +10,9 @@ A request's life in the gateway:
   finished     last chunk with finish reason and usage (prompt/completion tokens, queue, TTFT, e2e)
   cancelled    the client went away or its deadline passed: a CancelNotice frees its blocks; counted
                as finished with reason "abort" (an error on the way: "error"), as vLLM counts them
+While Redis does not answer (redis_watch.py) new requests are refused with UNAVAILABLE and streams in
+flight wait for their next token; a cancel, or a request id's release, that could not be written is
+written once it is back.
 """
 from __future__ import annotations
 
@@ -17,13 +20,14 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 import redis.asyncio as aioredis
 
 from services.common.contracts import (CancelNotice, KeySpace, QueuedRequest, RequestLatency, TokenDelivery,
                                        TokenLogprob, deliveries_from_json, to_json)
 from services.common.model_info import ModelInfo, parse_model_info
+from services.common.redis_retry import CONNECTION_ERRORS, UNREACHABLE, Backoff
 from services.engine.blocks import blocks_for_tokens
 from services.engine.output import OutputState
 from services.engine.sampling_params import SamplingParams
@@ -37,6 +41,7 @@ log = logging.getLogger("duoserve.gateway")
 
 CANCEL_STREAM_MAXLEN = 100_000      # cancels are read within an iteration; older ones are history
 LATENCY_MAXLEN = 10_000             # finished requests kept for SLO attainment
+UNSENT_MAX = 10_000                 # writes kept while Redis is away (the oldest dropped beyond)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +95,9 @@ class Frontend:
     info: ModelInfo | None = None
     tokenizer: Tokenizer | None = None
     pending: dict[str, asyncio.Queue] = field(default_factory=dict)   # request id -> its deliveries
+    redis_ok: bool = True                # set by redis_watch.RedisWatch: False refuses new requests
+    redis_suspected: asyncio.Event = field(default_factory=asyncio.Event)   # a command failed: probe now
+    unsent: list[Callable[[], Awaitable[object]]] = field(default_factory=list)   # written when Redis is back
 
     def __post_init__(self) -> None:
         self.keys = KeySpace(self.config.key_prefix)
@@ -99,7 +107,7 @@ class Frontend:
     async def wait_for_model(self) -> None:
         """Block until the stack has published its model; load the tokenizer from it."""
         deadline = time.monotonic() + self.config.model_wait_s
-        while (raw := await self.client.hget(self.keys.model_info, "json")) is None:
+        while (raw := await self._model_info_now()) is None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no model published under {self.keys.model_info} after "
                                    f"{self.config.model_wait_s:.0f} s; is the arena (or colocated worker) up?")
@@ -111,9 +119,18 @@ class Frontend:
         log.info("serving %s (%s mode, context %d, %d KV blocks)", info.name, info.mode, info.max_model_len,
                  info.num_kv_blocks)
 
+    async def _model_info_now(self) -> bytes | None:
+        try:
+            return await self.client.hget(self.keys.model_info, "json")
+        except CONNECTION_ERRORS:
+            return None           # Redis not up yet (or restarting): asked again until the deadline
+
     async def read_replies(self) -> None:
-        """Dispatch this gateway's reply stream to the waiting requests, forever."""
+        """Dispatch this gateway's reply stream to the waiting requests, forever. While Redis is
+        away it asks again with backoff (quietly: redis_watch.py says it once); the cursor stays, and
+        the stream is in Redis's append-only file, so no delivery is skipped."""
         cursor: str | None = None
+        backoff = Backoff(cap_s=0.5)
         while True:
             try:
                 if cursor is None:
@@ -121,15 +138,15 @@ class Frontend:
                     # empty one would skip what was added between the two, a request's first token.
                     cursor = await self._reply_tail()
                 batches = await self.client.xread({self.reply_stream: cursor}, count=512, block=1000)
-            except aioredis.ConnectionError:
-                log.warning("redis unreachable; retrying")
-                await asyncio.sleep(0.5)
-                continue
-            for _stream, entries in batches or ():
-                for entry_id, data in entries:
-                    cursor = entry_id
-                    self._dispatch(data)
-                await self.client.xtrim(self.reply_stream, minid=cursor, approximate=True)
+                for _stream, entries in batches or ():
+                    for entry_id, data in entries:
+                        cursor = entry_id
+                        self._dispatch(data)
+                    await self.client.xtrim(self.reply_stream, minid=cursor, approximate=True)
+                backoff.reset()
+            except CONNECTION_ERRORS:
+                self.redis_suspected.set()
+                await asyncio.sleep(backoff.next())
 
     async def _reply_tail(self) -> str:
         """The reply stream's newest id; "0-0" while it does not exist, so its first entry is read."""
@@ -212,12 +229,40 @@ class Frontend:
             raise QueueFull(f"the prefill queue holds {depth} requests (limit {self.config.max_queue_len}); "
                             "retry with backoff")
 
+    def fail_all(self, error: str) -> None:
+        """End every stream in flight with `error` (Redis came back without its data: redis_watch.py)."""
+        for request_id, queue in self.pending.items():
+            queue.put_nowait(TokenDelivery(request_id, (), "error", error))
+
+    async def write_unsent(self) -> None:
+        """The cancels and releases kept while Redis was away, in order (a connection error leaves
+        the rest kept). Each is idempotent: one that had landed after all does no harm."""
+        while self.unsent:
+            await self.unsent[0]()
+            self.unsent.pop(0)
+
+    def _keep_unsent(self, write: Callable[[], Awaitable[object]]) -> None:
+        self.redis_suspected.set()
+        self.unsent.append(write)
+        del self.unsent[:-UNSENT_MAX]
+
+    def _redis_lost(self) -> NotReady:
+        """A command failed for want of Redis: refuse new requests now, and have the watch probe."""
+        self.redis_ok = False
+        self.redis_suspected.set()
+        return NotReady(UNREACHABLE)
+
     async def generate(self, req: GenerateInput) -> AsyncIterator[Chunk]:
         """Stream one request's completion. Cancelling the consumer cancels the request."""
+        if not self.redis_ok:
+            raise NotReady(UNREACHABLE)
         prompt = self.prompt_ids(req)
         self.check_fits(len(prompt), req.sampling)
-        await self._check_queue()
-        ids = await request_ids.claim(self.client, self.keys, req.request_id)
+        try:
+            await self._check_queue()
+            ids = await request_ids.claim(self.client, self.keys, req.request_id)
+        except CONNECTION_ERRORS:
+            raise self._redis_lost() from None
         engine_id = ids.engine_id          # the workers' name for it (request_ids.py)
         timing = _Timing(arrival=time.time())
         queue: asyncio.Queue = asyncio.Queue()
@@ -227,13 +272,16 @@ class Frontend:
         ended = "abort"          # unless it finishes: the client went away or its deadline passed
         try:
             # "n" and "t" let the orchestrator see the queue without parsing every prompt.
-            await self.client.xadd(self.keys.prefill_queue, {"m": to_json(QueuedRequest(
-                engine_id, tuple(prompt), req.sampling, self.reply_stream, timing.arrival)),
-                "n": len(prompt), "t": repr(timing.arrival)})
+            try:   # when it fails, it may still have landed: the cancel below (published once Redis is back) undoes it
+                await self.client.xadd(self.keys.prefill_queue, {"m": to_json(QueuedRequest(
+                    engine_id, tuple(prompt), req.sampling, self.reply_stream, timing.arrival)),
+                    "n": len(prompt), "t": repr(timing.arrival)})
+            except CONNECTION_ERRORS:
+                raise self._redis_lost() from None
             async for chunk in self._stream(ids, prompt, req.sampling, queue, timing):
                 is_done = chunk.finish_reason is not None
                 yield chunk
-                await request_ids.refresh(self.client, ids)
+                await self._refresh(ids)
         except Exception:
             ended = "error"      # the engine failed it, no token for too long, Redis gone
             raise
@@ -311,23 +359,42 @@ class Frontend:
         ttft = ((timing.first_token or now) - timing.arrival) * 1000
         return Usage(num_prompt, num_completion, timing.queue_time_ms, ttft, (now - timing.arrival) * 1000)
 
+    async def _refresh(self, ids: request_ids.RequestIds) -> None:
+        """Renew the request id's claim; while Redis is away the stream goes on (the claim lasts minutes)."""
+        try:
+            await request_ids.refresh(self.client, ids)
+        except CONNECTION_ERRORS:
+            self.redis_suspected.set()
+
     async def _record_latency(self, usage: Usage) -> None:
         tpot = (usage.e2e_ms - usage.ttft_ms) / (usage.completion_tokens - 1) if usage.completion_tokens > 1 else 0.0
         sample = RequestLatency(usage.ttft_ms, tpot, usage.prompt_tokens, usage.completion_tokens, time.time())
-        await self.client.xadd(self.keys.latencies, {"m": to_json(sample)}, maxlen=LATENCY_MAXLEN, approximate=True)
+        try:      # a sample for the orchestrator: not worth failing a finished request over
+            await self.client.xadd(self.keys.latencies, {"m": to_json(sample)}, maxlen=LATENCY_MAXLEN,
+                                   approximate=True)
+        except CONNECTION_ERRORS:
+            self.redis_suspected.set()
 
     async def _release(self, ids: request_ids.RequestIds) -> None:
         try:
             await request_ids.release(self.client, ids)
+        except CONNECTION_ERRORS:      # else the client's id stays taken until its claim expires
+            self._keep_unsent(lambda: request_ids.release(self.client, ids))
         except aioredis.RedisError:
             log.warning("could not release request id %s (it expires by itself)", ids.client_id)
 
     async def _cancel(self, request_id: str, reason: str) -> None:
+        notice = CancelNotice(request_id, reason)
         try:
-            await self.client.xadd(self.keys.cancel, {"m": to_json(CancelNotice(request_id, reason))},
-                                   maxlen=CANCEL_STREAM_MAXLEN, approximate=True)
+            await self._xadd_cancel(notice)
+        except CONNECTION_ERRORS:     # published when Redis is back (redis_watch.py)
+            self._keep_unsent(lambda: self._xadd_cancel(notice))
         except aioredis.RedisError:
             log.warning("could not publish cancel for %s", request_id)
+
+    async def _xadd_cancel(self, notice: CancelNotice) -> None:
+        await self.client.xadd(self.keys.cancel, {"m": to_json(notice)}, maxlen=CANCEL_STREAM_MAXLEN,
+                               approximate=True)
 
 
 async def _queue_depth(client: aioredis.Redis, stream: str) -> int:

@@ -2,30 +2,33 @@
 
 Start-up: config -> gRPC server (and the OpenAI-compatible HTTP API, when --http-port is set) up at once
 with health NOT_SERVING (calls get UNAVAILABLE, /health 503) -> wait for the stack's model info in
-Redis -> tokenizer loaded -> reply reader started -> SERVING. Both APIs run in this one event loop
-over one Frontend; SIGTERM drains both (NOT_SERVING, /health 503) and stops them.
+Redis -> tokenizer loaded -> reply reader started -> SERVING, then NOT_SERVING whenever Redis does not
+answer (redis_watch.py). Both APIs run in this one event loop over one Frontend; SIGTERM drains both
+(NOT_SERVING, /health 503) and stops them.
 A request's life here is told in `services.gateway.frontend` (and `services.gateway.openai_serving`).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
 from typing import Sequence
 
 import grpc
-import redis.asyncio as aioredis
 from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from duoserve.v1 import generation_pb2, generation_pb2_grpc
+from services.common import redis_retry
 from services.gateway.config import GatewayConfig, parse_args
 from services.gateway.errors import ErrorInterceptor
 from services.gateway.frontend import Frontend
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_http import HttpState, bind, start_http
+from services.gateway.redis_watch import RedisWatch
 from services.gateway.servicer import GenerationServicer
 
 log = logging.getLogger("duoserve.gateway")
@@ -35,7 +38,7 @@ SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_nam
 async def serve(config: GatewayConfig) -> None:
     metrics = GatewayMetrics()
     metrics.serve(config.metrics_port)
-    frontend = Frontend(config, aioredis.Redis.from_url(config.redis_url), metrics)
+    frontend = Frontend(config, redis_retry.async_client(config.redis_url), metrics)
     # No SO_REUSEPORT: a port clash must fail loudly (the supervisor relaunches on a new port).
     server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=[("grpc.so_reuseport", 0)])
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(frontend), server)
@@ -56,12 +59,19 @@ async def serve(config: GatewayConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     await frontend.wait_for_model()
     reader = asyncio.create_task(frontend.read_replies())
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    http_state.serving = True
+
+    async def set_serving(is_serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if is_serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, status)
+        http_state.serving = is_serving
+
+    await set_serving(True)
+    watch = asyncio.create_task(RedisWatch(frontend, set_serving).run())
     log.info("gateway %s serving on %s:%d%s", config.gateway_id, config.host, config.port,
              f", HTTP on {config.http_host}:{config.http_port}" if http else "")
     await stop.wait()
+    watch.cancel()
     http_state.serving = False
     await health_servicer.enter_graceful_shutdown()
     if http:
@@ -70,7 +80,8 @@ async def serve(config: GatewayConfig) -> None:
     if http:
         await http[1]
     reader.cancel()
-    await frontend.client.delete(frontend.reply_stream)
+    with contextlib.suppress(*redis_retry.CONNECTION_ERRORS):     # Redis away: the stream stays (`down` removes it)
+        await frontend.client.delete(frontend.reply_stream)
     await frontend.client.aclose()
 
 

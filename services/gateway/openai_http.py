@@ -3,7 +3,8 @@
   POST /v1/completions, /v1/chat/completions   streaming (SSE) or not; n choices; logprobs
   GET  /v1/models                             the served model
   POST /tokenize, /detokenize                 vLLM's shapes
-  GET  /health                                200 while serving, 503 while starting or draining
+  GET  /health                                200 while serving, 503 while starting, draining or
+                                              while the stack's Redis does not answer
   GET  /metrics                               the whole stack's Prometheus series (stack_metrics)
 
 Errors have OpenAI's body {"error": {message, type, param, code}} with vLLM's types: 400 bad input
@@ -26,6 +27,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
+from services.common.redis_retry import UNREACHABLE
 from services.engine.sampling_params import SamplingParams
 from services.gateway.errors import GatewayError, InvalidInput, NotReady
 from services.gateway.frontend import Frontend, GenerateInput
@@ -137,6 +139,8 @@ def build_app(state: HttpState) -> FastAPI:
     frontend = state.frontend
 
     def ready() -> None:
+        if not frontend.redis_ok:
+            raise NotReady(UNREACHABLE)
         if not state.serving:
             raise NotReady("the gateway is not serving (starting or draining); retry shortly")
 
@@ -165,7 +169,8 @@ def build_app(state: HttpState) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         if not state.serving:
-            return _error(503, error_body(503, "ServiceUnavailableError", "not serving (starting or draining)"))
+            why = UNREACHABLE if not frontend.redis_ok else "not serving (starting or draining)"
+            return _error(503, error_body(503, "ServiceUnavailableError", why))
         return Response(status_code=200)
 
     @app.get("/metrics")

@@ -103,6 +103,12 @@ class InputReader:
         self._growth_ahead = None
         self._adopt(self.scheduler.blocks.granted_from(self.publisher.wait_for(sent)[-1], growth))
 
+    def abandon(self) -> None:
+        """Forget the reads in progress (a lost connection: the grant asked for ahead is dropped with
+        the publisher's queue, and what it granted is in the requests' block lists in Redis, where
+        the worker takes its requests up again from); the next poll reads."""
+        self._growth, self._growth_ahead, self._inputs_left = [], None, True
+
     def close(self) -> None:
         if self.doorbell is not None:
             self.doorbell.close()

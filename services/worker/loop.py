@@ -16,6 +16,9 @@ when its doorbell rang: doorbell.py), then schedule -> run -> sample -> postproc
 deliveries, and the blocks of finished requests, in one Redis pipeline sent on the publisher's
 thread while the next iteration runs. Split decode asks for the blocks its rows need next on that
 thread too, during the forward pass.
+
+Redis going away stops an iteration wherever it stands: the worker lets go of what it holds, waits
+for Redis, and takes up again what is recorded there (reconnect.py).
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ import redis
 from services.common.contracts import (Handoff, IterationSample, KeySpace, QueuedRequest, TokenDeliveries,
                                        TokenDelivery, WorkerReport, to_json)
 from services.common.redis_queues import CancelWatcher, ensure_group
+from services.common.redis_retry import DataEpoch, DataLost, Outage
+from services.engine.blocks import blocks_for_tokens
 from services.engine.llm_engine import sample_batch
 from services.engine.runner import ModelRunner
 from services.engine.sampler import Sampler
@@ -46,6 +51,7 @@ from services.worker.tracked import TrackedRequest
 from services.worker.handover import needs_handover
 from services.worker.metrics import WorkerMetrics
 from services.worker.publisher import PipelinePublisher
+from services.worker import reconnect
 from services.worker.recovery import SCAN_INTERVAL_S, heartbeat_value, queue_heartbeat, take_over_dead
 
 log = logging.getLogger(__name__)
@@ -88,6 +94,8 @@ class Worker:
     _heartbeat: str = field(init=False)                    # recovery.py: how peers tell this worker alive
     _next_peer_scan: float = field(init=False, default=0.0)   # time.monotonic() of the next dead-peer scan
     _reported_batch: tuple[int, int] = field(init=False, default=(-1, -1))   # running, waiting in the last report
+    outage: Outage = field(init=False)                 # Redis away: one log line when it goes, one when back
+    epoch: DataEpoch = field(init=False)               # tells a Redis that came back empty (reconnect.py)
 
     def __post_init__(self) -> None:
         self.keys = KeySpace(self.config.key_prefix)
@@ -97,6 +105,10 @@ class Worker:
         self.group = DECODE_GROUP if self.is_split_decode else PREFILL_GROUP
         ensure_group(self.client, self.input_stream, self.group)
         self._heartbeat = heartbeat_value()
+        self.outage = Outage(log, "this worker lets go of its requests and takes them up again from Redis "
+                                  "once it is back")
+        self.epoch = DataEpoch(self.keys.epoch)
+        self.epoch.rejoin(self.client)
         pipe = self.client.pipeline(transaction=False)
         queue_heartbeat(pipe, self.keys.worker_alive(self.config.worker_id), self._heartbeat)
         pipe.execute()            # alive before it owns any entry, so no peer takes its work over
@@ -111,7 +123,12 @@ class Worker:
     # ------------------------------------------------------------------ the loop
     def run_forever(self) -> None:
         while not self.control.stopping:
-            self.run_once()
+            try:
+                self.run_once()
+            except Exception as e:     # noqa: BLE001 - only Redis outages are handled; the rest re-raised
+                if not reconnect.is_outage(e):
+                    raise
+                reconnect.resync(self, e)
 
     def run_once(self) -> None:
         iteration_start = time.perf_counter()
@@ -154,20 +171,40 @@ class Worker:
         self._observe_host_time(time.perf_counter() - iteration_start - device_s)
 
     def recover_dead_peers(self) -> None:
-        """Take over the entries a dead worker of this group left pending (recovery.py): prefill
-        frees the blocks it had half filled and recomputes; decode admits the hand-offs."""
+        """Take over the entries a dead worker of this group left pending (recovery.py). Also where
+        a Redis that came back empty without this worker noticing is found (reconnect.py)."""
         self._next_peer_scan = time.monotonic() + SCAN_INTERVAL_S
-        entries = take_over_dead(self.client, self.keys.worker_alive, self.input_stream, self.group,
-                                 self.config.worker_id, self._input_type)
+        if self.epoch.rejoin(self.client):
+            raise DataLost("redis holds another data set than the one this worker started with")
+        self.take_over(take_over_dead(self.client, self.keys.worker_alive, self.input_stream, self.group,
+                                      self.config.worker_id, self._input_type))
+
+    def take_over(self, entries: list) -> None:
+        """Admit entries that were pending with a dead worker, or with this one before Redis went
+        away: prefill frees the blocks it had half filled and recomputes; decode resumes each hand-off
+        from its recorded tokens and block table (its KV is still in the arena's pool)."""
         if not entries:
             return
         if not self.is_split_decode:
             self.scheduler.blocks.free_many([queued.request_id for _, queued in entries])
             self._admit(entries)
             return
-        for entry_id, handoff in entries:     # resumed in place: its KV is still in the arena's pool
+        for entry_id, handoff in entries:
             progress = tuple(int(t) for t in self.client.lrange(self.keys.decode_progress(handoff.request_id), 0, -1))
             self._admit_handoff(entry_id, handoff, progress, self.scheduler.blocks.owned(handoff.request_id))
+
+    def let_go(self) -> int:
+        """Forget every request this worker holds, changing nothing in Redis, where each is recorded
+        (reconnect.py); -> how many it held."""
+        held = len(self.tracked)
+        self.scheduler.forget_all()
+        self.tracked.clear()
+        return held
+
+    @property
+    def input_type(self) -> type:
+        """What the input stream carries: Handoff (split decode) or QueuedRequest."""
+        return self._input_type
 
     @property
     def cancels(self) -> CancelWatcher:
@@ -274,6 +311,10 @@ class Worker:
             self.scheduler.blocks.free(handoff.request_id)
             self.release_inputs([entry_id], [handoff.request_id])
             return
+        computed = handoff.num_computed_tokens + len(progress)
+        if block_ids is not None and len(block_ids) < blocks_for_tokens(computed, self.scheduler.config.block_size):
+            self._back_to_prefill(entry_id, handoff, progress)
+            return
         seq = Sequence(handoff.request_id, list(handoff.prompt_token_ids), handoff.sampling,
                        arrival_time=handoff.arrival_time,
                        output_token_ids=[*handoff.output_token_ids, *progress],
@@ -282,6 +323,19 @@ class Worker:
         self.scheduler.admit_prefilled(seq)
         self.tracked[seq.request_id] = TrackedRequest(seq, handoff.reply_to, entry_id, is_first_delivery=False,
                                                 handoff_time=None if progress else handoff.handoff_time)
+
+    def _back_to_prefill(self, entry_id: str | None, handoff: Handoff, progress: tuple[int, ...]) -> None:
+        """A request taken over without the blocks its KV was in (a preemption had freed them, and its
+        re-queue was in doubt when the worker died or lost Redis): prefill recomputes it with its
+        tokens so far, as it does a preempted one; re-queued and released together."""
+        log.warning("request %s has lost its KV blocks: sent back to prefill to be recomputed", handoff.request_id)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xadd(self.keys.prefill_queue, {"m": to_json(QueuedRequest(
+            handoff.request_id, tuple(handoff.prompt_token_ids), handoff.sampling, handoff.reply_to,
+            handoff.arrival_time, (*handoff.output_token_ids, *progress)))})
+        self.scheduler.blocks.queue_free_many(pipe, [handoff.request_id])
+        self._queue_release(pipe, [entry_id], [handoff.request_id])
+        pipe.execute()
 
     def _requeue_preempted(self, batch: SchedulerOutput) -> None:
         """Decode: a preempted request goes back to prefill with its tokens, to be recomputed."""

@@ -16,6 +16,7 @@ import torch
 
 from services.common.contracts import KeySpace
 from services.common.model_info import ModelInfo, write_model_info
+from services.common import redis_retry
 from services.common.redis_blocks import RedisBlockAllocator
 from services.engine.kv_cache import KVCacheSpec, allocate_kv_pool
 from services.engine.llm_engine import DTYPES
@@ -62,7 +63,7 @@ def _load(config: WorkerConfig):
 
 def build_worker(config: WorkerConfig, stack_cpus: tuple[int, ...]) -> tuple[Worker, object]:
     (model_config, weights, kv_cache, spec, model_dir), arena_view = _load(config)
-    client = redis.Redis.from_url(config.redis_url)
+    client = redis_retry.client(config.redis_url)
     keys = KeySpace(config.key_prefix)
     blocks = RedisBlockAllocator(client, keys)
     blocks.init_pool(spec.num_blocks, spec.block_size)

@@ -17,6 +17,12 @@ before the forward pass) is submitted with `keep_reply`: its replies, errors inc
 
 Back-pressure: at most `depth` pipelines wait (an iteration submits up to two); the loop blocks on the next one (and that wait
 counts as host time). A failed send is raised on the loop's thread at the next `submit`/`flush`.
+
+A lost connection is different from a failed command: whether the pipeline in flight was applied is
+unknown, and sending the ones queued behind it could apply a later iteration without it. So after a
+connection error nothing more is sent at all, and every later call raises it again, until the loop
+calls `abandon`: it rebuilds its state from what Redis holds (services/worker/reconnect.py), and
+the pipelines still queued, built from the old state, are dropped unsent.
 """
 from __future__ import annotations
 
@@ -25,6 +31,8 @@ import threading
 from typing import Callable
 
 import redis
+
+from services.common.redis_retry import CONNECTION_ERRORS
 
 _STOP = None
 
@@ -46,6 +54,8 @@ class PipelinePublisher:
         self._on_reply = on_reply             # called with each pipeline's replies (on the thread, if any)
         self._pending: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
+        self._halted: BaseException | None = None   # a lost connection: nothing is sent until `abandon`
+        self._dropping = False                       # inside `abandon`: queued pipelines are skipped
         self._thread = threading.Thread(target=self._run, name=name, daemon=True) if threaded else None
         if self._thread is not None:
             self._thread.start()
@@ -72,6 +82,17 @@ class PipelinePublisher:
         self._pending.join()
         self._raise_failure()
 
+    def abandon(self) -> None:
+        """Drop every pipeline not yet sent and forget any failure (after a lost connection: the
+        caller rebuilds its state from Redis, so nothing built before may go out after). Returns
+        once the thread has nothing in flight."""
+        self._dropping = True
+        try:
+            self._pending.join()
+        finally:
+            self._dropping = False
+            self._error = self._halted = None
+
     def close(self) -> None:
         """Send what is queued, then stop the thread."""
         if self._thread is not None and self._thread.is_alive():
@@ -83,6 +104,8 @@ class PipelinePublisher:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+        if self._halted is not None:
+            raise self._halted
 
     def _run(self) -> None:
         while True:
@@ -92,10 +115,12 @@ class PipelinePublisher:
                 return
             pipe, sent = item
             try:
-                if self._error is None:       # after a failure nothing more is sent until it is raised
-                    self._execute(pipe, sent)
+                if self._error is None and self._halted is None and not self._dropping:
+                    self._execute(pipe, sent)     # after a failure nothing more is sent until it is raised
             except BaseException as e:        # noqa: BLE001 (re-raised on the loop's thread)
                 self._error = e
+                if isinstance(e, CONNECTION_ERRORS):
+                    self._halted = e
             finally:
                 sent._done.set()
                 self._pending.task_done()

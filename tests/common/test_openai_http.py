@@ -51,6 +51,7 @@ class FakeFrontend:
     metrics: object = None
     seen: list[GenerateInput] = field(default_factory=list)
     closed: list[str] = field(default_factory=list)
+    redis_ok: bool = True                        # Frontend's: False while the stack's Redis does not answer
 
     def tokenize(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
@@ -238,6 +239,17 @@ def test_full_queue_is_429_and_not_serving_is_503(frontend):
     assert r.status_code == 503 and r.json()["error"]["code"] == 503
     assert client_of(frontend, serving=False).get("/health").status_code == 503
     assert client_of(frontend).get("/health").status_code == 200
+
+
+def test_without_redis_every_route_that_needs_it_is_503_saying_so(frontend):
+    frontend.redis_ok = False             # what the gateway's RedisWatch sets, with serving False
+    for route, body in (("/v1/completions", {"prompt": "hi"}),
+                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+        r = client_of(frontend, serving=False).post(route, json=body)
+        assert r.status_code == 503 and "Redis is unreachable" in r.json()["error"]["message"]
+    health = client_of(frontend, serving=False).get("/health")
+    assert health.status_code == 503 and "Redis is unreachable" in health.json()["error"]["message"]
+    assert not frontend.seen
 
 
 def test_error_mapping():

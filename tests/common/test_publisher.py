@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import redis
 
+from services.common import redis_retry
 from services.worker.publisher import PipelinePublisher
 
 
@@ -70,3 +71,20 @@ def test_waiting_for_a_pipeline_after_a_failed_send_raises(redis_client, keys):
     with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
         publisher.wait_for(kept)
     publisher.close()
+
+
+def test_after_a_lost_connection_nothing_more_is_sent_until_abandon(redis_client, keys):
+    """A pipeline that failed for want of Redis may or may not have landed: the ones behind it are
+    never sent, every call raises until the loop abandons them, then it goes on."""
+    gone = redis_retry.client("redis://127.0.0.1:1/0")      # nothing listens there
+    publisher = PipelinePublisher(lambda replies: None, depth=8)
+    publisher.submit(gone.pipeline(transaction=True).set(f"{keys.prefix}:x", 1))
+    publisher.submit(redis_client.pipeline(transaction=True).rpush(f"{keys.prefix}:l", 1))
+    with pytest.raises(redis.ConnectionError):
+        publisher.flush()
+    with pytest.raises(redis.ConnectionError):
+        publisher.submit(redis_client.pipeline(transaction=True).rpush(f"{keys.prefix}:l", 2))
+    publisher.abandon()
+    publisher.submit(redis_client.pipeline(transaction=True).rpush(f"{keys.prefix}:l", 3))
+    publisher.close()
+    assert redis_client.lrange(f"{keys.prefix}:l", 0, -1) == [b"3"]

@@ -263,3 +263,38 @@ def test_concurrent_threads_share_one_client(redis_server, redis_client, keys):
         t.join()
     assert not errors, errors
     assert all_block_ids(redis_client, keys) == list(range(NUM_BLOCKS))
+
+
+def test_the_audit_finds_a_consistent_pool_after_any_allocations(redis_client, keys):
+    blocks = make_allocator(redis_client, keys, num_blocks=64)
+    rng = random.Random(3)
+    for i in range(40):
+        blocks.allocate_many([(f"r{i}", rng.randint(0, 3)), (f"r{rng.randint(0, i)}", 1)])
+        if rng.random() < 0.4:
+            blocks.free(f"r{rng.randint(0, i)}")
+    before = all_block_ids(redis_client, keys)
+    audit = blocks.audit()
+    assert audit.is_consistent and audit.num_blocks == 64
+    assert audit.free + audit.owned == 64 and audit.free == blocks.num_free
+    assert audit.owners == len(blocks.owners())
+    assert all_block_ids(redis_client, keys) == before == list(range(64))
+
+
+def test_the_audit_repairs_what_is_safe_and_counts_what_is_not(redis_client, keys):
+    blocks = make_allocator(redis_client, keys, num_blocks=16)
+    a, b = blocks.allocate("a", 2), blocks.allocate("b", 2)
+    redis_client.lrem(keys.kv_free, 0, 15)              # block 15 in no list: leaked
+    redis_client.lpush(keys.kv_free, a[0], 99)          # owned and free; out of range
+    redis_client.rpush(keys.kv_free, 10)                # free twice
+    redis_client.rpush(keys.kv_owned("b"), a[1])        # in two requests' lists
+    audit = blocks.audit()
+    assert (audit.returned, audit.dropped_from_free, audit.shared) == (1, 3, 1)
+    assert not audit.is_consistent
+    free = [int(x) for x in redis_client.lrange(keys.kv_free, 0, -1)]
+    assert sorted(free) == sorted(set(range(16)) - set(a) - set(b)) and len(free) == audit.free == 12
+    assert blocks.audit().returned == blocks.audit().dropped_from_free == 0    # repaired; the shared one stays
+
+
+def test_the_audit_without_a_pool_raises(redis_client, keys):
+    with pytest.raises(PoolNotInitialized):
+        RedisBlockAllocator(redis_client, keys).audit()

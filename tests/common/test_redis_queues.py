@@ -9,7 +9,7 @@ import redis
 
 from services.common.contracts import CancelNotice, KeySpace, QueuedRequest, to_json
 from services.common.redis_queues import (CancelWatcher, ack, claim_stale, enqueue, ensure_group, queue_depth,
-                                          last_ids, read_group, read_tail, tail_cursor)
+                                          last_ids, read_group, read_own_pending, read_tail, tail_cursor)
 from services.engine.sampling_params import SamplingParams
 
 GROUP = "prefill"
@@ -43,6 +43,22 @@ def test_group_read_ack_and_depth(client, keys):
     assert queue_depth(client, stream, GROUP) == 1
     assert read_group(client, stream, GROUP, "w1", QueuedRequest, count=10) == [(ids[2], sent[2])]
     assert read_group(client, stream, GROUP, "w1", QueuedRequest, count=0) == []
+
+
+def test_a_consumer_reads_back_what_is_pending_with_it_and_nothing_else(client, keys):
+    stream = keys.prefill_queue
+    ensure_group(client, stream, GROUP)
+    sent = [make_request(f"r{i}") for i in range(7)]
+    ids = [enqueue(client, stream, m) for m in sent]
+    read_group(client, stream, GROUP, "w1", QueuedRequest, count=5)
+    read_group(client, stream, GROUP, "w2", QueuedRequest, count=1)
+    ack(client, stream, GROUP, [ids[0]])
+    client.xdel(stream, ids[1])                                # pending, but no longer in the stream
+    assert read_own_pending(client, stream, GROUP, "w1", QueuedRequest, batch=2) == list(zip(ids[2:5], sent[2:5]))
+    assert read_own_pending(client, stream, GROUP, "w2", QueuedRequest) == [(ids[5], sent[5])]
+    assert read_own_pending(client, stream, GROUP, "w3", QueuedRequest) == []
+    assert read_group(client, stream, GROUP, "w1", QueuedRequest, count=10) == [(ids[6], sent[6])]   # untouched
+    assert read_own_pending(client, keys.decode_admit, GROUP, "w1", QueuedRequest) == []   # no group: made
 
 
 def test_block_ms_zero_does_not_block_and_positive_waits(client, keys):
