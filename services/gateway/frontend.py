@@ -21,8 +21,9 @@ from typing import AsyncIterator
 
 import redis.asyncio as aioredis
 
+from services.common import stream_entries
 from services.common.contracts import (CancelNotice, KeySpace, QueuedRequest, RequestLatency, TokenDelivery,
-                                       TokenLogprob, deliveries_from_json, to_json)
+                                       TokenLogprob)
 from services.common.model_info import ModelInfo, parse_model_info
 from services.engine.blocks import blocks_for_tokens
 from services.engine.output import OutputState
@@ -34,9 +35,6 @@ from services.gateway.errors import InvalidInput, NotReady, QueueFull
 from services.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger("duoserve.gateway")
-
-CANCEL_STREAM_MAXLEN = 100_000      # cancels are read within an iteration; older ones are history
-LATENCY_MAXLEN = 10_000             # finished requests kept for SLO attainment
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,8 +140,8 @@ class Frontend:
 
     def _dispatch(self, data: dict) -> None:
         try:
-            deliveries = deliveries_from_json(data[b"m"])
-        except (KeyError, ValueError, TypeError):
+            deliveries = stream_entries.read_deliveries(data)
+        except stream_entries.EntryError:
             log.warning("malformed reply entry dropped: %r", data)
             return
         for delivery in deliveries:
@@ -226,10 +224,8 @@ class Frontend:
         is_done = False
         ended = "abort"          # unless it finishes: the client went away or its deadline passed
         try:
-            # "n" and "t" let the orchestrator see the queue without parsing every prompt.
-            await self.client.xadd(self.keys.prefill_queue, {"m": to_json(QueuedRequest(
-                engine_id, tuple(prompt), req.sampling, self.reply_stream, timing.arrival)),
-                "n": len(prompt), "t": repr(timing.arrival)})
+            await stream_entries.add(self.client, stream_entries.queued(self.keys, QueuedRequest(
+                engine_id, tuple(prompt), req.sampling, self.reply_stream, timing.arrival)))
             async for chunk in self._stream(ids, prompt, req.sampling, queue, timing):
                 is_done = chunk.finish_reason is not None
                 yield chunk
@@ -314,7 +310,7 @@ class Frontend:
     async def _record_latency(self, usage: Usage) -> None:
         tpot = (usage.e2e_ms - usage.ttft_ms) / (usage.completion_tokens - 1) if usage.completion_tokens > 1 else 0.0
         sample = RequestLatency(usage.ttft_ms, tpot, usage.prompt_tokens, usage.completion_tokens, time.time())
-        await self.client.xadd(self.keys.latencies, {"m": to_json(sample)}, maxlen=LATENCY_MAXLEN, approximate=True)
+        await stream_entries.add(self.client, stream_entries.latency(self.keys, sample))
 
     async def _release(self, ids: request_ids.RequestIds) -> None:
         try:
@@ -324,8 +320,7 @@ class Frontend:
 
     async def _cancel(self, request_id: str, reason: str) -> None:
         try:
-            await self.client.xadd(self.keys.cancel, {"m": to_json(CancelNotice(request_id, reason))},
-                                   maxlen=CANCEL_STREAM_MAXLEN, approximate=True)
+            await stream_entries.add(self.client, stream_entries.cancel(self.keys, CancelNotice(request_id, reason)))
         except aioredis.RedisError:
             log.warning("could not publish cancel for %s", request_id)
 
