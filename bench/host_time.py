@@ -23,14 +23,15 @@ import redis
 
 import duoserve
 from duoserve import stack, targets
-from services.common.contracts import KeySpace, WorkerReport, from_json
+from services.common import stream_entries
+from services.common.contracts import KeySpace, WorkerReport
 
 PROMPT_TOKENS = 64
 MAX_TOKENS = 3000
 
 
 def _decode_report(client: redis.Redis, keys: KeySpace) -> WorkerReport:
-    return from_json(WorkerReport, client.hget(keys.worker_stats("decode"), "m"))
+    return stream_entries.read_report(client.hget(keys.worker_stats("decode"), stream_entries.FIELD))
 
 
 def measure(target: str, client: redis.Redis, keys: KeySpace, batch: int, seconds: float) -> dict:

@@ -28,7 +28,8 @@ import redis
 
 import duoserve
 from duoserve import stack
-from services.common.contracts import KeySpace, QueuedRequest, deliveries_from_json, to_json
+from services.common import stream_entries
+from services.common.contracts import KeySpace, QueuedRequest
 from services.engine.sampling_params import SamplingParams
 
 
@@ -69,14 +70,14 @@ def straight_to_redis(client: redis.Redis, keys: KeySpace, prompt: list[int], ma
     request_id = f"bench-{uuid.uuid4().hex}"
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     t0 = time.perf_counter()
-    client.xadd(keys.prefill_queue, {"m": to_json(QueuedRequest(request_id, tuple(prompt), params, reply, time.time())),
-                                     "n": len(prompt), "t": repr(time.time())})
+    stream_entries.add(client, stream_entries.queued(keys, QueuedRequest(request_id, tuple(prompt), params, reply,
+                                                                          time.time())))
     cursor, received = "0-0", 0
     while True:
         for _stream, entries in client.xread({reply: cursor}, block=30_000) or ():
             for entry_id, fields in entries:
                 cursor = entry_id
-                (delivery,) = deliveries_from_json(fields[b"m"])    # one request: one delivery an entry
+                (delivery,) = stream_entries.read_deliveries(fields)    # one request: one delivery an entry
                 received += len(delivery.token_ids)
                 if delivery.finish_reason:
                     client.delete(reply)

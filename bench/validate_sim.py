@@ -28,7 +28,7 @@ import math
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -200,13 +200,14 @@ def read_samples(redis_url: str, key_prefix: str) -> list[dict[str, Any]]:
     """Every IterationSample the workers wrote during the run (the capped timings stream)."""
     import redis
 
-    from services.common.contracts import KeySpace
+    from services.common import stream_entries
+    from services.common.contracts import IterationSample, KeySpace
     client = redis.Redis.from_url(redis_url)
     try:
         entries = client.xrange(KeySpace(key_prefix).timings)
     finally:
         client.close()
-    return [json.loads(fields[b"m"]) for _, fields in entries]
+    return [asdict(stream_entries.read(IterationSample, fields)) for _, fields in entries]
 
 
 def loop_gaps(samples: Sequence[dict[str, Any]], max_gap_ms: float = 100.0) -> dict[str, dict[str, float]]:

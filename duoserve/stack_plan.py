@@ -23,9 +23,16 @@ BIND_FAILURES = ("address already in use", "cannot listen on", "failed to bind",
                  "could not create server tcp listening socket")
 HEALTHY = "SERVING"
 HANDOVER_NAMES = ("prefill", "decode")   # workers that may replace themselves (retune by handover)
-# What must restart after a process it depends on restarted: the workers map the arena's segments,
-# which a new arena makes afresh (it does not re-open a dead one's), so they attach to the new ones.
-RESTART_WITH = {"arena": ("prefill", "decode")}
+
+
+def restart_with(name: str, device: str, memory_kept: bool) -> tuple[str, ...]:
+    """What must restart after `name` restarted. The workers use the arena's memory: on the CPU a
+    restarted arena re-opens its segments (`memory_kept`, services/arena/segments.py) and they go on
+    with their requests; on CUDA its IPC allocations died with it, and a CPU arena that could not
+    re-open made new segments: the workers restart, attach the new memory and recompute."""
+    if name == "arena" and (device == "cuda" or not memory_kept):
+        return ("prefill", "decode")
+    return ()
 
 
 class StackError(RuntimeError):

@@ -316,6 +316,18 @@ def remove_segments(prefix: str) -> list[str]:
     return removed
 
 
+def arena_memory(prefix: str) -> frozenset[tuple[str, int]]:
+    """(kind, inode) of the stack's weights and KV segments: equal before and after an arena's
+    restart when the new arena re-opened the memory the workers map."""
+    found = set()
+    for path in SHM_DIR.glob(f"{prefix}*") if prefix else ():
+        kind = path.name.rsplit("-", 1)[-1]
+        if kind in ("weights", "kv"):
+            with contextlib.suppress(FileNotFoundError):
+                found.add((kind, path.stat().st_ino))
+    return frozenset(found)
+
+
 def find_redis_server() -> str | None:
     try:
         from services.common.redis_server import find_redis_server

@@ -9,7 +9,9 @@ It runs inside a foreground `duoserve up`, and for a detached stack as a process
              backoff that doubles while it keeps dying; lower stages first)
   restarted  the same command line, environment, ports and log file; the state file records the new
              pid and the restart count (`duoserve status`); waited on until healthy, so the stage
-             above it comes back only after it
+             above it comes back only after it. The workers restart with a restarted arena only
+             where its memory did not survive (`stack_plan.restart_with`: CUDA, or a CPU arena that
+             could not re-open its segments)
   stopped    SIGTERM, SIGINT or SIGHUP (what `duoserve down` sends), or its state file removed: the
              whole stack is torn down, in reverse stage order
 With restarts off (`duoserve up --restart never`) the first death stops the stack instead.
@@ -29,8 +31,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from duoserve.restart_policy import RestartPolicy, RestartTracker
-from duoserve.stack_plan import HEALTHY, RESTART_WITH, STATE_FILE
-from duoserve.stack_procs import (ProcessRecord, StackState, follow_handovers, health_of, is_alive,
+from duoserve.stack_plan import HEALTHY, STATE_FILE, restart_with
+from duoserve.stack_procs import (ProcessRecord, StackState, arena_memory, follow_handovers, health_of, is_alive,
                                   launch_process, log_tail, process_start_time, read_state, stack_lock,
                                   stop_processes, write_state)
 
@@ -127,6 +129,7 @@ class Supervisor:
         on_file = read_state(self.state_path)
         record = next((r for r in (on_file.processes if on_file else ()) if r.name == name), None) \
             or next(r for r in state.processes if r.name == name)
+        memory = arena_memory(state.segment_prefix)      # what the workers map now
         try:
             popen = launch_process(record.argv, dict(record.env), Path(record.log))
         except OSError as e:
@@ -140,12 +143,16 @@ class Supervisor:
         self.tracker.restarted(name, time.monotonic())
         self.say(f"{name} restarted (pid {new.pid}, restart {new.restarts})")
         self._wait_healthy(new)
-        self._stop_dependents(state, name)
+        kept = bool(memory) and arena_memory(state.segment_prefix) == memory
+        self._stop_dependents(state, name, restart_with(name, state.device, kept))
         return state
 
-    def _stop_dependents(self, state: StackState, name: str) -> None:
-        """Stop what must restart with `name` (RESTART_WITH); the next ticks restart them like any death."""
-        dependents = [r for r in state.processes if r.name in RESTART_WITH.get(name, ()) and self._alive(r)]
+    def _stop_dependents(self, state: StackState, name: str, names: tuple[str, ...]) -> None:
+        """Stop what must restart with `name` (stack_plan.restart_with); the next ticks restart them
+        like any death."""
+        dependents = [r for r in state.processes if r.name in names and self._alive(r)]
+        if name == "arena" and not names:
+            self.say("the arena re-opened its memory: the workers go on")
         if dependents:
             self.say(f"stopping {', '.join(r.name for r in dependents)}: they restart with the new {name}")
             stop_processes([(r.pid, r.start_time) for r in dependents], self.stop_timeout_s)

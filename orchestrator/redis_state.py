@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import redis
 
-from services.common.contracts import (IterationSample, KeySpace, RequestLatency, WorkerReport, from_json)
+from services.common import stream_entries
+from services.common.contracts import IterationSample, KeySpace, RequestLatency, WorkerReport
 
 DECISIONS_KEPT = 1000
 
@@ -46,16 +47,15 @@ class RedisState:
         pipe = self.client.pipeline(transaction=False)
         pipe.xrange(self.keys.prefill_queue, count=max_waiting)
         for phase in ("prefill", "decode", "colocated"):
-            pipe.hget(self.keys.worker_stats(phase), "m")
+            pipe.hget(self.keys.worker_stats(phase), stream_entries.FIELD)
         pipe.llen(self.keys.kv_free)
         pipe.hget(self.keys.kv_meta, "num_blocks")
         entries, *reports, num_free, num_blocks = pipe.execute()
-        waiting = tuple(Waiting(float(fields[b"t"]), int(fields[b"n"])) for _, fields in entries
-                        if b"t" in fields and b"n" in fields)
-        workers = {}
+        waiting = tuple(Waiting(*w) for w in _waiting(entries))
+        workers: dict[str, WorkerReport] = {}
         for phase, raw in zip(("prefill", "decode", "colocated"), reports):
             if raw is not None:
-                workers[phase] = from_json(WorkerReport, raw)
+                workers[phase] = stream_entries.read_report(raw)
         return Snapshot(time.time(), waiting, workers, int(num_free or 0), int(num_blocks or 0))
 
     def new_timings(self, count: int = 2000) -> list[IterationSample]:
@@ -65,7 +65,7 @@ class RedisState:
         for _stream, entries in result or ():
             for entry_id, fields in entries:
                 self._timings_cursor = entry_id
-                samples.append(from_json(IterationSample, fields[b"m"]))
+                samples.append(stream_entries.read(IterationSample, fields))
         if self._timings_cursor == "$" and not samples:
             last = self.client.xrevrange(self.keys.timings, count=1)
             self._timings_cursor = last[0][0] if last else "0-0"
@@ -74,7 +74,7 @@ class RedisState:
     def recent_latencies(self, window_s: float, count: int = 5000) -> list[RequestLatency]:
         entries = self.client.xrevrange(self.keys.latencies, count=count)
         cutoff = time.time() - window_s
-        latencies = [from_json(RequestLatency, fields[b"m"]) for _, fields in entries]
+        latencies = [stream_entries.read(RequestLatency, fields) for _, fields in entries]
         return [lat for lat in latencies if lat.time >= cutoff]
 
     # ------------------------------------------------------------------ the orchestrator's own state
@@ -92,3 +92,15 @@ class RedisState:
 
     def history(self, limit: int) -> list[dict]:
         return [json.loads(raw) for raw in self.client.lrange(self.keys.decisions, 0, limit - 1)]
+
+
+def _waiting(entries: list) -> list[tuple[float, int]]:
+    """(arrival time, tokens to prefill) of each prefill-queue entry; one without them is skipped
+    (a writer that bypassed stream_entries: it cannot be sized)."""
+    found = []
+    for _, fields in entries:
+        try:
+            found.append(stream_entries.read_waiting(fields))
+        except stream_entries.EntryError:
+            continue
+    return found

@@ -15,6 +15,7 @@ PURE_MODULES = [
     "services.engine.output",
     "services.common.mps",             # the supervisor imports it: `duoserve down` stays instant
     "services.arena.cuda_export",      # torch only inside describe/rebuild
+    "services.common.stream_entries",  # the wire format: its callers own their Redis clients
 ]
 
 

@@ -1,9 +1,11 @@
-"""The supervisor's restart policy as plain Python: backoff that doubles and resets, stage order."""
+"""The supervisor's restart policy as plain Python: backoff that doubles and resets, stage order, and
+what restarts with a restarted arena."""
 from __future__ import annotations
 
 import pytest
 
 from duoserve.restart_policy import RestartPolicy, RestartTracker
+from duoserve.stack_plan import restart_with
 
 
 def test_backoff_doubles_up_to_the_cap():
@@ -54,3 +56,10 @@ def test_a_due_process_waits_for_a_lower_stage_in_backoff():
     tracker.died("decode", now=10)                          # waits 1 s, then for the arena
     assert tracker.next_to_restart(now=12) == []
     assert tracker.next_to_restart(now=18) == ["arena"]
+
+
+def test_the_workers_restart_with_the_arena_only_where_its_memory_died():
+    assert restart_with("arena", "cpu", memory_kept=True) == ()             # re-opened: the workers go on
+    assert restart_with("arena", "cpu", memory_kept=False) == ("prefill", "decode")   # new segments
+    assert restart_with("arena", "cuda", memory_kept=True) == ("prefill", "decode")   # IPC handles died
+    assert restart_with("prefill", "cpu", memory_kept=False) == restart_with("gateway", "cuda", False) == ()

@@ -101,7 +101,7 @@ def attach_arena(socket_path: Path | str, timeout: float = 30.0, device: str = "
     kv_segment = attach_segment(export.kv_segment, writable=True)
     try:
         weights = unpack(weights_segment.tensor(), export.weights_manifest)
-        _check_weights(weights, model_config, DTYPES[kv.dtype])
+        check_weights(weights, model_config, DTYPES[kv.dtype])
         kv_cache = view_kv_pool(kv_segment.tensor(), spec)
     except BaseException:
         weights_segment.close()
@@ -116,12 +116,12 @@ def _attach_cuda(export: ArenaExport, model_config: ModelConfig, spec: KVCacheSp
     weights_buffer = rebuild(export.cuda.weights)        # [bytes] uint8 over the arena's allocation
     kv_buffer = rebuild(export.cuda.kv)
     weights = unpack(weights_buffer, export.weights_manifest)
-    _check_weights(weights, model_config, spec.dtype)
+    check_weights(weights, model_config, spec.dtype)
     return ArenaView(model_config, weights, view_kv_pool(kv_buffer, spec), spec, Path(export.model_dir),
                      export.arena_pid)
 
 
-def _check_weights(weights: dict[str, torch.Tensor], config: ModelConfig, dtype: torch.dtype) -> None:
+def check_weights(weights: dict[str, torch.Tensor], config: ModelConfig, dtype: torch.dtype) -> None:
     expected = expected_shapes(config)
     wrong = [name for name, shape in expected.items()
              if name not in weights or tuple(weights[name].shape) != shape or weights[name].dtype != dtype]

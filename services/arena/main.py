@@ -1,15 +1,20 @@
 """Arena: the resident holder of one stack's weights and paged KV pool (semi-PD's resident process).
 
 The arena's life:
-  start     config from argv/env; refuse to start beside a live arena of the same stack; unlink the
-            segments of dead ones (services.common.shm.reclaim_segments); gRPC health NOT_SERVING
-            and metrics up
-  load      the model resolved and its weights loaded once (load_engine_weights: fused, in the
-            serving dtype), into private memory
+  start     config from argv/env; refuse to start beside a live arena of the same stack; gRPC
+            health NOT_SERVING and metrics up
+  re-open   cpu: a restarted arena takes over the segments its dead predecessor left, when they
+            hold what it would make (services.arena.segments): the workers, which map them, go on
+            as if nothing happened, and the KV blocks of the requests in flight stay as they are.
+            Whatever dead arenas left that is not re-opened is unlinked
+  load      otherwise: the model resolved and its weights loaded once (load_engine_weights: fused,
+            in the serving dtype), into private memory
   export    one weights segment, packed with a manifest (one copy), then the private copy freed;
-            one KV segment, zeroed, every page allocated; the model info published in Redis.
+            one KV segment, zeroed, every page allocated; then the record a restarted arena
+            re-opens them by; the model info published in Redis.
             --device cuda: the same two buffers as one CUDA allocation each on cuda:0 (packed with
-            the same manifest), exported as CUDA IPC handles (services.arena.cuda_export)
+            the same manifest), exported as CUDA IPC handles (services.arena.cuda_export); they die
+            with the arena, so its workers restart with it
   serve     each connection to the private Unix socket from a process of our uid (SO_PEERCRED)
             gets one JSON `ArenaExport` and is closed; health SERVING. Workers attach, compute,
             restart and re-attach; the arena itself does no compute. On cuda each connection gets
@@ -17,8 +22,8 @@ The arena's life:
   shutdown  SIGTERM/SIGINT (also while loading): health NOT_SERVING, socket and segments
             unlinked, exit 0. Workers still mapping the segments keep their memory until they exit.
 
-Segments are named `duoserve-<stack_id>-<pid>-weights` and `...-kv`: the owner pid in the name lets
-a later arena (or `reclaim_segments`) clean up after one that was SIGKILLed.
+Segments are named `duoserve-<stack_id>-<pid>-weights`, `...-kv` and `...-record`: the owner pid in
+the name tells a restarted arena (or `reclaim_segments`) that their owner is dead.
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from services.arena import segments
 from services.arena.config import ArenaConfig, parse_args
 from services.arena.cuda_export import CudaExport, describe
 from services.arena.export import ArenaExport, KVLayout, model_config_to_dict, peer_credentials, private_dir
@@ -116,48 +122,68 @@ class Exported:
 # ---------------------------------------------------------------------------------------------- export
 
 def export_memory(config: ArenaConfig) -> Exported:
-    """Load the weights once into a packed segment, allocate the KV segment; return what workers get."""
+    """The weights and the KV pool the workers get. On the CPU: a dead predecessor's segments when
+    they hold what this arena would make (services.arena.segments), else the weights loaded once
+    into new ones."""
     model_dir = resolve_model_dir(config.model, config.cache_dir)
     model_config = ModelConfig.from_dir(model_dir)
     dtype = DTYPES[config.dtype]
-    started = time.monotonic()
-    weights = load_engine_weights(model_dir, model_config, dtype)
-    manifest, size = layout(weights)
+    spec = KVCacheSpec.for_model(model_config, config.block_size, dtype, config.num_kv_blocks,
+                                 config.kv_cache_memory_bytes)
     if config.device == "cuda":
-        return _export_cuda(config, model_dir, model_config, weights, manifest, size, started)
+        reclaim_stale(config)
+        return _export_cuda(config, model_dir, model_config, spec)
+    made_from = segments.identity(model_dir, config.dtype, spec)
+    reopened = segments.reopen(config.segment_prefix, made_from, model_config, dtype)
+    reclaim_stale(config)                    # what was not re-opened, before new memory is taken
+    if reopened is None:
+        return _export_new(config, model_dir, model_config, spec, made_from)
+    log.info("re-opened the segments of the arena before this one: weights %s (%.1f MiB), KV pool %s "
+             "(%d blocks, kept as the workers left it)", reopened.weights.name, reopened.weights.size / 2**20,
+             reopened.kv.name, spec.num_blocks)
+    return Exported(reopened.weights.size, reopened.kv.size, reopened.document, (reopened.weights, reopened.kv))
+
+
+def _export_new(config: ArenaConfig, model_dir: Path, model_config: ModelConfig, spec: KVCacheSpec,
+                made_from: dict) -> Exported:
+    """Load the weights once into a packed segment, allocate the KV segment, then write the record
+    that lets a restarted arena re-open both."""
+    started = time.monotonic()
+    weights = load_engine_weights(model_dir, model_config, spec.dtype)
+    manifest, size = layout(weights)
     weights_segment = create_segment(owned_name(config.segment_prefix, "weights"), max(size, 1))
     pack_into(weights_segment.tensor(), weights, manifest)            # the one copy into shared memory
     del weights
     _release_freed_memory()
     log.info("weights: %d tensors, %.1f MiB in %s (%.1f s)", len(manifest), size / 2**20, weights_segment.name,
              time.monotonic() - started)
-
-    spec = KVCacheSpec.for_model(model_config, config.block_size, dtype, config.num_kv_blocks,
-                                 config.kv_cache_memory_bytes)
     kv_segment = create_segment(owned_name(config.segment_prefix, "kv"), spec.num_bytes)   # zeroed by the kernel
     log.info("KV pool: %d blocks of %d tokens, %.1f MiB in %s", spec.num_blocks, spec.block_size,
              spec.num_bytes / 2**20, kv_segment.name)
     document = ArenaExport(
         arena_pid=os.getpid(), weights_segment=weights_segment.name, weights_manifest=manifest,
-        kv_segment=kv_segment.name,
-        kv_spec=KVLayout(spec.num_layers, spec.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim,
-                         config.dtype),
+        kv_segment=kv_segment.name, kv_spec=_kv_layout(spec, config.dtype),
         model_dir=str(model_dir), model_config_path=str(model_dir / "config.json"),
         model_config=model_config_to_dict(model_config))
-    return Exported(weights_segment.size, kv_segment.size, document, (weights_segment, kv_segment))
+    record = segments.write_record(config.segment_prefix, document, made_from)
+    return Exported(weights_segment.size, kv_segment.size, document, (weights_segment, kv_segment, record))
 
 
-def _export_cuda(config: ArenaConfig, model_dir: Path, model_config: ModelConfig, weights: dict[str, torch.Tensor],
-                 manifest: dict, size: int, started: float) -> Exported:
+def _kv_layout(spec: KVCacheSpec, dtype: str) -> KVLayout:
+    return KVLayout(spec.num_layers, spec.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim, dtype)
+
+
+def _export_cuda(config: ArenaConfig, model_dir: Path, model_config: ModelConfig, spec: KVCacheSpec) -> Exported:
     """The same two buffers on cuda:0, one allocation each: weights packed by the same manifest, KV zeroed."""
+    started = time.monotonic()
+    weights = load_engine_weights(model_dir, model_config, spec.dtype)
+    manifest, size = layout(weights)
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
     weights_buffer = torch.empty(max(size, 1), dtype=torch.uint8, device=device)     # [bytes], one allocation
     pack_into(weights_buffer, weights, manifest)                                      # host -> device, once
     del weights
     _release_freed_memory()
-    spec = KVCacheSpec.for_model(model_config, config.block_size, DTYPES[config.dtype], config.num_kv_blocks,
-                                 config.kv_cache_memory_bytes)
     kv_buffer = torch.zeros(spec.num_bytes, dtype=torch.uint8, device=device)        # [bytes], one allocation
     torch.cuda.synchronize(device)                    # both complete before any worker maps them
     log.info("weights: %d tensors, %.1f MiB on %s; KV pool: %d blocks of %d tokens, %.1f MiB (%.1f s)",
@@ -165,8 +191,7 @@ def _export_cuda(config: ArenaConfig, model_dir: Path, model_config: ModelConfig
              time.monotonic() - started)
     document = ArenaExport(
         arena_pid=os.getpid(), weights_segment="", weights_manifest=manifest, kv_segment="",
-        kv_spec=KVLayout(spec.num_layers, spec.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim,
-                         config.dtype),
+        kv_spec=_kv_layout(spec, config.dtype),
         model_dir=str(model_dir), model_config_path=str(model_dir / "config.json"),
         model_config=model_config_to_dict(model_config), device="cuda",
         cuda=CudaExport(describe(weights_buffer), describe(kv_buffer)))   # checks both export before SERVING
@@ -281,6 +306,10 @@ def check_no_live_arena(config: ArenaConfig) -> None:
         if owner is not None and owner != os.getpid() and pid_alive(owner):
             raise RuntimeError(f"stack {config.stack_id!r} already has a live arena (pid {owner} holds {name}); "
                                "stop it or pick another --stack-id")
+
+
+def reclaim_stale(config: ArenaConfig) -> None:
+    """Unlink the segments dead arenas left that this one did not re-open."""
     for name in reclaim_segments(config.segment_prefix):
         log.warning("unlinked %s, left behind by a dead arena", name)
 

@@ -1,8 +1,9 @@
 """What the processes of a stack say to each other through Redis: one dataclass per boundary.
 
-Pure Python (no redis import). Every message travels as one stream entry with a single field
-`m` holding JSON; `to_json`/`from_json` are the only (de)serializers, so a field added here is
-added everywhere. Processes exchange token ids and block ids, never tensors.
+Pure Python (no redis import). Every message travels as one stream entry whose field `m` holds
+its JSON; `to_json`/`from_json` are the only (de)serializers, so a field added here is added
+everywhere, and `services.common.stream_entries` is the only module that builds or parses an entry.
+Processes exchange token ids and block ids, never tensors.
 
   gateway  --QueuedRequest-->  prefill queue   (decode also re-queues preempted requests here)
   prefill  --Handoff------->   decode admit stream

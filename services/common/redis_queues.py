@@ -1,4 +1,5 @@
-"""Typed helpers over Redis Streams: every entry is one field `m` holding a contract's JSON.
+"""Typed helpers over Redis Streams; each entry's fields are those of `stream_entries` (the one
+module that owns the entry format).
 
 A queued message's life (consumer-group streams: prefill queue, decode admit):
   enqueued   `enqueue` (XADD); counted by `queue_depth` as not yet delivered
@@ -25,12 +26,13 @@ from typing import Any, Iterable, TypeVar
 
 import redis
 
-from services.common.contracts import CancelNotice, KeySpace, from_json, to_json
+from services.common import stream_entries
+from services.common.contracts import CancelNotice, KeySpace
+from services.common.stream_entries import EntryError
 
 log = logging.getLogger("duoserve.queues")
 
 T = TypeVar("T")
-FIELD = "m"                    # the one field of every entry
 
 
 def ensure_group(client: redis.Redis, stream: str, group: str, start_id: str = "0") -> None:
@@ -44,10 +46,9 @@ def ensure_group(client: redis.Redis, stream: str, group: str, start_id: str = "
 
 
 def enqueue(client: redis.Redis, stream: str, message: Any, maxlen: int | None = None) -> str:
-    """XADD one contract message; returns its entry id. `maxlen` trims approximately (~), which is
-    cheap; the stream may briefly hold a little more."""
-    entry_id = client.xadd(stream, {FIELD: to_json(message)}, maxlen=maxlen, approximate=True)
-    return _text(entry_id)
+    """XADD one contract message (the fields of `stream_entries.entry`); returns its entry id.
+    `maxlen` trims approximately (~), which is cheap; the stream may briefly hold a little more."""
+    return _text(stream_entries.add(client, stream_entries.entry(stream, message, maxlen)))
 
 
 def read_group(client: redis.Redis, stream: str, group: str, consumer: str, cls: type[T],
@@ -322,18 +323,10 @@ def _decode_acking_bad(client: redis.Redis, stream: str, group: str, cls: type[T
 
 def _decode(stream: str, cls: type[T], entry_id: str, fields: Any) -> T | None:
     """The entry's message, or None (logged) if it is not a valid `cls`."""
-    raw = None
-    if isinstance(fields, dict):
-        raw = fields.get(FIELD.encode(), fields.get(FIELD))
-    if raw is None:
-        log.warning("skipping entry %s of %s: no %r field (fields %s)", entry_id, stream, FIELD,
-                    _preview(fields))
-        return None
     try:
-        return from_json(cls, raw)
-    except Exception as e:      # anything a bad producer can cause: JSON, missing fields, validation
-        log.warning("skipping entry %s of %s: not a %s (%s: %s): %s", entry_id, stream, cls.__name__,
-                    type(e).__name__, e, _preview(raw))
+        return stream_entries.read(cls, fields)
+    except EntryError as e:
+        log.warning("skipping entry %s of %s: %s", entry_id, stream, e)
         return None
 
 
@@ -375,8 +368,3 @@ def _id_time(entry_id: str) -> float:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _preview(value: Any, limit: int = 120) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."

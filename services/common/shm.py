@@ -14,6 +14,8 @@ A segment's life:
             through one process's tensor is seen by every process that maps the segment
   close     drops this handle; the mapping itself lives until the last tensor over it is freed
             (the tensors keep the mmap object alive, so they can never point at unmapped memory)
+  rename    another name for the same memory (a restarted arena takes over its predecessor's:
+            services.arena.segments); mappings are unaffected
   unlink    the name disappears; processes that still map it keep their memory until they unmap
 
 Owner pids live in the names. A stack's segments are named `<prefix><owner pid>-<kind>` (see
@@ -139,6 +141,15 @@ def unlink_segment(name: str) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+def rename_segment(old: str, new: str) -> None:
+    """Give a segment another name: the same memory, so every process mapping it keeps it. Refuses
+    to replace an existing segment."""
+    new_path = _path(new)
+    if os.path.lexists(new_path):
+        raise FileExistsError(f"{new_path} exists: not replacing it with {old}")
+    os.rename(_path(old), new_path)
 
 
 def list_segments(prefix: str) -> list[str]:

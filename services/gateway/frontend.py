@@ -24,8 +24,9 @@ from typing import AsyncIterator, Awaitable, Callable
 
 import redis.asyncio as aioredis
 
+from services.common import stream_entries
 from services.common.contracts import (CancelNotice, KeySpace, QueuedRequest, RequestLatency, TokenDelivery,
-                                       TokenLogprob, deliveries_from_json, to_json)
+                                       TokenLogprob)
 from services.common.model_info import ModelInfo, parse_model_info
 from services.common.redis_retry import CONNECTION_ERRORS, UNREACHABLE, Backoff
 from services.engine.blocks import blocks_for_tokens
@@ -39,8 +40,6 @@ from services.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger("duoserve.gateway")
 
-CANCEL_STREAM_MAXLEN = 100_000      # cancels are read within an iteration; older ones are history
-LATENCY_MAXLEN = 10_000             # finished requests kept for SLO attainment
 UNSENT_MAX = 10_000                 # writes kept while Redis is away (the oldest dropped beyond)
 
 
@@ -159,8 +158,8 @@ class Frontend:
 
     def _dispatch(self, data: dict) -> None:
         try:
-            deliveries = deliveries_from_json(data[b"m"])
-        except (KeyError, ValueError, TypeError):
+            deliveries = stream_entries.read_deliveries(data)
+        except stream_entries.EntryError:
             log.warning("malformed reply entry dropped: %r", data)
             return
         for delivery in deliveries:
@@ -271,11 +270,9 @@ class Frontend:
         is_done = False
         ended = "abort"          # unless it finishes: the client went away or its deadline passed
         try:
-            # "n" and "t" let the orchestrator see the queue without parsing every prompt.
             try:   # when it fails, it may still have landed: the cancel below (published once Redis is back) undoes it
-                await self.client.xadd(self.keys.prefill_queue, {"m": to_json(QueuedRequest(
-                    engine_id, tuple(prompt), req.sampling, self.reply_stream, timing.arrival)),
-                    "n": len(prompt), "t": repr(timing.arrival)})
+                await stream_entries.add(self.client, stream_entries.queued(self.keys, QueuedRequest(
+                    engine_id, tuple(prompt), req.sampling, self.reply_stream, timing.arrival)))
             except CONNECTION_ERRORS:
                 raise self._redis_lost() from None
             async for chunk in self._stream(ids, prompt, req.sampling, queue, timing):
@@ -370,8 +367,7 @@ class Frontend:
         tpot = (usage.e2e_ms - usage.ttft_ms) / (usage.completion_tokens - 1) if usage.completion_tokens > 1 else 0.0
         sample = RequestLatency(usage.ttft_ms, tpot, usage.prompt_tokens, usage.completion_tokens, time.time())
         try:      # a sample for the orchestrator: not worth failing a finished request over
-            await self.client.xadd(self.keys.latencies, {"m": to_json(sample)}, maxlen=LATENCY_MAXLEN,
-                                   approximate=True)
+            await stream_entries.add(self.client, stream_entries.latency(self.keys, sample))
         except CONNECTION_ERRORS:
             self.redis_suspected.set()
 
@@ -393,8 +389,7 @@ class Frontend:
             log.warning("could not publish cancel for %s", request_id)
 
     async def _xadd_cancel(self, notice: CancelNotice) -> None:
-        await self.client.xadd(self.keys.cancel, {"m": to_json(notice)}, maxlen=CANCEL_STREAM_MAXLEN,
-                               approximate=True)
+        await stream_entries.add(self.client, stream_entries.cancel(self.keys, notice))
 
 
 async def _queue_depth(client: aioredis.Redis, stream: str) -> int:

@@ -36,8 +36,8 @@ from typing import Callable
 import redis
 import torch
 
+from services.common import stream_entries
 from services.common.contracts import KeySpace, QueuedRequest, WorkerHandover, from_json, to_json
-from services.common.redis_queues import FIELD
 from services.engine.blocks import OutOfBlocks
 from services.engine.scheduler import ScheduledChunk, SchedulerOutput
 from services.engine.sequence import SequenceStatus
@@ -175,9 +175,7 @@ class Retuner:
                 entry_ids.append(tracked.entry_id)
             else:                                           # decode, not running: no KV to hand over
                 w.scheduler.blocks.free(request_id)
-                w.client.xadd(w.keys.prefill_queue, {FIELD: to_json(QueuedRequest(
-                    request_id, tuple(tracked.seq.prompt_token_ids), tracked.seq.params, tracked.reply_to,
-                    tracked.seq.arrival_time, tuple(tracked.seq.output_token_ids)))})
+                stream_entries.add(w.client, stream_entries.queued(w.keys, tracked.requeued()))
         w.release_inputs(released, [h.request_id for h in running])
         w.tracked.clear()
         self.switched = True
@@ -253,9 +251,8 @@ def take_over(worker, handover: WorkerHandover) -> None:
         for raw_id, fields in claimed:
             if raw_id is None or not fields:
                 continue
-            raw = fields.get(FIELD.encode(), fields.get(FIELD))
             entry_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
-            worker._admit_queued(entry_id, from_json(QueuedRequest, raw))
+            worker._admit_queued(entry_id, stream_entries.read(QueuedRequest, fields))
     if handover.token_budget:
         worker.scheduler.token_budget = handover.token_budget
     share = ShareState(handover.share, handover.cpu_ids, handover.token_budget)

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field, replace
 
 import redis
 
-from services.common.contracts import (Handoff, IterationSample, KeySpace, QueuedRequest, TokenDeliveries,
-                                       TokenDelivery, WorkerReport, to_json)
+from services.common import stream_entries
+from services.common.contracts import Handoff, IterationSample, KeySpace, QueuedRequest, TokenDelivery, WorkerReport
 from services.common.redis_queues import CancelWatcher, ensure_group
 from services.common.redis_retry import DataEpoch, DataLost, Outage
 from services.engine.blocks import blocks_for_tokens
@@ -57,7 +57,6 @@ from services.worker.recovery import SCAN_INTERVAL_S, heartbeat_value, queue_hea
 log = logging.getLogger(__name__)
 
 PREFILL_GROUP = "prefill"
-TIMINGS_MAXLEN = 20_000     # iteration samples kept for the performance model
 DECODE_GROUP = "decode"
 HOST_WINDOW = 64            # iterations over which the reported host time per iteration is a median
 IDLE_REPORT_S = 2.0         # an idle worker rewrites its report this often (orchestrator/admin.py: STALE_REPORT_S 10)
@@ -330,9 +329,9 @@ class Worker:
         tokens so far, as it does a preempted one; re-queued and released together."""
         log.warning("request %s has lost its KV blocks: sent back to prefill to be recomputed", handoff.request_id)
         pipe = self.client.pipeline(transaction=True)
-        pipe.xadd(self.keys.prefill_queue, {"m": to_json(QueuedRequest(
+        stream_entries.add(pipe, stream_entries.queued(self.keys, QueuedRequest(
             handoff.request_id, tuple(handoff.prompt_token_ids), handoff.sampling, handoff.reply_to,
-            handoff.arrival_time, (*handoff.output_token_ids, *progress)))})
+            handoff.arrival_time, (*handoff.output_token_ids, *progress))))
         self.scheduler.blocks.queue_free_many(pipe, [handoff.request_id])
         self._queue_release(pipe, [entry_id], [handoff.request_id])
         pipe.execute()
@@ -350,10 +349,7 @@ class Worker:
         entry_ids = []
         for request_id in batch.preempted_ids:
             tracked = self.tracked.pop(request_id)
-            seq = tracked.seq
-            pipe.xadd(self.keys.prefill_queue, {"m": to_json(QueuedRequest(
-                request_id, tuple(seq.prompt_token_ids), seq.params, tracked.reply_to, seq.arrival_time,
-                tuple(seq.output_token_ids)))})
+            stream_entries.add(pipe, stream_entries.queued(self.keys, tracked.requeued()))
             entry_ids.append(tracked.entry_id)
         self._queue_release(pipe, entry_ids, batch.preempted_ids)
         pipe.execute()
@@ -392,13 +388,13 @@ class Worker:
             elif self.is_split_decode:       # what a decode that dies now resumes from (recovery.py)
                 pipe.rpush(self.keys.decode_progress(seq.request_id), seq.output_token_ids[-1])
         for reply_to, deliveries in by_gateway.items():
-            pipe.xadd(reply_to, {"m": to_json(TokenDeliveries(tuple(deliveries)))})
+            stream_entries.add(pipe, stream_entries.deliveries(reply_to, deliveries))
         for handoff in handoffs:
-            pipe.xadd(self.keys.decode_admit, {"m": to_json(handoff)})
+            stream_entries.add(pipe, stream_entries.handoff(self.keys, handoff))
         self._queue_release(pipe, to_ack, gone)
 
     def _send_now(self, stream: str, delivery: TokenDelivery) -> None:
-        self.client.xadd(stream, {"m": to_json(delivery)})
+        stream_entries.add(self.client, stream_entries.deliveries(stream, (delivery,)))
 
     def _forget(self, request_id: str) -> None:
         tracked = self.tracked.pop(request_id, None)
@@ -429,11 +425,10 @@ class Worker:
         blocks = self.scheduler.blocks
         free = self.kv_blocks_free         # as of the previous iteration's round trip: no extra one here
         share = self.control.share
-        pipe.xadd(self.keys.timings, {"m": to_json(IterationSample(
+        stream_entries.add(pipe, stream_entries.timing(self.keys, IterationSample(
             self.config.phase.value, share.share, len(share.cpu_ids), num_prefill, num_decode,
             len(batch.chunks), sum(c.context_len for c in batch.decode_chunks),
-            sum(len(c.token_ids) * c.context_len for c in batch.prefill_chunks), elapsed * 1000, time.time()))},
-            maxlen=TIMINGS_MAXLEN, approximate=True)
+            sum(len(c.token_ids) * c.context_len for c in batch.prefill_chunks), elapsed * 1000, time.time())))
         self.metrics.iteration_seconds.observe(elapsed)
         self.metrics.prompt_tokens.inc(num_prefill)
         self.metrics.generation_tokens.inc(num_decode + sum(c.is_sampled for c in batch.prefill_chunks))
@@ -469,7 +464,7 @@ class Worker:
                               share_switch_ms=self.switch_ms[0], share_switch_stall_ms=self.switch_ms[1],
                               host_ms=statistics.median(self.host_ms) if self.host_ms else 0.0)
         target = pipe or self.client.pipeline(transaction=False)
-        target.hset(self.keys.worker_stats(self.config.phase.value), mapping={"m": to_json(report)})
+        target.hset(self.keys.worker_stats(self.config.phase.value), mapping=stream_entries.report_mapping(report))
         queue_heartbeat(target, self.keys.worker_alive(self.config.worker_id), self._heartbeat)
         if pipe is None:
             target.execute()

@@ -1,11 +1,12 @@
-"""What a worker keeps about each request it holds, beside the scheduler's Sequence, and the two
-messages it builds from that: the TokenDelivery of its newest token and its Handoff to decode."""
+"""What a worker keeps about each request it holds, beside the scheduler's Sequence, and the
+messages it builds from that: the TokenDelivery of its newest token, its Handoff to decode, and the
+QueuedRequest that sends it back to prefill (preempted, or handed back)."""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 
-from services.common.contracts import Handoff, TokenDelivery
+from services.common.contracts import Handoff, QueuedRequest, TokenDelivery
 from services.engine.sequence import Sequence
 
 
@@ -36,3 +37,10 @@ class TrackedRequest:
         return Handoff(seq.request_id, tuple(seq.block_ids), tuple(seq.prompt_token_ids),
                        tuple(seq.output_token_ids), seq.num_computed_tokens, seq.params, self.reply_to,
                        seq.arrival_time, handoff_time=time.time())
+
+    def requeued(self) -> QueuedRequest:
+        """It as prefill's work again, with every token it has so far: prefill recomputes their KV
+        (its blocks were freed) and goes on from the last one."""
+        seq = self.seq
+        return QueuedRequest(seq.request_id, tuple(seq.prompt_token_ids), seq.params, self.reply_to,
+                             seq.arrival_time, tuple(seq.output_token_ids))

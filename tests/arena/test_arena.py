@@ -67,8 +67,8 @@ def health_status(port: int) -> int:
 class Arena:
     """`python -m services.arena.main` in a subprocess."""
 
-    def __init__(self, tmp: Path, model_dir: Path, redis_url: str, num_kv_blocks: int) -> None:
-        self.stack_id = f"t{uuid.uuid4().hex[:10]}"
+    def __init__(self, tmp: Path, model_dir: Path, redis_url: str, num_kv_blocks: int, stack_id: str = "") -> None:
+        self.stack_id = stack_id or f"t{uuid.uuid4().hex[:10]}"
         self.prefix = f"duoserve-{self.stack_id}-"
         self.key_prefix = f"test:{self.stack_id}"
         self.socket_path = tmp / "run" / "arena.sock"
@@ -213,6 +213,7 @@ def arena(tmp_path_factory, default_model_dir, redis_url):
 
 def test_arena_exports_its_memory_and_publishes_the_model(arena, redis_url, default_model_dir):
     assert sorted(list_segments(arena.prefix)) == [f"{arena.prefix}{arena.proc.pid}-kv",
+                                                   f"{arena.prefix}{arena.proc.pid}-record",
                                                    f"{arena.prefix}{arena.proc.pid}-weights"]
     assert oct(arena.socket_path.stat().st_mode & 0o777) == oct(0o600)
     assert oct(arena.socket_path.parent.stat().st_mode & 0o777) == oct(0o700)
@@ -318,7 +319,7 @@ def test_sigkill_leaves_segments_that_reclaim_removes(tmp_path, default_model_di
         killed.proc.kill()
         killed.proc.wait()
         left = list_segments(killed.prefix)
-        assert len(left) == 2 and killed.socket_path.exists()
+        assert len(left) == 3 and killed.socket_path.exists()                # weights, kv, record
         assert float(view.weights["norm"].sum()) != 0.0                   # still mapped here after the owner died
         with pytest.raises(TimeoutError):
             attach_arena(killed.socket_path, timeout=0.5)                 # a stale socket: nobody answers
@@ -327,6 +328,57 @@ def test_sigkill_leaves_segments_that_reclaim_removes(tmp_path, default_model_di
         view.close()
     finally:
         killed.stop()
+
+
+def _inodes(prefix: str) -> dict[str, tuple[int, int]]:
+    """kind -> (owner pid, inode) of each segment under `prefix`."""
+    found = {}
+    for name in list_segments(prefix):
+        owner, kind = name[len(prefix):].split("-")
+        found[kind] = (int(owner), os.stat(f"/dev/shm/{name}").st_ino)
+    return found
+
+
+def test_a_restarted_arena_reopens_the_segments_in_place(tmp_path, default_model_dir, redis_url):
+    """SIGKILL, then an arena of the same stack: it serves the same memory (a worker mapping it goes
+    on, the KV as it was); one made for another pool size makes new segments and unlinks the old."""
+    first = Arena(tmp_path, default_model_dir, redis_url, num_kv_blocks=16)
+    arenas = [first]
+    try:
+        view = attach_arena(first.socket_path, timeout=START_TIMEOUT_S)
+        view.kv_cache[1, :, 3].fill_(7.0)                                 # a request's KV, written by a worker
+        before = _inodes(first.prefix)
+        first.proc.kill()
+        first.proc.wait()
+        second = Arena(tmp_path, default_model_dir, redis_url, num_kv_blocks=16, stack_id=first.stack_id)
+        arenas.append(second)
+        second.wait_serving()
+        after = _inodes(first.prefix)
+        assert {k: ino for k, (_, ino) in after.items()} == {k: ino for k, (_, ino) in before.items()}
+        assert {owner for owner, _ in after.values()} == {second.proc.pid} and len(after) == 3
+        assert "re-opened the segments" in second.log.read_text()
+        again = attach_arena(second.socket_path, timeout=30)
+        assert again.arena_pid == second.proc.pid
+        assert float(again.kv_cache[1, :, 3].min()) == 7.0                  # the KV as the workers left it
+        view.kv_cache[0, :, 5].fill_(3.0)                                   # the old mapping is the same memory
+        assert float(again.kv_cache[0, :, 5].max()) == 3.0
+        assert torch.equal(again.weights["norm"], view.weights["norm"])
+        again.close()
+
+        second.proc.kill()
+        second.proc.wait()
+        third = Arena(tmp_path, default_model_dir, redis_url, num_kv_blocks=32, stack_id=first.stack_id)
+        arenas.append(third)
+        third.wait_serving()
+        fresh = _inodes(first.prefix)
+        assert {owner for owner, _ in fresh.values()} == {third.proc.pid} and len(fresh) == 3
+        assert fresh["kv"][1] != after["kv"][1]
+        assert "not re-opening the segments of dead arena" in third.log.read_text()
+        assert float(view.kv_cache[1, :, 3].min()) == 7.0                   # unlinked, still mapped here
+        view.close()
+    finally:
+        for arena in arenas:
+            arena.stop()
 
 
 def test_sigterm_while_loading_exits_cleanly(tmp_path, default_model_dir, redis_url):

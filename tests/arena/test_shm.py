@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from services.common.shm import (SHM_DIR, attach_segment, create_segment, list_segments, owned_name, pid_alive,
-                                 reclaim_segments, segment_owner, unlink_segment)
+                                 reclaim_segments, rename_segment, segment_owner, unlink_segment)
 from services.common.weights_pack import ALIGNMENT, layout, pack, pack_into, packed_nbytes, unpack
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -201,3 +201,20 @@ def test_reclaim_unlinks_a_dead_owners_segments_and_keeps_a_live_ones(prefix):
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_renamed_segment_is_the_same_memory_and_never_replaces_another(prefix):
+    old = create_segment(owned_name(prefix, "kv", pid=1), 4096)
+    view = old.tensor()
+    view[:4] = torch.tensor([1, 2, 3, 4], dtype=torch.uint8)
+    new_name = owned_name(prefix, "kv")
+    rename_segment(old.name, new_name)
+    assert list_segments(prefix) == [new_name]
+    with attach_segment(new_name) as again:
+        assert again.tensor()[:4].tolist() == [1, 2, 3, 4]
+        again.tensor()[4] = 9
+    assert int(view[4]) == 9                                               # the old mapping sees the new name's writes
+    other = create_segment(owned_name(prefix, "weights", pid=1), 64)
+    with pytest.raises(FileExistsError):
+        rename_segment(other.name, new_name)
+    assert sorted(list_segments(prefix)) == sorted([new_name, other.name])
