@@ -11,7 +11,8 @@ import redis
 
 from services.common.contracts import Handoff, QueuedRequest, from_json
 from services.common.redis_blocks import RedisBlockAllocator
-from services.common.redis_queues import FIELD, enqueue, read_group, read_own_pending
+from services.common.redis_queues import enqueue, read_group, read_own_pending
+from services.common.stream_entries import FIELD
 from services.engine.kv_cache import KVCacheSpec, allocate_kv_pool
 from services.engine.llm_engine import DTYPES
 from services.engine.loader import load_engine_weights
