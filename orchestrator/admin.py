@@ -1,11 +1,8 @@
 """The Admin gRPC service (duoctl's server): converts and delegates to the Controller.
 
-`BearerAuth` refuses every call without `authorization: Bearer <token>` when a token is configured.
+Who may call it is decided before it runs (services.common.auth, set up in orchestrator.main).
 """
 from __future__ import annotations
-
-import hmac
-from typing import Any, Callable
 
 import grpc
 
@@ -16,23 +13,6 @@ from orchestrator.policy import SLO, PolicyMode, Shares
 
 LATENCY_WINDOW_S = 120.0      # SLO attainment is judged over this much recent history
 STALE_REPORT_S = 10.0         # a worker silent this long is not listed
-
-
-class BearerAuth(grpc.ServerInterceptor):
-    def __init__(self, token: str) -> None:
-        self.expected = f"Bearer {token}".encode()
-
-    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
-        if details.method.startswith("/grpc."):      # health and reflection stay open
-            return continuation(details)
-        given = dict(details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(given.encode(), self.expected):
-            return continuation(details)
-
-        def refuse(request: Any, context: grpc.ServicerContext) -> Any:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          "this stack's admin API needs `authorization: Bearer <token>` (duoctl --token)")
-        return grpc.unary_unary_rpc_method_handler(refuse)
 
 
 def _shares_pb(s: Shares) -> pb.Shares:
