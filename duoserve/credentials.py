@@ -49,15 +49,17 @@ def ensure_secret(stack_dir: Path) -> str:
     return read_secret_file(path)
 
 
-def read_secret_file(path: Path | str) -> str:
-    """A secret from a file that only its owner may read (as ssh's keys): refused otherwise."""
+def read_secret_file(path: Path | str, private: bool = True) -> str:
+    """A secret from a file; `private`: only its owner may read it (as ssh's keys), refused otherwise.
+    (Not for files the operator hands a process by *_FILE: a container's secret mount may need to be
+    readable by the image's user.)"""
     path = Path(path)
     try:
         mode = path.stat().st_mode
         text = path.read_text().strip()
     except OSError as e:
         raise CredentialError(f"cannot read the secret file {path}: {e.strerror or e}") from None
-    if mode & 0o077:
+    if private and mode & 0o077:
         raise CredentialError(f"the secret file {path} is readable by others (mode {mode & 0o777:o}); "
                               f"`chmod 600 {path}`")
     if not text:
@@ -77,11 +79,12 @@ def secret_of(secret_file: str | Path | None) -> str | None:
 
 
 def secret_from_env(env: Mapping[str, str], name: str = SECRET_ENV) -> str:
-    """`name` from the environment, else the contents of the file `<name>_FILE` names, else ""."""
-    if env.get(name):
+    """`name` from the environment (set but empty: none, whatever else the environment says), else the
+    contents of the file `<name>_FILE` names, else ""."""
+    if name in env:
         return env[name]
     path = env.get(f"{name}_FILE")
-    return read_secret_file(path) if path else ""
+    return read_secret_file(path, private=False) if path else ""
 
 
 def redis_url_from_env(env: Mapping[str, str], url: str | None) -> str | None:
@@ -90,7 +93,7 @@ def redis_url_from_env(env: Mapping[str, str], url: str | None) -> str | None:
     path = env.get(REDIS_PASSWORD_FILE_ENV)
     if not url or not path or url_password(url):
         return url
-    return with_password(url, read_secret_file(path))
+    return with_password(url, read_secret_file(path, private=False))
 
 
 def with_password(url: str, password: str) -> str:

@@ -27,7 +27,7 @@ import grpc
 from google.protobuf import json_format
 
 from duoserve.channel import Tls, certificate_name, open_channel
-from duoserve.credentials import CredentialError, secret_of
+from duoserve.credentials import CredentialError, secret_from_env, secret_of
 from duoserve.errors import DuoserveError, from_rpc_error
 from duoserve.targets import StackNotFound, add_stack_args, read_stack_state, stack_target
 from duoserve.v1 import admin_pb2 as pb
@@ -65,6 +65,14 @@ class AdminClient:
             return getattr(self.stub, method)(request, timeout=self.timeout)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
+
+
+def _env_secret(env: Mapping[str, str]) -> str | None:
+    """The stack's secret as its own processes get it (DUOSERVE_SECRET[_FILE]), if this shell has it."""
+    try:
+        return secret_from_env(env) or None
+    except CredentialError:
+        return None
 
 
 def _as_dict(message: Any) -> dict:
@@ -122,8 +130,10 @@ def _add_connection_args(p: argparse.ArgumentParser, env: Mapping[str, str], nes
     """--target/--token and the stack's name, at the top level or (overriding it) after a subcommand."""
     default = (lambda value: argparse.SUPPRESS) if nested else (lambda value: value)
     p.add_argument("--target", default=default(env.get("DUOCTL_TARGET")), help="orchestrator HOST:PORT (env DUOCTL_TARGET)")
-    p.add_argument("--token", default=default(env.get("DUOSERVE_ADMIN_TOKEN")),
-                   help="admin bearer token (env DUOSERVE_ADMIN_TOKEN; default with --name: the stack's secret)")
+    p.add_argument("--token", default=default(env.get("DUOSERVE_ADMIN_TOKEN") or _env_secret(env)),
+                   help="admin bearer token (env DUOSERVE_ADMIN_TOKEN, else the stack's secret from DUOSERVE_SECRET "
+                        "or DUOSERVE_SECRET_FILE as in the compose containers; default with --name: the stack's "
+                        "secret file)")
     p.add_argument("--tls-ca", default=default(env.get("DUOCTL_TLS_CA")),
                    help="the Admin API is served over TLS: check it against this CA, or 'system' for the "
                         "system's roots (env DUOCTL_TLS_CA; default with --name: the stack's own certificate)")

@@ -234,7 +234,8 @@ def process_spec(name: str, config: StackConfig, layout: Layout,
                  ports: dict[str, tuple[int, ...]]) -> ProcessSpec:
     port, metrics_port = ports[name][:2]
     # Secrets go by environment only: /proc/<pid>/environ is its owner's alone, a command line is everyone's.
-    secret = (((SECRET_ENV, layout.secret),) if layout.secret else ())
+    # Always set, empty when off: an operator's shell that exports one must not reach the processes.
+    secret = ((SECRET_ENV, layout.secret),)
     redis_env = (("REDIS_URL", redis_url_of(config, ports, layout.secret)),)
     common = ("--key-prefix", layout.key_prefix, "--port", str(port), "--metrics-port", str(metrics_port))
     py = (config.python, "-m")
@@ -284,12 +285,12 @@ def process_spec(name: str, config: StackConfig, layout: Layout,
                       for arg in ("--peer-metrics", f"{other}={LOOPBACK}:{ports[other][1]}"))
         argv = py + ("services.gateway.main", *common, *queue, "--host", config.host, "--http-host", config.host,
                      "--http-port", str(http_port), *peers, *config.tls_args)
-        env = redis_env + (((API_KEY_ENV, config.api_key),) if config.api_key else ())
+        env = redis_env + ((API_KEY_ENV, config.api_key),)
         return ProcessSpec(name, argv, port, metrics_port, http_port=http_port, host=config.connect_host, env=env,
                            health="grpc-tls" if config.tls_cert else "grpc")
     if name == "orchestrator":
         cpus = ",".join(map(str, config.cpus or tuple(sorted(os.sched_getaffinity(0)))))
-        env = redis_env + secret + (((ADMIN_TOKEN_ENV, config.admin_token),) if config.admin_token else ())
+        env = redis_env + secret + ((ADMIN_TOKEN_ENV, config.admin_token),)
         return ProcessSpec(name, py + ("orchestrator.main", *common, "--cpus", cpus, *config.tls_args), port,
                            metrics_port, env=env, health="grpc-tls" if config.tls_cert else "grpc")
     raise ValueError(f"unknown process {name!r}")

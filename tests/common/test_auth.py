@@ -11,8 +11,9 @@ import pytest
 from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from duoserve import credentials
+from duoserve import credentials, healthcheck
 from duoserve.channel import certificate_name, open_aio_channel, open_channel
+from duoserve.stack_procs import grpc_health
 from duoserve.v1 import generation_pb2, generation_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.auth import AsyncBearerAuth, BearerAuth, interceptors
 from services.common.tls import TlsFiles, add_port
@@ -41,6 +42,7 @@ def test_secrets_come_from_the_environment_or_a_file(tmp_path):
     assert credentials.secret_from_env({"DUOSERVE_SECRET": "direct"}) == "direct"
     assert credentials.secret_from_env({"DUOSERVE_SECRET_FILE": str(secret_file)}) == "from-file"
     assert credentials.secret_from_env({}) == ""
+    assert credentials.secret_from_env({"DUOSERVE_SECRET": "", "DUOSERVE_SECRET_FILE": str(secret_file)}) == ""
     env = {"DUOSERVE_REDIS_PASSWORD_FILE": str(secret_file)}
     assert credentials.redis_url_from_env(env, "redis://redis:6379/0") == "redis://:from-file@redis:6379/0"
     assert credentials.redis_url_from_env(env, "redis://:other@redis:6379/0") == "redis://:other@redis:6379/0"
@@ -163,6 +165,10 @@ def test_tls_with_a_self_signed_certificate(tmp_path):
         assert unchecked.value.code() == grpc.StatusCode.UNAVAILABLE
         with pytest.raises(grpc.RpcError):
             _drain(target, token="s")                     # plaintext to a TLS port
+        # The supervisor's (and a container's) health check: trusts the certificate, asks for its name.
+        assert grpc_health(target, 5.0, tls_cert=cert) == "SERVING"
+        assert grpc_health(target, 2.0) == "UNREACHABLE"
+        assert healthcheck.main([target, "--tls-ca", str(cert)]) == 0
     finally:
         server.stop(None)
 

@@ -64,7 +64,9 @@ def test_no_secret_or_key_on_any_command_line(tmp_path):
 
 def test_no_auth_leaves_the_secret_out(tmp_path):
     specs = _plan(tmp_path, "")
-    assert all("DUOSERVE_SECRET" not in dict(s.env) for s in specs.values())
+    # Set, empty: a secret exported in the operator's shell does not reach the processes either.
+    assert all(dict(specs[n].env)["DUOSERVE_SECRET"] == "" for n in ("prefill", "decode", "orchestrator"))
+    assert dict(specs["gateway"].env)["DUOSERVE_API_KEY"] == ""
     assert dict(specs["decode"].env)["REDIS_URL"].startswith("redis://127.0.0.1:")     # no password
     assert "auth.conf" not in " ".join(specs["redis"].argv)
     assert stack.StackConfig(state_dir=tmp_path, cache_dir=tmp_path, auth=False).auth is False
