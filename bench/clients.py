@@ -50,17 +50,23 @@ def is_http_target(target: str) -> bool:
     return target.startswith(("http://", "https://"))
 
 
-def open_client(target: str, timeout_s: float) -> BenchClient:
-    """`http(s)://HOST:PORT`: an OpenAI-compatible server; `HOST:PORT`: a duoserve gateway."""
-    return OpenAIClient(target, timeout_s) if is_http_target(target) else GatewayClient(target, timeout_s)
+def open_client(target: str, timeout_s: float, *, api_key: str | None = None, tls: Any = None,
+                server_name: str | None = None) -> BenchClient:
+    """`http(s)://HOST:PORT`: an OpenAI-compatible server; `HOST:PORT`: a duoserve gateway. `api_key` goes as
+    `Authorization: Bearer`; `tls` (the SDK's: True or a CA file) checks the server's certificate."""
+    if is_http_target(target):
+        return OpenAIClient(target, timeout_s, api_key=api_key, ca_file=tls if isinstance(tls, str) else None)
+    return GatewayClient(target, timeout_s, api_key=api_key, tls=tls, server_name=server_name)
 
 
 class GatewayClient:
     """duoserve's gateway through the SDK's AsyncClient."""
 
-    def __init__(self, target: str, timeout_s: float) -> None:
+    def __init__(self, target: str, timeout_s: float, *, api_key: str | None = None, tls: Any = None,
+                 server_name: str | None = None) -> None:
         import duoserve
-        self._client = duoserve.AsyncClient(target, timeout=timeout_s)
+        self._client = duoserve.AsyncClient(target, timeout=timeout_s, api_key=api_key, tls=tls,
+                                            server_name=server_name)
 
     async def stream(self, spec: RequestSpec) -> AsyncIterator[StreamChunk]:
         prompt = {"prompt": spec.prompt} if spec.prompt is not None else {"token_ids": list(spec.token_ids or ())}
@@ -84,9 +90,12 @@ class GatewayClient:
 class OpenAIClient:
     """An OpenAI-compatible completions server (vLLM's `api_server`, SGLang, ...)."""
 
-    def __init__(self, base_url: str, timeout_s: float) -> None:
+    def __init__(self, base_url: str, timeout_s: float, *, api_key: str | None = None,
+                 ca_file: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.ca_file = ca_file              # https: check the server's certificate against this CA
         self._session: Any = None           # aiohttp.ClientSession, opened in the running loop on first use
         self._model: str | None = None      # the served model's id (/v1/models), which requests must name
 
@@ -95,9 +104,11 @@ class OpenAIClient:
         if self._session is None:
             # limit=0: no cap on open connections; the default 100 would queue requests in the client
             # under open-loop load and count that wait as server latency.
+            import ssl
+            context = ssl.create_default_context(cafile=self.ca_file) if self.ca_file else None
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
-                timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ssl=context if context else True),
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s), headers=self.headers)
         return self._session
 
     async def _json(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:

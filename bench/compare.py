@@ -109,11 +109,12 @@ def ratio_text(num: MaxRate, den: MaxRate) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def _admin(state: Any) -> Any:
+    from duoserve.credentials import secret_of
     from duoserve.duoctl import AdminClient
     orch = next((p for p in state.processes if p.name == "orchestrator"), None)
     if orch is None:
         raise RuntimeError("the split stack runs no orchestrator")
-    return AdminClient(f"127.0.0.1:{orch.port}", token=None)
+    return AdminClient(f"127.0.0.1:{orch.port}", token=secret_of(state.secret_file))
 
 
 def run_setup(setup: Setup, args: argparse.Namespace, specs: Sequence[RequestSpec], rates: Sequence[float],

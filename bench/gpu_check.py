@@ -141,12 +141,14 @@ def _switch_latency_ms(state, timeout_s: float = 180.0) -> str:
     import grpc
     import redis
 
+    from duoserve.credentials import bearer, secret_of
     from duoserve.v1 import worker_pb2, worker_pb2_grpc
     from services.common.contracts import KeySpace
     decode = next(r for r in state.processes if r.name == "decode")
     client, key = redis.Redis.from_url(state.redis_url), KeySpace(state.key_prefix).worker_stats("decode")
     with grpc.insecure_channel(decode.target) as channel:
-        worker_pb2_grpc.WorkerStub(channel).SetComputeShare(worker_pb2.SetComputeShareRequest(share=0.3), timeout=10)
+        worker_pb2_grpc.WorkerStub(channel).SetComputeShare(worker_pb2.SetComputeShareRequest(share=0.3), timeout=10,
+                                                            metadata=bearer(secret_of(state.secret_file)))
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         raw = client.hget(key, "m")

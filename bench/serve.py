@@ -32,13 +32,14 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from bench.clients import BenchClient, ServerError, open_client
 from bench.datasets import (DEFAULT_AZURE_CONV, REAL_TEXT, Arrival, RequestSpec, load_azure_conv,
                             load_prompt_file, random_requests, schedule, with_token_ids)
+from duoserve.cli_args import client_tls
 from services.common.progress import progress as progress_bar
 
 DEFAULT_PERCENTILES = (90.0, 99.0)
@@ -236,12 +237,13 @@ async def benchmark(target: str, specs: Sequence[RequestSpec], arrival: Arrival,
                     max_concurrency: int | None = None, slo_ttft_ms: float | None = None,
                     slo_tpot_ms: float | None = None, warmup: int = 1,
                     percentiles: Sequence[float] = DEFAULT_PERCENTILES, progress: bool = True,
-                    label: str = "", workload: str = "") -> Result:
-    """Run the workload once against `target`: a gateway's HOST:PORT or an OpenAI server's http://HOST:PORT."""
+                    label: str = "", workload: str = "", access: Mapping[str, Any] | None = None) -> Result:
+    """Run the workload once against `target`: a gateway's HOST:PORT or an OpenAI server's http://HOST:PORT.
+    `access`: open_client's api_key, tls and server_name, for a stack that wants them."""
     if max_concurrency is not None and max_concurrency < 1:
         raise ValueError("max concurrency must be at least 1")
     offsets = schedule(specs, arrival)
-    client = open_client(target, REQUEST_TIMEOUT_S)
+    client = open_client(target, REQUEST_TIMEOUT_S, **(access or {}))
     try:
         specs = await _prepare(client, specs)
         for i in range(warmup):             # not measured: first-call costs (channel, allocator, caches)
@@ -373,7 +375,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     try:
         result = run_benchmark(args.target, specs, arrival, max_concurrency=args.max_concurrency,
                                slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, warmup=args.warmup,
-                               progress=not args.no_progress, workload=words)
+                               progress=not args.no_progress, workload=words,
+                               access={"api_key": args.api_key, "tls": client_tls(args.tls_ca),
+                                       "server_name": args.server_name})
     except (DuoserveError, ServerError, OSError) as e:   # the server unreachable or refusing the set-up calls
         print(f"duoserve: error: {args.target}: {e}", file=sys.stderr)
         return 1

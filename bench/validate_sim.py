@@ -144,13 +144,14 @@ def measure_on(state: Any, specs: Sequence[Any], arrival: Any, words: str, polic
                slo_tpot_ms: float, progress: bool, say: Callable[[str], None]) -> RealRun:
     """On a running split stack (its `duoserve.stack.StackState`): set the policy, calibrate, run the
     workload, read the fit. Leaves the policy as it found it."""
+    from duoserve.credentials import secret_of
     from duoserve.duoctl import AdminClient, _as_dict
     from duoserve.v1 import admin_pb2 as admin_pb
 
     orch = next((p for p in state.processes if p.name == "orchestrator"), None)
     if orch is None:
         raise RuntimeError("validate-sim needs a split stack with its orchestrator (the model fit)")
-    admin = AdminClient(f"127.0.0.1:{orch.port}", token=None)
+    admin = AdminClient(f"127.0.0.1:{orch.port}", token=secret_of(state.secret_file))
     before = admin.call("GetStatus", admin_pb.GetStatusRequest())
     admin.call("SetSLO", admin_pb.SLO(ttft_ms=slo_ttft_ms, tpot_ms=slo_tpot_ms, percentile=90, prefer="tpot"))
     admin.call("SetPolicy", admin_pb.SetPolicyRequest(mode=policy))

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Sequence
 
 from duoserve import targets
-from duoserve.cli_args import (add_checkpoint_args, add_model_args, add_stack_name_args, cpu_list, port_number,
-                               default_state_dir)
+from duoserve.cli_args import (add_checkpoint_args, add_client_auth_args, add_model_args, add_stack_name_args,
+                               cpu_list, port_number, default_state_dir)
 from duoserve.cli_bench import bench_parser, simulate_parser
 
 
@@ -47,6 +47,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", default=os.environ.get("DUOSERVE_STACK"),
                    help="ask the stack `duoserve up --name NAME` started here (env DUOSERVE_STACK)")
     p.add_argument("--state-dir", type=Path, default=default_state_dir(), help=argparse.SUPPRESS)
+    add_client_auth_args(p)
     add_model_args(p)
 
 
@@ -92,7 +93,20 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:
                    help="cuda: pipe directory of a running MPS daemon to use (env CUDA_MPS_PIPE_DIRECTORY; "
                         "default /tmp/nvidia-mps)")
     p.add_argument("--admin-token", default=os.environ.get("DUOSERVE_ADMIN_TOKEN", ""),
-                   help="bearer token the Admin API (duoctl) requires (env DUOSERVE_ADMIN_TOKEN)")
+                   help="a bearer token the Admin API (duoctl --token) accepts besides the stack's secret (env "
+                        "DUOSERVE_ADMIN_TOKEN; the flag shows in `ps`, the environment does not)")
+    p.add_argument("--no-auth", action="store_true", default=os.environ.get("DUOSERVE_NO_AUTH") == "1",
+                   help="no stack secret: the workers' control service, the Admin API (unless --admin-token) and "
+                        "the stack's Redis open to every local user (env DUOSERVE_NO_AUTH=1); default: a secret "
+                        "in <state dir>/<name>/secret (mode 0600) guards them")
+    p.add_argument("--api-key", default=os.environ.get("DUOSERVE_API_KEY", ""),
+                   help="the gateway's gRPC and HTTP APIs want `Authorization: Bearer KEY`, as vLLM's --api-key "
+                        "(env DUOSERVE_API_KEY, which keeps it out of `ps`); /health and /metrics stay open")
+    p.add_argument("--tls-cert", type=Path, default=os.environ.get("DUOSERVE_TLS_CERT") or None,
+                   help="PEM certificate chain: the gateway's gRPC and HTTP APIs and the Admin API over TLS "
+                        "(env DUOSERVE_TLS_CERT; with --tls-key)")
+    p.add_argument("--tls-key", type=Path, default=os.environ.get("DUOSERVE_TLS_KEY") or None,
+                   help="its PEM private key (env DUOSERVE_TLS_KEY)")
     p.add_argument("--startup-timeout", type=float, default=600.0, help="seconds until every process is SERVING")
     p.add_argument("--stop-timeout", type=float, default=10.0, help="seconds from SIGTERM to SIGKILL")
     p.add_argument("--restart", choices=["always", "never"], default=os.environ.get("DUOSERVE_RESTART", "always"),
@@ -122,7 +136,8 @@ def stack_config_from_args(args: argparse.Namespace):
         decode_cpus=args.decode_cpus, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, chunk_size=args.chunk_size,
         max_queue_len=args.max_queue_len, startup_timeout_s=args.startup_timeout, stop_timeout_s=args.stop_timeout,
-        with_orchestrator=not args.no_orchestrator, admin_token=args.admin_token, device=args.device,
+        with_orchestrator=not args.no_orchestrator, admin_token=args.admin_token, auth=not args.no_auth,
+        api_key=args.api_key, tls_cert=args.tls_cert, tls_key=args.tls_key, device=args.device,
         prefill_percentage=args.prefill_percentage, decode_percentage=args.decode_percentage,
         mps_pipe_dir=args.mps_pipe_dir, host=args.host, port=args.port, http_port=args.http_port,
         restart=args.restart)
@@ -165,6 +180,10 @@ def _resolve_target(args: argparse.Namespace) -> None:
         args.target = targets.with_default_port(args.target)
     elif args.name:            # generate without either runs the engine in this process
         args.target = targets.stack_target(args.state_dir, args.name)
+        cert = targets.read_stack_state(args.state_dir, args.name).get("tls_cert")
+        if cert and args.tls_ca is None:       # the stack's own certificate, whatever host it names
+            from duoserve.channel import certificate_name
+            args.tls_ca, args.server_name = cert, certificate_name(cert)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -61,3 +61,19 @@ def port_number(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{port}: a TCP port is 0 (any free port) to 65535")
     return port
+
+
+def add_client_auth_args(p: argparse.ArgumentParser) -> None:
+    """What a client of the gateway needs on a locked-down stack: its API key and the CA of its certificate."""
+    p.add_argument("--api-key", default=os.environ.get("DUOSERVE_API_KEY"),
+                   help="the gateway's API key (`duoserve up --api-key`; env DUOSERVE_API_KEY)")
+    p.add_argument("--tls-ca", default=os.environ.get("DUOSERVE_TLS_CA"),
+                   help="TLS: the CA (or self-signed certificate) to check the gateway's certificate against; "
+                        "'system' for the system's roots (env DUOSERVE_TLS_CA; default: plaintext, or with "
+                        "--name the stack's own certificate)")
+    p.set_defaults(server_name=None)    # set with --name: the name in the stack's certificate
+
+
+def client_tls(tls_ca: str | None):
+    """--tls-ca as the SDK's `tls=`: None (plaintext), True ('system': the system's roots) or a CA file."""
+    return True if tls_ca == "system" else tls_ca or None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from duoserve.cli_args import (add_checkpoint_args, add_model_args, add_stack_name_args, default_state_dir,
+from duoserve.cli_args import (add_checkpoint_args, add_client_auth_args, add_model_args, add_stack_name_args, default_state_dir,
                                default_vllm_venv)
 
 
@@ -67,6 +67,7 @@ def _bench_serve_parser(bench_sub: argparse._SubParsersAction) -> None:
                         "http://HOST:PORT of an OpenAI-compatible server (POST /v1/completions, streamed); "
                         "default: the stack --name")
     add_stack_name_args(p)
+    add_client_auth_args(p)
     p.add_argument("--request-rate", type=_rate, default=None,
                    help="requests/s (poisson/gamma; default inf); trace: rescale the trace to this mean rate")
     p.add_argument("--output", type=Path, default=None, help="write the result (with every request) as JSON")

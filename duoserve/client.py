@@ -30,6 +30,7 @@ import grpc
 from google.protobuf.descriptor import EnumDescriptor
 
 from duoserve import errors
+from duoserve.channel import Tls, channel_credentials, open_aio_channel, open_channel
 from duoserve.targets import with_default_port
 from duoserve.v1 import generation_pb2 as pb
 from duoserve.v1 import generation_pb2_grpc as pb_grpc
@@ -318,15 +319,19 @@ class Client:
     """A blocking client of one duoserve gateway.
 
     `timeout` (seconds) bounds every call unless the call gives its own; for streams it bounds
-    the whole stream. `credentials` (grpc.ssl_channel_credentials(...)) selects TLS.
+    the whole stream. `tls`: None (plaintext), True (TLS against the system's roots), a CA file's
+    path (e.g. the stack's self-signed certificate) or grpc.ChannelCredentials; `server_name` when
+    the certificate names another host than the target's; `api_key` is sent as
+    `authorization: Bearer <key>` on every call (the gateway's `--api-key`). `credentials` is the
+    older spelling of `tls=grpc.ChannelCredentials`. Nothing is read from the environment.
     """
 
-    def __init__(self, target: str, *, timeout: float | None = None,
+    def __init__(self, target: str, *, timeout: float | None = None, tls: Tls = None,
+                 api_key: str | None = None, server_name: str | None = None,
                  credentials: grpc.ChannelCredentials | None = None) -> None:
         self.target = with_default_port(target)   # "host" means host:50051
         self.timeout = timeout
-        self._channel = (grpc.secure_channel(target, credentials) if credentials is not None
-                         else grpc.insecure_channel(target))
+        self._channel = open_channel(self.target, tls=credentials or tls, server_name=server_name, token=api_key)
         self._stub = pb_grpc.GenerationStub(self._channel)
 
     def stream(
@@ -512,14 +517,16 @@ class AsyncClient:
     """An asyncio client of one duoserve gateway; the same calls as Client, awaited.
 
     The channel is opened on first use, in the running event loop, and belongs to that loop:
-    use one AsyncClient per loop.
+    use one AsyncClient per loop. `tls`, `server_name`, `api_key`: as Client's.
     """
 
-    def __init__(self, target: str, *, timeout: float | None = None,
+    def __init__(self, target: str, *, timeout: float | None = None, tls: Tls = None,
+                 api_key: str | None = None, server_name: str | None = None,
                  credentials: grpc.ChannelCredentials | None = None) -> None:
         self.target = with_default_port(target)   # "host" means host:50051
         self.timeout = timeout
-        self._credentials = credentials
+        self._connect = {"tls": credentials or tls, "server_name": server_name, "token": api_key}
+        channel_credentials(credentials or tls)   # a bad CA path fails here, not at the first call
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.GenerationStub | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -633,9 +640,7 @@ class AsyncClient:
     def _get_stub(self) -> pb_grpc.GenerationStub:
         loop = asyncio.get_running_loop()       # RuntimeError outside a coroutine
         if self._stub is None:
-            self._channel = (grpc.aio.secure_channel(self.target, self._credentials)
-                             if self._credentials is not None
-                             else grpc.aio.insecure_channel(self.target))
+            self._channel = open_aio_channel(self.target, **self._connect)
             self._stub = pb_grpc.GenerationStub(self._channel)
             self._loop = loop
         elif loop is not self._loop:

@@ -8,8 +8,10 @@
     duoctl history [--limit N] [--json]
     duoctl model [--json]
 
-Without --target it finds the stack that `duoserve up` started on this machine (its state file);
---target/--token default to DUOCTL_TARGET / DUOSERVE_ADMIN_TOKEN. No torch import.
+Without --target it finds the stack that `duoserve up` started on this machine (its state file) and
+reaches it as its owner: with the stack's secret (<stack dir>/secret) unless --token is given, over TLS
+against the stack's own certificate when it has one. --target/--token/--tls-ca default to DUOCTL_TARGET /
+DUOSERVE_ADMIN_TOKEN / DUOCTL_TLS_CA. No torch import.
 """
 from __future__ import annotations
 
@@ -24,8 +26,10 @@ from typing import Any, Mapping, Sequence
 import grpc
 from google.protobuf import json_format
 
+from duoserve.channel import Tls, certificate_name, open_channel
+from duoserve.credentials import CredentialError, secret_from_env, secret_of
 from duoserve.errors import DuoserveError, from_rpc_error
-from duoserve.targets import StackNotFound, add_stack_args, stack_target
+from duoserve.targets import StackNotFound, add_stack_args, read_stack_state, stack_target
 from duoserve.v1 import admin_pb2 as pb
 from duoserve.v1 import admin_pb2_grpc
 
@@ -38,18 +42,37 @@ def _find_target(state_dir: Path, name: str) -> str:
         raise DuoserveError(str(e), code="UNAVAILABLE") from None
 
 
+def _local_access(state_dir: Path, name: str) -> tuple[str | None, str | None]:
+    """The secret and the TLS certificate of a stack on this machine (None, None: it has neither)."""
+    state = read_stack_state(state_dir, name)
+    try:
+        return secret_of(state.get("secret_file")), state.get("tls_cert")
+    except CredentialError as e:
+        raise DuoserveError(str(e), code="UNAUTHENTICATED") from None
+
+
 class AdminClient:
-    def __init__(self, target: str, token: str | None, timeout: float = 10.0) -> None:
-        self.channel = grpc.insecure_channel(target)
+    """The Admin API's client. `tls` and `server_name` as the SDK's (duoserve.channel)."""
+
+    def __init__(self, target: str, token: str | None, timeout: float = 10.0, *, tls: Tls = None,
+                 server_name: str | None = None) -> None:
+        self.channel = open_channel(target, tls=tls, server_name=server_name, token=token)
         self.stub = admin_pb2_grpc.AdminStub(self.channel)
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = timeout
 
     def call(self, method: str, request: Any) -> Any:
         try:
-            return getattr(self.stub, method)(request, metadata=self.metadata, timeout=self.timeout)
+            return getattr(self.stub, method)(request, timeout=self.timeout)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
+
+
+def _env_secret(env: Mapping[str, str]) -> str | None:
+    """The stack's secret as its own processes get it (DUOSERVE_SECRET[_FILE]), if this shell has it."""
+    try:
+        return secret_from_env(env) or None
+    except CredentialError:
+        return None
 
 
 def _as_dict(message: Any) -> dict:
@@ -107,8 +130,13 @@ def _add_connection_args(p: argparse.ArgumentParser, env: Mapping[str, str], nes
     """--target/--token and the stack's name, at the top level or (overriding it) after a subcommand."""
     default = (lambda value: argparse.SUPPRESS) if nested else (lambda value: value)
     p.add_argument("--target", default=default(env.get("DUOCTL_TARGET")), help="orchestrator HOST:PORT (env DUOCTL_TARGET)")
-    p.add_argument("--token", default=default(env.get("DUOSERVE_ADMIN_TOKEN")),
-                   help="admin bearer token (env DUOSERVE_ADMIN_TOKEN)")
+    p.add_argument("--token", default=default(env.get("DUOSERVE_ADMIN_TOKEN") or _env_secret(env)),
+                   help="admin bearer token (env DUOSERVE_ADMIN_TOKEN, else the stack's secret from DUOSERVE_SECRET "
+                        "or DUOSERVE_SECRET_FILE as in the compose containers; default with --name: the stack's "
+                        "secret file)")
+    p.add_argument("--tls-ca", default=default(env.get("DUOCTL_TLS_CA")),
+                   help="the Admin API is served over TLS: check it against this CA, or 'system' for the "
+                        "system's roots (env DUOCTL_TLS_CA; default with --name: the stack's own certificate)")
     add_stack_args(p, env, nested=nested)
 
 
@@ -143,8 +171,20 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     return p
 
 
+def connect(args: argparse.Namespace) -> AdminClient:
+    """--target as given (with --token, --tls-ca), else the local stack --name with its own credentials."""
+    tls = True if args.tls_ca == "system" else args.tls_ca
+    if args.target:
+        return AdminClient(args.target, args.token, tls=tls)
+    target = _find_target(args.state_dir, args.name)
+    secret, cert = _local_access(args.state_dir, args.name)
+    if cert and not tls:
+        tls = cert
+    return AdminClient(target, args.token or secret, tls=tls, server_name=certificate_name(cert) if cert else None)
+
+
 def run(args: argparse.Namespace) -> int:
-    client = AdminClient(args.target or _find_target(args.state_dir, args.name), args.token)
+    client = connect(args)
     cmd = args.command
     if cmd in ("status", "watch"):
         for i in range(args.count or sys.maxsize) if cmd == "watch" else range(1):

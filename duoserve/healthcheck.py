@@ -20,12 +20,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                 description="exit 0 when the gRPC server at HOST:PORT reports SERVING")
     p.add_argument("target", help="HOST:PORT of a duoserve gRPC server")
     p.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the answer")
+    p.add_argument("--tls-ca", default=None,
+                   help="the server speaks TLS: trust this certificate (the server's own, whatever host it names)")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    status = grpc_health(args.target, timeout_s=args.timeout)
+    status = grpc_health(args.target, timeout_s=args.timeout, tls_cert=args.tls_ca)
     if status == HEALTHY:
         return 0
     print(f"{args.target}: {status}", file=sys.stderr)

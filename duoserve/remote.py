@@ -10,6 +10,7 @@ import argparse
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+from duoserve.cli_args import client_tls
 from duoserve.client import Client, Completion
 from duoserve.errors import DuoserveError
 
@@ -28,7 +29,8 @@ def request_kwargs(args: argparse.Namespace, prompt: str) -> dict:
 
 def run_remote_generate(args: argparse.Namespace) -> int:
     try:
-        with Client(args.target) as client, \
+        with Client(args.target, tls=client_tls(args.tls_ca), api_key=args.api_key, server_name=args.server_name) \
+                as client, \
                 ThreadPoolExecutor(max_workers=min(MAX_CONCURRENT, len(args.prompts))) as pool:
             futures = [pool.submit(client.generate, **request_kwargs(args, p)) for p in args.prompts]
             outputs: list[Completion] = [f.result() for f in futures]

@@ -22,7 +22,9 @@ directory is used, else one is started on private directories (<stack dir>/mps, 
 and both workers are its clients (the workers each with CUDA_MPS_ACTIVE_THREAD_PERCENTAGE), which is
 checked once they are SERVING. `down` quits the daemon only if this stack started it.
 
-One directory per stack name: <state dir>/<name>/{state.json, logs/, redis/, arena.sock, lock}.
+One directory per stack name (mode 0700): <state dir>/<name>/{state.json, secret, logs/, redis/, arena.sock,
+lock}. The secret (duoserve/credentials.py; not with `--no-auth`) guards the workers' control service, the
+Admin API and the stack's Redis; it reaches the processes by environment only, never their command lines.
 A pid in the state file is trusted only together with its start time (from /proc), so a recycled pid
 is never signalled. No torch here: `duoserve status` and `down` are instant.
 """
@@ -43,12 +45,13 @@ from typing import Callable, TextIO
 
 from duoserve.stack_plan import (LOOPBACK, SHM_DIR, STATE_FILE, STATE_VERSION, PORT_RETRIES,
     UNIX_SOCKET_PATH_MAX, BIND_FAILURES, HEALTHY, HANDOVER_NAMES, StackError, Mode, StackConfig, Layout,
-    ProcessSpec, stage_names, ports_needed, redis_url_of, plan, process_spec)
+    ProcessSpec, stage_names, ports_needed, redis_url_of, redis_auth_conf, plan, process_spec)
 from duoserve.stack_procs import (bindable, ProcessRecord, StackState, write_state, read_state, make_stack_dir,
     stack_lock, process_start_time, is_alive, follow_handovers, signal_process, stop_processes,
-    pick_free_ports, port_in_use, grpc_health, redis_health, health_of, log_tail, remove_segments,
+    pick_free_ports, port_in_use, grpc_health, redis_health, health_of, record_health, log_tail, remove_segments,
     find_redis_server, launch_process)
 from duoserve import supervisor
+from duoserve.credentials import SECRET_FILE, CredentialError, ensure_secret, redact_url
 from services.common import mps
 
 __all__ = [   # the supervisor's API, with the plan and process helpers it re-exports
@@ -83,17 +86,20 @@ class _Launcher:
         me = os.getpid()
         self.state = StackState(
             name=config.name, mode=config.mode.value, stack_id=layout.stack_id, key_prefix=layout.key_prefix,
-            segment_prefix=layout.segment_prefix, redis_url=redis_url_of(config, self.ports),
+            segment_prefix=layout.segment_prefix, redis_url=redis_url_of(config, self.ports, layout.secret),
             owns_redis=config.redis_url is None,
             arena_socket=str(layout.arena_socket) if config.mode is Mode.SPLIT else None,
             gateway_target=None, supervisor_pid=me if supervised else None,
             supervisor_start_time=process_start_time(me) if supervised else None, created_at=time.time(),
-            device=config.device)
+            device=config.device, secret_file=str(config.stack_dir / SECRET_FILE) if layout.secret else None,
+            tls_cert=str(Path(config.tls_cert).resolve()) if config.tls_cert else None)
 
     def start(self) -> StackState:
         self.logs.mkdir(parents=True, exist_ok=True)
         if self.config.redis_url is None:
             (self.config.stack_dir / "redis").mkdir(parents=True, exist_ok=True)
+            if self.layout.secret:
+                _write_private(redis_auth_conf(self.config), f"requirepass {self.layout.secret}\n")
         self._save()                                 # before the first launch: `down` can always clean up
         if self.config.uses_mps:
             self._start_mps()
@@ -147,13 +153,14 @@ class _Launcher:
                                log=str(log_path), argv=spec.argv, http_port=spec.http_port, env=spec.env)
         self.records = [r for r in self.records if r.name != name] + [record]
         if name == "gateway":
+            scheme = "https" if self.config.tls_cert else "http"
             self.state = replace(self.state, gateway_target=spec.target,
-                                 http_url=f"http://{spec.host}:{spec.http_port}" if spec.http_port else None)
+                                 http_url=f"{scheme}://{spec.host}:{spec.http_port}" if spec.http_port else None)
         self._save()
 
     def _save(self) -> None:
         self.state = replace(self.state, processes=tuple(self.records),
-                             redis_url=redis_url_of(self.config, self.ports))
+                             redis_url=redis_url_of(self.config, self.ports, self.layout.secret))
         write_state(self.config.state_path, self.state)
 
     def _wait_serving(self, names: tuple[str, ...], stage: int, deadline: float) -> None:
@@ -178,7 +185,7 @@ class _Launcher:
                         continue
                     raise StackError(f"{name} exited with status {popen.returncode} while starting; "
                                      f"last lines of {record.log}:\n{tail}")
-                last[name] = health_of(record.health, record.port, timeout_s=1.0, pid=record.pid)
+                last[name] = record_health(record, self.state, timeout_s=1.0)
                 if last[name] == HEALTHY:
                     waiting.discard(name)
             if waiting and time.monotonic() >= deadline:
@@ -206,6 +213,14 @@ class _Launcher:
         return {p for ports in self.ports.values() for p in ports}
 
 
+def _write_private(path: Path, text: str) -> None:
+    """A file only its owner may read, written before anyone can open it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)             # an older file of another mode keeps it otherwise
+        f.write(text)
+
+
 def _check_redis_reachable(url: str) -> None:
     import redis
     try:
@@ -213,7 +228,7 @@ def _check_redis_reachable(url: str) -> None:
         client.ping()
         client.close()
     except (redis.RedisError, ValueError) as e:
-        raise StackError(f"cannot reach the Redis at {url}: {e}") from e
+        raise StackError(f"cannot reach the Redis at {redact_url(url)}: {e}") from e
 
 
 def _check_public_ports(config: StackConfig) -> None:
@@ -259,7 +274,13 @@ def up(config: StackConfig, *, detach: bool, say: Callable[[str], None],
             _check_public_ports(config)
             if config.redis_url is not None:
                 _check_redis_reachable(config.redis_url)
-            launcher = _Launcher(config, Layout.new(config.stack_dir), say, stop_requested, supervised=not detach)
+            layout = Layout.new(config.stack_dir)
+            if config.auth:
+                try:
+                    layout = replace(layout, secret=ensure_secret(config.stack_dir))
+                except CredentialError as e:
+                    raise StackError(str(e)) from None
+            launcher = _Launcher(config, layout, say, stop_requested, supervised=not detach)
             started = time.monotonic()
             try:
                 state = launcher.start()
@@ -369,7 +390,7 @@ def _delete_keys(redis_url: str, key_prefix: str, say: Callable[[str], None]) ->
             client.unlink(*keys[i:i + 500])
         client.close()
     except Exception as e:     # noqa: BLE001: best effort, the stack is already stopped
-        say(f"could not delete keys {key_prefix}:* from {redis_url}: {e}")
+        say(f"could not delete keys {key_prefix}:* from {redact_url(redis_url)}: {e}")
 
 
 def down(state_dir: Path, name: str, *, stop_timeout_s: float, say: Callable[[str], None]) -> int:
@@ -413,7 +434,7 @@ def stack_status(state: StackState) -> list[ProcessStatus]:
     out = []
     for r in state.processes:
         alive = is_alive(r.pid, r.start_time)
-        health = health_of(r.health, r.port, timeout_s=1.0, pid=r.pid) if alive else "DEAD"
+        health = record_health(r, state, timeout_s=1.0) if alive else "DEAD"
         out.append(ProcessStatus(r.name, r.pid, alive, r.port, r.metrics_port, health, r.log, r.restarts))
     return out
 
@@ -433,17 +454,20 @@ def status(state_dir: Path, name: str, *, as_json: bool, out: TextIO | None = No
     if as_json:
         print(json.dumps({
             "name": state.name, "running": ok, "mode": state.mode, "stack_id": state.stack_id,
-            "gateway_target": state.gateway_target, "http_url": state.http_url, "redis_url": state.redis_url,
+            "gateway_target": state.gateway_target, "http_url": state.http_url,
+            "redis_url": redact_url(state.redis_url), "secret_file": state.secret_file, "tls_cert": state.tls_cert,
             "owns_redis": state.owns_redis,
             "key_prefix": state.key_prefix, "segment_prefix": state.segment_prefix,
             "supervisor_pid": state.supervisor_pid, "device": state.device, "mps": state.mps,
             "processes": [asdict(p) for p in procs]}, indent=2), file=out)
         return 0 if ok else 1
-    redis = f"{state.redis_url} ({'started by the stack' if state.owns_redis else 'external'})"
+    redis = f"{redact_url(state.redis_url)} ({'started by the stack' if state.owns_redis else 'external'})"
     mode = state.mode if state.device == "cpu" else f"{state.mode} on {state.device}"
     http = f"  http {state.http_url}" if state.http_url else ""
     print(f"stack {state.name} ({mode}, id {state.stack_id})  gateway {state.gateway_target}{http}  "
           f"redis {redis}", file=out)
+    print(f"auth: {f'the stack secret in {state.secret_file}' if state.secret_file else 'off (--no-auth)'}; "
+          f"TLS: {state.tls_cert or 'off'}", file=out)
     supervised = is_alive(state.supervisor_pid, state.supervisor_start_time)
     print(f"supervisor: {f'pid {state.supervisor_pid}' if supervised else 'none (processes that die stay dead)'}",
           file=out)

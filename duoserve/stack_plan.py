@@ -7,9 +7,10 @@ import os
 import re
 import sys
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from duoserve.credentials import ADMIN_TOKEN_ENV, API_KEY_ENV, SECRET_ENV, with_password
 from services.common import mps
 
 LOOPBACK = "127.0.0.1"
@@ -22,6 +23,7 @@ UNIX_SOCKET_PATH_MAX = 100         # sun_path is 108 bytes on Linux; leave room
 BIND_FAILURES = ("address already in use", "cannot listen on", "failed to bind", "errno 98",
                  "could not create server tcp listening socket")
 HEALTHY = "SERVING"
+REDIS_AUTH_CONF = "auth.conf"      # in <stack dir>/redis: the stack's Redis password (mode 0600), not in argv
 HANDOVER_NAMES = ("prefill", "decode")   # workers that may replace themselves (retune by handover)
 
 
@@ -70,7 +72,12 @@ class StackConfig:
     restart: str = "always"                  # "always": a supervisor restarts a process that dies (backoff);
                                              # "never": the first death stops the stack (detached: nothing watches)
     with_orchestrator: bool = True           # split: run the orchestrator (SLO-aware shares, Admin API)
-    admin_token: str = ""                    # Admin API bearer token (handed over in the environment)
+    admin_token: str = field(default="", repr=False)   # an Admin API bearer token besides the stack's secret
+    auth: bool = True                        # a per-stack secret guards the workers' control service, the Admin
+                                             # API and the stack's Redis (False: --no-auth, all open to local users)
+    api_key: str = field(default="", repr=False)   # the gateway's public APIs want it (vLLM's --api-key); "": open
+    tls_cert: Path | None = None             # the gateway's two APIs and the Admin API over TLS
+    tls_key: Path | None = None
     python: str = sys.executable             # interpreter of the service processes
     redis_server: str | None = None          # redis-server binary (None: looked up on PATH)
     device: str = "cpu"                      # "cpu" or "cuda" (cuda:0; split mode runs under MPS)
@@ -114,6 +121,18 @@ class StackConfig:
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         mps.check_percentage(self.prefill_percentage)
         mps.check_percentage(self.decode_percentage)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        for flag, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key)):
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{flag} {path}: no such file")
+
+    @property
+    def tls_args(self) -> tuple[str, ...]:
+        """The gateway's and the orchestrator's TLS flags (paths: no secret in them)."""
+        if self.tls_cert is None:
+            return ()
+        return ("--tls-cert", str(Path(self.tls_cert).resolve()), "--tls-key", str(Path(self.tls_key).resolve()))
 
     @property
     def uses_mps(self) -> bool:
@@ -147,6 +166,7 @@ class Layout:
     segment_prefix: str            # /dev/shm names of this stack: "duoserve-<stack_id>-"
     arena_socket: Path             # where the arena hands out its segments (split mode)
     mps: mps.MpsDaemon | None = None   # cuda split: the MPS daemon the arena and workers are clients of
+    secret: str = field(default="", repr=False)   # the stack's secret (duoserve.credentials); "": --no-auth
 
     @staticmethod
     def new(stack_dir: Path) -> Layout:
@@ -169,7 +189,7 @@ class ProcessSpec:
     argv: tuple[str, ...]          # full command line
     port: int                      # what its health check asks (redis: its own port)
     metrics_port: int              # Prometheus /metrics (0: none)
-    health: str = "grpc"           # "grpc": grpc.health.v1 Check; "redis": PING
+    health: str = "grpc"           # "grpc": grpc.health.v1 Check; "grpc-tls": the same over TLS; "redis": PING
     env: tuple[tuple[str, str], ...] = ()   # extra environment (secrets stay off the command line)
     http_port: int = 0             # gateway: the OpenAI-compatible HTTP API (0: none)
     host: str = LOOPBACK           # where its health check (and this machine's clients) reach it
@@ -198,8 +218,17 @@ def ports_needed(name: str) -> int:
     return 3 if name == "gateway" else 2
 
 
-def redis_url_of(config: StackConfig, ports: dict[str, tuple[int, ...]]) -> str:
-    return config.redis_url or f"redis://{LOOPBACK}:{ports['redis'][0]}/0"
+def redis_url_of(config: StackConfig, ports: dict[str, tuple[int, ...]], secret: str = "") -> str:
+    """The URL every process connects with; the stack's own Redis wants the secret as its password."""
+    if config.redis_url:
+        return config.redis_url
+    url = f"redis://{LOOPBACK}:{ports['redis'][0]}/0"
+    return with_password(url, secret) if secret else url
+
+
+def redis_auth_conf(config: StackConfig) -> Path:
+    """The config file with the stack's Redis password (`requirepass`): written by `up` before Redis starts."""
+    return config.stack_dir / "redis" / REDIS_AUTH_CONF
 
 
 def plan(config: StackConfig, layout: Layout,
@@ -211,16 +240,19 @@ def plan(config: StackConfig, layout: Layout,
 def process_spec(name: str, config: StackConfig, layout: Layout,
                  ports: dict[str, tuple[int, ...]]) -> ProcessSpec:
     port, metrics_port = ports[name][:2]
-    redis_url = redis_url_of(config, ports)
-    common = ("--redis-url", redis_url, "--key-prefix", layout.key_prefix,
-              "--port", str(port), "--metrics-port", str(metrics_port))
+    # Secrets go by environment only: /proc/<pid>/environ is its owner's alone, a command line is everyone's.
+    # Always set, empty when off: an operator's shell that exports one must not reach the processes.
+    secret = ((SECRET_ENV, layout.secret),)
+    redis_env = (("REDIS_URL", redis_url_of(config, ports, layout.secret)),)
+    common = ("--key-prefix", layout.key_prefix, "--port", str(port), "--metrics-port", str(metrics_port))
     py = (config.python, "-m")
     model = ("--model", config.model) if config.model else ()
     kv = ("--num-kv-blocks", str(config.num_kv_blocks)) if config.num_kv_blocks else ()
     if name == "redis":
         # An append-only file (fsync'd every second, in the background): restarted by the supervisor,
         # Redis comes back with the queues, the block pool and every request's state.
-        argv = (config.redis_server or "redis-server", "--bind", LOOPBACK, "--port", str(port),
+        conf = (str(redis_auth_conf(config)),) if layout.secret else ()      # must come first
+        argv = (config.redis_server or "redis-server", *conf, "--bind", LOOPBACK, "--port", str(port),
                 "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--daemonize", "no",
                 "--protected-mode", "yes", "--dir", str(config.stack_dir / "redis"))
         return ProcessSpec(name, argv, port, 0, health="redis")
@@ -230,7 +262,7 @@ def process_spec(name: str, config: StackConfig, layout: Layout,
                      "--dtype", config.dtype, *kv, "--stack-id", layout.stack_id,
                      "--socket", str(layout.arena_socket), *device)
         # An MPS client too (no compute, no limit): its allocations are the ones the workers open.
-        env = tuple(layout.mps.client_env().items()) if layout.mps else ()
+        env = redis_env + (tuple(layout.mps.client_env().items()) if layout.mps else ())
         return ProcessSpec(name, argv, port, metrics_port, env=env)
     if name in ("prefill", "decode", "colocated"):
         limits: list[str] = []
@@ -246,7 +278,7 @@ def process_spec(name: str, config: StackConfig, layout: Layout,
                      "--cpus", cpus, *limits, *device)
         # Idle OpenMP threads sleep instead of spinning: two workers share cores (and a busy machine's
         # cores), and a spinning thread that loses its core stalls its siblings.
-        env = (("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE")),)
+        env = redis_env + secret + (("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE")),)
         if layout.mps and name != "colocated":      # its SM cap, fixed when its CUDA context is created
             percentage = config.prefill_percentage if name == "prefill" else config.decode_percentage
             env += tuple(layout.mps.client_env(percentage).items())
@@ -259,10 +291,13 @@ def process_spec(name: str, config: StackConfig, layout: Layout,
                       if other not in ("redis", "gateway") and ports[other][1]
                       for arg in ("--peer-metrics", f"{other}={LOOPBACK}:{ports[other][1]}"))
         argv = py + ("services.gateway.main", *common, *queue, "--host", config.host, "--http-host", config.host,
-                     "--http-port", str(http_port), *peers)
-        return ProcessSpec(name, argv, port, metrics_port, http_port=http_port, host=config.connect_host)
+                     "--http-port", str(http_port), *peers, *config.tls_args)
+        env = redis_env + ((API_KEY_ENV, config.api_key),)
+        return ProcessSpec(name, argv, port, metrics_port, http_port=http_port, host=config.connect_host, env=env,
+                           health="grpc-tls" if config.tls_cert else "grpc")
     if name == "orchestrator":
         cpus = ",".join(map(str, config.cpus or tuple(sorted(os.sched_getaffinity(0)))))
-        env = (("DUOSERVE_ADMIN_TOKEN", config.admin_token),) if config.admin_token else ()
-        return ProcessSpec(name, py + ("orchestrator.main", *common, "--cpus", cpus), port, metrics_port, env=env)
+        env = redis_env + secret + ((ADMIN_TOKEN_ENV, config.admin_token),)
+        return ProcessSpec(name, py + ("orchestrator.main", *common, "--cpus", cpus, *config.tls_args), port,
+                           metrics_port, env=env, health="grpc-tls" if config.tls_cert else "grpc")
     raise ValueError(f"unknown process {name!r}")

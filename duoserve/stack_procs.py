@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from duoserve.credentials import url_password
 from services.common.pids import process_start_time  # noqa: F401 (re-exported: duoserve.stack)
 from duoserve.stack_plan import LOOPBACK, SHM_DIR, STATE_VERSION, HEALTHY, HANDOVER_NAMES, StackError
 
@@ -67,7 +68,9 @@ class StackState:
     version: int = STATE_VERSION
     device: str = "cpu"            # where the model runs
     mps: dict | None = None        # cuda split: asdict(services.common.mps.MpsDaemon); `down` quits it if ours
-    http_url: str | None = None    # the gateway's OpenAI-compatible HTTP API, http://HOST:PORT (None: off)
+    http_url: str | None = None    # the gateway's OpenAI-compatible HTTP API, http(s)://HOST:PORT (None: off)
+    secret_file: str | None = None # the stack's secret (duoserve.credentials); None: started with --no-auth
+    tls_cert: str | None = None    # the gateway's and the orchestrator's certificate (None: no TLS)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -251,12 +254,15 @@ def bindable(host: str, port: int) -> bool:
     return True
 
 
-def grpc_health(target: str, timeout_s: float = 1.0) -> str:
-    """The grpc.health.v1 status of the server's overall service "", or why there is none."""
-    import grpc
+def grpc_health(target: str, timeout_s: float = 1.0, tls_cert: str | Path | None = None) -> str:
+    """The grpc.health.v1 status of the server's overall service "", or why there is none. With
+    `tls_cert`, over TLS, trusting that certificate (the stack's own, whatever host it names)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
+    import grpc
+    from duoserve.channel import certificate_name, open_channel
 
-    with grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)]) as channel:
+    name = certificate_name(tls_cert) if tls_cert else None
+    with open_channel(target, tls=tls_cert, server_name=name, options=(("grpc.enable_http_proxy", 0),)) as channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
@@ -267,14 +273,14 @@ def grpc_health(target: str, timeout_s: float = 1.0) -> str:
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
-def redis_health(port: int, timeout_s: float = 1.0, pid: int | None = None) -> str:
+def redis_health(port: int, timeout_s: float = 1.0, pid: int | None = None, password: str | None = None) -> str:
     """SERVING when PING answers (from process `pid`, if given: not a server that took the port first),
     NOT_SERVING while it loads its data, else UNREACHABLE."""
     import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
     client = redis.Redis(host=LOOPBACK, port=port, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                         retry=Retry(NoBackoff(), 0))          # one probe, no hidden backoff
+                         password=password, retry=Retry(NoBackoff(), 0))   # one probe, no hidden backoff
     try:
         client.ping()
         if pid is not None and int(client.info("server")["process_id"]) != pid:
@@ -288,8 +294,18 @@ def redis_health(port: int, timeout_s: float = 1.0, pid: int | None = None) -> s
         client.close()
 
 
-def health_of(kind: str, port: int, timeout_s: float = 1.0, pid: int | None = None) -> str:
-    return redis_health(port, timeout_s, pid) if kind == "redis" else grpc_health(f"{LOOPBACK}:{port}", timeout_s)
+def health_of(kind: str, port: int, timeout_s: float = 1.0, pid: int | None = None, *,
+              password: str | None = None, tls_cert: str | Path | None = None) -> str:
+    """A process's health by its kind: "redis" (PING, with the stack's password), "grpc", "grpc-tls"."""
+    if kind == "redis":
+        return redis_health(port, timeout_s, pid, password)
+    return grpc_health(f"{LOOPBACK}:{port}", timeout_s, tls_cert if kind == "grpc-tls" else None)
+
+
+def record_health(record: ProcessRecord, state: StackState, timeout_s: float = 1.0) -> str:
+    """health_of one recorded process, with what the state file says it takes to ask it."""
+    return health_of(record.health, record.port, timeout_s, record.pid,
+                     password=url_password(state.redis_url) if state.owns_redis else None, tls_cert=state.tls_cert)
 
 
 def log_tail(path: Path | str, lines: int = 30, since: int = 0) -> str:

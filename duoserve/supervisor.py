@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 
 from duoserve.restart_policy import RestartPolicy, RestartTracker
 from duoserve.stack_plan import HEALTHY, STATE_FILE, restart_with
-from duoserve.stack_procs import (ProcessRecord, StackState, arena_memory, follow_handovers, health_of, is_alive,
+from duoserve.stack_procs import (ProcessRecord, StackState, arena_memory, follow_handovers, record_health, is_alive,
                                   launch_process, log_tail, process_start_time, read_state, stack_lock,
                                   stop_processes, write_state)
 
@@ -142,7 +142,7 @@ class Supervisor:
         state = self._save(replace(state, processes=tuple(new if r.name == name else r for r in state.processes)))
         self.tracker.restarted(name, time.monotonic())
         self.say(f"{name} restarted (pid {new.pid}, restart {new.restarts})")
-        self._wait_healthy(new)
+        self._wait_healthy(new, state)
         kept = bool(memory) and arena_memory(state.segment_prefix) == memory
         self._stop_dependents(state, name, restart_with(name, state.device, kept))
         return state
@@ -157,11 +157,11 @@ class Supervisor:
             self.say(f"stopping {', '.join(r.name for r in dependents)}: they restart with the new {name}")
             stop_processes([(r.pid, r.start_time) for r in dependents], self.stop_timeout_s)
 
-    def _wait_healthy(self, record: ProcessRecord) -> None:
+    def _wait_healthy(self, record: ProcessRecord, state: StackState) -> None:
         """Until SERVING, dead, told to stop or HEALTHY_TIMEOUT_S: the next stage waits for it."""
         deadline = time.monotonic() + HEALTHY_TIMEOUT_S
         while not self.stop_requested.is_set() and time.monotonic() < deadline and self._alive(record):
-            if health_of(record.health, record.port, timeout_s=1.0, pid=record.pid) == HEALTHY:
+            if record_health(record, state, timeout_s=1.0) == HEALTHY:
                 self.say(f"{record.name} SERVING again")
                 return
             self.stop_requested.wait(0.25)

@@ -1,12 +1,11 @@
 """The Admin gRPC service (duoctl's server): converts and delegates to the Controller.
 
-`BearerAuth` refuses every call without `authorization: Bearer <token>` when a token is configured.
+Who may call it is decided before it runs (services.common.auth, set up in orchestrator.main).
 A call that needs Redis while it does not answer gets UNAVAILABLE, saying to retry.
 """
 from __future__ import annotations
 
 import functools
-import hmac
 from typing import Any, Callable
 
 import grpc
@@ -19,23 +18,6 @@ from services.common.redis_retry import CONNECTION_ERRORS, UNREACHABLE
 
 LATENCY_WINDOW_S = 120.0      # SLO attainment is judged over this much recent history
 STALE_REPORT_S = 10.0         # a worker silent this long is not listed
-
-
-class BearerAuth(grpc.ServerInterceptor):
-    def __init__(self, token: str) -> None:
-        self.expected = f"Bearer {token}".encode()
-
-    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
-        if details.method.startswith("/grpc."):      # health and reflection stay open
-            return continuation(details)
-        given = dict(details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(given.encode(), self.expected):
-            return continuation(details)
-
-        def refuse(request: Any, context: grpc.ServicerContext) -> Any:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          "this stack's admin API needs `authorization: Bearer <token>` (duoctl --token)")
-        return grpc.unary_unary_rpc_method_handler(refuse)
 
 
 def _needs_redis(method: Callable) -> Callable:

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
+
+from duoserve.credentials import ADMIN_TOKEN_ENV, redis_url_from_env, secret_from_env
+from services.common.tls import TlsFiles
 
 
 def _cpu_list(text: str) -> tuple[int, ...]:
@@ -26,7 +29,11 @@ class OrchestratorConfig:
     key_prefix: str                    # Redis key space of the stack
     port: int                          # Admin gRPC (+ health, reflection)
     metrics_port: int = 0              # Prometheus /metrics; 0 disables
-    admin_token: str = ""              # non-empty: Admin calls need `authorization: Bearer <token>`
+    admin_token: str = field(default="", repr=False)   # Admin calls need `authorization: Bearer <token>`
+                                       # with this token or the stack's secret (neither set: open)
+    secret: str = field(default="", repr=False)        # the stack's secret: sent to the workers with
+                                       # SetComputeShare, accepted by the Admin API
+    tls: TlsFiles | None = None        # the Admin API over TLS (duoctl --tls-ca)
     stack_cpus: tuple[int, ...] = ()   # the cores shared by prefill and decode (CPU backend)
     tick_ms: int = 250                 # how often the policy runs
     refit_every: int = 8               # ticks between least-squares refits
@@ -50,12 +57,16 @@ class OrchestratorConfig:
 def parse_args(argv: Sequence[str] | None = None) -> OrchestratorConfig:
     env = os.environ
     p = argparse.ArgumentParser(prog="duoserve-orchestrator", description="duoserve orchestrator: SLO-aware shares")
-    p.add_argument("--redis-url", default=env.get("REDIS_URL"), required=env.get("REDIS_URL") is None)
+    p.add_argument("--redis-url", default=env.get("REDIS_URL"), required=env.get("REDIS_URL") is None,
+                   help="env REDIS_URL (`duoserve up` hands it so: it carries the stack's Redis password)")
     p.add_argument("--key-prefix", default=env.get("DUOSERVE_KEY_PREFIX", "duo"))
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--metrics-port", type=int, default=0)
-    p.add_argument("--admin-token", default=env.get("DUOSERVE_ADMIN_TOKEN", ""),
-                   help="bearer token the Admin API requires (env DUOSERVE_ADMIN_TOKEN); empty: none")
+    p.add_argument("--admin-token", default=None,
+                   help="bearer token the Admin API requires besides the stack's secret (DUOSERVE_SECRET); "
+                        "prefer env DUOSERVE_ADMIN_TOKEN (or DUOSERVE_ADMIN_TOKEN_FILE): a flag shows in `ps`")
+    p.add_argument("--tls-cert", default=env.get("DUOSERVE_TLS_CERT"), help="PEM certificate chain: Admin API over TLS")
+    p.add_argument("--tls-key", default=env.get("DUOSERVE_TLS_KEY"), help="its PEM private key")
     p.add_argument("--cpus", type=_cpu_list, default=tuple(sorted(os.sched_getaffinity(0))))
     p.add_argument("--tick-ms", type=int, default=250)
     p.add_argument("--overlap", type=float, default=0.5)
@@ -65,7 +76,8 @@ def parse_args(argv: Sequence[str] | None = None) -> OrchestratorConfig:
     p.add_argument("--prefer", choices=["ttft", "tpot"], default="tpot")
     p.add_argument("--policy", choices=["auto", "static", "manual"], default="auto")
     a = p.parse_args(argv)
-    return OrchestratorConfig(redis_url=a.redis_url, key_prefix=a.key_prefix, port=a.port,
-                              metrics_port=a.metrics_port, admin_token=a.admin_token, stack_cpus=a.cpus,
+    return OrchestratorConfig(redis_url=redis_url_from_env(env, a.redis_url), key_prefix=a.key_prefix, port=a.port,
+                              metrics_port=a.metrics_port, admin_token=a.admin_token or secret_from_env(env, ADMIN_TOKEN_ENV),
+                              secret=secret_from_env(env), tls=TlsFiles.of(a.tls_cert, a.tls_key), stack_cpus=a.cpus,
                               tick_ms=a.tick_ms, overlap=a.overlap, ttft_ms=a.ttft_ms, tpot_ms=a.tpot_ms,
                               percentile=a.percentile, prefer=a.prefer, policy=a.policy)

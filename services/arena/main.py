@@ -50,6 +50,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from services.arena import segments
+from duoserve.credentials import redact_url
 from services.arena.config import ArenaConfig, parse_args
 from services.arena.cuda_export import CudaExport, describe
 from services.arena.export import ArenaExport, KVLayout, model_config_to_dict, peer_credentials, private_dir
@@ -230,7 +231,7 @@ def publish_model_info(config: ArenaConfig, document: ArenaExport) -> None:
             break
         except redis.ConnectionError as e:
             if time.monotonic() > deadline:
-                raise ConnectionError(f"Redis at {config.redis_url} unreachable for {REDIS_WAIT_S:.0f} s: {e}") from e
+                raise ConnectionError(f"Redis at {redact_url(config.redis_url)} unreachable for {REDIS_WAIT_S:.0f} s: {e}") from e
             time.sleep(0.2)
     client.close()
 

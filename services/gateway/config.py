@@ -4,8 +4,11 @@ from __future__ import annotations
 import argparse
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
+
+from duoserve.credentials import API_KEY_ENV, redis_url_from_env, secret_from_env
+from services.common.tls import TlsFiles
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +32,9 @@ class GatewayConfig:
     http_host: str = "127.0.0.1"    # bind address of the HTTP API
     peer_metrics: tuple[tuple[str, str], ...] = ()   # (process name, HOST:PORT) of the stack's other
                                     # /metrics endpoints, merged into the HTTP API's /metrics
+    api_key: str = field(default="", repr=False)   # non-empty: both APIs want `authorization: Bearer
+                                    # <key>` (HTTP: /v1/* and the tokenizer routes; /health, /metrics open)
+    tls: TlsFiles | None = None     # both APIs over TLS (gRPC and HTTPS)
 
     def __post_init__(self) -> None:
         if self.max_queue_len < 1 or self.max_tokens_limit < 1:
@@ -49,7 +55,8 @@ def _peer(text: str) -> tuple[str, str]:
 def parse_args(argv: Sequence[str] | None = None) -> GatewayConfig:
     env = os.environ
     p = argparse.ArgumentParser(prog="duoserve-gateway", description="duoserve gateway: the public gRPC API")
-    p.add_argument("--redis-url", default=env.get("REDIS_URL"), required=env.get("REDIS_URL") is None)
+    p.add_argument("--redis-url", default=env.get("REDIS_URL"), required=env.get("REDIS_URL") is None,
+                   help="env REDIS_URL (`duoserve up` hands it so: it carries the stack's Redis password)")
     p.add_argument("--key-prefix", default=env.get("DUOSERVE_KEY_PREFIX", "duo"))
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--host", default="127.0.0.1")
@@ -63,9 +70,16 @@ def parse_args(argv: Sequence[str] | None = None) -> GatewayConfig:
     p.add_argument("--peer-metrics", type=_peer, action="append", default=[], metavar="NAME=HOST:PORT",
                    help="another process's Prometheus endpoint, served again (labelled process=NAME) by the "
                         "HTTP API's /metrics; repeat per process (`duoserve up` passes every one of the stack)")
+    p.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on both APIs, as vLLM's --api-key; prefer env "
+                        "DUOSERVE_API_KEY (or DUOSERVE_API_KEY_FILE): a flag shows in `ps`")
+    p.add_argument("--tls-cert", default=env.get("DUOSERVE_TLS_CERT"),
+                   help="PEM certificate chain: serve gRPC and HTTP over TLS (env DUOSERVE_TLS_CERT)")
+    p.add_argument("--tls-key", default=env.get("DUOSERVE_TLS_KEY"), help="its PEM private key (env DUOSERVE_TLS_KEY)")
     a = p.parse_args(argv)
-    return GatewayConfig(redis_url=a.redis_url, key_prefix=a.key_prefix, port=a.port, host=a.host,
+    return GatewayConfig(redis_url=redis_url_from_env(env, a.redis_url), key_prefix=a.key_prefix, port=a.port, host=a.host,
                          metrics_port=a.metrics_port, max_queue_len=a.max_queue_len,
                          max_tokens_limit=a.max_tokens_limit, default_max_tokens=a.default_max_tokens,
                          gateway_id=f"gw-{os.getpid()}-{uuid.uuid4().hex[:8]}", http_port=a.http_port,
-                         http_host=a.http_host, peer_metrics=tuple(a.peer_metrics))
+                         http_host=a.http_host, peer_metrics=tuple(a.peer_metrics),
+                         api_key=a.api_key or secret_from_env(env, API_KEY_ENV), tls=TlsFiles.of(a.tls_cert, a.tls_key))

@@ -23,6 +23,8 @@ from grpc_reflection.v1alpha import reflection
 
 from duoserve.v1 import generation_pb2, generation_pb2_grpc
 from services.common import redis_retry
+from services.common.auth import AsyncBearerAuth
+from services.common.tls import add_port
 from services.gateway.config import GatewayConfig, parse_args
 from services.gateway.errors import ErrorInterceptor
 from services.gateway.frontend import Frontend
@@ -40,14 +42,14 @@ async def serve(config: GatewayConfig) -> None:
     metrics.serve(config.metrics_port)
     frontend = Frontend(config, redis_retry.async_client(config.redis_url), metrics)
     # No SO_REUSEPORT: a port clash must fail loudly (the supervisor relaunches on a new port).
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=[("grpc.so_reuseport", 0)])
+    guard = [AsyncBearerAuth([config.api_key], "this gateway's API key (the SDK's api_key=)")] if config.api_key else []
+    server = grpc.aio.server(interceptors=[*guard, ErrorInterceptor()], options=[("grpc.so_reuseport", 0)])
     generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(frontend), server)
     health_servicer = health_async.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, "grpc.health.v1.Health", reflection.SERVICE_NAME), server)
-    if server.add_insecure_port(f"{config.host}:{config.port}") == 0:
-        raise OSError(f"cannot listen on {config.host}:{config.port}")
-    http_state = HttpState(frontend, config.peer_metrics)
+    add_port(server, f"{config.host}:{config.port}", config.tls)
+    http_state = HttpState(frontend, config.peer_metrics, api_key=config.api_key, tls=config.tls)
     http_socket = bind(config.http_host, config.http_port) if config.http_port else None
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -68,8 +70,9 @@ async def serve(config: GatewayConfig) -> None:
 
     await set_serving(True)
     watch = asyncio.create_task(RedisWatch(frontend, set_serving).run())
-    log.info("gateway %s serving on %s:%d%s", config.gateway_id, config.host, config.port,
-             f", HTTP on {config.http_host}:{config.http_port}" if http else "")
+    log.info("gateway %s serving on %s:%d%s%s%s", config.gateway_id, config.host, config.port,
+             f", HTTP{'S' if config.tls else ''} on {config.http_host}:{config.http_port}" if http else "",
+             " over TLS" if config.tls else "", ", API key required" if config.api_key else "")
     await stop.wait()
     watch.cancel()
     http_state.serving = False

@@ -10,6 +10,8 @@
 Errors have OpenAI's body {"error": {message, type, param, code}} with vLLM's types: 400 bad input
 (the field in `param`), 404 unknown model or route, 429 full queue, 503 not serving, 500 otherwise.
 It runs in the gateway's event loop beside the gRPC server (`serve_http`): no thread, no process.
+With `--api-key` every route but /health and /metrics wants `Authorization: Bearer <key>`
+(`http_auth`); with `--tls-cert/--tls-key` it serves HTTPS.
 """
 from __future__ import annotations
 
@@ -28,9 +30,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
 from services.common.redis_retry import UNREACHABLE
+from services.common.tls import TlsFiles
 from services.engine.sampling_params import SamplingParams
 from services.gateway.errors import GatewayError, InvalidInput, NotReady
 from services.gateway.frontend import Frontend, GenerateInput
+from services.gateway.http_auth import ApiKeyMiddleware
 from services.gateway.openai_protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                               TokenizeRequest, error_body, error_of)
 from services.gateway.openai_serving import Plan, check_model, complete, plan_chat, plan_completion, start_stream
@@ -46,6 +50,8 @@ class HttpState:
     frontend: Frontend
     peer_metrics: tuple[tuple[str, str], ...] = ()
     serving: bool = False                  # False while starting and while draining
+    api_key: str = ""                      # non-empty: requests need it (services.gateway.http_auth)
+    tls: TlsFiles | None = None            # serve HTTPS
 
 
 class _EventStream(StreamingResponse):
@@ -205,7 +211,9 @@ def bind(host: str, port: int) -> socket.socket:
 
 def start_http(state: HttpState, sock: socket.socket) -> tuple[_Server, asyncio.Task]:
     """The HTTP API as a task of the running loop; stop it with `server.should_exit = True`."""
-    config = uvicorn.Config(build_app(state), log_level="warning", access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=5)
+    app = build_app(state)
+    tls = {"ssl_certfile": str(state.tls.cert), "ssl_keyfile": str(state.tls.key)} if state.tls else {}
+    config = uvicorn.Config(ApiKeyMiddleware(app, state.api_key) if state.api_key else app, log_level="warning",
+                            access_log=False, lifespan="off", timeout_graceful_shutdown=5, **tls)
     server = _Server(config)
     return server, asyncio.create_task(server.serve(sockets=[sock]))

@@ -9,9 +9,11 @@ import enum
 import os
 import sys
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
+
+from duoserve.credentials import redis_url_from_env, secret_from_env
 
 
 RETUNE_MODES = ("inplace", "handover")
@@ -58,6 +60,8 @@ class WorkerConfig:
     overlap_publish: bool = True        # host work off the loop's thread: the publish sent while the next
                                         # iteration runs, decode's growth asked for during the forward pass,
                                         # inputs read only when the doorbell rang
+    secret: str = field(default="", repr=False)   # the stack's secret: the Worker service (SetComputeShare,
+                                        # Drain, GetStats) wants it as a bearer token; "": open (--no-auth)
 
     def __post_init__(self) -> None:
         if self.phase is not Phase.COLOCATED and self.arena_socket is None:
@@ -102,7 +106,8 @@ def _cpu_list(text: str) -> tuple[int, ...]:
 def parse_args(phase: Phase, argv: Sequence[str] | None = None) -> WorkerConfig:
     env = os.environ
     p = argparse.ArgumentParser(prog=f"duoserve-{phase.value}", description=f"duoserve {phase.value} worker")
-    p.add_argument("--redis-url", default=env.get("REDIS_URL"), required=env.get("REDIS_URL") is None)
+    p.add_argument("--redis-url", default=env.get("REDIS_URL"), required=env.get("REDIS_URL") is None,
+                   help="env REDIS_URL (`duoserve up` hands it so: it carries the stack's Redis password)")
     p.add_argument("--key-prefix", default=env.get("DUOSERVE_KEY_PREFIX", "duo"))
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--metrics-port", type=int, default=0)
@@ -133,11 +138,11 @@ def parse_args(phase: Phase, argv: Sequence[str] | None = None) -> WorkerConfig:
     a = p.parse_args(argv)
     retune_mode = a.retune_mode or ("handover" if a.device == "cuda" else "inplace")   # an MPS limit is fixed
     return WorkerConfig(
-        phase=phase, redis_url=a.redis_url, key_prefix=a.key_prefix, port=a.port, metrics_port=a.metrics_port,
+        phase=phase, redis_url=redis_url_from_env(env, a.redis_url), key_prefix=a.key_prefix, port=a.port, metrics_port=a.metrics_port,
         arena_socket=a.arena_socket, model=a.model, cache_dir=a.cache_dir, dtype=a.dtype, cpu_ids=a.cpus,
         num_kv_blocks=a.num_kv_blocks, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
         chunk_size=a.chunk_size, worker_id=f"{phase.value}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
         retune_mode=retune_mode, takeover_from=a.takeover_from, device=a.device,
         mps_percentage=_percentage(env.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")), weights=a.weights,
-        overlap_publish=a.overlap_publish == "on",
+        overlap_publish=a.overlap_publish == "on", secret=secret_from_env(env),
         launch_argv=tuple(sys.argv[1:] if argv is None else argv))

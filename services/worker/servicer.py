@@ -1,6 +1,8 @@
 """The Worker gRPC service: converts messages and delegates to `WorkerControl`; nothing else.
 
 Runs in gRPC's thread pool beside the loop; health and reflection are served on the same port.
+With the stack's secret set, every Worker call needs it as a bearer token (services.common.auth);
+health and reflection stay open.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from duoserve.v1 import worker_pb2, worker_pb2_grpc
+from services.common import auth
 from services.worker.compute_units import ComputeUnits
 from services.worker.config import Phase, WorkerConfig
 from services.worker.control import ShareState, WorkerControl
@@ -90,7 +93,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 def start_worker_server(config: WorkerConfig, control: WorkerControl,
                         stack_cpus: tuple[int, ...]) -> tuple[grpc.Server, health.HealthServicer]:
     """Worker service + grpc.health.v1 (NOT_SERVING until the caller says ready) + reflection."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=[("grpc.so_reuseport", 0)])
+    guard = auth.interceptors([config.secret], "the stack's secret (`duoserve up` keeps it in <stack dir>/secret)")
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=guard,
+                         options=[("grpc.so_reuseport", 0)])
     worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(config, control, stack_cpus), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from duoserve import stack
+from duoserve.credentials import bearer, secret_of
 from duoserve.stack import Mode, StackConfig, StackState
 from services.common.contracts import KeySpace
 
@@ -27,6 +28,16 @@ class RunningStack:
 
     def process(self, name: str):
         return next(p for p in self.state.processes if p.name == name)
+
+    @property
+    def secret(self) -> str | None:
+        """The stack's secret (the workers' control service and the Admin API want it), from its file."""
+        return secret_of(self.state.secret_file)
+
+    @property
+    def auth(self) -> tuple[tuple[str, str], ...]:
+        """gRPC metadata that carries the secret."""
+        return bearer(self.secret)
 
     def num_free_blocks(self) -> int:
         return int(self.redis.llen(self.keys.kv_free))

@@ -88,7 +88,8 @@ def _new_share(running: RunningStack) -> worker_pb2.SetComputeShareRequest:
 
 def _set_share(running: RunningStack, phase: str) -> None:
     with grpc.insecure_channel(running.process(phase).target) as channel:
-        reply = worker_pb2_grpc.WorkerStub(channel).SetComputeShare(_new_share(running), timeout=10)
+        reply = worker_pb2_grpc.WorkerStub(channel).SetComputeShare(_new_share(running), timeout=10,
+                                                                    metadata=running.auth)
     assert reply.pending                                # applied by the successor
 
 

@@ -22,7 +22,7 @@ LONG_PROMPT = "Summarize: " + "the quick brown fox jumps over the lazy dog " * 4
 
 def _admin(stack, token: str | None = None):
     from duoserve.duoctl import AdminClient
-    return AdminClient(stack.process("orchestrator").target, token)
+    return AdminClient(stack.process("orchestrator").target, token or stack.secret)
 
 
 def _duoctl(stack, *args: str, token: str | None = None) -> subprocess.CompletedProcess:
@@ -97,6 +97,7 @@ def test_a_burst_of_long_prompts_raises_the_prefill_share_then_it_comes_back(spl
 def test_orchestrator_restart_keeps_workers_serving_and_requires_its_token(split_stack):
     admin = _admin(split_stack)
     admin.call("SetSLO", pb.SLO(ttft_ms=3500, tpot_ms=250, percentile=95, prefer="ttft"))
+    # duoctl --target sends no secret of its own: the token (or the stack's secret) it must be given.
     _restart(split_stack, "orchestrator", {"DUOSERVE_ADMIN_TOKEN": "t0ken"}, check_serving=False)
     with duoserve.Client(split_stack.target, timeout=120) as client:     # the data plane does not notice
         assert client.generate(messages=[{"role": "user", "content": "What is the capital of France?"}],
@@ -116,16 +117,19 @@ def test_orchestrator_restart_keeps_workers_serving_and_requires_its_token(split
     assert {p["phase"] for p in status["model_fit"]["phases"]} >= {"prefill", "decode"}
     history = _duoctl(split_stack, "history", token="t0ken")
     assert history.returncode == 0
-    _restart(split_stack, "orchestrator", {})      # leave the stack as the other tests expect it
+    _restart(split_stack, "orchestrator", {"DUOSERVE_ADMIN_TOKEN": None})   # as the other tests expect it
 
 
-def _restart(stack, name: str, env: dict[str, str], check_serving: bool = True) -> None:
-    """Kill `name` after giving it `env` in the state file: the stack's supervisor restarts it so."""
+def _restart(stack, name: str, env: dict[str, str | None], check_serving: bool = True) -> None:
+    """Kill `name` after changing its environment in the state file (None: the variable removed):
+    the stack's supervisor restarts it so."""
     from dataclasses import replace
     from duoserve import stack as stacks
     stack.reload_state()
     old = stack.process(name)
-    procs = tuple(replace(p, env=tuple(env.items())) if p.name == name else p for p in stack.state.processes)
+    changed = {**dict(old.env), **env}
+    changed = tuple((k, v) for k, v in changed.items() if v is not None)
+    procs = tuple(replace(p, env=changed) if p.name == name else p for p in stack.state.processes)
     stacks.write_state(stack.config.state_path, replace(stack.state, processes=procs))
     os.kill(old.pid, signal.SIGKILL)
     deadline = time.monotonic() + 120
@@ -135,6 +139,6 @@ def _restart(stack, name: str, env: dict[str, str], check_serving: bool = True) 
             break
         assert time.monotonic() < deadline, f"the supervisor did not restart {name}"
         time.sleep(0.25)
-    while check_serving and _duoctl(stack, "status").returncode != 0:
+    while check_serving and _duoctl(stack, "status", token=stack.secret).returncode != 0:
         assert time.monotonic() < deadline, f"{name} did not come back"
         time.sleep(0.5)

@@ -172,7 +172,8 @@ def _set_compute_share_moves_cores_live(split_stack):
     from duoserve.v1 import worker_pb2, worker_pb2_grpc
     prefill = split_stack.process("prefill")
     all_cpus = sorted(os.sched_getaffinity(0))
-    stub = worker_pb2_grpc.WorkerStub(grpc.insecure_channel(prefill.target))
+    from duoserve.channel import open_channel
+    stub = worker_pb2_grpc.WorkerStub(open_channel(prefill.target, token=split_stack.secret))
     before = stub.GetStats(worker_pb2.GetStatsRequest(), timeout=10)
     assert before.phase == worker_pb2.PHASE_PREFILL
     # The orchestrator ran in auto mode until it was stopped and may have moved prefill already:

@@ -25,7 +25,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -49,7 +49,7 @@ def make_config(tmp_path: Path, **overrides) -> StackConfig:
 
 def test_split_plan_starts_redis_arena_workers_then_gateway_and_orchestrator(tmp_path):
     config = make_config(tmp_path, cpus=(0, 1), num_kv_blocks=64, admin_token="s3cret")
-    layout = Layout.new(config.stack_dir)
+    layout = replace(Layout.new(config.stack_dir), secret="t0p")
     names = ["redis", "arena", "prefill", "decode", "gateway", "orchestrator"]
     ports = {n: (1000 + i, 2000 + i) for i, n in enumerate(names)}
     stages = stack.plan(config, layout, ports)
@@ -57,11 +57,12 @@ def test_split_plan_starts_redis_arena_workers_then_gateway_and_orchestrator(tmp
         [["redis"], ["arena"], ["prefill", "decode"], ["gateway", "orchestrator"]]
     by_name = {p.name: p for s in stages for p in s}
     argv = {n: " ".join(p.argv) for n, p in by_name.items()}
-    redis_url = "redis://127.0.0.1:1000/0"
+    redis_url = "redis://:t0p@127.0.0.1:1000/0"              # the stack's Redis wants its secret
     assert "--port 1000" in argv["redis"] and "--bind 127.0.0.1" in argv["redis"]
+    assert by_name["redis"].argv[1] == str(config.stack_dir / "redis" / "auth.conf")   # requirepass, from a file
     assert by_name["redis"].health == "redis"
     for name in names[1:]:
-        assert f"--redis-url {redis_url}" in argv[name]
+        assert dict(by_name[name].env)["REDIS_URL"] == redis_url and "--redis-url" not in argv[name]
         assert f"--key-prefix {layout.key_prefix}" in argv[name]
         assert f"--port {by_name[name].port} --metrics-port {by_name[name].metrics_port}" in argv[name]
     assert f"--stack-id {layout.stack_id}" in argv["arena"] and "--num-kv-blocks 64" in argv["arena"]
@@ -70,8 +71,12 @@ def test_split_plan_starts_redis_arena_workers_then_gateway_and_orchestrator(tmp
     assert "--cpus 0" in argv["prefill"].split(" --cache-dir")[1] and "--cpus 1" in argv["decode"]
     assert "-m services.gateway.main" in argv["gateway"]
     assert "-m orchestrator.main" in argv["orchestrator"] and "--cpus 0,1" in argv["orchestrator"]
-    assert "s3cret" not in argv["orchestrator"]                                  # the token goes by environment
-    assert dict(by_name["orchestrator"].env) == {"DUOSERVE_ADMIN_TOKEN": "s3cret"}
+    assert not any("s3cret" in a or "t0p" in a for a in argv.values())            # secrets go by environment
+    assert dict(by_name["orchestrator"].env) == {"REDIS_URL": redis_url, "DUOSERVE_SECRET": "t0p",
+                                                 "DUOSERVE_ADMIN_TOKEN": "s3cret"}
+    for name in ("prefill", "decode"):
+        assert dict(by_name[name].env)["DUOSERVE_SECRET"] == "t0p"
+    assert "DUOSERVE_SECRET" not in dict(by_name["gateway"].env) and "DUOSERVE_SECRET" not in dict(by_name["arena"].env)
     assert layout.segment_prefix == f"duoserve-{layout.stack_id}-"
     assert stack.stage_names(make_config(tmp_path, with_orchestrator=False))[-1] == ("gateway",)
 
@@ -82,7 +87,7 @@ def test_colocated_plan_and_external_redis(tmp_path):
     layout = Layout.new(config.stack_dir)
     stages = stack.plan(config, layout, {"colocated": (1, 2), "gateway": (3, 4)})
     colocated = " ".join(stages[0][0].argv)
-    assert "--redis-url redis://10.0.0.1:7000/2" in colocated and "--chunk-size 256" in colocated
+    assert dict(stages[0][0].env)["REDIS_URL"] == "redis://10.0.0.1:7000/2" and "--chunk-size 256" in colocated
     assert "--arena-socket" not in colocated and "-m services.colocated.main" in colocated
     cores = ",".join(map(str, sorted(os.sched_getaffinity(0))))
     assert f"--cpus {cores}" in colocated
