@@ -30,7 +30,7 @@ import redis
 
 from services.common.contracts import (Handoff, IterationSample, KeySpace, QueuedRequest, TokenDeliveries,
                                        TokenDelivery, WorkerReport, to_json)
-from services.common.redis_queues import CancelWatcher, ensure_group
+from services.common.redis_queues import CancelWatcher, ensure_group, take_over_consumer
 from services.engine.llm_engine import sample_batch
 from services.engine.runner import ModelRunner
 from services.engine.sampler import Sampler
@@ -46,7 +46,8 @@ from services.worker.tracked import TrackedRequest
 from services.worker.handover import needs_handover
 from services.worker.metrics import WorkerMetrics
 from services.worker.publisher import PipelinePublisher
-from services.worker.recovery import SCAN_INTERVAL_S, heartbeat_value, queue_heartbeat, take_over_dead
+from services.worker.recovery import (SCAN_INTERVAL_S, heartbeat_value, queue_heartbeat, read_progress,
+                                      take_over_dead)
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ class Worker:
     host_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=HOST_WINDOW))
     keys: KeySpace = field(init=False)
     is_split_decode: bool = field(init=False)    # reads hand-offs instead of the prefill queue
+    records_progress: bool = field(init=False)   # each token delivered is also kept in Redis until the request
+                                                 # leaves (decode and colocated): a taker-over resumes after it
     input_stream: str = field(init=False)
     _input_type: type = field(init=False)        # what the input stream carries: Handoff or QueuedRequest
     group: str = field(init=False)
@@ -92,6 +95,7 @@ class Worker:
     def __post_init__(self) -> None:
         self.keys = KeySpace(self.config.key_prefix)
         self.is_split_decode = self.config.phase is Phase.DECODE
+        self.records_progress = self.config.phase is not Phase.PREFILL
         self.input_stream = self.keys.decode_admit if self.is_split_decode else self.keys.prefill_queue
         self._input_type = Handoff if self.is_split_decode else QueuedRequest
         self.group = DECODE_GROUP if self.is_split_decode else PREFILL_GROUP
@@ -154,20 +158,37 @@ class Worker:
         self._observe_host_time(time.perf_counter() - iteration_start - device_s)
 
     def recover_dead_peers(self) -> None:
-        """Take over the entries a dead worker of this group left pending (recovery.py): prefill
-        frees the blocks it had half filled and recomputes; decode admits the hand-offs."""
+        """Take over the entries a dead worker of this group left pending (recovery.py)."""
         self._next_peer_scan = time.monotonic() + SCAN_INTERVAL_S
-        entries = take_over_dead(self.client, self.keys.worker_alive, self.input_stream, self.group,
-                                 self.config.worker_id, self._input_type)
+        self.resume_taken_over(take_over_dead(self.client, self.keys.worker_alive, self.input_stream, self.group,
+                                              self.config.worker_id, self._input_type))
+
+    def take_over_from(self, worker_id: str) -> int:
+        """A retiring worker's pending entries (handover.py), claimed and resumed as a dead peer's are,
+        so a standby killed later leaves them pending for recovery.py in turn; -> how many."""
+        entries = take_over_consumer(self.client, self.input_stream, self.group, self.config.worker_id, worker_id,
+                                     self._input_type)
+        self.resume_taken_over(entries)
+        return len(entries)
+
+    def resume_taken_over(self, entries: list) -> None:
+        """Entries another worker of this group held, now pending with this one, admitted where that
+        worker's client streams stopped: prefill frees the blocks the other had half filled and
+        recomputes the prompt; colocated too, from the prompt and the tokens already delivered (its
+        progress record), so the next token is drawn after the same ones; decode resumes in place
+        (its KV is still in the arena's pool), from its tokens so far and its block table now."""
         if not entries:
             return
+        request_ids = [message.request_id for _, message in entries]
+        progress = read_progress(self.client, self.keys, request_ids) if self.records_progress \
+            else [()] * len(entries)          # split prefill records none: its one token leaves with the hand-off
         if not self.is_split_decode:
-            self.scheduler.blocks.free_many([queued.request_id for _, queued in entries])
-            self._admit(entries)
+            self.scheduler.blocks.free_many(request_ids)
+            for (entry_id, queued), tokens in zip(entries, progress):
+                self._admit_queued(entry_id, replace(queued, output_token_ids=(*queued.output_token_ids, *tokens)))
             return
-        for entry_id, handoff in entries:     # resumed in place: its KV is still in the arena's pool
-            progress = tuple(int(t) for t in self.client.lrange(self.keys.decode_progress(handoff.request_id), 0, -1))
-            self._admit_handoff(entry_id, handoff, progress, self.scheduler.blocks.owned(handoff.request_id))
+        for (entry_id, handoff), tokens in zip(entries, progress):
+            self._admit_handoff(entry_id, handoff, tokens, self.scheduler.blocks.owned(handoff.request_id))
 
     @property
     def cancels(self) -> CancelWatcher:
@@ -250,7 +271,7 @@ class Worker:
         if self._already_here(queued.request_id, entry_id):
             return
         if self.cancels.is_cancelled(queued.request_id):
-            self.release_inputs([entry_id], [])
+            self.release_inputs([entry_id], [queued.request_id])
             return
         seq = Sequence(queued.request_id, list(queued.prompt_token_ids), queued.sampling,
                        arrival_time=queued.arrival_time, output_token_ids=list(queued.output_token_ids))
@@ -258,7 +279,7 @@ class Worker:
             self.scheduler.add(seq)
         except RequestTooLarge as e:
             self._send_now(queued.reply_to, TokenDelivery(queued.request_id, (), "error", str(e)))
-            self.release_inputs([entry_id], [])
+            self.release_inputs([entry_id], [queued.request_id])
             return
         self.tracked[seq.request_id] = TrackedRequest(seq, queued.reply_to, entry_id,
                                                 is_first_delivery=not queued.output_token_ids)
@@ -335,7 +356,7 @@ class Worker:
                 gone.append(seq.request_id)
                 del self.tracked[seq.request_id]
                 self.stats = _bump(self.stats, requests_finished=1)
-            elif self.is_split_decode:       # what a decode that dies now resumes from (recovery.py)
+            elif self.records_progress:      # what a worker that dies now resumes from (resume_taken_over)
                 pipe.rpush(self.keys.decode_progress(seq.request_id), seq.output_token_ids[-1])
         for reply_to, deliveries in by_gateway.items():
             pipe.xadd(reply_to, {"m": to_json(TokenDeliveries(tuple(deliveries)))})
@@ -365,7 +386,7 @@ class Worker:
         if entry_ids:
             pipe.xack(self.input_stream, self.group, *entry_ids)
             pipe.xdel(self.input_stream, *entry_ids)
-        if self.is_split_decode and request_ids:
+        if self.records_progress and request_ids:
             pipe.delete(*(self.keys.decode_progress(r) for r in request_ids))
 
     # ------------------------------------------------------------------ bookkeeping
