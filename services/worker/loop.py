@@ -7,7 +7,8 @@ A request's life in a worker:
   decode     Handoff read from the admit stream, its KV already in the shared pool -> one token
              per iteration, delivered to the gateway -> finished: blocks freed in Redis;
              preempted: blocks freed, request re-queued to prefill with its tokens for recompute
-  colocated  prefill queue -> chunked-prefill hybrid batches -> tokens delivered -> finished
+  colocated  prefill queue -> chunked-prefill hybrid batches -> tokens delivered (and recorded, as
+             decode's are, for a worker that takes it over) -> finished
   cancelled  a CancelNotice (client gone, or a stop string seen by the gateway): the request is
              dropped at the next iteration boundary and its blocks are freed
 
@@ -163,13 +164,11 @@ class Worker:
         self.resume_taken_over(take_over_dead(self.client, self.keys.worker_alive, self.input_stream, self.group,
                                               self.config.worker_id, self._input_type))
 
-    def take_over_from(self, worker_id: str) -> int:
+    def take_over_from(self, worker_id: str) -> None:
         """A retiring worker's pending entries (handover.py), claimed and resumed as a dead peer's are,
-        so a standby killed later leaves them pending for recovery.py in turn; -> how many."""
-        entries = take_over_consumer(self.client, self.input_stream, self.group, self.config.worker_id, worker_id,
-                                     self._input_type)
-        self.resume_taken_over(entries)
-        return len(entries)
+        so a standby killed later leaves them pending for recovery.py in turn."""
+        self.resume_taken_over(take_over_consumer(self.client, self.input_stream, self.group, self.config.worker_id,
+                                                  worker_id, self._input_type))
 
     def resume_taken_over(self, entries: list) -> None:
         """Entries another worker of this group held, now pending with this one, admitted where that

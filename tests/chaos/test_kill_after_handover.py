@@ -83,7 +83,7 @@ def test_a_standby_killed_after_taking_over_loses_nothing(handover_stack, victim
             time.sleep(0.05)
         events.append(open(record.log).read()[log_before:])
         os.kill(pid, signal.SIGKILL)
-        events.append(f"killed standby pid {pid} at {time.monotonic():.1f}")
+        events.append(f"killed standby pid {pid}")
 
     got = _generate_all(target, prompts, during=retune_then_kill, max_tokens=max_tokens)
     line = re.findall(r"took over from .*", events[0])
