@@ -80,7 +80,7 @@ class KeySpace:
     def request_claim(self, request_id: str) -> str:   # string with a TTL: a client's request id while it runs
         return f"{self.prefix}:request:{request_id}"
 
-    def decode_progress(self, request_id: str) -> str:   # list: tokens decode generated since its hand-off
+    def decode_progress(self, request_id: str) -> str:   # list: tokens decode (or colocated) delivered since its input entry
         return f"{self.prefix}:decode:progress:{request_id}"
 
     def worker_alive(self, worker_id: str) -> str:   # string with a TTL: "host pid start_time" of a live worker
@@ -239,8 +239,9 @@ class WorkerHandover:
     token_budget: int                      # prefill tokens per iteration to apply (0: unchanged)
     requested_at: float                    # wall clock of the SetComputeShare call (switch latency starts)
     released_at: float                     # wall clock when the retiring worker stopped (the stall starts)
+    # What it held, for the log: the standby claims every entry pending with the old worker's consumer
     running: tuple[Handoff, ...] = ()      # decode: every request it held, mid-generation
-    pending_entry_ids: tuple[str, ...] = ()   # prefill: its queue entries, claimed by the standby (recomputed)
+    pending_entry_ids: tuple[str, ...] = ()   # prefill: its queue entries (recomputed by the standby)
 
 
 @dataclass(frozen=True, slots=True)

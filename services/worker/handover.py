@@ -14,12 +14,16 @@ handover`), which is how CI exercises this path with real processes. Both sides 
   warming    the standby attaches to the arena, builds its engine, runs a warm-up forward on a block
              of its own, then pushes its pid to `handover_ready`. It binds no port yet.
   switch     at its next boundary the old worker sees the ready signal: cancels already dropped, it
-             hands over what it holds (decode: every request as a Handoff, its KV left where it is;
-             prefill: its queue entry ids, its blocks freed, the prompts recomputed), synchronizes
-             the device, closes its gRPC and metrics ports, pushes the WorkerHandover and exits.
+             hands over what it holds (decode: every request, its KV left where it is; prefill: its
+             blocks freed, the prompts recomputed) by leaving their input entries pending with its
+             consumer, synchronizes the device, closes its gRPC and metrics ports, pushes the
+             WorkerHandover (what it held, for the log) and exits.
   takeover   the standby binds the same ports (the orchestrator, gateway, duoctl and supervisor find
-             it where the old one was), admits the handed-over requests (a cancel published meanwhile
-             is honoured: its blocks are freed), reports the switch latency and runs its loop.
+             it where the old one was), claims the old worker's pending entries and admits them as
+             recovery.py does a dead worker's (decode: from each request's progress record and block
+             table), so they are pending with the standby, which a kill leaves to recovery.py like any
+             worker's; a cancel published meanwhile is honoured (its blocks are freed); it reports the
+             switch latency and runs its loop.
   failed     the standby exits before it is ready: the old worker logs it and keeps its share (cpu:
              applies the new one in place). A standby whose parent dies before the switch exits.
 """
@@ -37,7 +41,7 @@ import redis
 import torch
 
 from services.common import stream_entries
-from services.common.contracts import KeySpace, QueuedRequest, WorkerHandover, from_json, to_json
+from services.common.contracts import KeySpace, WorkerHandover, from_json, to_json
 from services.engine.blocks import OutOfBlocks
 from services.engine.scheduler import ScheduledChunk, SchedulerOutput
 from services.engine.sequence import SequenceStatus
@@ -165,18 +169,20 @@ class Retuner:
     def _switch(self) -> None:
         w, share = self.worker, self.share
         w.flush_published()          # tokens already produced reach the gateway before the standby's
+        # What it holds stays pending with its consumer; the standby claims those entries (take_over),
+        # so a standby killed later leaves them pending with its own, for recovery.py.
         running, entry_ids, released = [], [], []
         for request_id, tracked in list(w.tracked.items()):
             if w.config.phase is Phase.DECODE and tracked.seq.status is SequenceStatus.RUNNING:
                 running.append(tracked.handoff())         # KV stays in its blocks, owned by the request
-                released.append(tracked.entry_id)           # the standby holds it from the WorkerHandover
-            elif tracked.entry_id is not None:              # prefill: recomputed by the standby
+            elif w.config.phase is not Phase.DECODE:        # prefill: recomputed by the standby
                 w.scheduler.blocks.free(request_id)
                 entry_ids.append(tracked.entry_id)
             else:                                           # decode, not running: no KV to hand over
                 w.scheduler.blocks.free(request_id)
                 stream_entries.add(w.client, stream_entries.queued(w.keys, tracked.requeued()))
-        w.release_inputs(released, [h.request_id for h in running])
+                released.append((tracked.entry_id, request_id))
+        w.release_inputs([e for e, _ in released], [r for _, r in released])
         w.tracked.clear()
         self.switched = True
         w.scheduler.running.clear()
@@ -238,21 +244,13 @@ def wait_for_handover(worker, old_worker_id: str) -> WorkerHandover | None:
 
 
 def take_over(worker, handover: WorkerHandover) -> None:
-    """Admit what the old worker held; cancels published since are honoured on admission."""
+    """Admit what the old worker held: its pending entries claimed, as a dead worker's are (decode:
+    each request's tokens so far and its blocks read back from Redis); cancels published since are
+    honoured on admission."""
     worker.cancels.poll(worker.client)
-    for handoff in handover.running:
-        worker._admit_handoff(None, handoff)
-        tracked = worker.tracked.get(handoff.request_id)
-        if tracked is not None:
-            tracked.handoff_time = None                    # not a prefill hand-off: keep that metric clean
-    if handover.pending_entry_ids:
-        claimed = worker.client.xclaim(worker.input_stream, worker.group, worker.config.worker_id, 0,
-                                       list(handover.pending_entry_ids))
-        for raw_id, fields in claimed:
-            if raw_id is None or not fields:
-                continue
-            entry_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
-            worker._admit_queued(entry_id, stream_entries.read(QueuedRequest, fields))
+    worker.take_over_from(handover.from_worker_id)
+    for tracked in worker.tracked.values():
+        tracked.handoff_time = None                        # not a prefill hand-off: keep that metric clean
     if handover.token_budget:
         worker.scheduler.token_budget = handover.token_budget
     share = ShareState(handover.share, handover.cpu_ids, handover.token_budget)

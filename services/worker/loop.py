@@ -7,7 +7,8 @@ A request's life in a worker:
   decode     Handoff read from the admit stream, its KV already in the shared pool -> one token
              per iteration, delivered to the gateway -> finished: blocks freed in Redis;
              preempted: blocks freed, request re-queued to prefill with its tokens for recompute
-  colocated  prefill queue -> chunked-prefill hybrid batches -> tokens delivered -> finished
+  colocated  prefill queue -> chunked-prefill hybrid batches -> tokens delivered (and recorded, as
+             decode's are, for a worker that takes it over) -> finished
   cancelled  a CancelNotice (client gone, or a stop string seen by the gateway): the request is
              dropped at the next iteration boundary and its blocks are freed
 
@@ -33,7 +34,7 @@ import redis
 
 from services.common import stream_entries
 from services.common.contracts import Handoff, IterationSample, KeySpace, QueuedRequest, TokenDelivery, WorkerReport
-from services.common.redis_queues import CancelWatcher, ensure_group
+from services.common.redis_queues import CancelWatcher, ensure_group, take_over_consumer
 from services.common.redis_retry import DataEpoch, DataLost, Outage
 from services.engine.blocks import blocks_for_tokens
 from services.engine.llm_engine import sample_batch
@@ -52,7 +53,8 @@ from services.worker.handover import needs_handover
 from services.worker.metrics import WorkerMetrics
 from services.worker.publisher import PipelinePublisher
 from services.worker import reconnect
-from services.worker.recovery import SCAN_INTERVAL_S, heartbeat_value, queue_heartbeat, take_over_dead
+from services.worker.recovery import (SCAN_INTERVAL_S, heartbeat_value, queue_heartbeat, read_progress,
+                                      take_over_dead)
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,8 @@ class Worker:
     host_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=HOST_WINDOW))
     keys: KeySpace = field(init=False)
     is_split_decode: bool = field(init=False)    # reads hand-offs instead of the prefill queue
+    records_progress: bool = field(init=False)   # each token delivered is also kept in Redis until the request
+                                                 # leaves (decode and colocated): a taker-over resumes after it
     input_stream: str = field(init=False)
     _input_type: type = field(init=False)        # what the input stream carries: Handoff or QueuedRequest
     group: str = field(init=False)
@@ -99,6 +103,7 @@ class Worker:
     def __post_init__(self) -> None:
         self.keys = KeySpace(self.config.key_prefix)
         self.is_split_decode = self.config.phase is Phase.DECODE
+        self.records_progress = self.config.phase is not Phase.PREFILL
         self.input_stream = self.keys.decode_admit if self.is_split_decode else self.keys.prefill_queue
         self._input_type = Handoff if self.is_split_decode else QueuedRequest
         self.group = DECODE_GROUP if self.is_split_decode else PREFILL_GROUP
@@ -178,19 +183,31 @@ class Worker:
         self.take_over(take_over_dead(self.client, self.keys.worker_alive, self.input_stream, self.group,
                                       self.config.worker_id, self._input_type))
 
+    def take_over_from(self, worker_id: str) -> None:
+        """A retiring worker's pending entries (handover.py), claimed and resumed as a dead peer's are,
+        so a standby killed later leaves them pending for recovery.py in turn."""
+        self.take_over(take_over_consumer(self.client, self.input_stream, self.group, self.config.worker_id,
+                                          worker_id, self._input_type))
+
     def take_over(self, entries: list) -> None:
-        """Admit entries that were pending with a dead worker, or with this one before Redis went
-        away: prefill frees the blocks it had half filled and recomputes; decode resumes each hand-off
-        from its recorded tokens and block table (its KV is still in the arena's pool)."""
+        """Entries pending with another worker of this group (dead, or retiring by handover), or with
+        this one before Redis went away, admitted where the client streams stopped: prefill frees the
+        blocks it had half filled and recomputes the prompt; colocated too, from the prompt and the
+        tokens already delivered (its progress record), so the next token is drawn after the same
+        ones; decode resumes in place (its KV is still in the arena's pool), from its tokens so far
+        and its block table now."""
         if not entries:
             return
+        request_ids = [message.request_id for _, message in entries]
+        progress = read_progress(self.client, self.keys, request_ids) if self.records_progress \
+            else [()] * len(entries)          # split prefill records none: its one token leaves with the hand-off
         if not self.is_split_decode:
-            self.scheduler.blocks.free_many([queued.request_id for _, queued in entries])
-            self._admit(entries)
+            self.scheduler.blocks.free_many(request_ids)
+            for (entry_id, queued), tokens in zip(entries, progress):
+                self._admit_queued(entry_id, replace(queued, output_token_ids=(*queued.output_token_ids, *tokens)))
             return
-        for entry_id, handoff in entries:
-            progress = tuple(int(t) for t in self.client.lrange(self.keys.decode_progress(handoff.request_id), 0, -1))
-            self._admit_handoff(entry_id, handoff, progress, self.scheduler.blocks.owned(handoff.request_id))
+        for (entry_id, handoff), tokens in zip(entries, progress):
+            self._admit_handoff(entry_id, handoff, tokens, self.scheduler.blocks.owned(handoff.request_id))
 
     def let_go(self) -> int:
         """Forget every request this worker holds, changing nothing in Redis, where each is recorded
@@ -286,7 +303,7 @@ class Worker:
         if self._already_here(queued.request_id, entry_id):
             return
         if self.cancels.is_cancelled(queued.request_id):
-            self.release_inputs([entry_id], [])
+            self.release_inputs([entry_id], [queued.request_id])
             return
         seq = Sequence(queued.request_id, list(queued.prompt_token_ids), queued.sampling,
                        arrival_time=queued.arrival_time, output_token_ids=list(queued.output_token_ids))
@@ -294,7 +311,7 @@ class Worker:
             self.scheduler.add(seq)
         except RequestTooLarge as e:
             self._send_now(queued.reply_to, TokenDelivery(queued.request_id, (), "error", str(e)))
-            self.release_inputs([entry_id], [])
+            self.release_inputs([entry_id], [queued.request_id])
             return
         self.tracked[seq.request_id] = TrackedRequest(seq, queued.reply_to, entry_id,
                                                 is_first_delivery=not queued.output_token_ids)
@@ -385,7 +402,7 @@ class Worker:
                 gone.append(seq.request_id)
                 del self.tracked[seq.request_id]
                 self.stats = _bump(self.stats, requests_finished=1)
-            elif self.is_split_decode:       # what a decode that dies now resumes from (recovery.py)
+            elif self.records_progress:      # what a worker that dies now resumes from (take_over)
                 pipe.rpush(self.keys.decode_progress(seq.request_id), seq.output_token_ids[-1])
         for reply_to, deliveries in by_gateway.items():
             stream_entries.add(pipe, stream_entries.deliveries(reply_to, deliveries))
@@ -415,7 +432,7 @@ class Worker:
         if entry_ids:
             pipe.xack(self.input_stream, self.group, *entry_ids)
             pipe.xdel(self.input_stream, *entry_ids)
-        if self.is_split_decode and request_ids:
+        if self.records_progress and request_ids:
             pipe.delete(*(self.keys.decode_progress(r) for r in request_ids))
 
     # ------------------------------------------------------------------ bookkeeping

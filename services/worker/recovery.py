@@ -9,10 +9,13 @@ A worker's life as its peers see it:
               takes over from its predecessor without waiting for the expiry
   taken over  a live worker of the same group (the restarted one, or a peer) lists the group's
               consumers, claims every entry pending with a dead one (they stay pending, now its own,
-              until it acks them) and removes that consumer. The loop admits what was claimed as new
-              work: prefill recomputes the prompt (blocks the dead one had half-filled are freed
-              first); decode admits a hand-off it had read but not yet acknowledged
-Scanned when the worker starts and every SCAN_INTERVAL_S while it runs.
+              until it acks them) and removes that consumer. The loop admits what was claimed where
+              the client's stream stopped: prefill recomputes the prompt (blocks the dead one had
+              half-filled are freed first); colocated recomputes the prompt and the tokens it had
+              delivered, then draws the next; decode resumes the request in place. Both read those
+              tokens back from the record the dead one kept with every delivery (`read_progress`)
+Scanned when the worker starts and every SCAN_INTERVAL_S while it runs. A standby taking over at a
+retune (handover.py) claims its predecessor's entries the same way, so the same holds after it.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from typing import Callable
 
 import redis
 
+from services.common.contracts import KeySpace
 from services.common.pids import process_start_time
 from services.common.redis_queues import group_consumers, take_over_consumer
 
@@ -72,3 +76,11 @@ def take_over_dead(client: redis.Redis, key_of: Callable[[str], str], stream: st
         taken.extend(entries)
     return taken
 
+
+def read_progress(client: redis.Redis, keys: KeySpace, request_ids: list[str]) -> list[tuple[int, ...]]:
+    """Each request's tokens delivered since its input entry, as the worker that held it recorded them
+    with each delivery (`keys.decode_progress`: decode and colocated); one round trip."""
+    pipe = client.pipeline(transaction=False)
+    for request_id in request_ids:
+        pipe.lrange(keys.decode_progress(request_id), 0, -1)
+    return [tuple(int(t) for t in tokens) for tokens in pipe.execute()]

@@ -17,10 +17,11 @@ import pytest
 
 from duoserve import stack
 from duoserve.stack import Mode, StackConfig
-from tests.chaos.test_kill import (NUM_BLOCKS, _free_blocks, _generate_all, _prompts, _record, _state, _status,
-                                   _wait_all_free, _wait_restarted)
+from tests.chaos import chaos_ops as ops
 
 pytestmark = pytest.mark.slow
+
+NUM_BLOCKS = 512
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def arena_stack(tmp_path_factory, default_model_dir):
     config = StackConfig(state_dir=tmp_path_factory.mktemp("chaos-arena"), cache_dir=default_model_dir.parent,
                          name="chaos-arena", mode=Mode.SPLIT, num_kv_blocks=NUM_BLOCKS, startup_timeout_s=300)
     stack.up(config, detach=True, say=lambda m: print(m, file=sys.stderr))
-    prefix = _state(config).segment_prefix
+    prefix = ops.state(config).segment_prefix
     yield config
     stack.down(config.state_dir, config.name, stop_timeout_s=10, say=lambda m: None)
     assert stack.read_state(config.state_path) is None
@@ -45,41 +46,41 @@ def _segments(prefix: str) -> dict[str, tuple[int, int]]:
 
 
 def test_a_killed_arena_reopens_its_segments_and_the_requests_in_flight_go_on(arena_stack):
-    state = _state(arena_stack)
-    prompts = _prompts(16, 128)
-    expected = _generate_all(state.gateway_target, prompts, max_tokens=48)
-    assert _wait_all_free(arena_stack) == NUM_BLOCKS
+    state = ops.state(arena_stack)
+    prompts = ops.prompts(16, 128)
+    expected = ops.generate_all(state.gateway_target, prompts, max_tokens=48)
+    assert ops.wait_all_free(arena_stack, NUM_BLOCKS) == NUM_BLOCKS
     before = _segments(state.segment_prefix)
     assert sorted(before) == ["kv", "record", "weights"]
-    workers = {name: (_record(arena_stack, name).pid, _status(arena_stack)[name]["restarts"])
+    workers = {name: (ops.record(arena_stack, name).pid, ops.status(arena_stack)[name]["restarts"])
                for name in ("prefill", "decode")}
-    arena = _record(arena_stack, "arena")
-    restarts = _status(arena_stack)["arena"]["restarts"]
+    arena = ops.record(arena_stack, "arena")
+    restarts = ops.status(arena_stack)["arena"]["restarts"]
     at_kill: dict[str, float] = {}
 
     def kill() -> None:
         time.sleep(2.0)                        # some requests in prefill, some decoding
-        at_kill["blocks_held"] = NUM_BLOCKS - _free_blocks(arena_stack)
+        at_kill["blocks_held"] = NUM_BLOCKS - ops.free_blocks(arena_stack)
         os.kill(arena.pid, signal.SIGKILL)
         at_kill["time"] = time.monotonic()
-        at_kill["recovery_s"] = _wait_restarted(arena_stack, "arena", restarts + 1)
+        at_kill["recovery_s"] = ops.wait_restarted(arena_stack, "arena", restarts + 1)
 
-    got = _generate_all(state.gateway_target, prompts, during=kill, max_tokens=48)
+    got = ops.generate_all(state.gateway_target, prompts, during=kill, max_tokens=48)
     print(f"arena SERVING again {at_kill['recovery_s']:.1f} s after the kill -9 (requests held "
           f"{at_kill['blocks_held']:.0f} KV blocks then); all 16 done {time.monotonic() - at_kill['time']:.1f} s "
           "after it", file=sys.stderr)
     assert at_kill["blocks_held"] > 0                        # killed with requests in flight
     assert got == expected                                   # every token, as without the kill
-    assert _record(arena_stack, "arena").pid != arena.pid
-    assert {name: (_record(arena_stack, name).pid, _status(arena_stack)[name]["restarts"])
+    assert ops.record(arena_stack, "arena").pid != arena.pid
+    assert {name: (ops.record(arena_stack, name).pid, ops.status(arena_stack)[name]["restarts"])
             for name in ("prefill", "decode")} == workers    # not restarted: they kept their memory
     after = _segments(state.segment_prefix)
     assert {kind: ino for kind, (_, ino) in after.items()} == {kind: ino for kind, (_, ino) in before.items()}
-    assert {owner for owner, _ in after.values()} == {_record(arena_stack, "arena").pid}   # no new segment
-    assert _wait_all_free(arena_stack) == NUM_BLOCKS        # nothing leaked
+    assert {owner for owner, _ in after.values()} == {ops.record(arena_stack, "arena").pid}   # no new segment
+    assert ops.wait_all_free(arena_stack, NUM_BLOCKS) == NUM_BLOCKS        # nothing leaked
     # A worker that attaches now gets the renamed segments: the memory decode still maps.
-    prefill = _record(arena_stack, "prefill")
+    prefill = ops.record(arena_stack, "prefill")
     os.kill(prefill.pid, signal.SIGKILL)
-    _wait_restarted(arena_stack, "prefill", workers["prefill"][1] + 1)
-    assert _generate_all(state.gateway_target, prompts[:4], max_tokens=48) == expected[:4]
-    assert _wait_all_free(arena_stack) == NUM_BLOCKS
+    ops.wait_restarted(arena_stack, "prefill", workers["prefill"][1] + 1)
+    assert ops.generate_all(state.gateway_target, prompts[:4], max_tokens=48) == expected[:4]
+    assert ops.wait_all_free(arena_stack, NUM_BLOCKS) == NUM_BLOCKS

@@ -10,7 +10,7 @@ import sys
 from services.common.contracts import QueuedRequest
 from services.common.redis_queues import enqueue, ensure_group, group_consumers, read_group
 from services.engine.sampling_params import SamplingParams
-from services.worker.recovery import heartbeat_value, is_dead, take_over_dead
+from services.worker.recovery import heartbeat_value, is_dead, read_progress, take_over_dead
 
 GROUP = "prefill"
 
@@ -55,3 +55,10 @@ def test_a_dead_consumers_entries_are_claimed_and_it_leaves_the_group(redis_clie
     taken = take_over_dead(redis_client, keys.worker_alive, stream, GROUP, "me", QueuedRequest)
     assert [q.request_id for _, q in taken] == ["r3"]
     assert read_group(redis_client, stream, GROUP, "me", QueuedRequest, count=5) == [(ids[4], _request("r4"))]
+
+
+def test_progress_is_read_back_per_request_in_order(redis_client, keys):
+    redis_client.rpush(keys.decode_progress("a"), 5, 7, 9)
+    redis_client.rpush(keys.decode_progress("c"), 11)
+    assert read_progress(redis_client, keys, ["a", "b", "c"]) == [(5, 7, 9), (), (11,)]   # b: none delivered yet
+    assert read_progress(redis_client, keys, []) == []
