@@ -55,7 +55,9 @@ async def serve(config: GatewayConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await frontend.wait_for_model()
+    await frontend.adopt()                     # a predecessor's requests in flight, if it was killed
     reader = asyncio.create_task(frontend.read_replies())
+    sweeper = asyncio.create_task(frontend.sweep_orphans())
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     http_state.serving = True
@@ -70,7 +72,8 @@ async def serve(config: GatewayConfig) -> None:
     if http:
         await http[1]
     reader.cancel()
-    await frontend.client.delete(frontend.reply_stream)
+    sweeper.cancel()
+    await frontend.shutdown()
     await frontend.client.aclose()
 
 
