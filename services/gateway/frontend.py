@@ -43,6 +43,7 @@ log = logging.getLogger("duoserve.gateway")
 
 CANCEL_STREAM_MAXLEN = 100_000      # cancels are read within an iteration; older ones are history
 LATENCY_MAXLEN = 10_000             # finished requests kept for SLO attainment
+TRIM_INTERVAL_S = 1.0               # the reply stream is trimmed at most this often
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +69,7 @@ class Frontend:
     by_client: dict[str, str] = field(default_factory=dict)       # client id -> engine id
     cursor: str | None = None            # the reply stream's last entry read
     is_adopted: bool = False             # the predecessor's requests are taken over (Attach may be served)
+    _trimmed_at: float = 0.0             # time.monotonic() of the reply stream's last XTRIM
     _ids: dict[str, request_ids.RequestIds] = field(default_factory=dict)   # engine id -> its ids' claim
 
     def __post_init__(self) -> None:
@@ -151,7 +153,9 @@ class Frontend:
                 for entry_id, data in entries:
                     self.cursor = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
                     self._dispatch(data, self.cursor)
+            if batches and time.monotonic() - self._trimmed_at >= TRIM_INTERVAL_S:
                 # kept from the oldest request in flight on: a restarted gateway replays it (adoption.py)
+                self._trimmed_at = time.monotonic()
                 await self.client.xtrim(self.reply_stream, minid=oldest_since(list(self.requests.values()),
                                                                               self.cursor), approximate=True)
 
