@@ -8,6 +8,9 @@ A request's life here:
   finished   the server ends the stream; generate() has joined the chunks into a Completion
   cancelled  the caller closed the stream, left its `with` block, or dropped it: the RPC is
              cancelled and the server frees the request's KV blocks
+  lost       the connection to the gateway failed mid-stream (UNAVAILABLE: it was killed and is being
+             restarted): the stream re-attaches to the request by itself (`duoserve.reattach`) and
+             goes on after the last token received, for up to `reattach_s` seconds
 
     with Client("localhost:50051") as client:
         print(client.generate("The capital of France is", max_tokens=8).text)
@@ -22,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +36,7 @@ from google.protobuf.descriptor import EnumDescriptor
 
 from duoserve import errors
 from duoserve.channel import Tls, channel_credentials, open_aio_channel, open_channel
+from duoserve.reattach import CHANNEL_OPTIONS, DEFAULT_WINDOW_S, Reattacher
 from duoserve.targets import with_default_port
 from duoserve.v1 import generation_pb2 as pb
 from duoserve.v1 import generation_pb2_grpc as pb_grpc
@@ -256,6 +262,12 @@ class _Joiner:
                           usage=last.usage or Usage(0, 0, 0.0, 0.0, 0.0), logprobs=tuple(self.logprobs))
 
 
+def _reattacher(stub: pb_grpc.GenerationStub, window_s: float, timeout: float | None) -> Reattacher:
+    """The request's id is learnt from the gateway (it accepted the request), never from the request sent."""
+    return Reattacher(lambda attach, left: stub.Attach(attach, timeout=left), window_s,
+                      None if timeout is None else time.monotonic() + timeout)
+
+
 # ---------------------------------------------------------------------------------------------
 # Blocking client
 # ---------------------------------------------------------------------------------------------
@@ -267,36 +279,57 @@ class Stream:
     of a `for` loop alone leaves the request running until one of those happens.
     """
 
-    def __init__(self, call: Any, target: str | None = None) -> None:
+    def __init__(self, call: Any, target: str | None = None, reattacher: Reattacher | None = None) -> None:
         self._call = call           # grpc's call object: an iterator of GenerateResponse
         self._target = target       # named in errors
+        self._reattacher = reattacher   # None: a lost stream is an error
         self._closed = False        # closed by the caller: iteration ends quietly
         self._done = False          # no more chunks will come
+        self._closing = threading.Event()   # wakes a re-attach backoff when the caller closes
 
     def __iter__(self) -> Stream:
         return self
 
     def __next__(self) -> Chunk:
-        if self._done:
-            raise StopIteration
-        try:
-            response = next(self._call)
-        except StopIteration:
-            self._done = True
-            raise
-        except grpc.RpcError as e:
-            self._done = True
-            if self._closed:                    # close() from another thread while we waited
-                raise StopIteration from None
-            raise errors.from_rpc_error(e, self._target) from e
-        except BaseException:                   # KeyboardInterrupt while waiting
-            self.close()
-            raise
-        return to_chunk(response)
+        while not self._done:
+            try:
+                response = next(self._call)
+            except StopIteration:
+                self._done = True
+                raise
+            except grpc.RpcError as e:
+                if not self._closed and self._reattach(e):
+                    continue
+                self._done = True
+                if self._closed:                # close() from another thread while we waited
+                    raise StopIteration from None
+                raise errors.from_rpc_error(e, self._target) from e
+            except BaseException:               # KeyboardInterrupt while waiting
+                self.close()
+                raise
+            if self._reattacher is not None:
+                self._reattacher.received(response)
+            return to_chunk(response)
+        raise StopIteration
+
+    def _reattach(self, error: grpc.RpcError) -> bool:
+        """After a lost connection: wait, then follow the request again with an Attach call."""
+        r = self._reattacher
+        if r is None:
+            return False
+        r.learn_id(self._call.initial_metadata())
+        delay = r.delay(error.code(), time.monotonic())
+        if delay is None or self._closing.wait(delay):
+            return False
+        self._call = r.call(time.monotonic())
+        if self._closed:                        # closed while the new call was made
+            self._call.cancel()
+        return True
 
     def close(self) -> None:
         """Cancel the request if it is still running; iteration then stops."""
         self._closed = True
+        self._closing.set()
         if not self._done:
             self._done = True
             self._call.cancel()
@@ -323,15 +356,19 @@ class Client:
     path (e.g. the stack's self-signed certificate) or grpc.ChannelCredentials; `server_name` when
     the certificate names another host than the target's; `api_key` is sent as
     `authorization: Bearer <key>` on every call (the gateway's `--api-key`). `credentials` is the
-    older spelling of `tls=grpc.ChannelCredentials`. Nothing is read from the environment.
+    older spelling of `tls=grpc.ChannelCredentials`. Nothing is read from the environment. A stream
+    whose gateway goes away mid-request (UNAVAILABLE) re-attaches to the request for up to
+    `reattach_s` seconds (0: raise Unavailable at once instead).
     """
 
     def __init__(self, target: str, *, timeout: float | None = None, tls: Tls = None,
                  api_key: str | None = None, server_name: str | None = None,
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None, reattach_s: float = DEFAULT_WINDOW_S) -> None:
         self.target = with_default_port(target)   # "host" means host:50051
         self.timeout = timeout
-        self._channel = open_channel(self.target, tls=credentials or tls, server_name=server_name, token=api_key)
+        self.reattach_s = reattach_s
+        self._channel = open_channel(self.target, tls=credentials or tls, server_name=server_name, token=api_key,
+                                     options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.GenerationStub(self._channel)
 
     def stream(
@@ -373,7 +410,9 @@ class Client:
             frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
             min_tokens=min_tokens, logprobs=logprobs, request_id=request_id,
             priority=priority, slo_class=slo_class)
-        return Stream(self._stub.Generate(request, timeout=self._timeout(timeout)), self.target)
+        timeout = self._timeout(timeout)
+        return Stream(self._stub.Generate(request, timeout=timeout), self.target,
+                      _reattacher(self._stub, self.reattach_s, timeout))
 
     def generate(
         self,
@@ -461,9 +500,10 @@ class AsyncStream:
     cancelling the task that iterates it cancels the request too.
     """
 
-    def __init__(self, call: Any, target: str | None = None) -> None:
+    def __init__(self, call: Any, target: str | None = None, reattacher: Reattacher | None = None) -> None:
         self._call = call           # grpc.aio's UnaryStreamCall
         self._target = target       # named in errors
+        self._reattacher = reattacher   # None: a lost stream is an error
         self._closed = False        # closed by the caller: iteration ends quietly
         self._done = False          # no more chunks will come
 
@@ -471,23 +511,42 @@ class AsyncStream:
         return self
 
     async def __anext__(self) -> Chunk:
-        if self._done:
+        while not self._done:
+            try:
+                response = await self._call.read()
+                if response is grpc.aio.EOF:
+                    self._done = True
+                    break
+            except grpc.RpcError as e:
+                if not self._closed and await self._reattach(e):
+                    continue
+                self._done = True
+                raise errors.from_rpc_error(e, self._target) from e
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if self._closed and not (task is not None and task.cancelling()):
+                    raise StopAsyncIteration from None  # close() from another task while we waited
+                self.close()                            # our task was cancelled: so is the request
+                raise
+            if self._reattacher is not None:
+                self._reattacher.received(response)
+            return to_chunk(response)
+        raise StopAsyncIteration
+
+    async def _reattach(self, error: grpc.RpcError) -> bool:
+        """After a lost connection: wait, then follow the request again with an Attach call."""
+        r = self._reattacher
+        if r is None:
+            return False
+        r.learn_id(await self._call.initial_metadata())
+        delay = r.delay(error.code(), time.monotonic())
+        if delay is None:
+            return False
+        await asyncio.sleep(delay)              # a close() meanwhile cancels the failed call: a no-op
+        if self._closed:
             raise StopAsyncIteration
-        try:
-            response = await self._call.read()
-        except grpc.RpcError as e:
-            self._done = True
-            raise errors.from_rpc_error(e, self._target) from e
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if self._closed and not (task is not None and task.cancelling()):
-                raise StopAsyncIteration from None  # close() from another task while we waited
-            self.close()                            # our task was cancelled: so is the request
-            raise
-        if response is grpc.aio.EOF:
-            self._done = True
-            raise StopAsyncIteration
-        return to_chunk(response)
+        self._call = r.call(time.monotonic())
+        return True
 
     def close(self) -> None:
         """Cancel the request if it is still running; iteration then stops."""
@@ -522,10 +581,12 @@ class AsyncClient:
 
     def __init__(self, target: str, *, timeout: float | None = None, tls: Tls = None,
                  api_key: str | None = None, server_name: str | None = None,
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None, reattach_s: float = DEFAULT_WINDOW_S) -> None:
         self.target = with_default_port(target)   # "host" means host:50051
         self.timeout = timeout
-        self._connect = {"tls": credentials or tls, "server_name": server_name, "token": api_key}
+        self.reattach_s = reattach_s
+        self._connect = {"tls": credentials or tls, "server_name": server_name, "token": api_key,
+                         "options": CHANNEL_OPTIONS}
         channel_credentials(credentials or tls)   # a bad CA path fails here, not at the first call
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.GenerationStub | None = None
@@ -563,7 +624,9 @@ class AsyncClient:
             frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
             min_tokens=min_tokens, logprobs=logprobs, request_id=request_id,
             priority=priority, slo_class=slo_class)
-        return AsyncStream(self._get_stub().Generate(request, timeout=self._timeout(timeout)), self.target)
+        timeout, stub = self._timeout(timeout), self._get_stub()
+        return AsyncStream(stub.Generate(request, timeout=timeout), self.target,
+                           _reattacher(stub, self.reattach_s, timeout))
 
     async def generate(
         self,

@@ -99,7 +99,9 @@ def test_generation_api_shape():
     service = pb.DESCRIPTOR.services_by_name["Generation"]
     generate = service.methods_by_name["Generate"]
     assert generate.server_streaming and not generate.client_streaming
-    assert {m.name for m in service.methods} == {"Generate", "Tokenize", "GetModelInfo"}
+    assert {m.name for m in service.methods} == {"Generate", "Attach", "Tokenize", "GetModelInfo"}
+    attach = service.methods_by_name["Attach"]
+    assert attach.server_streaming and attach.output_type.name == "GenerateResponse"
     oneof = pb.GenerateRequest.DESCRIPTOR.oneofs_by_name["input"]
     assert [f.name for f in oneof.fields] == ["prompt", "messages", "token_ids"]
     sampling = pb.SamplingParams.DESCRIPTOR

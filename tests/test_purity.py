@@ -13,6 +13,8 @@ PURE_MODULES = [
     "services.engine.sampling_params",
     "services.engine.model_config",
     "services.engine.output",
+    "services.gateway.inflight",       # the gateway's per-request output (re-attach)
+    "services.gateway.follower",
     "services.common.mps",             # the supervisor imports it: `duoserve down` stays instant
     "services.arena.cuda_export",      # torch only inside describe/rebuild
     "services.common.stream_entries",  # the wire format: its callers own their Redis clients

@@ -145,6 +145,14 @@ class Usage(_message.Message):
     e2e_ms: float
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., queue_time_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., e2e_ms: _Optional[float] = ...) -> None: ...
 
+class AttachRequest(_message.Message):
+    __slots__ = ("request_id", "num_received_tokens")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_RECEIVED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    num_received_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., num_received_tokens: _Optional[int] = ...) -> None: ...
+
 class TokenizeRequest(_message.Message):
     __slots__ = ("text",)
     TEXT_FIELD_NUMBER: _ClassVar[int]

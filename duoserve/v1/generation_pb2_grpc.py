@@ -39,6 +39,11 @@ class GenerationStub:
                 request_serializer=duoserve_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=duoserve_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Attach = channel.unary_stream(
+                '/duoserve.v1.Generation/Attach',
+                request_serializer=duoserve_dot_v1_dot_generation__pb2.AttachRequest.SerializeToString,
+                response_deserializer=duoserve_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
+                _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/duoserve.v1.Generation/Tokenize',
                 request_serializer=duoserve_dot_v1_dot_generation__pb2.TokenizeRequest.SerializeToString,
@@ -57,7 +62,24 @@ class GenerationServicer:
     def Generate(self, request, context):
         """Runs one request and streams its output: one response per step with the new tokens and
         their text, the last one carrying the finish reason and the usage. Cancelling the call
-        cancels the request.
+        cancels the request. Once the request is queued, before any response, the initial metadata
+        carries its id under "duoserve-request-id": from then on a client that loses the stream
+        (UNAVAILABLE: the gateway restarted) can get the rest of it with Attach.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Attach(self, request, context):
+        """Follows a running request again after its stream was lost: responses as Generate's, from the
+        token after the `num_received_tokens` the client already has (the text restarts there too).
+        A gateway that was restarted keeps its requests in flight for a while (the server's orphan
+        timeout, 30 s by default) waiting for their clients. Another call following the request ends
+        with ABORTED; cancelling this one cancels the request, as for Generate.
+        NOT_FOUND         no such request on this gateway: it ended, was cancelled, no client came
+        back within the orphan timeout, or it ran through another gateway
+        INVALID_ARGUMENT  no request_id, or more tokens received than the request produced
+        UNAVAILABLE       the gateway is starting; retry shortly
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -83,6 +105,11 @@ def add_GenerationServicer_to_server(servicer, server):
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
                     request_deserializer=duoserve_dot_v1_dot_generation__pb2.GenerateRequest.FromString,
+                    response_serializer=duoserve_dot_v1_dot_generation__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Attach': grpc.unary_stream_rpc_method_handler(
+                    servicer.Attach,
+                    request_deserializer=duoserve_dot_v1_dot_generation__pb2.AttachRequest.FromString,
                     response_serializer=duoserve_dot_v1_dot_generation__pb2.GenerateResponse.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
@@ -122,6 +149,33 @@ class Generation:
             target,
             '/duoserve.v1.Generation/Generate',
             duoserve_dot_v1_dot_generation__pb2.GenerateRequest.SerializeToString,
+            duoserve_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/duoserve.v1.Generation/Attach',
+            duoserve_dot_v1_dot_generation__pb2.AttachRequest.SerializeToString,
             duoserve_dot_v1_dot_generation__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,

@@ -40,8 +40,11 @@ class KeySpace:
     def cancel(self) -> str:              # stream of CancelNotice, capped; read without a group
         return f"{self.prefix}:cancel"
 
-    def reply(self, gateway_id: str) -> str:   # stream of TokenDelivery for one gateway process
+    def reply(self, gateway_id: str) -> str:   # stream of TokenDelivery for one gateway (kept across its restarts)
         return f"{self.prefix}:reply:{gateway_id}"
+
+    def gateway_requests(self, gateway_id: str) -> str:   # hash: engine id -> RequestRecord of a gateway's requests
+        return f"{self.prefix}:gateway:{gateway_id}:requests"
 
     @property
     def kv_free(self) -> str:             # list of free block ids

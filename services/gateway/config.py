@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import uuid
+import socket
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -27,7 +27,9 @@ class GatewayConfig:
     default_max_tokens: int = 256   # when a request leaves max_tokens unset
     stall_timeout_s: float = 120.0  # no token for this long: the request fails UNAVAILABLE
     model_wait_s: float = 300.0     # how long to wait at start for the stack to publish its model
-    gateway_id: str = ""            # names this process's reply stream
+    gateway_id: str = ""            # names its reply stream and request records: the same after a restart,
+                                    # so the restarted gateway adopts its predecessor's requests (adoption.py)
+    orphan_timeout_s: float = 30.0  # an adopted request no client re-attached to for this long is cancelled
     http_port: int = 0              # OpenAI-compatible HTTP API (/v1/completions, ...); 0 disables
     http_host: str = "127.0.0.1"    # bind address of the HTTP API
     peer_metrics: tuple[tuple[str, str], ...] = ()   # (process name, HOST:PORT) of the stack's other
@@ -41,6 +43,8 @@ class GatewayConfig:
             raise ValueError("max_queue_len and max_tokens_limit must be at least 1")
         if not 0 <= self.http_port < 65536:
             raise ValueError(f"http_port must be in [0, 65535], got {self.http_port}")
+        if self.orphan_timeout_s <= 0:
+            raise ValueError(f"orphan_timeout_s must be positive, got {self.orphan_timeout_s}")
 
 
 def _peer(text: str) -> tuple[str, str]:
@@ -50,6 +54,11 @@ def _peer(text: str) -> tuple[str, str]:
     if not (sep and name and host and colon and port.isdigit()):
         raise argparse.ArgumentTypeError(f"expected NAME=HOST:PORT, got {text!r}")
     return name, target
+
+
+def _default_gateway_id(port: int) -> str:
+    """Stable across restarts on this host and port (one gateway per port); any free port (0): this process's."""
+    return f"gw-{socket.gethostname()}-{port}" if port else f"gw-{socket.gethostname()}-pid{os.getpid()}"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> GatewayConfig:
@@ -76,10 +85,17 @@ def parse_args(argv: Sequence[str] | None = None) -> GatewayConfig:
     p.add_argument("--tls-cert", default=env.get("DUOSERVE_TLS_CERT"),
                    help="PEM certificate chain: serve gRPC and HTTP over TLS (env DUOSERVE_TLS_CERT)")
     p.add_argument("--tls-key", default=env.get("DUOSERVE_TLS_KEY"), help="its PEM private key (env DUOSERVE_TLS_KEY)")
+    p.add_argument("--gateway-id", default=env.get("DUOSERVE_GATEWAY_ID"),
+                   help="names this gateway's reply stream and request records in Redis; keep it across restarts "
+                        "to re-adopt the requests in flight (default: gw-HOSTNAME-PORT)")
+    p.add_argument("--orphan-timeout-s", type=float, default=float(env.get("DUOSERVE_ORPHAN_TIMEOUT_S", 30.0)),
+                   help="after a restart, a request in flight whose client does not re-attach within this many "
+                        "seconds is cancelled and its KV blocks freed")
     a = p.parse_args(argv)
     return GatewayConfig(redis_url=redis_url_from_env(env, a.redis_url), key_prefix=a.key_prefix, port=a.port, host=a.host,
                          metrics_port=a.metrics_port, max_queue_len=a.max_queue_len,
                          max_tokens_limit=a.max_tokens_limit, default_max_tokens=a.default_max_tokens,
-                         gateway_id=f"gw-{os.getpid()}-{uuid.uuid4().hex[:8]}", http_port=a.http_port,
+                         gateway_id=a.gateway_id or _default_gateway_id(a.port),
+                         orphan_timeout_s=a.orphan_timeout_s, http_port=a.http_port,
                          http_host=a.http_host, peer_metrics=tuple(a.peer_metrics),
                          api_key=a.api_key or secret_from_env(env, API_KEY_ENV), tls=TlsFiles.of(a.tls_cert, a.tls_key))

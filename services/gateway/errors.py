@@ -2,7 +2,7 @@
 
 Servicers and the frontend raise these; no servicer builds a status itself.
   InvalidInput -> INVALID_ARGUMENT   QueueFull -> RESOURCE_EXHAUSTED   NotReady -> UNAVAILABLE
-  ModelNotFound -> NOT_FOUND
+  ModelNotFound, RequestNotFound -> NOT_FOUND   Superseded -> ABORTED
 The HTTP API maps the same exceptions to OpenAI's error bodies (`services.gateway.openai_protocol`).
   anything else -> INTERNAL, with a log line (the client sees no stack trace)
 """
@@ -33,6 +33,16 @@ class QueueFull(GatewayError):
 class ModelNotFound(GatewayError):
     """The request names a model this stack does not serve (the HTTP API's `model` field)."""
     code = grpc.StatusCode.NOT_FOUND
+
+
+class RequestNotFound(GatewayError):
+    """Attach names a request this gateway does not hold (ended, cancelled, or never accepted here)."""
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class Superseded(GatewayError):
+    """Another call attached to the request this call was streaming; this one ends."""
+    code = grpc.StatusCode.ABORTED
 
 
 class NotReady(GatewayError):

@@ -4,19 +4,25 @@ A request's life in the gateway:
   accepted     fields checked and bounded before any work (InvalidInput names the field),
                prompt tokenized (chat template for messages), checked against the context and
                the KV pool; a full prefill queue refuses it (QueueFull)
-  queued       a QueuedRequest on the prefill stream, replies to this gateway's reply stream
-  streaming    each TokenDelivery is detokenized incrementally (never splitting a character);
-               stop strings are matched here, and a hit sends a CancelNotice so the workers stop
+  queued       a QueuedRequest on the prefill stream, replies to this gateway's reply stream; in the
+               same transaction its RequestRecord, for a restarted gateway to adopt it (adoption.py)
+  streaming    each TokenDelivery's tokens are kept (inflight.py) and detokenized incrementally for
+               the one call following it (never splitting a character); stop strings are matched
+               here, and a hit sends a CancelNotice so the workers stop
+  re-attached  Attach: a client that lost its stream (a gateway restart) follows it again from the
+               token after the last one it has, text restarted from the prompt and those tokens
   finished     last chunk with finish reason and usage (prompt/completion tokens, queue, TTFT, e2e)
   cancelled    the client went away or its deadline passed: a CancelNotice frees its blocks; counted
-               as finished with reason "abort" (an error on the way: "error"), as vLLM counts them
+               as finished with reason "abort" (an error on the way: "error"), as vLLM counts them.
+               An adopted request no client re-attached to within the orphan timeout: the same
 While Redis does not answer (redis_watch.py) new requests are refused with UNAVAILABLE and streams in
-flight wait for their next token; a cancel, or a request id's release, that could not be written is
-written once it is back.
+flight wait for their next token; a cancel, a request id's release or a record's deletion that could
+not be written is kept in the outbox and written once it is back.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -25,22 +31,23 @@ from typing import AsyncIterator, Awaitable, Callable
 import redis.asyncio as aioredis
 
 from services.common import stream_entries
-from services.common.contracts import (CancelNotice, KeySpace, QueuedRequest, RequestLatency, TokenDelivery,
-                                       TokenLogprob)
+from services.common.contracts import CancelNotice, KeySpace, QueuedRequest, RequestLatency, TokenDelivery
 from services.common.model_info import ModelInfo, parse_model_info
 from services.common.redis_retry import CONNECTION_ERRORS, UNREACHABLE, Backoff
 from services.engine.blocks import blocks_for_tokens
-from services.engine.output import OutputState
 from services.engine.sampling_params import SamplingParams
 from services.engine.tokenizer import Tokenizer
 from services.gateway.config import GatewayConfig
-from services.gateway import request_ids
-from services.gateway.errors import InvalidInput, NotReady, QueueFull
+from services.gateway import adoption, request_ids
+from services.gateway.errors import InvalidInput, NotReady, QueueFull, RequestNotFound, Superseded
+from services.gateway.follower import Chunk, Follower, Usage  # noqa: F401 (Chunk, Usage: the API's types)
+from services.gateway.inflight import InFlight, RequestRecord, oldest_since, stream_id_key
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.outbox import Outbox
 
 log = logging.getLogger("duoserve.gateway")
 
-UNSENT_MAX = 10_000                 # writes kept while Redis is away (the oldest dropped beyond)
+TRIM_INTERVAL_S = 1.0               # the reply stream is trimmed at most this often
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,37 +61,6 @@ class GenerateInput:
     token_ids: tuple[int, ...] | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    queue_time_ms: float
-    ttft_ms: float
-    e2e_ms: float
-
-
-@dataclass(frozen=True, slots=True)
-class Chunk:
-    """One streamed piece of a completion."""
-
-    request_id: str
-    token_ids: tuple[int, ...]
-    text: str
-    finish_reason: str | None = None
-    usage: Usage | None = None
-    logprobs: tuple[TokenLogprob, ...] = ()   # parallel to token_ids when sampling.logprobs is set
-
-
-@dataclass
-class _Timing:
-    arrival: float                       # time.time() when accepted
-    is_running: bool = False             # prefill has started it (first delivery seen)
-    queue_time_ms: float = 0.0
-    first_token: float | None = None
-    last_token: float | None = None
-    num_tokens: int = 0                  # completion tokens received so far
-
-
 @dataclass
 class Frontend:
     config: GatewayConfig
@@ -93,14 +69,20 @@ class Frontend:
     keys: KeySpace = field(init=False)
     info: ModelInfo | None = None
     tokenizer: Tokenizer | None = None
-    pending: dict[str, asyncio.Queue] = field(default_factory=dict)   # request id -> its deliveries
+    requests: dict[str, InFlight] = field(default_factory=dict)   # engine id -> a request this gateway holds
+    by_client: dict[str, str] = field(default_factory=dict)       # client id -> engine id
+    cursor: str | None = None            # the reply stream's last entry read
+    is_adopted: bool = False             # the predecessor's requests are taken over (Attach may be served)
+    _trimmed_at: float = 0.0             # time.monotonic() of the reply stream's last XTRIM
+    _ids: dict[str, request_ids.RequestIds] = field(default_factory=dict)   # engine id -> its ids' claim
     redis_ok: bool = True                # set by redis_watch.RedisWatch: False refuses new requests
     redis_suspected: asyncio.Event = field(default_factory=asyncio.Event)   # a command failed: probe now
-    unsent: list[Callable[[], Awaitable[object]]] = field(default_factory=list)   # written when Redis is back
+    outbox: Outbox = field(init=False)   # writes kept while Redis is away
 
     def __post_init__(self) -> None:
         self.keys = KeySpace(self.config.key_prefix)
         self.reply_stream = self.keys.reply(self.config.gateway_id)
+        self.outbox = Outbox(self.redis_suspected)
 
     # ------------------------------------------------------------------ start-up
     async def wait_for_model(self) -> None:
@@ -124,24 +106,71 @@ class Frontend:
         except CONNECTION_ERRORS:
             return None           # Redis not up yet (or restarting): asked again until the deadline
 
+    async def adopt(self) -> int:
+        """Take over the requests a predecessor with this gateway id left in flight (adoption.py): their
+        output so far replayed from the reply stream; each waits for its client to re-attach. -> how many."""
+        records = await adoption.load(self.client, self.keys, self.config.gateway_id)
+        if not records:
+            self.cursor = await self._reply_tail()
+            self.is_adopted = True
+            return 0
+        for record in records:
+            self._track(record, request_ids.RequestIds(
+                record.client_id, record.engine_id, self.keys.request_claim(record.client_id) if record.claimed
+                else None))
+        cursor = records[0].since                      # the oldest: every delivery of every record is after it
+        async for cursor, data in adoption.replay(self.client, self.reply_stream, cursor):
+            self._dispatch(data, cursor, live=False)
+        self.cursor = cursor
+        now = time.monotonic()
+        for request in self.requests.values():
+            request.orphan_since = request.last_delivery = now
+        self.is_adopted = True
+        log.warning("took over %d requests in flight from this gateway's previous run; each is cancelled unless "
+                    "its client re-attaches within %g s", len(records), self.config.orphan_timeout_s)
+        return len(records)
+
+    async def sweep_orphans(self) -> None:
+        """Cancel the adopted requests no client re-attached to within the orphan timeout, forever."""
+        timeout = self.config.orphan_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            now = time.monotonic()
+            for request in [r for r in self.requests.values() if r.is_orphan_for(timeout, now)]:
+                log.warning("request %s: no client re-attached within %g s; cancelled", request.record.client_id,
+                            timeout)
+                try:
+                    await self._end(request, "abort")
+                except Exception:          # noqa: BLE001 - the sweep goes on for the others
+                    log.exception("could not end request %s", request.record.client_id)
+
+    async def shutdown(self) -> None:
+        """After the servers stopped: end what no call holds, then drop the reply stream."""
+        for request in list(self.requests.values()):
+            await self._end(request, "abort")
+        await self.client.delete(self.reply_stream)
+
     async def read_replies(self) -> None:
         """Dispatch this gateway's reply stream to the waiting requests, forever. While Redis is
         away it asks again with backoff (quietly: redis_watch.py says it once); the cursor stays, and
         the stream is in Redis's append-only file, so no delivery is skipped."""
-        cursor: str | None = None
         backoff = Backoff(cap_s=0.5)
         while True:
             try:
-                if cursor is None:
+                if self.cursor is None:
                     # "$" made concrete once (as redis_queues.tail_cursor does): an XREAD at "$" after an
                     # empty one would skip what was added between the two, a request's first token.
-                    cursor = await self._reply_tail()
-                batches = await self.client.xread({self.reply_stream: cursor}, count=512, block=1000)
+                    self.cursor = await self._reply_tail()
+                batches = await self.client.xread({self.reply_stream: self.cursor}, count=512, block=1000)
                 for _stream, entries in batches or ():
                     for entry_id, data in entries:
-                        cursor = entry_id
-                        self._dispatch(data)
-                    await self.client.xtrim(self.reply_stream, minid=cursor, approximate=True)
+                        self.cursor = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                        self._dispatch(data, self.cursor)
+                if batches and time.monotonic() - self._trimmed_at >= TRIM_INTERVAL_S:
+                    # kept from the oldest request in flight on: a restarted gateway replays it (adoption.py)
+                    self._trimmed_at = time.monotonic()
+                    await self.client.xtrim(self.reply_stream, minid=oldest_since(list(self.requests.values()),
+                                                                                  self.cursor), approximate=True)
                 backoff.reset()
             except CONNECTION_ERRORS:
                 self.redis_suspected.set()
@@ -156,16 +185,26 @@ class Frontend:
         last = info["last-generated-id"]
         return last.decode() if isinstance(last, bytes) else last
 
-    def _dispatch(self, data: dict) -> None:
+    def _dispatch(self, data: dict, entry_id: str, live: bool = True) -> None:
+        """Hand an entry's deliveries to their requests; `live`: just arrived (else replayed at adoption,
+        timed by the entry's id and left out of the latency metrics)."""
         try:
             deliveries = stream_entries.read_deliveries(data)
         except stream_entries.EntryError:
             log.warning("malformed reply entry dropped: %r", data)
             return
+        now = time.time() if live else stream_id_key(entry_id)[0] / 1000
         for delivery in deliveries:
-            queue = self.pending.get(delivery.request_id)
-            if queue is not None:
-                queue.put_nowait(delivery)
+            request = self.requests.get(delivery.request_id)
+            if request is None:
+                continue
+            was_running, last_token = request.is_running, request.last_token_at
+            num_new = request.add(delivery, now)
+            if not was_running:
+                self.metrics.num_requests_waiting.dec()
+                self.metrics.num_requests_running.inc()
+            if live:
+                self._observe_tokens(request, last_token, num_new, now)
 
     # ------------------------------------------------------------------ requests
     def tokenize(self, text: str) -> list[int]:
@@ -228,31 +267,10 @@ class Frontend:
             raise QueueFull(f"the prefill queue holds {depth} requests (limit {self.config.max_queue_len}); "
                             "retry with backoff")
 
-    def fail_all(self, error: str) -> None:
-        """End every stream in flight with `error` (Redis came back without its data: redis_watch.py)."""
-        for request_id, queue in self.pending.items():
-            queue.put_nowait(TokenDelivery(request_id, (), "error", error))
-
-    async def write_unsent(self) -> None:
-        """The cancels and releases kept while Redis was away, in order (a connection error leaves
-        the rest kept). Each is idempotent: one that had landed after all does no harm."""
-        while self.unsent:
-            await self.unsent[0]()
-            self.unsent.pop(0)
-
-    def _keep_unsent(self, write: Callable[[], Awaitable[object]]) -> None:
-        self.redis_suspected.set()
-        self.unsent.append(write)
-        del self.unsent[:-UNSENT_MAX]
-
-    def _redis_lost(self) -> NotReady:
-        """A command failed for want of Redis: refuse new requests now, and have the watch probe."""
-        self.redis_ok = False
-        self.redis_suspected.set()
-        return NotReady(UNREACHABLE)
-
-    async def generate(self, req: GenerateInput) -> AsyncIterator[Chunk]:
-        """Stream one request's completion. Cancelling the consumer cancels the request."""
+    async def generate(self, req: GenerateInput,
+                       accepted: Callable[[str], Awaitable[None]] | None = None) -> AsyncIterator[Chunk]:
+        """Stream one request's completion. Cancelling the consumer cancels the request. `accepted`
+        (the request's id) is awaited once it is queued: from then on a client may re-attach to it."""
         if not self.redis_ok:
             raise NotReady(UNREACHABLE)
         prompt = self.prompt_ids(req)
@@ -262,106 +280,121 @@ class Frontend:
             ids = await request_ids.claim(self.client, self.keys, req.request_id)
         except CONNECTION_ERRORS:
             raise self._redis_lost() from None
-        engine_id = ids.engine_id          # the workers' name for it (request_ids.py)
-        timing = _Timing(arrival=time.time())
-        queue: asyncio.Queue = asyncio.Queue()
-        self.pending[engine_id] = queue
-        self.metrics.num_requests_waiting.inc()
-        is_done = False
-        ended = "abort"          # unless it finishes: the client went away or its deadline passed
+        arrival = time.time()
+        record = RequestRecord(ids.client_id, ids.engine_id, ids.claim_key is not None,
+                               tuple(prompt[-adoption.PROMPT_TAIL:]), len(prompt), req.sampling, arrival,
+                               self.cursor or "0-0")
+        request = self._track(record, ids)
         try:
-            try:   # when it fails, it may still have landed: the cancel below (published once Redis is back) undoes it
-                await stream_entries.add(self.client, stream_entries.queued(self.keys, QueuedRequest(
-                    engine_id, tuple(prompt), req.sampling, self.reply_stream, timing.arrival)))
+            pipe = self.client.pipeline(transaction=True)    # queued only with its record (adoption.py)
+            adoption.save(pipe, self.keys, self.config.gateway_id, record)
+            stream_entries.add(pipe, stream_entries.queued(self.keys, QueuedRequest(
+                ids.engine_id, tuple(prompt), req.sampling, self.reply_stream, arrival)))
+            try:   # when it fails, it may still have landed: the cancel _end keeps for later undoes it
+                await pipe.execute()
             except CONNECTION_ERRORS:
                 raise self._redis_lost() from None
-            async for chunk in self._stream(ids, prompt, req.sampling, queue, timing):
-                is_done = chunk.finish_reason is not None
+            if accepted is not None:
+                await accepted(ids.client_id)
+        except BaseException as e:
+            await self._end(request, "error" if isinstance(e, Exception) else "abort")
+            raise
+        async for chunk in self._follow(request, 0):
+            yield chunk
+
+    async def attach(self, client_id: str, num_received: int) -> AsyncIterator[Chunk]:
+        """Stream a request this gateway holds from its output token `num_received` on (the client has
+        the ones before); the call that streamed it so far, if any, ends (Superseded)."""
+        self._ready_tokenizer()
+        if not self.is_adopted:
+            raise NotReady("the gateway is starting: it is taking over its requests in flight; retry shortly")
+        request = self.requests.get(self.by_client.get(client_id, ""))
+        if request is None:
+            raise RequestNotFound(
+                f"request {client_id!r} is not running on this gateway: it ended (finished, cancelled, or no "
+                f"client re-attached within {self.config.orphan_timeout_s:g} s of a gateway restart), or it "
+                "was sent to another gateway; send it again with Generate")
+        if num_received > len(request.token_ids):
+            raise InvalidInput(f"num_received_tokens: {num_received}, but request {client_id!r} has produced "
+                               f"{len(request.token_ids)} tokens so far")
+        async for chunk in self._follow(request, num_received):
+            yield chunk
+
+    def _track(self, record: RequestRecord, ids: request_ids.RequestIds) -> InFlight:
+        request = InFlight(record)
+        self.requests[record.engine_id] = request
+        self.by_client[record.client_id] = record.engine_id
+        self._ids[record.engine_id] = ids
+        self.metrics.num_requests_waiting.inc()
+        return request
+
+    async def _follow(self, request: InFlight, num_received: int) -> AsyncIterator[Chunk]:
+        """Stream a request's output from token `num_received` to its end, as its one subscriber."""
+        me = request.subscribe()
+        record = request.record
+        follower = Follower(request, self.tokenizer.detokenizer(record.prompt_tail), self.info.eos_token_ids,
+                            num_received)
+        done, ended = False, "abort"       # unless it finishes: the client went away
+        try:
+            while True:
+                if not follower.hit_stop_string and not await request.wait_for_more(
+                        me, follower.sent, self.config.stall_timeout_s):
+                    raise NotReady(f"request {record.client_id}: no token for {self.config.stall_timeout_s:.0f} s; "
+                                   "the workers may be down")
+                if not request.is_current(me):
+                    raise Superseded(f"request {record.client_id}: another call attached to it; this one ends")
+                if request.finish == "error" and not request.token_ids:
+                    raise NotReady(f"request {record.client_id} failed in the engine: {request.error}")
+                chunk = follower.next_chunk(time.time())
+                if follower.hit_stop_string and request.finish is None:
+                    await self._cancel(record.engine_id, "stop")   # the workers may run one more iteration; fine
+                done = chunk.finish_reason is not None
+                if done:        # counted before the last chunk goes out: a client may close on receiving it
+                    self.metrics.observe_finished(record.num_prompt_tokens, follower.sent,
+                                                  chunk.usage.e2e_ms / 1000, chunk.finish_reason)
                 yield chunk
-                await self._refresh(ids)
+                if done:
+                    await self._record_latency(chunk.usage)
+                    return
+                await self._refresh(self._ids[record.engine_id])
         except Exception:
-            ended = "error"      # the engine failed it, no token for too long, Redis gone
+            ended = "error"      # the engine failed it, no token for too long, Redis gone, superseded
             raise
         finally:
-            self.pending.pop(engine_id, None)
-            gauge = self.metrics.num_requests_running if timing.is_running else self.metrics.num_requests_waiting
-            gauge.dec()
-            if not is_done:     # client gone, deadline, or error: free its blocks wherever it is
-                self.metrics.observe_finished(len(prompt), timing.num_tokens, time.time() - timing.arrival, ended)
-                await self._cancel(engine_id, "cancelled")
-            await self._release(ids)
+            if request.is_current(me):      # a superseded call leaves the request to the one that attached
+                await self._end(request, None if done else ended)
 
-    async def _stream(self, ids: request_ids.RequestIds, prompt: list[int], params: SamplingParams,
-                      queue: asyncio.Queue, timing: _Timing) -> AsyncIterator[Chunk]:
-        request_id = ids.client_id
-        state = OutputState(params, self.tokenizer.detokenizer(prompt))
-        eos = set(self.info.eos_token_ids) if not params.ignore_eos else set()
-        stop_ids = eos | set(params.stop_token_ids)
-        completion: list[int] = []
-        while True:
-            delivery = (await self._next_delivery(queue, request_id, started=bool(completion))).after(len(completion))
-            new_ids: list[int] = []
-            for token in delivery.token_ids:
-                completion.append(token)
-                new_ids.append(token)
-                state.push(token, is_special_stop=token in stop_ids)
-                if state.hit_stop_string:
-                    break
-            finish = delivery.finish_reason
-            if state.hit_stop_string:
-                finish = "stop"
-                await self._cancel(ids.engine_id, "stop")   # the workers may run one more iteration; fine
-            self._observe_tokens(timing, delivery, len(new_ids))
-            usage = self._usage(timing, len(prompt), len(completion)) if finish else None
-            if finish:          # counted before the last chunk goes out: a client may close on receiving it
-                self.metrics.observe_finished(len(prompt), len(completion), usage.e2e_ms / 1000, finish)
-            # only the tokens kept in this chunk (a stop string may end it inside the delivery)
-            logprobs = delivery.logprobs[:len(new_ids)]
-            yield Chunk(request_id, tuple(new_ids), state.take_text(finish is not None), finish, usage, logprobs)
-            if finish:
-                await self._record_latency(usage)
-                return
-
-    async def _next_delivery(self, queue: asyncio.Queue, request_id: str, started: bool) -> TokenDelivery:
-        try:
-            delivery = await asyncio.wait_for(queue.get(), timeout=self.config.stall_timeout_s)
-        except asyncio.TimeoutError:
-            raise NotReady(f"request {request_id}: no token for {self.config.stall_timeout_s:.0f} s; "
-                           "the workers may be down") from None
-        if delivery.finish_reason == "error" and not started and not delivery.token_ids:
-            raise NotReady(f"request {request_id} failed in the engine: {delivery.error}")
-        return delivery
-
-    def _observe_tokens(self, timing: _Timing, delivery: TokenDelivery, num_new: int) -> None:
-        now = time.time()
-        if delivery.queue_time_ms is not None:
-            timing.queue_time_ms = delivery.queue_time_ms
-        if not timing.is_running:
-            timing.is_running = True
-            self.metrics.num_requests_waiting.dec()
-            self.metrics.num_requests_running.inc()
-        if num_new == 0:
+    async def _end(self, request: InFlight, ended: str | None) -> None:
+        """The request leaves this gateway. `ended`: None once its last chunk went out, else why not
+        ("abort", "error"): then the workers are told to drop it (freeing its blocks) unless it finished."""
+        record = request.record
+        if self.requests.pop(record.engine_id, None) is None:
             return
-        timing.num_tokens += num_new
-        if timing.first_token is None:
-            timing.first_token = now
-            self.metrics.time_to_first_token.observe(now - timing.arrival)
-        elif timing.last_token is not None:
-            self.metrics.inter_token_latency.observe((now - timing.last_token) / num_new)
-        timing.last_token = now
-
-    @staticmethod
-    def _usage(timing: _Timing, num_prompt: int, num_completion: int) -> Usage:
-        now = time.time()
-        ttft = ((timing.first_token or now) - timing.arrival) * 1000
-        return Usage(num_prompt, num_completion, timing.queue_time_ms, ttft, (now - timing.arrival) * 1000)
-
-    async def _refresh(self, ids: request_ids.RequestIds) -> None:
-        """Renew the request id's claim; while Redis is away the stream goes on (the claim lasts minutes)."""
+        self.by_client.pop(record.client_id, None)
+        ids = self._ids.pop(record.engine_id)
+        gauge = self.metrics.num_requests_running if request.is_running else self.metrics.num_requests_waiting
+        gauge.dec()
+        if ended is not None:
+            self.metrics.observe_finished(record.num_prompt_tokens, len(request.token_ids),
+                                          time.time() - record.arrival_time, ended)
+            if request.finish is None:
+                await self._cancel(record.engine_id, "cancelled")
+        forget = functools.partial(adoption.forget, self.client, self.keys, self.config.gateway_id, record.engine_id)
         try:
-            await request_ids.refresh(self.client, ids)
-        except CONNECTION_ERRORS:
-            self.redis_suspected.set()
+            await forget()
+        except CONNECTION_ERRORS:      # else a restarted gateway would adopt it, then time it out
+            self.outbox.keep(forget)
+        except aioredis.RedisError:
+            log.warning("could not delete the record of %s", record.client_id)
+        await self._release(ids)
+
+    def _observe_tokens(self, request: InFlight, last_token: float | None, num_new: int, now: float) -> None:
+        if not num_new:
+            return
+        if last_token is None:
+            self.metrics.time_to_first_token.observe(now - request.record.arrival_time)
+        else:
+            self.metrics.inter_token_latency.observe((now - last_token) / num_new)
 
     async def _record_latency(self, usage: Usage) -> None:
         tpot = (usage.e2e_ms - usage.ttft_ms) / (usage.completion_tokens - 1) if usage.completion_tokens > 1 else 0.0
@@ -371,25 +404,43 @@ class Frontend:
         except CONNECTION_ERRORS:
             self.redis_suspected.set()
 
+    async def _refresh(self, ids: request_ids.RequestIds) -> None:
+        """Renew the request id's claim; while Redis is away the stream goes on (the claim lasts minutes)."""
+        try:
+            await request_ids.refresh(self.client, ids)
+        except CONNECTION_ERRORS:
+            self.redis_suspected.set()
+
     async def _release(self, ids: request_ids.RequestIds) -> None:
         try:
             await request_ids.release(self.client, ids)
         except CONNECTION_ERRORS:      # else the client's id stays taken until its claim expires
-            self._keep_unsent(lambda: request_ids.release(self.client, ids))
+            self.outbox.keep(functools.partial(request_ids.release, self.client, ids))
         except aioredis.RedisError:
             log.warning("could not release request id %s (it expires by itself)", ids.client_id)
 
     async def _cancel(self, request_id: str, reason: str) -> None:
-        notice = CancelNotice(request_id, reason)
+        write = functools.partial(stream_entries.add, self.client,
+                                  stream_entries.cancel(self.keys, CancelNotice(request_id, reason)))
         try:
-            await self._xadd_cancel(notice)
+            await write()
         except CONNECTION_ERRORS:     # published when Redis is back (redis_watch.py)
-            self._keep_unsent(lambda: self._xadd_cancel(notice))
+            self.outbox.keep(write)
         except aioredis.RedisError:
             log.warning("could not publish cancel for %s", request_id)
 
-    async def _xadd_cancel(self, notice: CancelNotice) -> None:
-        await stream_entries.add(self.client, stream_entries.cancel(self.keys, notice))
+    # ------------------------------------------------------------------ Redis away (redis_watch.py)
+    def fail_all(self, error: str) -> None:
+        """End every stream in flight with `error` (Redis came back without its data)."""
+        now = time.time()
+        for request in self.requests.values():
+            request.add(TokenDelivery(request.record.engine_id, (), "error", error), now)
+
+    def _redis_lost(self) -> NotReady:
+        """A command failed for want of Redis: refuse new requests now, and have the watch probe."""
+        self.redis_ok = False
+        self.redis_suspected.set()
+        return NotReady(UNREACHABLE)
 
 
 async def _queue_depth(client: aioredis.Redis, stream: str) -> int:

@@ -60,7 +60,9 @@ async def serve(config: GatewayConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await frontend.wait_for_model()
+    await frontend.adopt()                     # a predecessor's requests in flight, if it was killed
     reader = asyncio.create_task(frontend.read_replies())
+    sweeper = asyncio.create_task(frontend.sweep_orphans())
 
     async def set_serving(is_serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if is_serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -83,8 +85,9 @@ async def serve(config: GatewayConfig) -> None:
     if http:
         await http[1]
     reader.cancel()
+    sweeper.cancel()
     with contextlib.suppress(*redis_retry.CONNECTION_ERRORS):     # Redis away: the stream stays (`down` removes it)
-        await frontend.client.delete(frontend.reply_stream)
+        await frontend.shutdown()
     await frontend.client.aclose()
 
 

@@ -70,16 +70,16 @@ class RedisWatch:
             await drop_idle_connections(self.frontend.client)
         if data_lost:
             await self._after_data_loss()
-        await self.frontend.write_unsent()
+        await self.frontend.outbox.flush()
         self.frontend.redis_ok = True
         if self.outage.is_down:
-            self.outage.back(f"SERVING again ({len(self.frontend.pending)} streams in flight)")
+            self.outage.back(f"SERVING again ({len(self.frontend.requests)} streams in flight)")
             await self.set_serving(True)
 
     async def _after_data_loss(self) -> None:
         frontend = self.frontend
-        log.error("redis came back without its data: failing the %d streams in flight", len(frontend.pending))
+        log.error("redis came back without its data: failing the %d streams in flight", len(frontend.requests))
         frontend.fail_all(DATA_LOST)
-        frontend.unsent.clear()           # cancels and releases of requests Redis no longer knows
+        frontend.outbox.clear()           # cancels and releases of requests Redis no longer knows
         if frontend.info is not None:
             await frontend.client.hsetnx(frontend.keys.model_info, "json", json.dumps(asdict(frontend.info)))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import AsyncIterator
 
+from duoserve.reattach import REQUEST_ID_METADATA
 from duoserve.v1 import generation_pb2 as pb
 from duoserve.v1 import generation_pb2_grpc
 from services.engine.sampling_params import InvalidSamplingParams, SamplingParams
@@ -71,7 +72,16 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
         req = to_generate_input(request, self.frontend.config.default_max_tokens)
-        async for chunk in self.frontend.generate(req):
+
+        async def accepted(request_id: str) -> None:    # the client may re-attach from here on
+            await context.send_initial_metadata(((REQUEST_ID_METADATA, request_id),))
+        async for chunk in self.frontend.generate(req, accepted):
+            yield to_response(chunk)
+
+    async def Attach(self, request: pb.AttachRequest, context) -> AsyncIterator[pb.GenerateResponse]:
+        if not request.request_id:
+            raise InvalidInput("request_id: empty; give the id of the request to re-attach to")
+        async for chunk in self.frontend.attach(request.request_id, request.num_received_tokens):
             yield to_response(chunk)
 
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:

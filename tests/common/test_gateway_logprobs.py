@@ -13,7 +13,8 @@ from services.common.contracts import TokenDelivery, TokenLogprob
 from services.engine.sampling_params import SamplingParams
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import InvalidInput
-from services.gateway.frontend import Chunk, Frontend, _Timing
+from services.gateway.frontend import Chunk, Frontend
+from services.gateway.inflight import RequestRecord
 from services.gateway.request_ids import RequestIds
 from services.gateway.servicer import to_response, to_sampling_params
 
@@ -56,6 +57,9 @@ class _FakeRedis:
     async def xadd(self, *args, **kwargs) -> None:
         pass
 
+    async def hdel(self, *args, **kwargs) -> None:
+        pass
+
 
 def test_a_stop_string_inside_a_delivery_cuts_its_logprobs_with_its_tokens():
     frontend = Frontend(GatewayConfig(redis_url="redis://unused", key_prefix="t", port=0, gateway_id="gw"), _FakeRedis(), MagicMock())
@@ -66,10 +70,14 @@ def test_a_stop_string_inside_a_delivery_cuts_its_logprobs_with_its_tokens():
     logprobs = tuple(TokenLogprob(ord(c), -float(i), ((ord(c), -float(i)),)) for i, c in enumerate(text))
 
     async def run() -> list[Chunk]:
-        queue: asyncio.Queue = asyncio.Queue()
-        queue.put_nowait(TokenDelivery("r", (ord("a"),), logprobs=logprobs[:1]))
-        queue.put_nowait(TokenDelivery("r", tuple(map(ord, text[1:])), logprobs=logprobs[1:]))
-        return [c async for c in frontend._stream(RequestIds("r", "r", None), [1], params, queue, _Timing(arrival=0.0))]
+        request = frontend._track(RequestRecord("r", "r", False, (1,), 1, params, 0.0, "0-0"), RequestIds("r", "r", None))
+        chunks = []
+        request.add(TokenDelivery("r", (ord("a"),), logprobs=logprobs[:1], position=0), 1.0)
+        async for chunk in frontend._follow(request, 0):
+            chunks.append(chunk)
+            if len(chunks) == 1:
+                request.add(TokenDelivery("r", tuple(map(ord, text[1:])), logprobs=logprobs[1:], position=1), 2.0)
+        return chunks
 
     chunks = asyncio.run(run())
     assert [c.token_ids for c in chunks] == [(ord("a"),), tuple(map(ord, "bXY"))]

@@ -5,6 +5,7 @@ came back empty fails the streams in flight and gets the model info again."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import redis
@@ -16,7 +17,9 @@ from services.common.redis_server import start_redis_server
 from services.engine.sampling_params import SamplingParams
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import NotReady
+from services.gateway import request_ids
 from services.gateway.frontend import Frontend, GenerateInput
+from services.gateway.inflight import RequestRecord
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.redis_watch import DATA_LOST, RedisWatch
 
@@ -44,7 +47,8 @@ def test_the_gateway_is_not_serving_while_redis_is_away_and_goes_on_after(tmp_pa
     async def scenario() -> None:
         frontend = Frontend(GatewayConfig(url, "t", 0), redis_retry.async_client(url), GatewayMetrics())
         frontend.info = INFO
-        frontend.pending["r1"] = stream = asyncio.Queue()
+        request = frontend._track(RequestRecord("r1", "r1", False, (5,), 1, SamplingParams(), time.time(), "0-0"),
+                                  request_ids.RequestIds("r1", "r1", None))
 
         async def set_serving(is_serving: bool) -> None:
             serving.append(is_serving)
@@ -61,19 +65,19 @@ def test_the_gateway_is_not_serving_while_redis_is_away_and_goes_on_after(tmp_pa
                 async for _ in frontend.generate(GenerateInput("", SamplingParams(), token_ids=(5, 6))):
                     pass
             await frontend._cancel("r0", "cancelled")      # kept for later
-            assert len(frontend.unsent) == 1
+            assert len(frontend.outbox) == 1
             servers.append(start_redis_server(tmp_path, port, appendonly=appendonly))
             await _until(lambda: serving == [False, True])
-            assert frontend.redis_ok and not frontend.unsent
+            assert frontend.redis_ok and not frontend.outbox
             check = redis.Redis.from_url(url)
             # the kept cancel went out; after an empty restart it is dropped (no such request any more)
             assert check.xlen(frontend.keys.cancel) == (1 if appendonly else 0)
             if appendonly:                                   # the reader goes on at its cursor
                 check.xadd(frontend.reply_stream, {"m": to_json(TokenDeliveries((TokenDelivery("r1", (7,)),)))})
-                assert (await asyncio.wait_for(stream.get(), 5)).token_ids == (7,)
+                await _until(lambda: request.token_ids == [7])
             else:                                            # the stream failed, saying to retry; info back
-                failed = await asyncio.wait_for(stream.get(), 5)
-                assert failed.finish_reason == "error" and failed.error == DATA_LOST
+                await _until(lambda: request.finish == "error")
+                assert request.error == DATA_LOST
                 assert read_model_info(check, frontend.keys.model_info) == INFO
             check.close()
         finally:

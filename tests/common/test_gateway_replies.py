@@ -6,9 +6,12 @@ import asyncio
 import redis.asyncio as aioredis
 
 from services.common.contracts import TokenDelivery, to_json
+from services.engine.sampling_params import SamplingParams
 from services.gateway.config import GatewayConfig
 from services.gateway.frontend import Frontend
+from services.gateway.inflight import RequestRecord
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.request_ids import RequestIds
 
 
 class _PublishAfterFirstRead:
@@ -31,18 +34,20 @@ class _PublishAfterFirstRead:
 
 
 def test_a_first_token_published_between_two_reads_reaches_its_request(redis_server, keys):
-    async def scenario() -> TokenDelivery:
+    async def scenario() -> list[int]:
         client = aioredis.Redis.from_url(redis_server.url)
         config = GatewayConfig(redis_url=redis_server.url, key_prefix=keys.prefix, port=0, gateway_id="gw-test")
-        frontend = Frontend(config, client, GatewayMetrics())
+        frontend = Frontend(config, client, GatewayMetrics("m"))
         frontend.client = _PublishAfterFirstRead(client, frontend.reply_stream)
-        frontend.pending["r1"] = queue = asyncio.Queue()
+        request = frontend._track(RequestRecord("r1", "r1", False, (1,), 1, SamplingParams(), 0.0, "0-0"),
+                                  RequestIds("r1", "r1", None))
         reader = asyncio.create_task(frontend.read_replies())
         try:
-            return await asyncio.wait_for(queue.get(), timeout=5)
+            await asyncio.wait_for(request.changed.wait(), timeout=5)
+            return request.token_ids
         finally:
             reader.cancel()
             await asyncio.wait({reader}, timeout=2)      # the reader loops until cancelled
             await client.aclose()
 
-    assert asyncio.run(scenario()).token_ids == (55,)
+    assert asyncio.run(scenario()) == [55]
