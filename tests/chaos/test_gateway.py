@@ -159,7 +159,7 @@ def test_requests_whose_clients_never_come_back_are_cancelled_after_the_orphan_t
     channel.close()
     conn.close()
     back_s = ops.wait_restarted(gateway_stack, "gateway", restarts + 1)
-    free = _wait_all_free(gateway_stack, timeout=ORPHAN_TIMEOUT_S + 30)
+    free = ops.wait_all_free(gateway_stack, NUM_BLOCKS, timeout=ORPHAN_TIMEOUT_S + 30)
     freed_s = time.monotonic() - killed_at
     print(f"gateway back {back_s:.1f} s after the kill; the 2 orphans cancelled and their blocks free "
           f"{freed_s:.1f} s after it (orphan timeout {ORPHAN_TIMEOUT_S:g} s)", file=sys.stderr)

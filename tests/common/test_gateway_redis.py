@@ -47,6 +47,7 @@ def test_the_gateway_is_not_serving_while_redis_is_away_and_goes_on_after(tmp_pa
     async def scenario() -> None:
         frontend = Frontend(GatewayConfig(url, "t", 0), redis_retry.async_client(url), GatewayMetrics())
         frontend.info = INFO
+        frontend.metrics.bind_model(INFO.name)
         request = frontend._track(RequestRecord("r1", "r1", False, (5,), 1, SamplingParams(), time.time(), "0-0"),
                                   request_ids.RequestIds("r1", "r1", None))
 
