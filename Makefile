@@ -53,7 +53,7 @@ test: install native
 # with kill -9 under a steady load, for CHAOS_MINUTES; then the short chaos tests (docs/reliability.md).
 CHAOS_MINUTES  ?= 10
 CHAOS_INTERVAL ?= 20
-CHAOS_VICTIMS  ?= prefill,decode,orchestrator
+CHAOS_VICTIMS  ?= prefill,decode,gateway,arena,redis,orchestrator
 chaos: install native
 	$(BIN)/python -m pytest -q -s tests/chaos --soak-minutes $(CHAOS_MINUTES) \
 	  --soak-interval $(CHAOS_INTERVAL) --soak-victims $(CHAOS_VICTIMS)

@@ -25,7 +25,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--soak-minutes", type=float, default=0.0,
                     help="run tests/chaos/test_soak.py for this long (0: skip it; `make chaos` sets it)")
     group.addoption("--soak-interval", type=float, default=20.0, help="seconds between two kills in the soak")
-    group.addoption("--soak-victims", default="prefill,decode,orchestrator",
+    group.addoption("--soak-victims", default="prefill,decode,gateway,arena,redis,orchestrator",
                     help="comma-separated processes the soak kills in turn")
 
 

@@ -1,4 +1,5 @@
-"""`make chaos`: one process after another killed with `kill -9`, again and again, under a steady load.
+"""`make chaos`: one process after another killed with `kill -9`, again and again, under a steady load
+(every process of a split stack by default: prefill, decode, gateway, arena, redis, orchestrator).
 
 Skipped unless `--soak-minutes N` is given (the Makefile's `chaos` target gives it). Four clients send
 greedy requests from a fixed set without pause while, every `--soak-interval` seconds, the next process
