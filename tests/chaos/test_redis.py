@@ -27,7 +27,7 @@ from duoserve.stack_procs import grpc_health
 from duoserve.v1 import generation_pb2, generation_pb2_grpc
 from services.common.contracts import KeySpace
 from services.common.redis_blocks import RedisBlockAllocator
-from tests.chaos.test_kill import _generate_all, _prompts, _record, _state, _status, _wait_all_free
+from tests.chaos import chaos_ops as ops
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,7 @@ def redis_stack(tmp_path_factory, default_model_dir):
 
 
 def _restarts(config: StackConfig) -> dict[str, int]:
-    return {name: p["restarts"] for name, p in _status(config).items()}
+    return {name: p["restarts"] for name, p in ops.status(config).items()}
 
 
 def _wait_health(target: str, wanted: str, timeout: float = 60.0) -> float:
@@ -61,7 +61,7 @@ def _wait_health(target: str, wanted: str, timeout: float = 60.0) -> float:
 
 
 def _audit(config: StackConfig):
-    state = _state(config)
+    state = ops.state(config)
     client = redis.Redis.from_url(state.redis_url)
     try:
         return RedisBlockAllocator(client, KeySpace(state.key_prefix)).audit()
@@ -70,7 +70,7 @@ def _audit(config: StackConfig):
 
 
 def _assert_pool_whole(config: StackConfig) -> None:
-    assert _wait_all_free(config) == NUM_BLOCKS                 # nothing leaked
+    assert ops.wait_all_free(config, NUM_BLOCKS) == NUM_BLOCKS                 # nothing leaked
     audit = _audit(config)
     assert audit.is_consistent and audit.owners == 0
 
@@ -81,21 +81,21 @@ def _assert_pool_whole(config: StackConfig) -> None:
 ])
 def test_a_killed_redis_is_restarted_and_every_request_completes_unchanged(redis_stack, where, prompt_tokens,
                                                                            max_tokens, after_s):
-    target = _state(redis_stack).gateway_target
-    prompts = _prompts(16, prompt_tokens)
-    expected = _generate_all(target, prompts, max_tokens=max_tokens)
+    target = ops.state(redis_stack).gateway_target
+    prompts = ops.prompts(16, prompt_tokens)
+    expected = ops.generate_all(target, prompts, max_tokens=max_tokens)
     _assert_pool_whole(redis_stack)
     before = _restarts(redis_stack)
     times: dict[str, float] = {}
 
     def kill() -> None:
         time.sleep(after_s)
-        os.kill(_record(redis_stack, "redis").pid, signal.SIGKILL)
+        os.kill(ops.record(redis_stack, "redis").pid, signal.SIGKILL)
         times["killed"] = time.monotonic()
         times["not serving"] = _wait_health(target, "NOT_SERVING", timeout=10) if grpc_health(target) != "NOT_SERVING" else 0.0
         times["serving"] = _wait_health(target, "SERVING")
 
-    got = _generate_all(target, prompts, during=kill, max_tokens=max_tokens)
+    got = ops.generate_all(target, prompts, during=kill, max_tokens=max_tokens)
     done_s = time.monotonic() - times["killed"]
     print(f"redis killed ({where}): gateway NOT_SERVING after {times['not serving']:.1f} s, SERVING again "
           f"{times['serving']:.1f} s later; 16 requests done {done_s:.1f} s after the kill", file=sys.stderr)
@@ -124,11 +124,11 @@ def _http_health(url: str) -> int:
 
 
 def test_while_redis_is_away_the_gateway_is_not_serving_and_streams_wait(redis_stack):
-    state = _state(redis_stack)
+    state = ops.state(redis_stack)
     target, supervisor = state.gateway_target, state.supervisor_pid
     assert supervisor is not None
-    prompts = _prompts(8, PROMPT_TOKENS)
-    expected = _generate_all(target, prompts, max_tokens=MAX_TOKENS)
+    prompts = ops.prompts(8, PROMPT_TOKENS)
+    expected = ops.generate_all(target, prompts, max_tokens=MAX_TOKENS)
     before = _restarts(redis_stack)
     seen: dict[str, object] = {}
 
@@ -136,19 +136,19 @@ def test_while_redis_is_away_the_gateway_is_not_serving_and_streams_wait(redis_s
         time.sleep(1.0)
         os.kill(supervisor, signal.SIGSTOP)              # holds the restart: nothing else watches
         try:
-            os.kill(_record(redis_stack, "redis").pid, signal.SIGKILL)
+            os.kill(ops.record(redis_stack, "redis").pid, signal.SIGKILL)
             seen["not serving"] = _wait_health(target, "NOT_SERVING", timeout=10)
             seen["http"] = _http_health(state.http_url)
             seen["refused"] = _generate_refused(target)
             time.sleep(5.0)                              # streams wait; the workers must not exit meanwhile
-            seen["alive"] = all(_record(redis_stack, n).pid and os.path.exists(f"/proc/{_record(redis_stack, n).pid}")
+            seen["alive"] = all(ops.record(redis_stack, n).pid and os.path.exists(f"/proc/{ops.record(redis_stack, n).pid}")
                                 for n in OTHERS)
             seen["still not serving"] = grpc_health(target)
         finally:
             os.kill(supervisor, signal.SIGCONT)
         seen["serving"] = _wait_health(target, "SERVING")
 
-    got = _generate_all(target, prompts, during=kill_and_hold, max_tokens=MAX_TOKENS)
+    got = ops.generate_all(target, prompts, during=kill_and_hold, max_tokens=MAX_TOKENS)
     refused = seen["refused"]
     print(f"redis away: NOT_SERVING after {seen['not serving']:.1f} s; SERVING {seen['serving']:.1f} s after "
           f"the supervisor went on; refused with {refused.code().name}: {refused.details()}", file=sys.stderr)
