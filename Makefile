@@ -50,12 +50,13 @@ test: install native
 	$(BIN)/python -m pytest -q
 
 # Longer chaos than `make test`'s: every CHAOS_INTERVAL s the next process of CHAOS_VICTIMS is killed
-# with kill -9 under a steady load, for CHAOS_MINUTES; then the short chaos tests (docs/reliability.md).
+# with kill -9 under a steady load, for CHAOS_MINUTES; and every chaos test, the longer variants too
+# (docs/reliability.md).
 CHAOS_MINUTES  ?= 10
 CHAOS_INTERVAL ?= 20
 CHAOS_VICTIMS  ?= prefill,decode,gateway,arena,redis,orchestrator
 chaos: install native
-	$(BIN)/python -m pytest -q -s tests/chaos --soak-minutes $(CHAOS_MINUTES) \
+	$(BIN)/python -m pytest -q -s tests/chaos --chaos-long --soak-minutes $(CHAOS_MINUTES) \
 	  --soak-interval $(CHAOS_INTERVAL) --soak-victims $(CHAOS_VICTIMS)
 
 bench-engine: install cpu-ops

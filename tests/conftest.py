@@ -24,6 +24,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("duoserve chaos")
     group.addoption("--soak-minutes", type=float, default=0.0,
                     help="run tests/chaos/test_soak.py for this long (0: skip it; `make chaos` sets it)")
+    group.addoption("--chaos-long", action="store_true",
+                    help="also run the chaos tests marked chaos_long (`make chaos` does)")
     group.addoption("--soak-interval", type=float, default=20.0, help="seconds between two kills in the soak")
     group.addoption("--soak-victims", default="prefill,decode,gateway,arena,redis,orchestrator",
                     help="comma-separated processes the soak kills in turn")
@@ -39,6 +41,11 @@ def _cuda_available() -> bool:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked `gpu` need an NVIDIA GPU: skipped, with the reason, where torch sees none."""
+    if not config.getoption("--chaos-long"):
+        skip_long = pytest.mark.skip(reason="a longer chaos variant: `make chaos` (or --chaos-long) runs it")
+        for item in items:
+            if item.get_closest_marker("chaos_long"):
+                item.add_marker(skip_long)
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items or _cuda_available():
         return

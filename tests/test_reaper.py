@@ -5,7 +5,6 @@ and exits, as services.worker.handover does.
 """
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

@@ -41,9 +41,9 @@ class _Check:
         return f"{details.method} needs `authorization: Bearer <token>`: {self.hint}"
 
 
-def _refusal(handler: grpc.RpcMethodHandler | None, refuse: Callable) -> grpc.RpcMethodHandler:
+def _refusal(handler: grpc.RpcMethodHandler, refuse: Callable) -> grpc.RpcMethodHandler:
     """A handler of the same kind as the method's (a streaming method refused by a streaming handler)."""
-    if handler is not None and handler.unary_stream is not None:
+    if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(refuse, handler.request_deserializer,
                                                     handler.response_serializer)
     return grpc.unary_unary_rpc_method_handler(refuse)
@@ -58,11 +58,14 @@ class BearerAuth(grpc.ServerInterceptor):
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         if self.check.allows(details):
             return continuation(details)
+        handler = continuation(details)
+        if handler is None:          # not served here: UNIMPLEMENTED says so (the SDK names the wrong port)
+            return None
         message = self.check.message(details)
 
         def refuse(request: Any, context: grpc.ServicerContext) -> Any:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-        return _refusal(continuation(details), refuse)
+        return _refusal(handler, refuse)
 
 
 class AsyncBearerAuth(grpc.aio.ServerInterceptor):
@@ -74,10 +77,12 @@ class AsyncBearerAuth(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         if self.check.allows(details):
             return await continuation(details)
-        message = self.check.message(details)
         handler = await continuation(details)
+        if handler is None:          # not served here: UNIMPLEMENTED
+            return None
+        message = self.check.message(details)
 
-        if handler is not None and handler.unary_stream is not None:
+        if handler.unary_stream is not None:
             async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
                 yield                                   # an async generator, as the method's kind
@@ -86,9 +91,8 @@ class AsyncBearerAuth(grpc.aio.ServerInterceptor):
 
         async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-        return grpc.unary_unary_rpc_method_handler(
-            refuse, handler.request_deserializer if handler else None,
-            handler.response_serializer if handler else None)
+        return grpc.unary_unary_rpc_method_handler(refuse, handler.request_deserializer,
+                                                   handler.response_serializer)
 
 
 def interceptors(tokens: Iterable[str], hint: str) -> list[grpc.ServerInterceptor]:

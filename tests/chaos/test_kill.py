@@ -21,7 +21,7 @@ from tests.chaos import chaos_ops as ops
 pytestmark = pytest.mark.slow
 
 NUM_BLOCKS = 512
-PROMPT_TOKENS = 600          # long enough that prefill holds several prompts when it is killed
+PROMPT_TOKENS = 300          # long enough that prefill holds several prompts when it is killed
 MAX_TOKENS = 12
 
 

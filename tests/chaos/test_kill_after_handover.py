@@ -62,7 +62,8 @@ def _retune(config: StackConfig, phase: str) -> None:
 
 @pytest.mark.parametrize("victim, prompt_tokens, max_tokens, taken", [
     ("decode", 32, 160, "running requests"),       # the standby takes the requests mid-generation
-    ("prefill", 600, 12, "queue entries"),         # the standby takes the queued prompts
+    pytest.param("prefill", 600, 12, "queue entries",   # the standby takes the queued prompts
+                 marks=pytest.mark.chaos_long),
 ])
 def test_a_standby_killed_after_taking_over_loses_nothing(handover_stack, victim, prompt_tokens, max_tokens,
                                                           taken):

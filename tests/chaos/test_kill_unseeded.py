@@ -12,21 +12,18 @@ delivered tokens, then draws on. Split: decode resumes in place from its progres
 from __future__ import annotations
 
 import concurrent.futures
-import io
-import json
 import os
 import signal
 import sys
 import time
 
 import pytest
-import redis
 import torch
 
 import duoserve
 from duoserve import stack
 from duoserve.stack import Mode, StackConfig
-from services.common.contracts import KeySpace
+from tests.chaos import chaos_ops as ops
 
 pytestmark = pytest.mark.slow
 
@@ -37,8 +34,10 @@ MAX_TOKENS = 64
 LOGPROB_TOLERANCE = 0.05     # ours vs transformers in float32 (logits agree within 1e-3 relative)
 
 
-@pytest.fixture(scope="module", params=[("colocated", Mode.COLOCATED), ("decode", Mode.SPLIT)],
-                ids=["colocated", "split-decode"])
+@pytest.fixture(scope="module", params=[
+    pytest.param(("colocated", Mode.COLOCATED), id="colocated"),
+    pytest.param(("decode", Mode.SPLIT), id="split-decode", marks=pytest.mark.chaos_long),   # make chaos
+])
 def victim_stack(request, tmp_path_factory, default_model_dir):
     victim, mode = request.param
     config = StackConfig(state_dir=tmp_path_factory.mktemp(f"chaos-{mode.value}"), cache_dir=default_model_dir.parent,
@@ -56,29 +55,6 @@ def hf_model(default_model_dir):
     return AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
 
 
-def _state(config: StackConfig) -> stack.StackState:
-    return stack.read_state(config.state_path)
-
-
-def _restarts(config: StackConfig, name: str) -> int:
-    out = io.StringIO()
-    stack.status(config.state_dir, config.name, as_json=True, out=out)
-    return next(p["restarts"] for p in json.loads(out.getvalue())["processes"] if p["name"] == name)
-
-
-def _wait_all_free(config: StackConfig, timeout: float = 60.0) -> int:
-    state = _state(config)
-    client = redis.Redis.from_url(state.redis_url)
-    try:
-        deadline = time.monotonic() + timeout
-        while (free := int(client.llen(KeySpace(state.key_prefix).kv_free))) != NUM_BLOCKS \
-                and time.monotonic() < deadline:
-            time.sleep(0.1)
-        return free
-    finally:
-        client.close()
-
-
 def _teacher_forced(hf_model, prompt: list[int], tokens: list[int]) -> list[float]:
     """log p(tokens[i] | prompt + tokens[:i]) for every i, from one forward pass."""
     with torch.inference_mode():
@@ -88,10 +64,10 @@ def _teacher_forced(hf_model, prompt: list[int], tokens: list[int]) -> list[floa
 
 def test_unseeded_streams_stay_consistent_across_a_kill(victim_stack, hf_model):
     config, victim = victim_stack
-    target = _state(config).gateway_target
+    target = ops.state(config).gateway_target
     prompts = [[100 + (7 * i + k) % 2000 for k in range(PROMPT_TOKENS)] for i in range(NUM_REQUESTS)]
-    record = next(r for r in _state(config).processes if r.name == victim)
-    restarts = _restarts(config, victim)
+    record = next(r for r in ops.state(config).processes if r.name == victim)
+    restarts = ops.status(config)[victim]["restarts"]
     received = [0] * NUM_REQUESTS              # tokens each stream had read when the worker was killed
     at_kill: list[list[int]] = []
 
@@ -124,8 +100,8 @@ def test_unseeded_streams_stay_consistent_across_a_kill(victim_stack, hf_model):
         worst = max(abs(g - w) for g, w in zip(logprobs, want))
         assert worst < LOGPROB_TOLERANCE, f"stream {i}: a token's logprob is off by {worst:.3f} (killed at " \
                                           f"{at_kill[0][i]}): it was drawn after other tokens than the stream's"
-    assert _wait_all_free(config) == NUM_BLOCKS             # nothing leaked
+    assert ops.wait_all_free(config, NUM_BLOCKS, timeout=60) == NUM_BLOCKS             # nothing leaked
     deadline = time.monotonic() + 60
-    while _restarts(config, victim) < restarts + 1:
+    while ops.status(config)[victim]["restarts"] < restarts + 1:
         assert time.monotonic() < deadline, f"{victim} not restarted"
         time.sleep(0.25)

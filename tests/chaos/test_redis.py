@@ -76,7 +76,8 @@ def _assert_pool_whole(config: StackConfig) -> None:
 
 
 @pytest.mark.parametrize("where, prompt_tokens, max_tokens, after_s", [
-    ("prefill", 600, 12, 1.5),      # most requests queued in prefill or being prefilled
+    pytest.param("prefill", 600, 12, 1.5,   # most requests queued in prefill or being prefilled
+                 marks=pytest.mark.chaos_long),
     ("decode", 32, 64, 3.0),        # most requests mid-generation in decode
 ])
 def test_a_killed_redis_is_restarted_and_every_request_completes_unchanged(redis_stack, where, prompt_tokens,
