@@ -72,6 +72,14 @@ class CoResidency:
             raise ValueError(f"residual must be in [0, {MAX_RESIDUAL}]")
 
 
+def for_device(kind: str, calibration: str | Path | None = None) -> CoResidency:
+    """The model a device kind gets: a GPU the calibration file's parameters (or the prior); a CPU none.
+    Two processes on one core are time-sliced by the kernel, so half and half is the right model there."""
+    if calibration is not None:
+        return load_calibration(calibration)
+    return CoResidency() if kind == "gpu" else CoResidency(enabled=False, residual=0.0, source="cpu: time-shared")
+
+
 def stretch(own: Demand, other: Demand, shared_fraction: float, params: CoResidency,
             bandwidth_contention: bool = True) -> float:
     """Own iteration time while the other phase runs, over own time alone at its cap (>= 1).

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
-from orchestrator.coresidency import IDLE, CoResidency, iteration_demand, shared_fraction, stretch
+from orchestrator.coresidency import IDLE, CoResidency, for_device, iteration_demand, shared_fraction, stretch
 from orchestrator.perf_model import PerfModel
 
 EXHAUSTIVE_SPLITS = 16     # up to this many splits, every one is evaluated each tick
@@ -115,7 +115,8 @@ class PolicyConfig:
     hysteresis: float = 0.1                 # relative headroom gain a move must beat when no SLO is at stake
     horizon_ms: float = 2000.0              # a move's switch cost is spread over this much time
     overlap: float = 0.0                    # GPU: the prefill cap may exceed 1 - decode by this share
-    coresidency: CoResidency = CoResidency()  # how the two phases slow each other (disabled: time-shared)
+    coresidency: CoResidency | None = None  # how the two phases slow each other; None: the device's default
+                                            # (GPU: the prior, CPU: time-shared; coresidency.for_device)
     probe_prompt_tokens: int = 1024         # an empty queue is judged by one such request arriving now
     max_sim_iterations: int = 256           # longer prefill replays are extrapolated
 
@@ -183,6 +184,7 @@ class Policy:
         self.model = model
         self.config = config or PolicyConfig()
         self.mode = self.config.mode
+        self.coresidency = self.config.coresidency or for_device(model.device.kind)
         self.pinned: Shares | None = None
         self._splits = self._make_splits()
 
@@ -352,7 +354,7 @@ class Policy:
         """One split; `budget` None picks the budget with the most TTFT headroom (ties: the smaller)."""
         n = self.model.device.num_units
         shared = max(0, prefill_units + decode_units - n)
-        if self.config.coresidency.enabled:
+        if self.coresidency.enabled:
             return self._evaluate_units(state, queue, slo, prefill_units, decode_units, budget, delay_ms, True)
         # Time-shared: units both phases may use go half to each while the other works. Prefill counts as
         # working always (the next arrival), decode while it has a batch.
@@ -379,7 +381,7 @@ class Policy:
     def _stretches(self, state: QueueState, prefill_units: int, decode_units: int, budget: int) -> tuple[float, float]:
         """(prefill, decode) iteration time while both run over time alone: prefill as a fresh prompt of
         `budget` tokens (it counts as working always: the next arrival), decode its batch (or the probe)."""
-        model, co, n = self.model, self.config.coresidency, self.model.device.num_units
+        model, co, n = self.model, self.coresidency, self.model.device.num_units
         _, prefill = iteration_demand(model, "prefill", prefill_units, budget, budget * budget, 0, 0, 1)
         batch, context = state.decode_batch_size, state.decode_context_tokens
         decode = IDLE

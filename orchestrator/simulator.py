@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from orchestrator.coresidency import IDLE, CoResidency, Demand, iteration_demand, shared_fraction, stretch
+from orchestrator.coresidency import IDLE, CoResidency, Demand, for_device, iteration_demand, shared_fraction, stretch
 from orchestrator.perf_model import PerfModel
 from orchestrator.policy import SLO, Policy, PolicyConfig, PolicyMode, QueueState, Shares, WaitingRequest
 from orchestrator.sim_calibration import Calibration, StackProfile
@@ -70,7 +70,7 @@ class SimOptions:
     tick_ms: float | None = None           # None: the profile's
     switch_cost_ms: float | None = None
     overlap: float | None = None
-    coresidency: CoResidency = CoResidency()   # split, overlapping caps: co-resident (or time-shared if disabled)
+    coresidency: CoResidency | None = None     # split: how the engines slow each other; None: the device's default
 
 
 class _SyntheticPrompt(bytes):
@@ -133,6 +133,7 @@ class Simulation:
         self.tick_ms = options.tick_ms or self.profile.tick_ms
         self.switch_cost_ms = self.profile.switch_cost_ms if options.switch_cost_ms is None else options.switch_cost_ms
         self.slo = options.slo
+        self.coresidency = options.coresidency or for_device(self.model.device.kind)
         n = len(trace)
         self.first_ms: list[float] = [INF] * n
         self.done_ms: list[float] = [INF] * n
@@ -186,7 +187,7 @@ class Simulation:
                 overlap = p.overlap if self.options.overlap is None else self.options.overlap
                 self.policy = Policy(self.model, PolicyConfig(
                     mode=PolicyMode.AUTO, switch_cost_ms=self.switch_cost_ms, overlap=overlap,
-                    probe_prompt_tokens=p.probe_prompt_tokens, coresidency=self.options.coresidency))
+                    probe_prompt_tokens=p.probe_prompt_tokens, coresidency=self.coresidency))
         self.blocks = blocks
 
     # ------------------------------------------------------------------ the loop
@@ -319,7 +320,7 @@ class Simulation:
         if other is None:
             return self._predict(phase, e.units, tokens, work, rows, context, sampled)[0]
         busy = other.busy_until != INF
-        co = self.options.coresidency
+        co = self.coresidency
         units = e.units
         shared = units + other.units - self._num_units
         if co.enabled:

@@ -191,7 +191,8 @@ def test_coresident_engines_slow_each_other_by_demand_not_by_half():
     prefill_alone = sim._duration(pre, _prefill_batch(2048), 0.0)
     pre.busy_until = 10.0
     decode_together = sim._duration(dec, _decode_batch(64), 0.0)
-    co = sim.options.coresidency
+    co = sim.coresidency
+    assert co.enabled                                  # the GPU's default
     phi_d = shared_fraction(dec.units, pre.units, 132)
     assert phi_d == 1.0
     assert decode_together == pytest.approx(decode_alone * stretch(dec.demand, pre.demand, phi_d, co))
