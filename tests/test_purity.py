@@ -21,6 +21,7 @@ PURE_MODULES = [
     "orchestrator.coresidency",        # the policy and the simulator call it per prediction
     "orchestrator.policy",
     "orchestrator.simulator",
+    "bench.corun",                     # gpu-check imports it before it knows there is a GPU
 ]
 
 
