@@ -281,6 +281,27 @@ def test_cli_writes_the_json_report(tmp_path, capsys):
         assert set(summary["max_rate"]) == {"value", "how"}
     assert report["ratios"]["best_colocated"] == "colocated-c1024"
     assert report["trace"]["requests"] == 60
+    assert report["options"]["coresidency"]["enabled"] and report["options"]["overlap"] == 1.0
+
+
+def test_cli_reports_with_and_without_coresidency(tmp_path, capsys):
+    """--no-coresidency is the time-shared model; --coresidency-calibration reads gpu-check's file."""
+    from orchestrator.coresidency import CoRun, Demand, write_calibration
+    trace = write_sample(tmp_path / "azure.csv", 40)
+    cal = tmp_path / "coresidency.json"
+    run = CoRun(132, 38, 132, 50.0, 2.0, 55.0, 2.8, Demand(0.8, 0.15, 0.15), Demand(0.1, 0.8, 0.7))
+    write_calibration(cal, "test GPU", [run])
+    reports = {}
+    for name, extra in (("off", ["--no-coresidency"]), ("measured", ["--coresidency-calibration", str(cal)])):
+        out = tmp_path / f"{name}.json"
+        assert cli_main(["simulate", "--trace", str(trace), "--slo-ttft-ms", "300", "--slo-tpot-ms", "50",
+                         "--rate-scale", "4", "--systems", "split-dynamic", "--jobs", "1", "--output", str(out),
+                         *extra]) == 0
+        reports[name] = json.loads(out.read_text())["options"]["coresidency"]
+    capsys.readouterr()
+    assert reports["off"]["enabled"] is False
+    assert reports["measured"]["enabled"] and "test GPU" in reports["measured"]["source"]
+    assert reports["measured"]["residual"] > 0
 
 
 # ---------------------------------------------------------------------- calibration
