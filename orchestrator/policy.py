@@ -328,19 +328,30 @@ class Policy:
                 points.update(family)                      # few splits (a CPU): try them all
                 continue
             last = len(family) - 1
-            first_tpot = _first_true(lambda k: at(family[k]).holds_tpot, 0, last)
+            tpot = [self._tpot_at(state, slo, *splits[i]) for i in family]       # cheap: every split
+            first_tpot = next((k for k, h in enumerate(tpot) if h >= 1.0), None)
             last_ttft = _last_true(lambda k: at(family[k]).holds_ttft, last)
             found = {0, last}
-            found.update(k for k in (first_tpot, last_ttft) if k is not None and k <= last)
-            if last_ttft is not None and first_tpot <= last_ttft:
+            found.update(k for k in (first_tpot, last_ttft) if k is not None)
+            if first_tpot is not None and last_ttft is not None and first_tpot <= last_ttft:
                 lo, hi = first_tpot, last_ttft                                 # both hold here
-                cross = _first_true(lambda k: at(family[k]).tpot_headroom >= at(family[k]).prefill.headroom, lo, hi)
+                cross = _first_true(lambda k: tpot[k] >= at(family[k]).prefill.headroom, lo, hi)
                 found.update(k for k in (cross - 1, cross) if lo <= k <= hi)
             points.update(family[k] for k in found)
         return max((at(i) for i in sorted(points)), key=lambda c: self._score(c, slo))
 
     # ------------------------------------------------------------------ predictions
-    def _tpot(self, state: QueueState, slo: SLO, decode_units: float, slowdown: float = 1.0) -> tuple[float, float]:
+    def _tpot_at(self, state: QueueState, slo: SLO, prefill_units: int, decode_units: int) -> float:
+        """TPOT headroom at a split without replaying the queue (for the search): co-resident, against
+        prefill at its largest budget (its heaviest demand); time-shared, decode's half of the shared units."""
+        if self.coresidency.enabled:
+            slowdown = self._stretches(state, prefill_units, decode_units, max(self.config.token_budgets))[1]
+            return self._tpot(state, slo, decode_units, slowdown)[1]
+        shared = max(0, prefill_units + decode_units - self.model.device.num_units)
+        return self._tpot(state, slo, decode_units - shared / 2)[1]
+
+    def _tpot(self, state: QueueState, slo: SLO, decode_units: float,
+              slowdown: float = 1.0) -> tuple[float, float]:
         """(predicted decode iteration ms, TPOT headroom); `slowdown`: from co-running prefill.
         No decode batch: one probe request."""
         batch, context = state.decode_batch_size, state.decode_context_tokens
@@ -378,7 +389,8 @@ class Policy:
         tpot_ms, tpot_headroom = self._tpot(state, slo, decode_units, d_stretch)
         return _Candidate(prefill_units, decode_units, prefill, tpot_ms, tpot_headroom, delay_ms)
 
-    def _stretches(self, state: QueueState, prefill_units: int, decode_units: int, budget: int) -> tuple[float, float]:
+    def _stretches(self, state: QueueState, prefill_units: float, decode_units: float,
+                   budget: int) -> tuple[float, float]:
         """(prefill, decode) iteration time while both run over time alone: prefill as a fresh prompt of
         `budget` tokens (it counts as working always: the next arrival), decode its batch (or the probe)."""
         model, co, n = self.model, self.coresidency, self.model.device.num_units

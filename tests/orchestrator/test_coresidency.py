@@ -129,9 +129,9 @@ def _state(waiting: int, batch: int) -> QueueState:
 
 
 def test_policy_gives_prefill_the_whole_device_over_decode_when_co_resident():
-    """A queue that presses (20 prompts of 2000 tokens) and a running decode batch: co-resident, the policy caps prefill at the whole device
-    and decode at its TPOT need (the caps overlap); time-shared, the same overlap is worth less than a
-    disjoint split, so it keeps the caps apart."""
+    """A queue that presses (20 prompts of 2000 tokens) and a running decode batch: co-resident, the
+    policy caps prefill at the whole device and decode at its TPOT need (the caps overlap); time-shared,
+    the same overlap is worth less than a disjoint split, so it keeps the caps apart."""
     slo = SLO(2000, 50)
     current = Shares(0.6, 0.4, 2048)
     co = Policy(PerfModel(h100(), LLAMA3_8B), PolicyConfig(overlap=1.0, switch_cost_ms=0.0))
