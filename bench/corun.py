@@ -17,6 +17,7 @@ rows of the table) are tested without a GPU; the rest needs one.
 from __future__ import annotations
 
 import json
+import os
 import select
 import subprocess
 import sys
@@ -110,8 +111,6 @@ def rows(runs: Sequence[CoRun], residual: float | None, path: str) -> list[tuple
 
 def child(role: str, seconds: float) -> dict[str, Any]:
     """In an MPS client: the role's kernel in a loop after "go", the median call time."""
-    import os
-
     import torch
     m, k, n = KERNELS[role]
     a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
