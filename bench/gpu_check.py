@@ -8,13 +8,17 @@
            `make native`; n/a without it) and times the engine on cuda: prefill tokens/s (a batch of
            prompts, one token each) and decode tokens/s (a batch of requests for N steps, less their
            prefill)
+  co-run   a prefill-like (GEMM) and a decode-like (bandwidth-bound) MPS client at overlapping caps
+           (default 100/30 and 70/50 %), each alone and both together (bench/corun.py); the fitted
+           co-residency parameter goes to the calibration file (--coresidency-out) that the orchestrator
+           and `duoserve simulate` read with --coresidency-calibration
   stack    `duoserve up --device cuda` on that daemon: both workers are MPS clients; greedy output
            of a few prompts through the gateway equals the CPU engine's; hand-off latency (decode's
            duoserve:handoff_latency_seconds over those requests, as bench/stack_latency.py); switch
            latency (SetComputeShare to decode, then its report's share_switch_ms once the retune by
            handover is done; n/a when the worker does not report one); `duoserve down`
 
-    python -m bench.gpu_check [--shares 30,50,70,100] [--model DIR] [--keep-logs DIR]
+    python -m bench.gpu_check [--shares 30,50,70,100] [--corun-caps 100/30,70/50] [--model DIR] [--keep-logs DIR]
 """
 from __future__ import annotations
 
@@ -198,6 +202,23 @@ def check_stack(daemon: mps.MpsDaemon, args: argparse.Namespace, state_dir: Path
     return checks
 
 
+def measure_coruns(daemon: mps.MpsDaemon, args: argparse.Namespace, device: str, num_sms: int) -> list[tuple[str, str]]:
+    """The co-residency co-runs (bench/corun.py) and the calibration file; rows for the table."""
+    from bench import corun
+    from orchestrator.coresidency import write_calibration
+    if not args.corun_caps.strip():
+        return []
+    try:
+        caps = corun.parse_caps(args.corun_caps)
+        print(f"co-runs at {args.corun_caps}", file=sys.stderr)
+        runs = corun.measure(caps, args.corun_seconds, num_sms, lambda pct: {**os.environ, **daemon.client_env(pct)})
+        args.coresidency_out.parent.mkdir(parents=True, exist_ok=True)
+        data = write_calibration(args.coresidency_out, device, runs, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    except (RuntimeError, ValueError, OSError, subprocess.SubprocessError) as e:
+        return [("co-run", f"failed: {e}")]
+    return corun.rows(runs, data["residual"], str(args.coresidency_out))
+
+
 # ---------------------------------------------------------------------------------------------- table
 
 def render(device: str, checks: StackChecks, shares: list[dict]) -> str:
@@ -230,6 +251,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--decode-steps", type=int, default=64)
     p.add_argument("--kv-blocks", type=int, default=1024)
     p.add_argument("--keep-logs", type=Path, default=None, help="copy the stack's logs here")
+    p.add_argument("--corun-caps", default="100/30,70/50",
+                   help="prefill/decode MPS percentages of the co-runs (overlapping: sum > 100); '' skips them")
+    p.add_argument("--corun-seconds", type=float, default=5.0, help="each co-run child's timed loop")
+    p.add_argument("--coresidency-out", type=Path,
+                   default=Path(os.environ.get("DUOSERVE_CACHE_DIR", Path.home() / ".cache" / "duoserve"))
+                   / "coresidency.json", help="the co-residency calibration file written from the co-runs")
     p.add_argument("--measure-here", action="store_true", help=argparse.SUPPRESS)   # the per-share child
     return p.parse_args(argv)
 
@@ -256,7 +283,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for percentage in (int(s) for s in args.shares.split(",") if s.strip()):
                 print(f"measuring at {percentage}%", file=sys.stderr)
                 shares.append(measure_share(percentage, daemon, args))
+            corun_rows = measure_coruns(daemon, args, device, torch.cuda.get_device_properties(0).multi_processor_count)
             checks = check_stack(daemon, args, Path(tmp) / "state")
+            for check, result in corun_rows:
+                checks.add(check, result, ok=not result.startswith("failed"))
         finally:
             if args.keep_logs and (Path(tmp) / "state").exists():
                 shutil.copytree(Path(tmp) / "state", args.keep_logs, dirs_exist_ok=True)

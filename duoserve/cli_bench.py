@@ -172,8 +172,12 @@ def simulate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tick-ms", type=float, default=None, help="policy tick in simulated ms (default 250)")
     p.add_argument("--switch-cost-ms", type=float, default=None, help="stall of an engine whose share moves "
                                                                        "(default 10 on h100, 1 on cpu)")
-    p.add_argument("--overlap", type=float, default=None, help="PolicyConfig.overlap (default 0 on h100, 0.5 on cpu)")
+    p.add_argument("--overlap", type=float, default=None, help="PolicyConfig.overlap (default 1 on h100, 0.5 on cpu)")
     p.add_argument("--no-bw-contention", action="store_true", help="split: do not share HBM bandwidth")
+    p.add_argument("--no-coresidency", action="store_true",
+                   help="split: overlapping caps are time-shared half and half (the model before co-residency)")
+    p.add_argument("--coresidency-calibration", type=Path, default=None,
+                   help="co-residency calibration JSON written by `make gpu-check` (default: the published prior)")
     p.add_argument("--no-early-stop", action="store_true", help="simulate every request even once the target is lost")
     p.add_argument("--cpu-cores", type=int, default=2, help="cpu: cores of the simulated stack")
     p.add_argument("--calibration", type=Path, default=None,

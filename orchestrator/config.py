@@ -44,6 +44,7 @@ class OrchestratorConfig:
     percentile: float = 0.9
     prefer: str = "tpot"
     policy: str = "auto"               # auto | static | manual
+    coresidency_calibration: str | None = None   # `make gpu-check`'s co-residency file (GPU); None: the prior
 
     def __post_init__(self) -> None:
         if self.tick_ms < 10:
@@ -75,9 +76,12 @@ def parse_args(argv: Sequence[str] | None = None) -> OrchestratorConfig:
     p.add_argument("--percentile", type=float, default=0.9)
     p.add_argument("--prefer", choices=["ttft", "tpot"], default="tpot")
     p.add_argument("--policy", choices=["auto", "static", "manual"], default="auto")
+    p.add_argument("--coresidency-calibration", default=None,
+                   help="co-residency calibration JSON from `make gpu-check` (GPU; default: the published prior)")
     a = p.parse_args(argv)
     return OrchestratorConfig(redis_url=redis_url_from_env(env, a.redis_url), key_prefix=a.key_prefix, port=a.port,
                               metrics_port=a.metrics_port, admin_token=a.admin_token or secret_from_env(env, ADMIN_TOKEN_ENV),
                               secret=secret_from_env(env), tls=TlsFiles.of(a.tls_cert, a.tls_key), stack_cpus=a.cpus,
                               tick_ms=a.tick_ms, overlap=a.overlap, ttft_ms=a.ttft_ms, tpot_ms=a.tpot_ms,
-                              percentile=a.percentile, prefer=a.prefer, policy=a.policy)
+                              percentile=a.percentile, prefer=a.prefer, policy=a.policy,
+                              coresidency_calibration=a.coresidency_calibration)

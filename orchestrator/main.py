@@ -22,6 +22,7 @@ from duoserve.v1 import admin_pb2, admin_pb2_grpc
 from orchestrator.admin import AdminServicer
 from orchestrator.config import OrchestratorConfig, parse_args
 from orchestrator.controller import Controller
+from orchestrator.coresidency import for_device
 from orchestrator.perf_model import DeviceSpec, ModelShape, PerfModel
 from orchestrator.policy import Policy, PolicyConfig
 from orchestrator.redis_state import RedisState
@@ -52,8 +53,9 @@ def build_controller(config: OrchestratorConfig, client: redis.Redis, stop: thre
             return None
     shape = ModelShape.from_model_config(ModelConfig.from_dir(info.model_dir), DTYPE_BYTES.get(info.dtype, 4))
     model = PerfModel(DeviceSpec.cpu(len(config.stack_cpus)), shape)
+    coresidency = for_device(model.device.kind, config.coresidency_calibration)
     policy = Policy(model, PolicyConfig(overlap=config.overlap, switch_cost_ms=config.switch_cost_ms,
-                                        probe_prompt_tokens=256))
+                                        probe_prompt_tokens=256, coresidency=coresidency))
     return Controller(config, RedisState(client, keys), policy)
 
 

@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
+from orchestrator.coresidency import IDLE, CoResidency, for_device, iteration_demand, shared_fraction, stretch
 from orchestrator.perf_model import PerfModel
 
 EXHAUSTIVE_SPLITS = 16     # up to this many splits, every one is evaluated each tick
@@ -114,6 +115,8 @@ class PolicyConfig:
     hysteresis: float = 0.1                 # relative headroom gain a move must beat when no SLO is at stake
     horizon_ms: float = 2000.0              # a move's switch cost is spread over this much time
     overlap: float = 0.0                    # GPU: the prefill cap may exceed 1 - decode by this share
+    coresidency: CoResidency | None = None  # how the two phases slow each other; None: the device's default
+                                            # (GPU: the prior, CPU: time-shared; coresidency.for_device)
     probe_prompt_tokens: int = 1024         # an empty queue is judged by one such request arriving now
     max_sim_iterations: int = 256           # longer prefill replays are extrapolated
 
@@ -181,6 +184,7 @@ class Policy:
         self.model = model
         self.config = config or PolicyConfig()
         self.mode = self.config.mode
+        self.coresidency = self.config.coresidency or for_device(model.device.kind)
         self.pinned: Shares | None = None
         self._splits = self._make_splits()
 
@@ -205,8 +209,8 @@ class Policy:
     def _make_splits(self) -> list[tuple[int, int]]:
         """(prefill units, decode units): disjoint splits summing to the device, each phase >= one step,
         plus, with `overlap`, the same decode share under a prefill cap that also reaches into
-        decode's units (an MPS limit is a cap; on the CPU two workers may share cores). Overlapping
-        units are time-shared: `_evaluate` charges each phase half of them while the other is busy."""
+        decode's units (an MPS limit is a cap; on the CPU two workers may share cores). `_evaluate`
+        charges the contention (orchestrator/coresidency.py; disabled: overlapping units time-shared)."""
         device = self.model.device
         n, step = device.num_units, device.unit_granularity
         if n < 2 * step:
@@ -299,10 +303,11 @@ class Policy:
                 cur_units: tuple[int, int]) -> _Candidate:
         """The best split and its best budget.
 
-        Along the splits (decode share ascending) TPOT headroom rises and TTFT headroom falls, so the
-        best split of every rank lies at a breakpoint: the two ends, the first split where TPOT holds,
-        the last where TTFT holds, or (where both hold) the split where the two headrooms cross. The
-        TTFT side is found by bisection, so a tick replays the queue for O(log splits) splits only.
+        The splits form families (disjoint; prefill's cap reaching `overlap` into decode's). Along a
+        family (decode share ascending) TPOT headroom rises and TTFT headroom falls, so its best split of
+        every rank lies at a breakpoint: the two ends, the first split where TPOT holds, the last where
+        TTFT holds, or (where both hold) the split where the two headrooms cross. Both sides are found by
+        bisection, so a tick replays the queue for O(log splits) splits per family.
         """
         splits = self._splits
         cache: dict[int, _Candidate] = {}
@@ -313,56 +318,92 @@ class Policy:
                 cache[i] = self._evaluate(state, queue, slo, *splits[i], None, delay)
             return cache[i]
 
-        if len(splits) <= EXHAUSTIVE_SPLITS or self.config.overlap:
-            # Few splits (a CPU), or overlapping caps that break the monotone order: try them all.
-            return max((at(i) for i in range(len(splits))), key=lambda c: self._score(c, slo))
-        last = len(splits) - 1
-        tpot = [self._tpot(state, slo, d)[1] for _, d in splits]          # cheap: every split
-        first_tpot = next((i for i, h in enumerate(tpot) if h >= 1.0), None)
-        last_ttft = _last_true(lambda i: at(i).holds_ttft, last)
-        points = {0, last}
-        points.update(i for i in (first_tpot, last_ttft) if i is not None)
-        if first_tpot is not None and last_ttft is not None and first_tpot <= last_ttft:
-            lo, hi = first_tpot, last_ttft                                 # both hold here
-            cross = _first_true(lambda i: tpot[i] >= at(i).prefill.headroom, lo, hi)
-            points.update(i for i in (cross - 1, cross) if lo <= i <= hi)
+        n = self.model.device.num_units
+        families: dict[bool, list[int]] = {}
+        for i, (p, d) in enumerate(splits):
+            families.setdefault(p + d > n, []).append(i)
+        points: set[int] = set()
+        for family in families.values():
+            if len(family) <= EXHAUSTIVE_SPLITS:
+                points.update(family)                      # few splits (a CPU): try them all
+                continue
+            last = len(family) - 1
+            tpot = [self._tpot_at(state, slo, *splits[i]) for i in family]       # cheap: every split
+            first_tpot = next((k for k, h in enumerate(tpot) if h >= 1.0), None)
+            last_ttft = _last_true(lambda k: at(family[k]).holds_ttft, last)
+            found = {0, last}
+            found.update(k for k in (first_tpot, last_ttft) if k is not None)
+            if first_tpot is not None and last_ttft is not None and first_tpot <= last_ttft:
+                lo, hi = first_tpot, last_ttft                                 # both hold here
+                cross = _first_true(lambda k: tpot[k] >= at(family[k]).prefill.headroom, lo, hi)
+                found.update(k for k in (cross - 1, cross) if lo <= k <= hi)
+            points.update(family[k] for k in found)
         return max((at(i) for i in sorted(points)), key=lambda c: self._score(c, slo))
 
     # ------------------------------------------------------------------ predictions
-    def _tpot(self, state: QueueState, slo: SLO, decode_units: int) -> tuple[float, float]:
-        """(predicted decode iteration ms, TPOT headroom). No decode batch: one probe request."""
+    def _tpot_at(self, state: QueueState, slo: SLO, prefill_units: int, decode_units: int) -> float:
+        """TPOT headroom at a split without replaying the queue (for the search): co-resident, against
+        prefill at its largest budget (its heaviest demand); time-shared, decode's half of the shared units."""
+        if self.coresidency.enabled:
+            slowdown = self._stretches(state, prefill_units, decode_units, max(self.config.token_budgets))[1]
+            return self._tpot(state, slo, decode_units, slowdown)[1]
+        shared = max(0, prefill_units + decode_units - self.model.device.num_units)
+        return self._tpot(state, slo, decode_units - shared / 2)[1]
+
+    def _tpot(self, state: QueueState, slo: SLO, decode_units: float,
+              slowdown: float = 1.0) -> tuple[float, float]:
+        """(predicted decode iteration ms, TPOT headroom); `slowdown`: from co-running prefill.
+        No decode batch: one probe request."""
         batch, context = state.decode_batch_size, state.decode_context_tokens
         if batch <= 0:
             batch, context = 1, self.config.probe_prompt_tokens
-        t = self.model.predict_units_ms("decode", decode_units, 0, 0, batch, context, batch)
+        t = self.model.predict_units_ms("decode", decode_units, 0, 0, batch, context, batch) * slowdown
         return t, slo.tpot_ms * (1 - slo.margin) / t
 
     def _evaluate(self, state: QueueState, queue: list[_Request], slo: SLO, prefill_units: int,
                   decode_units: int, budget: int | None, delay_ms: float) -> _Candidate:
         """One split; `budget` None picks the budget with the most TTFT headroom (ties: the smaller)."""
-        shared = max(0, prefill_units + decode_units - self.model.device.num_units)
-        # Units both phases may use are time-shared: each gets half of them while the other works.
-        # Prefill counts as working always (the next arrival), decode while it has a batch.
+        n = self.model.device.num_units
+        shared = max(0, prefill_units + decode_units - n)
+        if self.coresidency.enabled:
+            return self._evaluate_units(state, queue, slo, prefill_units, decode_units, budget, delay_ms, True)
+        # Time-shared: units both phases may use go half to each while the other works. Prefill counts as
+        # working always (the next arrival), decode while it has a batch.
         decode_eff = decode_units - shared / 2
         prefill_eff = prefill_units - (shared / 2 if state.decode_batch_size > 0 else 0)
-        candidate = self._evaluate_units(state, queue, slo, prefill_eff, decode_eff, budget, delay_ms)
+        candidate = self._evaluate_units(state, queue, slo, prefill_eff, decode_eff, budget, delay_ms, False)
         return replace(candidate, prefill_units=prefill_units, decode_units=decode_units)
 
     def _evaluate_units(self, state: QueueState, queue: list[_Request], slo: SLO, prefill_units: float,
-                        decode_units: float, budget: int | None, delay_ms: float) -> _Candidate:
-        if budget is None:
-            best: _Prefill | None = None
-            for b in sorted(self.config.token_budgets):
-                p = self._replay(state, queue, prefill_units, b, delay_ms)
-                if best is None or p.headroom > best.headroom * (1 + 1e-9) or (
-                        p.headroom == best.headroom and p.misses < best.misses):
-                    best = p
-            assert best is not None
-            prefill = best
-        else:
-            prefill = self._replay(state, queue, prefill_units, budget, delay_ms)
-        tpot_ms, tpot_headroom = self._tpot(state, slo, decode_units)
+                        decode_units: float, budget: int | None, delay_ms: float, coresident: bool) -> _Candidate:
+        budgets = sorted(self.config.token_budgets) if budget is None else [budget]
+        best: tuple[_Prefill, float] | None = None
+        for b in budgets:
+            p_stretch, d_stretch = self._stretches(state, prefill_units, decode_units, b) if coresident else (1, 1)
+            p = self._replay(state, queue, prefill_units, b, delay_ms, p_stretch)
+            if best is None or p.headroom > best[0].headroom * (1 + 1e-9) or (
+                    p.headroom == best[0].headroom and p.misses < best[0].misses):
+                best = (p, d_stretch)
+        assert best is not None
+        prefill, d_stretch = best
+        tpot_ms, tpot_headroom = self._tpot(state, slo, decode_units, d_stretch)
         return _Candidate(prefill_units, decode_units, prefill, tpot_ms, tpot_headroom, delay_ms)
+
+    def _stretches(self, state: QueueState, prefill_units: float, decode_units: float,
+                   budget: int) -> tuple[float, float]:
+        """(prefill, decode) iteration time while both run over time alone: prefill as a fresh prompt of
+        `budget` tokens (it counts as working always: the next arrival), decode its batch (or the probe)."""
+        model, co, n = self.model, self.coresidency, self.model.device.num_units
+        _, prefill = iteration_demand(model, "prefill", prefill_units, budget, budget * budget, 0, 0, 1)
+        batch, context = state.decode_batch_size, state.decode_context_tokens
+        decode = IDLE
+        if batch > 0:
+            _, decode = iteration_demand(model, "decode", decode_units, 0, 0, batch, context, batch)
+        else:
+            _, probe = iteration_demand(model, "decode", decode_units, 0, 0, 1, self.config.probe_prompt_tokens, 1)
+            return 1.0, stretch(probe, prefill, shared_fraction(decode_units, prefill_units, n), co)
+        return (stretch(prefill, decode, shared_fraction(prefill_units, decode_units, n), co),
+                stretch(decode, prefill, shared_fraction(decode_units, prefill_units, n), co))
 
     def _prepare(self, state: QueueState, slo: SLO) -> list[_Request]:
         """The queue in earliest-deadline order (one TTFT target for all: arrival order), with deadlines
@@ -385,8 +426,8 @@ class Policy:
             out.append(_Request(0.0, probe, 0, 0, target, margin_target, True, probe=True))
         return out
 
-    def _replay(self, state: QueueState, queue: list[_Request], units: int, budget: int,
-                delay_ms: float) -> _Prefill:
+    def _replay(self, state: QueueState, queue: list[_Request], units: float, budget: int,
+                delay_ms: float, slowdown: float = 1.0) -> _Prefill:
         """Earliest deadline first through predicted prefill iterations, as the prefill scheduler runs
         them: each iteration takes `budget` tokens from the head of the queue, chunking long prompts; a
         request is admitted (all its prompt blocks) when its first chunk is scheduled, and when the KV
@@ -422,7 +463,7 @@ class Policy:
                 j += 1
             if tokens == 0:
                 break
-            t += predict("prefill", units, tokens, work, 0, 0, requests)
+            t += predict("prefill", units, tokens, work, 0, 0, requests) * slowdown
             tokens_done += tokens
             for k in finished:
                 first_token[k] = t

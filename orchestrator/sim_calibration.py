@@ -54,7 +54,7 @@ class StackProfile:
 GPU_PROFILE = StackProfile(
     max_num_seqs=256, max_model_len=16384, split_max_batched_tokens=8192, initial_budget=2048,
     colocated_chunks=(512, 1024, 2048), static_splits=((0.5, 0.5), (0.6, 0.4), (0.7, 0.3), (0.8, 0.2)),
-    initial_split=(0.6, 0.4), overlap=0.0, switch_cost_ms=10.0, tick_ms=250.0, prefer="ttft",
+    initial_split=(0.6, 0.4), overlap=1.0, switch_cost_ms=10.0, tick_ms=250.0, prefer="ttft",
     probe_prompt_tokens=1024)
 # duoserve up on the CPU: worker defaults (services/worker/config.py) and orchestrator defaults
 # (orchestrator/config.py, orchestrator/main.py); the colocated worker's chunk is 512.

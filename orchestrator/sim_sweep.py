@@ -19,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from orchestrator.coresidency import CoResidency, for_device
 from orchestrator.policy import SLO, Shares
 from orchestrator.sim_calibration import Calibration, StackProfile, calibrate, vidur_check
 from orchestrator.sim_trace import TraceRequest, base_rate, describe, load_trace, poisson
@@ -249,9 +250,12 @@ def build_report(args: Any, say: Callable[[str], None]) -> dict[str, Any]:
     profile = cal.profile
     slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms, percentile=args.attainment, prefer=args.prefer or profile.prefer)
     # One rate (--rate-scale) is for looking at latencies (the CPU validation): every request is simulated.
+    coresidency = for_device(cal.device.kind, args.coresidency_calibration)
+    if args.no_coresidency:
+        coresidency = CoResidency(enabled=False, residual=0.0, source="off (--no-coresidency): time-shared")
     options = SimOptions(slo, attainment=args.attainment, early_stop=not (args.no_early_stop or args.rate_scale),
                          bw_contention=not args.no_bw_contention, tick_ms=args.tick_ms,
-                         switch_cost_ms=args.switch_cost_ms, overlap=args.overlap)
+                         switch_cost_ms=args.switch_cost_ms, overlap=args.overlap, coresidency=coresidency)
     systems = default_systems(profile, [int(c) for c in _floats(args.chunks)] if args.chunks else None,
                               _splits(args.static_splits) if args.static_splits else None)
     if args.systems:
@@ -281,6 +285,8 @@ def build_report(args: Any, say: Callable[[str], None]) -> dict[str, Any]:
                  "switch_cost_ms": profile.switch_cost_ms if options.switch_cost_ms is None else options.switch_cost_ms,
                  "overlap": profile.overlap if options.overlap is None else options.overlap,
                  "bw_contention": options.bw_contention, "early_stop": options.early_stop,
+                 "coresidency": {"enabled": coresidency.enabled, "residual": coresidency.residual,
+                                 "source": coresidency.source},
                  "max_num_seqs": profile.max_num_seqs, "max_model_len": profile.max_model_len,
                  "split_max_batched_tokens": profile.split_max_batched_tokens})
     return report

@@ -8,6 +8,7 @@ exponential gaps at the same mean rate from a seed, keeping the lengths in trace
 from __future__ import annotations
 
 import csv
+import math
 import random
 from dataclasses import dataclass
 from datetime import datetime
@@ -111,3 +112,32 @@ def describe(trace: Sequence[TraceRequest]) -> dict[str, float]:
     return {"requests": n, "duration_s": round(trace[-1].arrival_s, 3), "rate_per_s": round(base_rate(trace), 4),
             "mean_prompt_tokens": round(sum(r.prompt_tokens for r in trace) / n, 1),
             "mean_output_tokens": round(sum(r.output_tokens for r in trace) / n, 1)}
+
+
+def synthetic(num_requests: int, mean_prompt: float, mean_output: float, rate_per_s: float, seed: int, *,
+              prompt_sigma: float = 0.8, output_sigma: float = 0.6, max_prompt: int = 14000,
+              max_output: int = 512) -> list[TraceRequest]:
+    """A seeded synthetic trace: Poisson arrivals at `rate_per_s`, log-normal prompt and output lengths with
+    these means (before clipping to [1, max]). Used for workloads no recorded trace here has, such as the
+    prefill-heavy one of docs/simulator.md (mean prompt 2000, output 30)."""
+    if num_requests < 1 or mean_prompt < 1 or mean_output < 1 or rate_per_s <= 0:
+        raise ValueError("num_requests, mean_prompt and mean_output must be at least 1, rate_per_s positive")
+    rng = random.Random(seed)
+    mu_p = math.log(mean_prompt) - prompt_sigma ** 2 / 2
+    mu_o = math.log(mean_output) - output_sigma ** 2 / 2
+    t, out = 0.0, []
+    for _ in range(num_requests):
+        prompt = min(max_prompt, max(1, round(rng.lognormvariate(mu_p, prompt_sigma))))
+        output = min(max_output, max(1, round(rng.lognormvariate(mu_o, output_sigma))))
+        out.append(TraceRequest(round(t, 6), prompt, output))
+        t += rng.expovariate(rate_per_s)
+    return out
+
+
+def write_trace(path: str | Path, trace: Sequence[TraceRequest]) -> None:
+    """The trace as an Azure-format CSV (TIMESTAMP in plain seconds), readable by `load_trace`."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["TIMESTAMP", "ContextTokens", "GeneratedTokens"])
+        for r in trace:
+            w.writerow([f"{r.arrival_s:.6f}", r.prompt_tokens, r.output_tokens])

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
+from orchestrator.coresidency import IDLE, CoResidency, Demand, for_device, iteration_demand, shared_fraction, stretch
 from orchestrator.perf_model import PerfModel
 from orchestrator.policy import SLO, Policy, PolicyConfig, PolicyMode, QueueState, Shares, WaitingRequest
 from orchestrator.sim_calibration import Calibration, StackProfile
@@ -69,6 +70,7 @@ class SimOptions:
     tick_ms: float | None = None           # None: the profile's
     switch_cost_ms: float | None = None
     overlap: float | None = None
+    coresidency: CoResidency | None = None     # split: how the engines slow each other; None: the device's default
 
 
 class _SyntheticPrompt(bytes):
@@ -96,7 +98,7 @@ class _Engine:
     """One worker: its scheduler, its input queue and the iteration in flight."""
 
     __slots__ = ("name", "phase", "scheduler", "inbox", "batch", "busy_until", "units", "pending_units",
-                 "pending_budget", "mem_frac", "iterations", "other", "max_num_seqs")
+                 "pending_budget", "mem_frac", "demand", "iterations", "other", "max_num_seqs")
 
     def __init__(self, name: str, phase: str, scheduler: Scheduler, units: float) -> None:
         self.name, self.phase, self.scheduler = name, phase, scheduler
@@ -107,6 +109,7 @@ class _Engine:
         self.pending_units: float | None = None                    # a new share, from the next boundary
         self.pending_budget: int | None = None
         self.mem_frac = 0.0        # share of the device's bandwidth its iteration in flight draws
+        self.demand: Demand = IDLE  # what its iteration in flight asks of the device (co-residency)
         self.iterations = 0
         self.other: _Engine | None = None
         self.max_num_seqs = scheduler.config.max_num_seqs
@@ -130,6 +133,7 @@ class Simulation:
         self.tick_ms = options.tick_ms or self.profile.tick_ms
         self.switch_cost_ms = self.profile.switch_cost_ms if options.switch_cost_ms is None else options.switch_cost_ms
         self.slo = options.slo
+        self.coresidency = options.coresidency or for_device(self.model.device.kind)
         n = len(trace)
         self.first_ms: list[float] = [INF] * n
         self.done_ms: list[float] = [INF] * n
@@ -183,7 +187,7 @@ class Simulation:
                 overlap = p.overlap if self.options.overlap is None else self.options.overlap
                 self.policy = Policy(self.model, PolicyConfig(
                     mode=PolicyMode.AUTO, switch_cost_ms=self.switch_cost_ms, overlap=overlap,
-                    probe_prompt_tokens=p.probe_prompt_tokens))
+                    probe_prompt_tokens=p.probe_prompt_tokens, coresidency=self.coresidency))
         self.blocks = blocks
 
     # ------------------------------------------------------------------ the loop
@@ -294,10 +298,11 @@ class Simulation:
             self.prefill.inbox.append(self.seqs[int(rid)])
 
     def _duration(self, e: _Engine, out: SchedulerOutput, t: float) -> float:
-        """PerfModel's iteration time at the engine's share, with two kinds of contention in a split:
-        units both caps cover are time-shared (half each while the other engine is busy, as the policy
-        assumes), and HBM bandwidth is shared: when the two iterations together draw more than the device
-        has, the memory-bound part of this one stretches by the excess."""
+        """PerfModel's iteration time at the engine's share, with the contention of a split while the other
+        engine is busy. Co-residency (`SimOptions.coresidency`, orchestrator/coresidency.py): units both caps
+        cover are shared by demand, HBM bandwidth device-wide, plus the residual interference. Disabled:
+        overlapping units are time-shared (half each, as the policy then assumes), and when the two
+        iterations draw more bandwidth than the device has, the memory-bound part stretches by the excess."""
         tokens = work = 0
         for c in out.prefill_chunks:
             q = len(c.token_ids)
@@ -310,19 +315,26 @@ class Simulation:
             context += c.start_position + 1
         phase = e.phase
         sampled = rows if phase == "decode" else rows + len(out.prefill_chunks)
-        units = e.units
-        other = e.other
-        busy = other is not None and other.busy_until != INF
-        if busy:
-            shared = units + other.units - self._num_units
-            if shared > 0:
-                units -= shared / 2
-        f = self.model.features(units, tokens, work, rows, context, sampled)
-        a0, a1, a2, a3 = self._coef[phase]
-        mem = a3 * f[3] + (a2 * f[2] if phase == "decode" else 0.0)
-        duration = a0 + a1 * f[1] + a2 * f[2] + a3 * f[3] + self._loop_gap
         e.iterations += 1
-        if other is None or not self.options.bw_contention:
+        other = e.other
+        if other is None:
+            return self._predict(phase, e.units, tokens, work, rows, context, sampled)[0]
+        busy = other.busy_until != INF
+        co = self.coresidency
+        units = e.units
+        shared = units + other.units - self._num_units
+        if co.enabled:
+            duration, e.demand = iteration_demand(self.model, phase, units, tokens, work, rows, context, sampled,
+                                                  self._loop_gap)
+            e.mem_frac = e.demand.bandwidth
+            if not busy:
+                return duration
+            return duration * stretch(e.demand, other.demand, shared_fraction(units, other.units, self._num_units),
+                                      co, self.options.bw_contention)
+        if busy and shared > 0:
+            units -= shared / 2
+        duration, mem = self._predict(phase, units, tokens, work, rows, context, sampled)
+        if not self.options.bw_contention:
             return duration
         e.mem_frac = mem * self.model.bandwidth(units) / self._peak_bw / duration
         if busy:
@@ -330,6 +342,14 @@ class Simulation:
             if load > 1.0:
                 duration += mem * (load - 1.0)
         return duration
+
+    def _predict(self, phase: str, units: float, tokens: int, work: int, rows: int, context: int,
+                 sampled: int) -> tuple[float, float]:
+        """(iteration ms with the loop gap, its memory-bound ms) alone at `units`."""
+        f = self.model.features(units, tokens, work, rows, context, sampled)
+        a0, a1, a2, a3 = self._coef[phase]
+        mem = a3 * f[3] + (a2 * f[2] if phase == "decode" else 0.0)
+        return a0 + a1 * f[1] + a2 * f[2] + a3 * f[3] + self._loop_gap, mem
 
     def _end_iteration(self, e: _Engine, t: float) -> None:
         out = e.batch

@@ -18,6 +18,10 @@ PURE_MODULES = [
     "services.common.mps",             # the supervisor imports it: `duoserve down` stays instant
     "services.arena.cuda_export",      # torch only inside describe/rebuild
     "services.common.stream_entries",  # the wire format: its callers own their Redis clients
+    "orchestrator.coresidency",        # the policy and the simulator call it per prediction
+    "orchestrator.policy",
+    "orchestrator.simulator",
+    "bench.corun",                     # gpu-check imports it before it knows there is a GPU
 ]
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from duoserve.cli import main as cli_main
+from orchestrator.coresidency import CoResidency, shared_fraction, stretch
 from orchestrator.perf_model import Coefficients
 from orchestrator.policy import SLO, Shares
 from orchestrator.sim_calibration import (GPU_PROFILE, LLAMA2_7B, LLAMA3_8B, _op_scale, calibrate, load_coefficients,
@@ -140,13 +141,15 @@ def test_split_ttft_alone_is_the_predicted_prefill_at_its_share():
 
 
 def test_contention_shared_units_and_bandwidth():
-    """Units both caps cover are halved while the other engine works; HBM bandwidth drawn beyond the
-    device's stretches the memory-bound part of an iteration by the excess."""
+    """Co-residency off: units both caps cover are halved while the other engine works; HBM bandwidth drawn
+    beyond the device's stretches the memory-bound part of an iteration by the excess."""
     from services.engine.scheduler import ScheduledChunk, SchedulerOutput
     model = H100.build_model()
     rows = 64
     batch = SchedulerOutput((), tuple(ScheduledChunk(str(i), (0,), 1200, (), True) for i in range(rows)))
-    sim = Simulation(System("overlap", "split", shares=Shares(0.8, 0.4, 2048)), H100, SimOptions(SLO_8B), [], 1.0, 1.0)
+    timeshared = CoResidency(enabled=False)
+    sim = Simulation(System("overlap", "split", shares=Shares(0.8, 0.4, 2048)), H100,
+                     SimOptions(SLO_8B, coresidency=timeshared), [], 1.0, 1.0)
     dec, pre = sim.decode, sim.prefill
     alone = sim._duration(dec, batch, 0.0)
     assert alone == pytest.approx(model.predict_decode_ms(0.4, rows, rows * 1201))
@@ -163,9 +166,47 @@ def test_contention_shared_units_and_bandwidth():
     mem = c.memory * f[3] + c.attention * f[2]
     assert dec.mem_frac + 0.8 > 1 and stretched == pytest.approx(halved + mem * (dec.mem_frac + 0.8 - 1))
     off = Simulation(System("overlap", "split", shares=Shares(0.8, 0.4, 2048)), H100,
-                     SimOptions(SLO_8B, bw_contention=False), [], 1.0, 1.0)
+                     SimOptions(SLO_8B, bw_contention=False, coresidency=timeshared), [], 1.0, 1.0)
     off.prefill.busy_until, off.prefill.mem_frac = 10.0, 0.8
     assert off._duration(off.decode, batch, 0.0) == pytest.approx(halved)
+
+
+def _decode_batch(rows: int):
+    from services.engine.scheduler import ScheduledChunk, SchedulerOutput
+    return SchedulerOutput((), tuple(ScheduledChunk(str(i), (0,), 1200, (), True) for i in range(rows)))
+
+
+def _prefill_batch(tokens: int):
+    from services.engine.scheduler import ScheduledChunk, SchedulerOutput
+    return SchedulerOutput((ScheduledChunk("p", tuple(range(tokens)), 0, (), True),), ())
+
+
+def test_coresident_engines_slow_each_other_by_demand_not_by_half():
+    """Co-residency on (the default): while prefill runs on the overlapping SMs, decode's iteration is
+    `stretch` times its time alone at its whole cap, which beats losing half the shared SMs; prefill
+    under a running decode batch loses little (decode's compute demand is small)."""
+    sim = Simulation(System("overlap", "split", shares=Shares(1.0, 0.3, 2048)), H100, SimOptions(SLO_8B), [], 1.0, 1.0)
+    dec, pre = sim.decode, sim.prefill
+    decode_alone = sim._duration(dec, _decode_batch(64), 0.0)
+    prefill_alone = sim._duration(pre, _prefill_batch(2048), 0.0)
+    pre.busy_until = 10.0
+    decode_together = sim._duration(dec, _decode_batch(64), 0.0)
+    co = sim.coresidency
+    assert co.enabled                                  # the GPU's default
+    phi_d = shared_fraction(dec.units, pre.units, 132)
+    assert phi_d == 1.0
+    assert decode_together == pytest.approx(decode_alone * stretch(dec.demand, pre.demand, phi_d, co))
+    assert decode_alone < decode_together < decode_alone * (1 + co.residual) * 1.2
+    dec.busy_until, pre.busy_until = 10.0, math.inf
+    prefill_together = sim._duration(pre, _prefill_batch(2048), 0.0)
+    phi_p = shared_fraction(pre.units, dec.units, 132)
+    assert prefill_together == pytest.approx(prefill_alone * stretch(pre.demand, dec.demand, phi_p, co))
+    assert prefill_alone < prefill_together < prefill_alone * 1.15
+    # The same split time-shared: prefill loses half of decode's 38 SMs whenever decode runs.
+    old = Simulation(System("overlap", "split", shares=Shares(1.0, 0.3, 2048)), H100,
+                     SimOptions(SLO_8B, coresidency=CoResidency(enabled=False)), [], 1.0, 1.0)
+    old.decode.busy_until = 10.0
+    assert old._duration(old.prefill, _prefill_batch(2048), 0.0) > prefill_together
 
 
 def test_overlapping_cap_alone_gets_its_whole_cap():
@@ -240,6 +281,27 @@ def test_cli_writes_the_json_report(tmp_path, capsys):
         assert set(summary["max_rate"]) == {"value", "how"}
     assert report["ratios"]["best_colocated"] == "colocated-c1024"
     assert report["trace"]["requests"] == 60
+    assert report["options"]["coresidency"]["enabled"] and report["options"]["overlap"] == 1.0
+
+
+def test_cli_reports_with_and_without_coresidency(tmp_path, capsys):
+    """--no-coresidency is the time-shared model; --coresidency-calibration reads gpu-check's file."""
+    from orchestrator.coresidency import CoRun, Demand, write_calibration
+    trace = write_sample(tmp_path / "azure.csv", 40)
+    cal = tmp_path / "coresidency.json"
+    run = CoRun(132, 38, 132, 50.0, 2.0, 55.0, 2.8, Demand(0.8, 0.15, 0.15), Demand(0.1, 0.8, 0.7))
+    write_calibration(cal, "test GPU", [run])
+    reports = {}
+    for name, extra in (("off", ["--no-coresidency"]), ("measured", ["--coresidency-calibration", str(cal)])):
+        out = tmp_path / f"{name}.json"
+        assert cli_main(["simulate", "--trace", str(trace), "--slo-ttft-ms", "300", "--slo-tpot-ms", "50",
+                         "--rate-scale", "4", "--systems", "split-dynamic", "--jobs", "1", "--output", str(out),
+                         *extra]) == 0
+        reports[name] = json.loads(out.read_text())["options"]["coresidency"]
+    capsys.readouterr()
+    assert reports["off"]["enabled"] is False
+    assert reports["measured"]["enabled"] and "test GPU" in reports["measured"]["source"]
+    assert reports["measured"]["residual"] > 0
 
 
 # ---------------------------------------------------------------------- calibration
