@@ -26,6 +26,7 @@ from orchestrator.perf_model import DeviceSpec, ModelShape, PerfModel
 from orchestrator.policy import Policy, PolicyConfig
 from orchestrator.redis_state import RedisState
 from services.common.contracts import KeySpace
+from services.common.grpc_input import InputInterceptor
 from services.common.metrics_http import serve_metrics
 from services.common.model_info import read_model_info
 from services.engine.model_config import ModelConfig
@@ -52,6 +53,7 @@ def serve(config: OrchestratorConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     interceptors = [BearerAuth(config.admin_token)] if config.admin_token else []
+    interceptors.append(InputInterceptor())         # undecodable requests: INVALID_ARGUMENT naming the field
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=interceptors,
                          options=[("grpc.so_reuseport", 0)])
     health_servicer = health.HealthServicer()

@@ -12,6 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from duoserve.v1 import worker_pb2, worker_pb2_grpc
+from services.common.grpc_input import InputInterceptor
 from services.worker.compute_units import ComputeUnits
 from services.worker.config import Phase, WorkerConfig
 from services.worker.control import ShareState, WorkerControl
@@ -90,7 +91,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 def start_worker_server(config: WorkerConfig, control: WorkerControl,
                         stack_cpus: tuple[int, ...]) -> tuple[grpc.Server, health.HealthServicer]:
     """Worker service + grpc.health.v1 (NOT_SERVING until the caller says ready) + reflection."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=[("grpc.so_reuseport", 0)])
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[InputInterceptor()],
+                         options=[("grpc.so_reuseport", 0)])
     worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(config, control, stack_cpus), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
