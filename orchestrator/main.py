@@ -29,6 +29,7 @@ from orchestrator.redis_state import RedisState
 from services.common import auth
 from services.common.contracts import KeySpace
 from services.common.tls import add_port
+from services.common.grpc_input import InputInterceptor
 from services.common.metrics_http import serve_metrics
 from services.common import redis_retry
 from services.common.model_info import ModelInfo, read_model_info
@@ -66,7 +67,8 @@ def serve(config: OrchestratorConfig) -> int:
     guard = auth.interceptors((config.admin_token, config.secret),
                               "duoctl --token TOKEN (env DUOSERVE_ADMIN_TOKEN); on the stack's machine duoctl "
                               "--name NAME uses the stack's secret by itself")
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=guard,
+    interceptors = [*guard, InputInterceptor()]     # undecodable requests: INVALID_ARGUMENT naming the field
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=interceptors,
                          options=[("grpc.so_reuseport", 0)])
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -55,6 +55,7 @@ from services.arena.config import ArenaConfig, parse_args
 from services.arena.cuda_export import CudaExport, describe
 from services.arena.export import ArenaExport, KVLayout, model_config_to_dict, peer_credentials, private_dir
 from services.common.contracts import KeySpace
+from services.common.grpc_input import InputInterceptor
 from services.common.metrics_http import serve_metrics
 from services.common.model_info import ModelInfo
 from services.common.shm import (create_segment, list_segments, owned_name, pid_alive, reclaim_segments,
@@ -286,7 +287,8 @@ def serve_socket(listener: socket.socket, document: bytes | Callable[[], bytes],
 
 def start_health_server(port: int) -> tuple[grpc.Server, health.HealthServicer, int]:
     """grpc.health.v1 (NOT_SERVING until the memory is exported) and reflection; the bound port."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=[("grpc.so_reuseport", 0)])
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), interceptors=[InputInterceptor()],
+                         options=[("grpc.so_reuseport", 0)])
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -42,11 +42,22 @@ class Tokenizer:
     def eos_token_ids(self) -> tuple[int, ...]:
         return self._eos
 
+    @property
+    def longest_token_chars(self) -> int:
+        """An upper bound on the characters one token stands for: the longest vocabulary entry, whose
+        byte-level (or sentencepiece) spelling has at least as many characters as its text."""
+        return max(len(piece) for piece in self._hf.get_vocab())
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self._hf.encode(text, add_special_tokens=add_special_tokens))
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of `messages` rendered with the checkpoint's chat template."""
+        # The template already wrote any bos/special tokens as text; adding them again would double them.
+        return self.encode(self.chat_text(messages, add_generation_prompt), add_special_tokens=False)
+
+    def chat_text(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """`messages` rendered with the checkpoint's chat template, as text (ValueError: bad messages)."""
         if not self._hf.chat_template:
             raise ValueError("this checkpoint has no chat template; send a plain prompt instead")
         for i, message in enumerate(messages):
@@ -55,9 +66,7 @@ class Tokenizer:
                 raise ValueError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
             if not isinstance(message.get("content"), str):
                 raise ValueError(f"messages[{i}].content must be a string")
-        text = self._hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
-        # The template already wrote any bos/special tokens as text; adding them again would double them.
-        return self.encode(text, add_special_tokens=False)
+        return self._hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._hf.decode(list(ids), skip_special_tokens=True)

@@ -25,6 +25,9 @@ class GatewayConfig:
     max_prompt_chars: int = 1 << 20 # bound on a text prompt before tokenizing it
     max_messages: int = 256         # bound on chat messages per request
     default_max_tokens: int = 256   # when a request leaves max_tokens unset
+    tokenizer_threads: int = 1      # threads tokenizing prompts off the event loop (HF's releases the GIL)
+    max_tokenize_waiting: int = 64  # prompts waiting for those threads before RESOURCE_EXHAUSTED
+    max_body_bytes: int = 16 << 20  # an HTTP request body larger than this is refused (413)
     stall_timeout_s: float = 120.0  # no token for this long: the request fails UNAVAILABLE
     model_wait_s: float = 300.0     # how long to wait at start for the stack to publish its model
     gateway_id: str = ""            # names its reply stream and request records: the same after a restart,
@@ -41,6 +44,8 @@ class GatewayConfig:
     def __post_init__(self) -> None:
         if self.max_queue_len < 1 or self.max_tokens_limit < 1:
             raise ValueError("max_queue_len and max_tokens_limit must be at least 1")
+        if self.tokenizer_threads < 1 or self.max_tokenize_waiting < 1:
+            raise ValueError("tokenizer_threads and max_tokenize_waiting must be at least 1")
         if not 0 <= self.http_port < 65536:
             raise ValueError(f"http_port must be in [0, 65535], got {self.http_port}")
         if self.orphan_timeout_s <= 0:
@@ -73,6 +78,8 @@ def parse_args(argv: Sequence[str] | None = None) -> GatewayConfig:
     p.add_argument("--max-queue-len", type=int, default=256)
     p.add_argument("--max-tokens-limit", type=int, default=4096)
     p.add_argument("--default-max-tokens", type=int, default=256)
+    p.add_argument("--tokenizer-threads", type=int, default=1,
+                   help="threads tokenizing prompts off the event loop (each takes up to a core under a flood)")
     p.add_argument("--http-port", type=int, default=0,
                    help="OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /metrics, ...); 0: off")
     p.add_argument("--http-host", default="127.0.0.1", help="bind address of the HTTP API")
@@ -95,6 +102,7 @@ def parse_args(argv: Sequence[str] | None = None) -> GatewayConfig:
     return GatewayConfig(redis_url=redis_url_from_env(env, a.redis_url), key_prefix=a.key_prefix, port=a.port, host=a.host,
                          metrics_port=a.metrics_port, max_queue_len=a.max_queue_len,
                          max_tokens_limit=a.max_tokens_limit, default_max_tokens=a.default_max_tokens,
+                         tokenizer_threads=a.tokenizer_threads,
                          gateway_id=a.gateway_id or _default_gateway_id(a.port),
                          orphan_timeout_s=a.orphan_timeout_s, http_port=a.http_port,
                          http_host=a.http_host, peer_metrics=tuple(a.peer_metrics),

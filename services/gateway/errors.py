@@ -5,6 +5,9 @@ Servicers and the frontend raise these; no servicer builds a status itself.
   ModelNotFound, RequestNotFound -> NOT_FOUND   Superseded -> ABORTED
 The HTTP API maps the same exceptions to OpenAI's error bodies (`services.gateway.openai_protocol`).
   anything else -> INTERNAL, with a log line (the client sees no stack trace)
+  a request that does not decode (corrupt protobuf, a string that is not UTF-8) -> INVALID_ARGUMENT
+  naming the field, with one log line (`services.common.grpc_input`), before the servicer runs
+The HTTP API maps the same exceptions to OpenAI's error bodies (`services.gateway.openai_protocol`).
 """
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ import logging
 from typing import Any
 
 import grpc
+
+from services.common.grpc_input import checked_aio_handler
 
 log = logging.getLogger("duoserve.gateway")
 
@@ -58,19 +63,23 @@ async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions of unary and server-streaming handlers to status codes."""
+    """Maps exceptions of unary and server-streaming handlers to status codes, and refuses requests
+    that do not decode before any handler runs."""
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer)
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer)
-        return handler
+        return checked_aio_handler(_mapped(await continuation(details)), details.method)
+
+
+def _mapped(handler: Any) -> Any:
+    if handler is None:
+        return None
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            _wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(
+            _wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer)
+    return handler
 
 
 def _wrap_unary(inner: Any) -> Any:

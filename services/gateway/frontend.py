@@ -2,7 +2,8 @@
 
 A request's life in the gateway:
   accepted     fields checked and bounded before any work (InvalidInput names the field),
-               prompt tokenized (chat template for messages), checked against the context and
+               prompt tokenized off the event loop (chat template for messages; `prompts.py`),
+               checked against the context and
                the KV pool; a full prefill queue refuses it (QueueFull)
   queued       a QueuedRequest on the prefill stream, replies to this gateway's reply stream; in the
                same transaction its RequestRecord, for a restarted gateway to adopt it (adoption.py)
@@ -44,6 +45,7 @@ from services.gateway.follower import Chunk, Follower, Usage  # noqa: F401 (Chun
 from services.gateway.inflight import InFlight, RequestRecord, oldest_since, stream_id_key
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.outbox import Outbox
+from services.gateway.prompts import PromptEncoder, PromptLimits
 
 log = logging.getLogger("duoserve.gateway")
 
@@ -69,6 +71,7 @@ class Frontend:
     keys: KeySpace = field(init=False)
     info: ModelInfo | None = None
     tokenizer: Tokenizer | None = None
+    prompts: PromptEncoder | None = None          # tokenizes off the event loop; set with the tokenizer
     requests: dict[str, InFlight] = field(default_factory=dict)   # engine id -> a request this gateway holds
     by_client: dict[str, str] = field(default_factory=dict)       # client id -> engine id
     cursor: str | None = None            # the reply stream's last entry read
@@ -95,6 +98,10 @@ class Frontend:
             await asyncio.sleep(0.2)
         info = parse_model_info(raw)
         self.tokenizer = await asyncio.to_thread(Tokenizer.from_dir, info.model_dir)
+        limits = PromptLimits(self.config.max_prompt_chars, self.config.max_messages, info.max_model_len,
+                              info.vocab_size, self.tokenizer.longest_token_chars)
+        self.prompts = PromptEncoder(self.tokenizer, limits, self.config.tokenizer_threads,
+                                     self.config.max_tokenize_waiting)
         self.metrics.bind_model(info.name)
         self.info = info
         log.info("serving %s (%s mode, context %d, %d KV blocks)", info.name, info.mode, info.max_model_len,
@@ -207,43 +214,22 @@ class Frontend:
                 self._observe_tokens(request, last_token, num_new, now)
 
     # ------------------------------------------------------------------ requests
-    def tokenize(self, text: str) -> list[int]:
-        tok = self._ready_tokenizer()
-        if len(text) > self.config.max_prompt_chars:
-            raise InvalidInput(f"text: longer than {self.config.max_prompt_chars} characters")
-        return tok.encode(text)
+    async def tokenize(self, text: str, field: str = "text", add_special_tokens: bool = True) -> list[int]:
+        """Any text up to max_prompt_chars, off the event loop."""
+        return await self._ready_prompts().tokenize(text, field, add_special_tokens)
 
     def _ready_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None or self.info is None:
             raise NotReady("the gateway is starting: the model is not loaded yet; retry shortly")
         return self.tokenizer
 
-    def prompt_ids(self, req: GenerateInput) -> list[int]:
-        """Tokenize whichever input was given; every bound checked before the expensive part."""
-        tok = self._ready_tokenizer()
-        if req.token_ids is not None:
-            ids = list(req.token_ids)
-            bad = next((t for t in ids if not 0 <= t < self.info.vocab_size), None)
-            if bad is not None:
-                raise InvalidInput(f"token_ids: {bad} is outside the vocabulary [0, {self.info.vocab_size})")
-        elif req.messages is not None:
-            if not req.messages:
-                raise InvalidInput("messages: at least one message is required")
-            if len(req.messages) > self.config.max_messages:
-                raise InvalidInput(f"messages: at most {self.config.max_messages} messages")
-            if sum(len(c) for _, c in req.messages) > self.config.max_prompt_chars:
-                raise InvalidInput(f"messages: longer than {self.config.max_prompt_chars} characters in all")
-            try:
-                ids = tok.apply_chat_template([{"role": r, "content": c} for r, c in req.messages])
-            except ValueError as e:
-                raise InvalidInput(str(e)) from None
-        elif req.prompt is not None and req.prompt.strip():
-            ids = self.tokenize(req.prompt)
-        else:
-            raise InvalidInput("prompt: empty; give a prompt, messages or token_ids")
-        if not ids:
-            raise InvalidInput("prompt: tokenizes to no tokens")
-        return ids
+    def _ready_prompts(self) -> PromptEncoder:
+        self._ready_tokenizer()
+        return self.prompts
+
+    async def prompt_ids(self, req: GenerateInput) -> list[int]:
+        """Tokenize whichever input was given, off the event loop; every bound checked before."""
+        return await self._ready_prompts().prompt_ids(req.prompt, req.messages, req.token_ids)
 
     def check_fits(self, num_prompt: int, params: SamplingParams) -> None:
         info = self.info
@@ -273,7 +259,7 @@ class Frontend:
         (the request's id) is awaited once it is queued: from then on a client may re-attach to it."""
         if not self.redis_ok:
             raise NotReady(UNREACHABLE)
-        prompt = self.prompt_ids(req)
+        prompt = await self.prompt_ids(req)
         self.check_fits(len(prompt), req.sampling)
         try:
             await self._check_queue()

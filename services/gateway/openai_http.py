@@ -35,6 +35,7 @@ from services.engine.sampling_params import SamplingParams
 from services.gateway.errors import GatewayError, InvalidInput, NotReady
 from services.gateway.frontend import Frontend, GenerateInput
 from services.gateway.http_auth import ApiKeyMiddleware
+from services.gateway.http_input import BodyTooLarge, checked_route
 from services.gateway.openai_protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                               TokenizeRequest, error_body, error_of)
 from services.gateway.openai_serving import Plan, check_model, complete, plan_chat, plan_completion, start_stream
@@ -71,6 +72,11 @@ def _error(status: int, body: dict) -> JSONResponse:
 
 def _validation_error(exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {}
+    if first.get("type") == "json_invalid":         # loc is ("body", character offset)
+        at = first.get("loc", ("body", "?"))[-1]
+        why = (first.get("ctx") or {}).get("error", "")
+        return _error(400, error_body(400, "BadRequestError", f"body: not valid JSON at character {at} ({why})",
+                                      "body"))
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = loc[0] if loc else None
     where = ".".join(loc) or "body"
@@ -109,25 +115,23 @@ def _models(frontend: Frontend) -> dict:
         "parent": None, "max_model_len": frontend.info.max_model_len, "permission": []}]}
 
 
-def _tokenize(frontend: Frontend, body: TokenizeRequest) -> dict:
+async def _tokenize(frontend: Frontend, body: TokenizeRequest) -> dict:
     check_model(frontend, body.model)
     if (body.prompt is None) == (body.messages is None):
         raise InvalidInput("prompt: give exactly one of prompt and messages")
     if body.messages is not None:
         messages = tuple((m.role, m.text(i)) for i, m in enumerate(body.messages))
-        ids = frontend.prompt_ids(GenerateInput("", SamplingParams(), messages=messages))
-    elif body.add_special_tokens:
-        ids = frontend.tokenize(body.prompt)
+        ids = await frontend.prompt_ids(GenerateInput("", SamplingParams(), messages=messages))
     else:
-        if len(body.prompt) > frontend.config.max_prompt_chars:
-            raise InvalidInput(f"prompt: longer than {frontend.config.max_prompt_chars} characters")
-        ids = frontend.tokenizer.encode(body.prompt, add_special_tokens=False)
+        ids = await frontend.tokenize(body.prompt, "prompt", body.add_special_tokens)
     return {"count": len(ids), "max_model_len": frontend.info.max_model_len, "tokens": ids, "token_strs": None}
 
 
 def _detokenize(frontend: Frontend, body: DetokenizeRequest) -> dict:
     check_model(frontend, body.model)
-    vocab = frontend.info.vocab_size
+    vocab, context = frontend.info.vocab_size, frontend.info.max_model_len
+    if len(body.tokens) > context:      # decoding holds the GIL: at most a context's worth, a few ms
+        raise InvalidInput(f"tokens: {len(body.tokens)} ids; at most {context} (the model's context)")
     bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
     if bad is not None:
         raise InvalidInput(f"tokens: {bad} is outside the vocabulary [0, {vocab})")
@@ -136,6 +140,9 @@ def _detokenize(frontend: Frontend, body: DetokenizeRequest) -> dict:
 
 def build_app(state: HttpState) -> FastAPI:
     app = FastAPI(title="duoserve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.router.route_class = checked_route(state.frontend.config.max_body_bytes)   # UTF-8 named, size bounded
+    app.add_exception_handler(BodyTooLarge, lambda _r, e: _error(
+        413, error_body(413, "BadRequestError", str(e), "body")))
     app.add_exception_handler(RequestValidationError, lambda _r, e: _validation_error(e))
     app.add_exception_handler(HTTPException, lambda _r, e: _error(
         e.status_code, error_body(e.status_code, "NotFoundError" if e.status_code == 404 else "BadRequestError",
@@ -153,12 +160,12 @@ def build_app(state: HttpState) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         ready()
-        return await _answer(request, frontend, plan_completion(frontend, body), body.stream)
+        return await _answer(request, frontend, await plan_completion(frontend, body), body.stream)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         ready()
-        return await _answer(request, frontend, plan_chat(frontend, body), body.stream)
+        return await _answer(request, frontend, await plan_chat(frontend, body), body.stream)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -166,7 +173,7 @@ def build_app(state: HttpState) -> FastAPI:
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:
-        return _tokenize(frontend, body)
+        return await _tokenize(frontend, body)
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict:

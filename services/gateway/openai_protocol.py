@@ -167,7 +167,7 @@ def to_sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None, ch
 ERROR_KINDS: dict[type, tuple[int, str]] = {      # exception -> (HTTP status, type), as vLLM names them
     InvalidInput: (400, "BadRequestError"), ModelNotFound: (404, "NotFoundError"),
     QueueFull: (429, "RateLimitError"), NotReady: (503, "ServiceUnavailableError")}
-_FIELD = re.compile(r"([A-Za-z_][A-Za-z0-9_.]*): ")
+_FIELD = re.compile(r"([A-Za-z_][A-Za-z0-9_.\[\]]*): ")      # "top_k: ...", "messages[1].role: ..."
 
 
 def error_body(status: int, kind: str, message: str, param: str | None = None) -> dict:

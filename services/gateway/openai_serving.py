@@ -60,7 +60,7 @@ class Plan:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def plan_completion(frontend: Frontend, req: CompletionRequest) -> Plan:
+async def plan_completion(frontend: Frontend, req: CompletionRequest) -> Plan:
     req.check()
     model = check_model(frontend, req.model)
     plan = Plan("completion", f"cmpl-{uuid.uuid4().hex}", model, [], 0, logprobs=req.logprobs,
@@ -68,20 +68,20 @@ def plan_completion(frontend: Frontend, req: CompletionRequest) -> Plan:
     for prompt in req.prompts():
         given = GenerateInput("", SamplingParams(), prompt=prompt) if isinstance(prompt, str) \
             else GenerateInput("", SamplingParams(), token_ids=tuple(prompt))
-        ids = frontend.prompt_ids(given)
+        ids = await frontend.prompt_ids(given)
         _add_choices(frontend, plan, req, ids, req.max_tokens, req.logprobs)
         text = prompt if isinstance(prompt, str) else frontend.tokenizer.decode(ids)
         plan.echo += [text if req.echo else ""] * req.n
     return plan
 
 
-def plan_chat(frontend: Frontend, req: ChatCompletionRequest) -> Plan:
+async def plan_chat(frontend: Frontend, req: ChatCompletionRequest) -> Plan:
     req.check()
     model = check_model(frontend, req.model)
     logprobs = req.num_logprobs()
     plan = Plan("chat", f"chatcmpl-{uuid.uuid4().hex}", model, [], 0, logprobs=logprobs,
                 include_usage=req.stream and bool(req.stream_options and req.stream_options.include_usage))
-    ids = frontend.prompt_ids(GenerateInput("", SamplingParams(), messages=req.pairs()))
+    ids = await frontend.prompt_ids(GenerateInput("", SamplingParams(), messages=req.pairs()))
     _add_choices(frontend, plan, req, ids, req.requested_max_tokens(), logprobs)
     plan.echo += [""] * req.n
     return plan

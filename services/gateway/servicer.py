@@ -85,7 +85,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             yield to_response(chunk)
 
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
-        return pb.TokenizeResponse(token_ids=self.frontend.tokenize(request.text))
+        return pb.TokenizeResponse(token_ids=await self.frontend.tokenize(request.text))
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
         self.frontend._ready_tokenizer()

@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from duoserve.v1 import worker_pb2, worker_pb2_grpc
 from services.common import auth
+from services.common.grpc_input import InputInterceptor
 from services.worker.compute_units import ComputeUnits
 from services.worker.config import Phase, WorkerConfig
 from services.worker.control import ShareState, WorkerControl
@@ -94,7 +95,7 @@ def start_worker_server(config: WorkerConfig, control: WorkerControl,
                         stack_cpus: tuple[int, ...]) -> tuple[grpc.Server, health.HealthServicer]:
     """Worker service + grpc.health.v1 (NOT_SERVING until the caller says ready) + reflection."""
     guard = auth.interceptors([config.secret], "the stack's secret (`duoserve up` keeps it in <stack dir>/secret)")
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=guard,
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[*guard, InputInterceptor()],
                          options=[("grpc.so_reuseport", 0)])
     worker_pb2_grpc.add_WorkerServicer_to_server(WorkerServicer(config, control, stack_cpus), server)
     health_servicer = health.HealthServicer()

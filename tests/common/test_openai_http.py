@@ -53,17 +53,17 @@ class FakeFrontend:
     closed: list[str] = field(default_factory=list)
     redis_ok: bool = True                        # Frontend's: False while the stack's Redis does not answer
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
+    async def tokenize(self, text: str, field: str = "text", add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens)
 
-    def prompt_ids(self, req: GenerateInput) -> list[int]:
+    async def prompt_ids(self, req: GenerateInput) -> list[int]:
         if req.token_ids is not None:
             return list(req.token_ids)
         if req.messages is not None:
             return self.tokenizer.encode("".join(f"<{r}>{c}" for r, c in req.messages))
         if not req.prompt:
             raise InvalidInput("prompt: empty; give a prompt, messages or token_ids")
-        return self.tokenize(req.prompt)
+        return await self.tokenize(req.prompt)
 
     def check_fits(self, num_prompt: int, params: SamplingParams) -> None:
         if num_prompt + params.max_tokens > self.info.max_model_len:
@@ -289,7 +289,7 @@ def test_a_client_gone_mid_stream_closes_every_choice(frontend):
 
     async def scenario() -> list[str]:
         frontend.hold = asyncio.Event()            # never set: streams stall after their first chunk
-        plan = plan_completion(frontend, CompletionRequest(prompt="hi", max_tokens=8, n=2, stream=True))
+        plan = await plan_completion(frontend, CompletionRequest(prompt="hi", max_tokens=8, n=2, stream=True))
         response = _EventStream(await start_stream(frontend, plan), media_type="text/event-stream")
         sent: list[dict] = []
         gone = asyncio.Event()
@@ -380,3 +380,39 @@ def test_fetch_reads_a_large_exposition_to_its_end():
     finally:
         server.shutdown()
     assert text == generate_latest(registry).decode() and len(text) > 1 << 17
+
+
+@pytest.mark.parametrize("raw, where", [
+    (b'{"prompt": "a\xffb"}', "prompt"),                                             # a byte that is not UTF-8
+    (b'{"prompt": "a\\ud800b"}', "prompt"),                                          # a lone surrogate escape
+    (b'{"prompt": "hi", "stop": ["x", "\\udfff"]}', "stop.1"),
+    (b'{"messages": [{"role": "user", "content": "ok"}, {"role": "user", "content": "\xc3("}]}',
+     "messages.1.content"),
+    (b'{"messages": [{"role": "us\xe9r", "content": "ok"}]}', "messages.0.role"),
+])
+def test_text_that_is_not_utf8_is_400_naming_the_field(frontend, raw, where):
+    route = "/v1/chat/completions" if b"messages" in raw else "/v1/completions"
+    r = client_of(frontend).post(route, content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["message"].startswith(f"{where}: not valid UTF-8") and error["param"] == where, error
+    assert not frontend.seen
+
+
+def test_a_surrogate_pair_is_text_and_bad_bytes_outside_strings_name_the_body(frontend):
+    client = client_of(frontend)
+    r = client.post("/tokenize", content=b'{"prompt": "\\ud83d\\ude00"}', headers={"content-type": "application/json"})
+    assert r.status_code == 200 and r.json()["tokens"] == [1, 0x1F600]
+    r = client.post("/tokenize", content=b'{"prompt": "a"\xff}', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("body: not valid UTF-8 (byte 0xff")
+
+
+def test_bad_json_and_a_body_too_large(frontend):
+    client = client_of(frontend)
+    r = client.post("/v1/completions", content=b'{"prompt": "a', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "body"
+    assert r.json()["error"]["message"].startswith("body: not valid JSON at character 11")
+    frontend.config = GatewayConfig("redis://x", "duo", 0, max_body_bytes=100)
+    r = client_of(frontend).post("/v1/completions", json={"prompt": "x" * 200})
+    assert r.status_code == 413 and r.json()["error"]["param"] == "body"
+    assert client_of(frontend).post("/v1/completions", json={"prompt": "x"}).status_code == 200
