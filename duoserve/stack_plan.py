@@ -31,10 +31,19 @@ def restart_with(name: str, device: str, memory_kept: bool) -> tuple[str, ...]:
     """What must restart after `name` restarted. The workers use the arena's memory: on the CPU a
     restarted arena re-opens its segments (`memory_kept`, services/arena/segments.py) and they go on
     with their requests; on CUDA its IPC allocations died with it, and a CPU arena that could not
-    re-open made new segments: the workers restart, attach the new memory and recompute."""
+    re-open made new segments: the workers are killed (SIGKILL: their requests stay pending in Redis),
+    restart, attach the new memory and take their requests up, decode sending back to prefill every
+    hand-off whose KV was in the old memory (Handoff.kv_memory)."""
     if name == "arena" and (device == "cuda" or not memory_kept):
         return ("prefill", "decode")
     return ()
+
+
+def lost_with(name: str, device: str) -> tuple[str, ...]:
+    """What is killed the moment `name` dies, before it restarts: on CUDA the workers with the arena,
+    whose IPC allocations they compute on are gone with it (what they would compute now is not to be
+    trusted); on the CPU a dead arena's segments stay mapped, and they go on until it is back."""
+    return ("prefill", "decode") if name == "arena" and device == "cuda" else ()
 
 
 class StackError(RuntimeError):

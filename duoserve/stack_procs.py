@@ -189,19 +189,23 @@ def signal_process(pid: int, start_time: int | None, sig: int, group: bool = Tru
             os.kill(pid, sig)
 
 
-def stop_processes(procs: Iterable[tuple[int, int | None]], timeout_s: float) -> list[int]:
-    """SIGTERM, wait up to `timeout_s`, SIGKILL what is left; returns the pids that needed SIGKILL."""
+def stop_processes(procs: Iterable[tuple[int, int | None]], timeout_s: float, graceful: bool = True) -> list[int]:
+    """SIGTERM, wait up to `timeout_s`, SIGKILL what is left; returns the pids that needed SIGKILL.
+    `graceful` False: SIGKILL at once, no clean-up runs (a worker's requests stay pending in Redis
+    for its successor instead of being ended)."""
     procs = [p for p in procs if is_alive(*p)]
-    for pid, start in procs:
-        signal_process(pid, start, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        for pid, _ in procs:
-            _reap(pid)
-        left = [p for p in procs if is_alive(*p)]
-        if not left or time.monotonic() >= deadline:
-            break
-        time.sleep(0.05)
+    left = procs
+    if graceful:
+        for pid, start in procs:
+            signal_process(pid, start, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for pid, _ in procs:
+                _reap(pid)
+            left = [p for p in procs if is_alive(*p)]
+            if not left or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
     for pid, start in left:
         signal_process(pid, start, signal.SIGKILL)
     deadline = time.monotonic() + 5.0

@@ -11,7 +11,8 @@ It runs inside a foreground `duoserve up`, and for a detached stack as a process
              pid and the restart count (`duoserve status`); waited on until healthy, so the stage
              above it comes back only after it. The workers restart with a restarted arena only
              where its memory did not survive (`stack_plan.restart_with`: CUDA, or a CPU arena that
-             could not re-open its segments)
+             could not re-open its segments): killed (SIGKILL, so their requests stay pending and
+             their successors recompute them), on CUDA as soon as the arena is found dead
   stopped    SIGTERM, SIGINT or SIGHUP (what `duoserve down` sends), or its state file removed: the
              whole stack is torn down, in reverse stage order
 With restarts off (`duoserve up --restart never`) the first death stops the stack instead.
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from duoserve.restart_policy import RestartPolicy, RestartTracker
-from duoserve.stack_plan import HEALTHY, STATE_FILE, restart_with
+from duoserve.stack_plan import HEALTHY, STATE_FILE, lost_with, restart_with
 from duoserve.stack_procs import (ProcessRecord, StackState, arena_memory, follow_handovers, record_health, is_alive,
                                   launch_process, log_tail, process_start_time, read_state, stack_lock,
                                   stop_processes, write_state)
@@ -77,6 +78,7 @@ class Supervisor:
             for record in dead:
                 if not self.tracker.is_dead(record.name):
                     self._report_death(record)
+                    self._stop_dependents(state, record.name, lost_with(record.name, state.device))
                     delay = self.tracker.died(record.name, time.monotonic())
                     self.say(f"restarting {record.name} in {delay:g} s")
             for name in self.tracker.next_to_restart(time.monotonic()):
@@ -144,18 +146,20 @@ class Supervisor:
         self.say(f"{name} restarted (pid {new.pid}, restart {new.restarts})")
         self._wait_healthy(new, state)
         kept = bool(memory) and arena_memory(state.segment_prefix) == memory
+        if name == "arena" and kept and state.device != "cuda":
+            self.say("the arena re-opened its memory: the workers go on")
         self._stop_dependents(state, name, restart_with(name, state.device, kept))
         return state
 
     def _stop_dependents(self, state: StackState, name: str, names: tuple[str, ...]) -> None:
-        """Stop what must restart with `name` (stack_plan.restart_with); the next ticks restart them
-        like any death."""
+        """Kill what must restart with `name` (stack_plan.restart_with, lost_with); the next ticks
+        restart them like any death. SIGKILL, not a graceful stop: a stopping worker ends its requests
+        with an error, a killed one leaves them pending in Redis, where its successor takes them up."""
         dependents = [r for r in state.processes if r.name in names and self._alive(r)]
-        if name == "arena" and not names:
-            self.say("the arena re-opened its memory: the workers go on")
         if dependents:
-            self.say(f"stopping {', '.join(r.name for r in dependents)}: they restart with the new {name}")
-            stop_processes([(r.pid, r.start_time) for r in dependents], self.stop_timeout_s)
+            self.say(f"killing {', '.join(r.name for r in dependents)}: they restart on the {name}'s new memory "
+                     "and take their requests up again")
+            stop_processes([(r.pid, r.start_time) for r in dependents], self.stop_timeout_s, graceful=False)
 
     def _wait_healthy(self, record: ProcessRecord, state: StackState) -> None:
         """Until SERVING, dead, told to stop or HEALTHY_TIMEOUT_S: the next stage waits for it."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from duoserve.restart_policy import RestartPolicy, RestartTracker
-from duoserve.stack_plan import restart_with
+from duoserve.stack_plan import lost_with, restart_with
 
 
 def test_backoff_doubles_up_to_the_cap():
@@ -63,3 +63,9 @@ def test_the_workers_restart_with_the_arena_only_where_its_memory_died():
     assert restart_with("arena", "cpu", memory_kept=False) == ("prefill", "decode")   # new segments
     assert restart_with("arena", "cuda", memory_kept=True) == ("prefill", "decode")   # IPC handles died
     assert restart_with("prefill", "cpu", memory_kept=False) == restart_with("gateway", "cuda", False) == ()
+
+
+def test_on_cuda_the_workers_die_with_the_arena_at_once():
+    assert lost_with("arena", "cuda") == ("prefill", "decode")      # their IPC memory went with it
+    assert lost_with("arena", "cpu") == ()                          # the segments stay mapped until it is back
+    assert lost_with("decode", "cuda") == lost_with("redis", "cpu") == ()

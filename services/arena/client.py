@@ -43,6 +43,7 @@ class ArenaView:
     kv_spec: KVCacheSpec
     model_dir: Path                         # tokenizer and config.json
     arena_pid: int                          # the arena these segments belong to
+    memory_id: str = ""                     # ArenaExport.memory_id: which memory this is (on every hand-off)
     _segments: tuple[Segment, ...] = field(default=(), repr=False)
 
     def close(self) -> None:
@@ -108,7 +109,7 @@ def attach_arena(socket_path: Path | str, timeout: float = 30.0, device: str = "
         kv_segment.close()
         raise
     return ArenaView(model_config, weights, kv_cache, spec, Path(export.model_dir), export.arena_pid,
-                     (weights_segment, kv_segment))
+                     export.memory_id, (weights_segment, kv_segment))
 
 
 def _attach_cuda(export: ArenaExport, model_config: ModelConfig, spec: KVCacheSpec) -> ArenaView:
@@ -118,7 +119,7 @@ def _attach_cuda(export: ArenaExport, model_config: ModelConfig, spec: KVCacheSp
     weights = unpack(weights_buffer, export.weights_manifest)
     check_weights(weights, model_config, spec.dtype)
     return ArenaView(model_config, weights, view_kv_pool(kv_buffer, spec), spec, Path(export.model_dir),
-                     export.arena_pid)
+                     export.arena_pid, export.memory_id)
 
 
 def check_weights(weights: dict[str, torch.Tensor], config: ModelConfig, dtype: torch.dtype) -> None:

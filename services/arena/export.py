@@ -52,6 +52,8 @@ class ArenaExport:
     version: int = VERSION             # bumped on incompatible changes; a client refuses others
     device: str = "cpu"                # where the memory lives: "cpu" (segments) or "cuda" (IPC handles)
     cuda: CudaExport | None = None     # device "cuda": the weights and KV allocations (added within version 1)
+    memory_id: str = ""                # random, made with the memory: the same across re-opens (cpu), new with
+                                       # new memory (always on cuda); "" from an arena before this field
 
     def to_json(self) -> bytes:
         data = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -11,10 +11,12 @@ The arena's life:
             in the serving dtype), into private memory
   export    one weights segment, packed with a manifest (one copy), then the private copy freed;
             one KV segment, zeroed, every page allocated; then the record a restarted arena
-            re-opens them by; the model info published in Redis.
+            re-opens them by; the model info published in Redis. New memory gets a new random
+            `memory_id` (re-opened memory keeps its own): the workers put it on every hand-off, so
+            decode knows when a request's KV was written to memory that is gone.
             --device cuda: the same two buffers as one CUDA allocation each on cuda:0 (packed with
             the same manifest), exported as CUDA IPC handles (services.arena.cuda_export); they die
-            with the arena, so its workers restart with it
+            with the arena, so its workers restart with it and their requests are recomputed
   serve     each connection to the private Unix socket from a process of our uid (SO_PEERCRED)
             gets one JSON `ArenaExport` and is closed; health SERVING. Workers attach, compute,
             restart and re-attach; the arena itself does no compute. On cuda each connection gets
@@ -32,6 +34,7 @@ import gc
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -166,9 +169,16 @@ def _export_new(config: ArenaConfig, model_dir: Path, model_config: ModelConfig,
         arena_pid=os.getpid(), weights_segment=weights_segment.name, weights_manifest=manifest,
         kv_segment=kv_segment.name, kv_spec=_kv_layout(spec, config.dtype),
         model_dir=str(model_dir), model_config_path=str(model_dir / "config.json"),
-        model_config=model_config_to_dict(model_config))
+        model_config=model_config_to_dict(model_config), memory_id=new_memory_id())
     record = segments.write_record(config.segment_prefix, document, made_from)
     return Exported(weights_segment.size, kv_segment.size, document, (weights_segment, kv_segment, record))
+
+
+def new_memory_id() -> str:
+    """The id of memory just made. A hand-off names the memory its KV is in (Handoff.kv_memory): a
+    re-opened set keeps its id in its record, new memory gets a new one, and decode resumes a request
+    in place only over the memory its KV was written to."""
+    return secrets.token_hex(8)
 
 
 def _kv_layout(spec: KVCacheSpec, dtype: str) -> KVLayout:
@@ -195,7 +205,7 @@ def _export_cuda(config: ArenaConfig, model_dir: Path, model_config: ModelConfig
         arena_pid=os.getpid(), weights_segment="", weights_manifest=manifest, kv_segment="",
         kv_spec=_kv_layout(spec, config.dtype),
         model_dir=str(model_dir), model_config_path=str(model_dir / "config.json"),
-        model_config=model_config_to_dict(model_config), device="cuda",
+        model_config=model_config_to_dict(model_config), device="cuda", memory_id=new_memory_id(),
         cuda=CudaExport(describe(weights_buffer), describe(kv_buffer)))   # checks both export before SERVING
     return Exported(weights_buffer.numel(), kv_buffer.numel(), document, (weights_buffer, kv_buffer))
 

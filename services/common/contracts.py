@@ -129,6 +129,8 @@ class Handoff:
     reply_to: str
     arrival_time: float                    # as in QueuedRequest
     handoff_time: float                    # wall clock when prefill published this (hand-off latency)
+    kv_memory: str = ""                    # the arena memory the blocks are in (ArenaExport.memory_id): decode
+                                           # resumes in place only over the same memory; "" unknown (older writer)
 
 
 @dataclass(frozen=True, slots=True)

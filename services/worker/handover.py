@@ -174,7 +174,7 @@ class Retuner:
         running, entry_ids, released = [], [], []
         for request_id, tracked in list(w.tracked.items()):
             if w.config.phase is Phase.DECODE and tracked.seq.status is SequenceStatus.RUNNING:
-                running.append(tracked.handoff())         # KV stays in its blocks, owned by the request
+                running.append(tracked.handoff(w.kv_memory))         # KV stays in its blocks, owned by the request
             elif w.config.phase is not Phase.DECODE:        # prefill: recomputed by the standby
                 w.scheduler.blocks.free(request_id)
                 entry_ids.append(tracked.entry_id)

@@ -6,7 +6,9 @@ A request's life in a worker:
              Handoff (block ids, no tensors) published to decode -> queue entry acked
   decode     Handoff read from the admit stream, its KV already in the shared pool -> one token
              per iteration, delivered to the gateway -> finished: blocks freed in Redis;
-             preempted: blocks freed, request re-queued to prefill with its tokens for recompute
+             preempted: blocks freed, request re-queued to prefill with its tokens for recompute;
+             a hand-off whose KV was in an arena memory that is gone (Handoff.kv_memory) goes back
+             to prefill the same way
   colocated  prefill queue -> chunked-prefill hybrid batches -> tokens delivered (and recorded, as
              decode's are, for a worker that takes it over) -> finished
   cancelled  a CancelNotice (client gone, or a stop string seen by the gateway): the request is
@@ -78,6 +80,7 @@ class Worker:
     control: WorkerControl
     metrics: WorkerMetrics
     stack_cpus: tuple[int, ...] = ()     # every core the stack may use (the cpu backend's unit total)
+    kv_memory: str = ""                  # the arena memory this worker maps (ArenaExport.memory_id; "" colocated)
     tracked: dict[str, TrackedRequest] = field(default_factory=dict)   # every request this worker holds
     retuner: object | None = None        # services.worker.handover.Retuner in handover mode (set by main)
     switch_ms: tuple[float, float] = (0.0, 0.0)   # last handover that started this worker: latency, pause
@@ -195,7 +198,8 @@ class Worker:
         blocks it had half filled and recomputes the prompt; colocated too, from the prompt and the
         tokens already delivered (its progress record), so the next token is drawn after the same
         ones; decode resumes in place (its KV is still in the arena's pool), from its tokens so far
-        and its block table now."""
+        and its block table now, or, when the arena's memory is new since (`_kv_elsewhere`), hands
+        it back to prefill with those tokens."""
         if not entries:
             return
         request_ids = [message.request_id for _, message in entries]
@@ -328,8 +332,12 @@ class Worker:
             self.release_inputs([entry_id], [handoff.request_id])
             return
         computed = handoff.num_computed_tokens + len(progress)
+        if self._kv_elsewhere(handoff):
+            self._back_to_prefill(entry_id, handoff, progress, "its KV was in the arena's memory before the "
+                                  "arena restarted with new memory")
+            return
         if block_ids is not None and len(block_ids) < blocks_for_tokens(computed, self.scheduler.config.block_size):
-            self._back_to_prefill(entry_id, handoff, progress)
+            self._back_to_prefill(entry_id, handoff, progress, "it has lost its KV blocks")
             return
         seq = Sequence(handoff.request_id, list(handoff.prompt_token_ids), handoff.sampling,
                        arrival_time=handoff.arrival_time,
@@ -340,11 +348,18 @@ class Worker:
         self.tracked[seq.request_id] = TrackedRequest(seq, handoff.reply_to, entry_id, is_first_delivery=False,
                                                 handoff_time=None if progress else handoff.handoff_time)
 
-    def _back_to_prefill(self, entry_id: str | None, handoff: Handoff, progress: tuple[int, ...]) -> None:
-        """A request taken over without the blocks its KV was in (a preemption had freed them, and its
-        re-queue was in doubt when the worker died or lost Redis): prefill recomputes it with its
-        tokens so far, as it does a preempted one; re-queued and released together."""
-        log.warning("request %s has lost its KV blocks: sent back to prefill to be recomputed", handoff.request_id)
+    def _kv_elsewhere(self, handoff: Handoff) -> bool:
+        """Whether the hand-off's KV was written to other memory than this worker maps: the arena
+        restarted with new memory (always on CUDA; on the CPU when it could not re-open its
+        segments), so its blocks hold nothing of the request. Unknown ("") on either side: trusted."""
+        return bool(handoff.kv_memory and self.kv_memory and handoff.kv_memory != self.kv_memory)
+
+    def _back_to_prefill(self, entry_id: str | None, handoff: Handoff, progress: tuple[int, ...], why: str) -> None:
+        """A request taken over without its KV: the blocks it was in were freed (a preemption, its
+        re-queue in doubt when the worker died or lost Redis), or are in memory that is gone (a new
+        arena). Prefill recomputes it with its tokens so far, as it does a preempted one; its blocks
+        are freed (whatever they hold is not its KV) and it is re-queued and released together."""
+        log.warning("request %s sent back to prefill to be recomputed: %s", handoff.request_id, why)
         pipe = self.client.pipeline(transaction=True)
         stream_entries.add(pipe, stream_entries.queued(self.keys, QueuedRequest(
             handoff.request_id, tuple(handoff.prompt_token_ids), handoff.sampling, handoff.reply_to,
@@ -396,7 +411,7 @@ class Worker:
             finish = seq.finish_reason.value if seq.status is SequenceStatus.FINISHED else None
             by_gateway.setdefault(tracked.reply_to, []).append(tracked.delivery(finish))
             if seq.status is SequenceStatus.HANDED_OFF:
-                handoffs.append(tracked.handoff())
+                handoffs.append(tracked.handoff(self.kv_memory))
             if seq.status in (SequenceStatus.HANDED_OFF, SequenceStatus.FINISHED):
                 to_ack.append(tracked.entry_id)
                 gone.append(seq.request_id)

@@ -91,7 +91,8 @@ def build_worker(config: WorkerConfig, stack_cpus: tuple[int, ...]) -> tuple[Wor
     metrics.compute_share.set(share)
     metrics.read_when_scraped(lambda: len(scheduler.running), lambda: len(scheduler.waiting),
                               lambda: _kv_usage(blocks))
-    return Worker(config, scheduler, runner, Sampler(), client, control, metrics, stack_cpus=stack_cpus), arena_view
+    return Worker(config, scheduler, runner, Sampler(), client, control, metrics, stack_cpus=stack_cpus,
+                  kv_memory=arena_view.memory_id if arena_view is not None else ""), arena_view
 
 
 def _kv_usage(blocks: RedisBlockAllocator) -> float:

@@ -31,12 +31,13 @@ class TrackedRequest:
         return TokenDelivery(seq.request_id, (seq.output_token_ids[-1],), finish, queue_time_ms=queue_ms,
                              logprobs=logprobs, position=len(seq.output_token_ids) - 1)
 
-    def handoff(self) -> Handoff:
-        """Everything decode needs to go on from here; the KV stays in its blocks."""
+    def handoff(self, kv_memory: str = "") -> Handoff:
+        """Everything decode needs to go on from here; the KV stays in its blocks, in the arena memory
+        `kv_memory` (ArenaExport.memory_id)."""
         seq = self.seq
         return Handoff(seq.request_id, tuple(seq.block_ids), tuple(seq.prompt_token_ids),
                        tuple(seq.output_token_ids), seq.num_computed_tokens, seq.params, self.reply_to,
-                       seq.arrival_time, handoff_time=time.time())
+                       seq.arrival_time, handoff_time=time.time(), kv_memory=kv_memory)
 
     def requeued(self) -> QueuedRequest:
         """It as prefill's work again, with every token it has so far: prefill recomputes their KV

@@ -359,6 +359,7 @@ def test_a_restarted_arena_reopens_the_segments_in_place(tmp_path, default_model
         assert "re-opened the segments" in second.log.read_text()
         again = attach_arena(second.socket_path, timeout=30)
         assert again.arena_pid == second.proc.pid
+        assert again.memory_id == view.memory_id != ""                      # the same memory: hand-offs resume
         assert float(again.kv_cache[1, :, 3].min()) == 7.0                  # the KV as the workers left it
         view.kv_cache[0, :, 5].fill_(3.0)                                   # the old mapping is the same memory
         assert float(again.kv_cache[0, :, 5].max()) == 3.0
@@ -374,6 +375,9 @@ def test_a_restarted_arena_reopens_the_segments_in_place(tmp_path, default_model
         assert {owner for owner, _ in fresh.values()} == {third.proc.pid} and len(fresh) == 3
         assert fresh["kv"][1] != after["kv"][1]
         assert "not re-opening the segments of dead arena" in third.log.read_text()
+        renewed = attach_arena(third.socket_path, timeout=30)
+        assert renewed.memory_id not in ("", view.memory_id)                # new memory: decode recomputes
+        renewed.close()
         assert float(view.kv_cache[1, :, 3].min()) == 7.0                   # unlinked, still mapped here
         view.close()
     finally:

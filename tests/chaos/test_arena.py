@@ -1,10 +1,14 @@
 """The arena killed under load (issue 13): on the CPU a restarted arena re-opens the stack's segments,
-so the workers keep their memory and every request in flight completes untouched.
+so the workers keep their memory and every request in flight completes untouched; when it has to
+make new memory (always on CUDA), the workers are killed and restarted on it, and every request in
+flight is recomputed.
 
 One split stack, detached, supervised as `duoserve up --detach` leaves it (test_kill.py's helpers).
 16 greedy requests in flight, `kill -9` of the arena, nothing else touched: every request completes
 with the tokens of a run without the kill, no block leaks, the workers are not restarted, /dev/shm
 holds the same segments (the same memory, renamed to the new arena), and `duoserve down` leaves none.
+Then the same with the arena's segments unlinked after the kill (the new-memory path, as on CUDA):
+the workers restart, decode sends its hand-offs back to prefill, every stream is still unchanged.
 """
 from __future__ import annotations
 
@@ -84,3 +88,44 @@ def test_a_killed_arena_reopens_its_segments_and_the_requests_in_flight_go_on(ar
     ops.wait_restarted(arena_stack, "prefill", workers["prefill"][1] + 1)
     assert ops.generate_all(state.gateway_target, prompts[:4], max_tokens=48) == expected[:4]
     assert ops.wait_all_free(arena_stack, NUM_BLOCKS) == NUM_BLOCKS
+
+
+def test_an_arena_restarted_on_new_memory_restarts_the_workers_and_recomputes_the_requests(arena_stack):
+    """The path CUDA always takes (its IPC allocations die with the arena), forced on the CPU: the
+    segments are unlinked right after the kill, so the restarted arena cannot re-open them."""
+    state = ops.state(arena_stack)
+    prompts = ops.prompts(16, 128, offset=16)
+    expected = ops.generate_all(state.gateway_target, prompts, max_tokens=48)
+    assert ops.wait_all_free(arena_stack, NUM_BLOCKS) == NUM_BLOCKS
+    before = _segments(state.segment_prefix)
+    restarts = {name: ops.status(arena_stack)[name]["restarts"] for name in ("arena", "prefill", "decode")}
+    arena = ops.record(arena_stack, "arena")
+    at_kill: dict[str, float] = {}
+
+    def kill() -> None:
+        time.sleep(2.0)                        # some requests in prefill, most decoding
+        at_kill["blocks_held"] = NUM_BLOCKS - ops.free_blocks(arena_stack)
+        os.kill(arena.pid, signal.SIGKILL)
+        at_kill["time"] = time.monotonic()
+        for path in stack.SHM_DIR.glob(f"{state.segment_prefix}*"):
+            path.unlink()                      # nothing to re-open: the new arena makes new memory
+        ops.wait_restarted(arena_stack, "arena", restarts["arena"] + 1)
+        for name in ("decode", "prefill"):     # killed once the new arena serves, then restarted on it
+            ops.wait_restarted(arena_stack, name, restarts[name] + 1)
+        at_kill["recovery_s"] = time.monotonic() - at_kill["time"]
+
+    got = ops.generate_all(state.gateway_target, prompts, during=kill, max_tokens=48)
+    print(f"arena and workers SERVING on new memory {at_kill['recovery_s']:.1f} s after the kill -9 (requests "
+          f"held {at_kill['blocks_held']:.0f} KV blocks then); all 16 done {time.monotonic() - at_kill['time']:.1f} s "
+          "after it", file=sys.stderr)
+    assert at_kill["blocks_held"] > 0                        # killed with requests in flight
+    assert got == expected                                   # every token, recomputed, none twice or missing
+    assert {name: ops.status(arena_stack)[name]["restarts"] for name in restarts} == \
+        {name: n + 1 for name, n in restarts.items()}
+    after = _segments(state.segment_prefix)                  # the new arena's set, nothing stale
+    assert sorted(after) == ["kv", "record", "weights"]
+    assert {owner for owner, _ in after.values()} == {ops.record(arena_stack, "arena").pid}
+    assert after["kv"][1] != before["kv"][1]
+    decode_log = open(ops.record(arena_stack, "decode").log, encoding="utf-8", errors="replace").read()
+    assert "arena restarted with new memory" in decode_log   # hand-offs over the old memory recomputed
+    assert ops.wait_all_free(arena_stack, NUM_BLOCKS) == NUM_BLOCKS        # nothing leaked

@@ -20,6 +20,14 @@ def test_queued_request_and_handoff_keep_every_sampling_field() -> None:
     assert from_json(Handoff, to_json(handoff)).sampling.logprobs == 0      # 0 is not "unset"
 
 
+def test_a_handoff_written_before_kv_memory_reads_as_unknown_memory() -> None:
+    handoff = Handoff("r1", (4,), (1, 2, 3), (9,), 3, SamplingParams(max_tokens=3), "s", 1.0, 2.0, kv_memory="ab12")
+    assert from_json(Handoff, to_json(handoff)) == handoff
+    data = json.loads(to_json(handoff))
+    del data["kv_memory"]
+    assert from_json(Handoff, json.dumps(data)).kv_memory == ""          # trusted as before (Worker._kv_elsewhere)
+
+
 def test_sampling_written_before_the_new_fields_reads_with_their_defaults() -> None:
     data = json.loads(to_json(QueuedRequest("r1", (1,), SamplingParams(max_tokens=3), "s", 1.0)))
     for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "logprobs"):

@@ -1,7 +1,8 @@
 """A decode worker taking up entries pending with it (after a Redis outage, or a dead peer's), with the
 real model and a real redis-server: a request whose blocks hold its KV resumes in place from its
 recorded tokens; one whose blocks are gone (a preemption had freed them, its re-queue in doubt) goes
-back to prefill with its tokens; and `reconnect.resync` lets go and takes the same up again.
+back to prefill with its tokens, as does one whose KV was in an arena memory that is gone (a new
+arena: Handoff.kv_memory); and `reconnect.resync` lets go and takes the same up again.
 
 Loads the model in this process: run it under the stack lock (docs: helper rules)."""
 from __future__ import annotations
@@ -57,9 +58,9 @@ def _decode_worker(redis_server, keys, engine_parts, default_model_dir) -> Worke
                   stack_cpus=(0,))
 
 
-def _handoff(request_id: str, prompt_len: int, block_ids: list[int]) -> Handoff:
+def _handoff(request_id: str, prompt_len: int, block_ids: list[int], kv_memory: str = "") -> Handoff:
     return Handoff(request_id, tuple(block_ids), tuple(range(100, 100 + prompt_len)), (5,), prompt_len,
-                   SamplingParams(max_tokens=16, temperature=0.0), "t:reply", 1.0, 2.0)
+                   SamplingParams(max_tokens=16, temperature=0.0), "t:reply", 1.0, 2.0, kv_memory=kv_memory)
 
 
 def test_decode_takes_up_what_it_can_resume_and_sends_the_rest_back_to_prefill(redis_server, keys, engine_parts,
@@ -90,6 +91,37 @@ def test_decode_takes_up_what_it_can_resume_and_sends_the_rest_back_to_prefill(r
         reconnect.resync(worker, redis.ConnectionError("test"))   # Redis is up: let go, take up again at once
         assert set(worker.tracked) == {"kept"} and worker.tracked["kept"].seq.output_token_ids == [5, 6, 7]
         assert blocks.audit().is_consistent and blocks.num_free == NUM_BLOCKS - 2
+    finally:
+        worker.publisher.close()
+        worker.inputs.close()
+        worker.client.close()
+
+
+def test_hand_offs_whose_kv_was_in_other_memory_go_back_to_prefill(redis_server, keys, engine_parts,
+                                                                  default_model_dir):
+    """The arena restarted with new memory: decode (restarted on it) resumes only the hand-offs made on
+    it; those made on the old memory, taken over or read new, are recomputed, their blocks freed."""
+    worker = _decode_worker(redis_server, keys, engine_parts, default_model_dir)
+    worker.kv_memory = "new"
+    client, blocks = worker.client, worker.scheduler.blocks
+    try:
+        ids = {name: blocks.allocate(name, 2) for name in ("here", "gone", "older", "unread")}
+        for name, memory in (("here", "new"), ("gone", "old"), ("older", "")):
+            enqueue(client, keys.decode_admit, _handoff(name, 20, ids[name], memory))
+        client.rpush(keys.decode_progress("gone"), 6, 7)
+        read_group(client, keys.decode_admit, DECODE_GROUP, "decode-test", Handoff, count=10)
+        worker.take_over(read_own_pending(client, keys.decode_admit, DECODE_GROUP, "decode-test", Handoff))
+        assert set(worker.tracked) == {"here", "older"}          # "" (an older prefill): trusted, as before
+        enqueue(client, keys.decode_admit, _handoff("unread", 20, ids["unread"], "old"))   # never read before
+        worker._admit(read_group(client, keys.decode_admit, DECODE_GROUP, "decode-test", Handoff, count=10))
+        assert set(worker.tracked) == {"here", "older"}
+        requeued = {q.request_id: q for q in (from_json(QueuedRequest, f[FIELD.encode()])
+                                              for _, f in client.xrange(keys.prefill_queue))}
+        assert set(requeued) == {"gone", "unread"}
+        assert requeued["gone"].output_token_ids == (5, 6, 7) and requeued["unread"].output_token_ids == (5,)
+        assert blocks.owned("gone") == blocks.owned("unread") == []       # freed: they hold nothing of theirs
+        assert not client.exists(keys.decode_progress("gone"))
+        assert blocks.audit().is_consistent and blocks.num_free == NUM_BLOCKS - 4
     finally:
         worker.publisher.close()
         worker.inputs.close()
