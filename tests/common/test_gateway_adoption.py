@@ -20,6 +20,7 @@ from services.engine.sampling_params import SamplingParams
 from services.gateway import adoption
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import InvalidInput, NotReady, RequestNotFound, Superseded
+from services.gateway.prompts import PromptEncoder, PromptLimits
 from services.gateway.frontend import TRIM_INTERVAL_S, Frontend, GenerateInput
 from services.gateway.inflight import RequestRecord
 from services.gateway.metrics import GatewayMetrics
@@ -56,6 +57,7 @@ def make_frontend(url: str, prefix: str, orphan_timeout_s: float = 30.0) -> Fron
     frontend.tokenizer = SimpleNamespace(detokenizer=lambda prompt: _CharDetokenizer())
     frontend.info = SimpleNamespace(eos_token_ids=(0,), vocab_size=1000, max_model_len=4096, block_size=16,
                                     num_kv_blocks=512)
+    frontend.prompts = PromptEncoder(frontend.tokenizer, PromptLimits(10_000, 8, 4096, 1000, 16))   # token ids only
     return frontend
 
 
