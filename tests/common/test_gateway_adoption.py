@@ -24,18 +24,10 @@ from services.gateway.prompts import PromptEncoder, PromptLimits
 from services.gateway.frontend import TRIM_INTERVAL_S, Frontend, GenerateInput
 from services.gateway.inflight import RequestRecord
 from services.gateway.metrics import GatewayMetrics
+from tests.common.char_detokenizer import CharDetokenizer
 
 TEXT = "Hello world!"
 TOKENS = [ord(c) for c in TEXT]
-
-
-class _CharDetokenizer:
-    def __init__(self) -> None:
-        self.text = ""
-
-    def push(self, token_id: int) -> str:
-        self.text += chr(token_id)
-        return chr(token_id)
 
 
 class _DeadRedis:
@@ -54,7 +46,7 @@ def make_frontend(url: str, prefix: str, orphan_timeout_s: float = 30.0) -> Fron
     config = GatewayConfig(redis_url=url, key_prefix=prefix, port=0, gateway_id="gw-same",
                            orphan_timeout_s=orphan_timeout_s, stall_timeout_s=10.0)
     frontend = Frontend(config, aioredis.Redis.from_url(url), GatewayMetrics("m"))
-    frontend.tokenizer = SimpleNamespace(detokenizer=lambda prompt: _CharDetokenizer())
+    frontend.tokenizer = SimpleNamespace(detokenizer=lambda prompt: CharDetokenizer())
     frontend.info = SimpleNamespace(eos_token_ids=(0,), vocab_size=1000, max_model_len=4096, block_size=16,
                                     num_kv_blocks=512)
     frontend.prompts = PromptEncoder(frontend.tokenizer, PromptLimits(10_000, 8, 4096, 1000, 16))   # token ids only

@@ -17,6 +17,7 @@ from services.gateway.frontend import Chunk, Frontend
 from services.gateway.inflight import RequestRecord
 from services.gateway.request_ids import RequestIds
 from services.gateway.servicer import to_response, to_sampling_params
+from tests.common.char_detokenizer import CharDetokenizer
 
 
 def test_new_sampling_fields_convert_and_unset_ones_take_the_defaults():
@@ -44,15 +45,6 @@ def test_chunk_logprobs_go_into_the_response():
     assert not to_response(Chunk("r", (5,), "a")).logprobs
 
 
-class _CharDetokenizer:
-    def __init__(self) -> None:
-        self.text = ""
-
-    def push(self, token_id: int) -> str:
-        self.text += chr(token_id)
-        return chr(token_id)
-
-
 class _FakeRedis:
     async def xadd(self, *args, **kwargs) -> None:
         pass
@@ -63,7 +55,7 @@ class _FakeRedis:
 
 def test_a_stop_string_inside_a_delivery_cuts_its_logprobs_with_its_tokens():
     frontend = Frontend(GatewayConfig(redis_url="redis://unused", key_prefix="t", port=0, gateway_id="gw"), _FakeRedis(), MagicMock())
-    frontend.tokenizer = SimpleNamespace(detokenizer=lambda prompt: _CharDetokenizer())
+    frontend.tokenizer = SimpleNamespace(detokenizer=lambda prompt: CharDetokenizer())
     frontend.info = SimpleNamespace(eos_token_ids=(0,))
     params = SamplingParams(stop=("XY",), logprobs=1)
     text = "abXYcd"
