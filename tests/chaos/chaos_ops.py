@@ -83,5 +83,29 @@ def wait_all_free(config: StackConfig, num_blocks: int, timeout: float = 30.0) -
     return free
 
 
+def in_decode(config: StackConfig) -> int:
+    """Hand-offs decode holds now: entries of the admit stream pending with its group (each one a
+    request decode is running; none before decode's group exists)."""
+    st = state(config)
+    client = redis.Redis.from_url(st.redis_url)
+    try:
+        return int(client.xpending(KeySpace(st.key_prefix).decode_admit, "decode")["pending"])
+    except redis.ResponseError:            # NOGROUP: decode has not started yet
+        return 0
+    finally:
+        client.close()
+
+
+def wait_in_decode(config: StackConfig, at_least: int, timeout: float = 120.0) -> int:
+    """Wait until decode holds `at_least` requests (a kill timed by the stack's state, not by a sleep,
+    which a loaded machine outruns); -> how many it holds."""
+    deadline = time.monotonic() + timeout
+    while (held := in_decode(config)) < at_least:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"decode holds {held} requests after {timeout} s, not {at_least}")
+        time.sleep(0.05)
+    return held
+
+
 def say(message: str) -> None:
     print(message, file=sys.stderr)

@@ -103,7 +103,12 @@ def test_an_arena_restarted_on_new_memory_restarts_the_workers_and_recomputes_th
     at_kill: dict[str, float] = {}
 
     def kill() -> None:
-        time.sleep(2.0)                        # some requests in prefill, most decoding
+        ops.wait_in_decode(arena_stack, 4)     # some hand-offs in decode (the rest in prefill or queued)
+        # The workers stop where they stand with the arena, as on CUDA, where nothing they compute
+        # over a dead arena's memory counts: on the CPU they would otherwise finish every request on
+        # the old segments (still mapped) before the new arena serves, and nothing would be recomputed.
+        for name in ("prefill", "decode"):
+            os.kill(ops.record(arena_stack, name).pid, signal.SIGSTOP)
         at_kill["blocks_held"] = NUM_BLOCKS - ops.free_blocks(arena_stack)
         os.kill(arena.pid, signal.SIGKILL)
         at_kill["time"] = time.monotonic()
