@@ -8,7 +8,9 @@
 Importing duoserve loads grpc and protobuf only: no torch, no transformers.
 """
 from duoserve import errors
-from duoserve.client import AsyncClient, Chunk, Client, Completion, Usage
+from duoserve.async_client import AsyncClient
+from duoserve.client import Client
+from duoserve.messages import Chunk, Completion, Usage
 
 __version__ = "0.1.0"
 

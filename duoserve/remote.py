@@ -11,7 +11,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from duoserve.cli_args import client_tls
-from duoserve.client import Client, Completion
+from duoserve.client import Client
+from duoserve.messages import Completion
 from duoserve.errors import DuoserveError
 
 MAX_CONCURRENT = 32     # requests in flight from one command

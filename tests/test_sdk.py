@@ -21,8 +21,9 @@ import pytest
 
 import duoserve
 from duoserve import errors
-from duoserve.client import (AsyncStream, Stream, TokenLogprob, _Joiner, build_generate_request,
-                             model_info_to_dict, to_chunk)
+from duoserve.async_client import AsyncStream
+from duoserve.client import Stream
+from duoserve.messages import TokenLogprob, _Joiner, build_generate_request, model_info_to_dict, to_chunk
 from duoserve.v1 import generation_pb2 as pb
 from duoserve.v1 import generation_pb2_grpc as pb_grpc
 
