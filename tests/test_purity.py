@@ -9,6 +9,8 @@ import pytest
 PURE_MODULES = [
     "services.engine.scheduler",
     "services.engine.blocks",
+    "services.engine.prefix_hash",
+    "services.common.redis_block_scripts",
     "services.engine.sequence",
     "services.engine.sampling_params",
     "services.engine.model_config",

@@ -57,6 +57,27 @@ class KeySpace:
     def kv_meta(self) -> str:             # hash: num_blocks, block_size
         return f"{self.prefix}:kv:meta"
 
+    # Prefix caching (services.common.redis_blocks): the keyed blocks, their references, eviction order.
+    @property
+    def kv_cache_index(self) -> str:      # hash: block key (prefix_hash) -> the block id that holds it
+        return f"{self.prefix}:kv:cache:index"
+
+    @property
+    def kv_cache_keys(self) -> str:       # hash: block id -> its key (the index's reverse)
+        return f"{self.prefix}:kv:cache:keys"
+
+    @property
+    def kv_cache_refs(self) -> str:       # hash: keyed block id -> how many requests' tables hold it
+        return f"{self.prefix}:kv:cache:refs"
+
+    @property
+    def kv_cache_lru(self) -> str:        # sorted set: keyed blocks no request holds, by release order
+        return f"{self.prefix}:kv:cache:lru"
+
+    @property
+    def kv_cache_clock(self) -> str:      # counter: the release order's next score
+        return f"{self.prefix}:kv:cache:clock"
+
     @property
     def model_info(self) -> str:          # hash written by the arena: model name, sizes, limits
         return f"{self.prefix}:model"

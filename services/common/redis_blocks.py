@@ -5,6 +5,10 @@ A block's life here:
   owned     its id is in `keys.kv_owned(request_id)`, in the request's token order; prefill's blocks
             stay owned by the same request id when decode takes it over, so a hand-off moves nothing
   freed     `free(request_id)` moves all of a request's blocks back to the free list at once
+  cached    (prefix caching) a full block keyed by its prefix (`services.engine.prefix_hash`) stays
+            after its request: several requests' lists may hold it (counted), and one no request
+            holds waits in an LRU until the free list runs out (`services.engine.blocks` has the
+            whole life; the scripts are in `services.common.redis_block_scripts`)
 
 Every change is one Lua script, so it is atomic: a block is in exactly one of those lists at any
 moment, whatever number of processes allocate and free at the same time. `can_allocate` and
@@ -28,8 +32,9 @@ from typing import Iterable, Iterator, Sequence
 
 import redis
 
+from services.common import redis_block_scripts as scripts
 from services.common.contracts import KeySpace
-from services.engine.blocks import OutOfBlocks
+from services.engine.blocks import CachedGrant, OutOfBlocks
 
 
 class PoolNotInitialized(RuntimeError):
@@ -38,131 +43,6 @@ class PoolNotInitialized(RuntimeError):
 
 class PoolMismatch(RuntimeError):
     """`init_pool` asked for a pool that differs from the one already in Redis."""
-
-
-# A helper every script starts with: push ids in chunks (Lua's unpack is limited to ~8000 values).
-_PUSH = """
-local function push(cmd, key, ids)
-  for i = 1, #ids, 1000 do
-    redis.call(cmd, key, unpack(ids, i, math.min(i + 999, #ids)))
-  end
-end
-"""
-
-# KEYS: free, meta.  ARGV: num_blocks, block_size.
-# Returns {1, n, size} created | {0, n, size} already there | {-1, free_len} free list without meta.
-_INIT = _PUSH + """
-local meta = redis.call('HMGET', KEYS[2], 'num_blocks', 'block_size')
-if meta[1] then
-  return {0, tonumber(meta[1]), tonumber(meta[2] or 0)}
-end
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return {-1, redis.call('LLEN', KEYS[1])}
-end
-local n = tonumber(ARGV[1])
-for start = 0, n - 1, 1000 do
-  local ids = {}
-  for id = start, math.min(start + 999, n - 1) do ids[#ids + 1] = id end
-  push('RPUSH', KEYS[1], ids)
-end
-redis.call('HSET', KEYS[2], 'num_blocks', n, 'block_size', ARGV[2])
-return {1, n, tonumber(ARGV[2])}
-"""
-
-# KEYS: free, meta, owned(r1), owned(r2), ...  ARGV: n1, n2, ...
-# Grants in order, each all or nothing, stopping at the first that does not fit.
-# Returns {-1} no pool | {free_len_after, ids1, ids2, ...} one list per granted request.
-_ALLOCATE = _PUSH + """
-if redis.call('EXISTS', KEYS[2]) == 0 then
-  return {-1}
-end
-local out = {0}
-for i = 1, #ARGV do
-  local n = tonumber(ARGV[i])
-  if redis.call('LLEN', KEYS[1]) < n then
-    break
-  end
-  local ids = {}
-  if n > 0 then
-    ids = redis.call('LPOP', KEYS[1], n)
-    push('RPUSH', KEYS[i + 2], ids)
-  end
-  out[#out + 1] = ids
-end
-out[1] = redis.call('LLEN', KEYS[1])
-return out
-"""
-
-# KEYS: free, meta, owned(r1), owned(r2), ...   Returns how many blocks came back.
-# A request's list is deleted as its blocks are pushed, so freeing twice returns 0 the second time and
-# never duplicates a block. Without a pool (deleted under us) the owned lists are only dropped: a
-# free list must not reappear without its kv_meta.
-_FREE = _PUSH + """
-local has_pool = redis.call('EXISTS', KEYS[2]) == 1
-local total = 0
-for i = 3, #KEYS do
-  local ids = redis.call('LRANGE', KEYS[i], 0, -1)
-  if #ids > 0 then
-    redis.call('DEL', KEYS[i])
-    if has_pool then
-      local reversed = {}
-      for j = #ids, 1, -1 do reversed[#reversed + 1] = ids[j] end
-      push('LPUSH', KEYS[1], reversed)      -- ids[1] ends up at the head: granted first
-    end
-    total = total + #ids
-  end
-end
-return total
-"""
-
-# KEYS: free, meta.  ARGV: the SCAN pattern of every request's list (kv_owned("") + "*").
-# Every block id must be in exactly one list. Repairs what is safe, in one atomic step (SCAN inside
-# the script sees every owned list as of this instant): an id in no list goes back to the free list,
-# an id both free and owned, repeated in the free list or out of range leaves the free list. An id in
-# two requests' lists is only counted (which one holds its KV is unknowable). The owned lists are not
-# declared in KEYS: a standalone Redis allows it, as it allows the non-deterministic SCAN since 5.0.
-# Returns {-1} no pool | {num_blocks, free, owned, owners, returned, dropped_from_free, shared}.
-_AUDIT = _PUSH + """
-local n = tonumber(redis.call('HGET', KEYS[2], 'num_blocks') or '-1')
-if n < 0 then
-  return {-1}
-end
-local owned_ids, owned, owners, shared = {}, 0, 0, 0
-local cursor = '0'
-repeat
-  local reply = redis.call('SCAN', cursor, 'MATCH', ARGV[1], 'COUNT', 1000)
-  cursor = reply[1]
-  for _, key in ipairs(reply[2]) do
-    owners = owners + 1
-    for _, id in ipairs(redis.call('LRANGE', key, 0, -1)) do
-      local i = tonumber(id)
-      owned = owned + 1
-      if owned_ids[i] then shared = shared + 1 else owned_ids[i] = true end
-    end
-  end
-until cursor == '0'
-local keep, free_ids, dropped, returned = {}, {}, 0, 0
-for _, id in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
-  local i = tonumber(id)
-  if i == nil or i < 0 or i >= n or owned_ids[i] or free_ids[i] then
-    dropped = dropped + 1
-  else
-    free_ids[i] = true
-    keep[#keep + 1] = i
-  end
-end
-for i = 0, n - 1 do
-  if not owned_ids[i] and not free_ids[i] then
-    keep[#keep + 1] = i
-    returned = returned + 1
-  end
-end
-if dropped > 0 or returned > 0 then
-  redis.call('DEL', KEYS[1])
-  push('RPUSH', KEYS[1], keep)
-end
-return {n, #keep, owned, owners, returned, dropped, shared}
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,11 +55,14 @@ class PoolAudit:
     owners: int                # requests that own blocks
     returned: int              # ids that were in no list: put back on the free list
     dropped_from_free: int     # ids removed from the free list: owned too, repeated or out of range
-    shared: int                # ids in two requests' lists: not repairable, their KV may be mixed
+    shared: int                # private ids in two requests' lists: not repairable, their KV may be mixed
+    cached: int = 0            # keyed blocks (prefix caching), held or evictable
+    evictable: int = 0         # keyed blocks no request holds (the LRU)
+    cache_fixed: int = 0       # references, LRU membership or index entries put right
 
     @property
     def is_consistent(self) -> bool:
-        return self.returned == self.dropped_from_free == self.shared == 0
+        return self.returned == self.dropped_from_free == self.shared == self.cache_fixed == 0
 
 
 class RedisBlockAllocator:
@@ -188,9 +71,14 @@ class RedisBlockAllocator:
     def __init__(self, client: redis.Redis, keys: KeySpace) -> None:
         self._client = client
         self._keys = keys
-        self._init_script = client.register_script(_INIT)
-        self._allocate_script = client.register_script(_ALLOCATE)
-        self._free_script = client.register_script(_FREE)
+        self._init_script = client.register_script(scripts.INIT)
+        self._allocate_script = client.register_script(scripts.ALLOCATE)
+        self._allocate_cached_script = client.register_script(scripts.ALLOCATE_CACHED)
+        self._cache_script = client.register_script(scripts.CACHE)
+        self._free_script = client.register_script(scripts.FREE)
+        self._pool_keys = [keys.kv_free, keys.kv_meta, keys.kv_cache_index, keys.kv_cache_keys,
+                           keys.kv_cache_refs, keys.kv_cache_lru, keys.kv_cache_clock]
+        assert len(self._pool_keys) == scripts.POOL_KEYS
         self._num_blocks: int | None = None     # cached: a pool's size never changes
         self._block_size: int | None = None
         self._allocate_loaded = False           # the script is in Redis's cache (queued as a bare EVALSHA)
@@ -242,10 +130,10 @@ class RedisBlockAllocator:
 
     def audit(self) -> PoolAudit:
         """Check that every block is in exactly one list (the free list or one request's) and repair
-        what is safe (see _AUDIT), atomically. With the stack's append-only file nothing is ever
+        what is safe (see redis_block_scripts.AUDIT), atomically. With the stack's append-only file nothing is ever
         found: every change is one script and Redis loses nothing it acknowledged; this is the check
         a worker makes after Redis came back, and the repair for a Redis that lost part of its data."""
-        reply = self._client.eval(_AUDIT, 2, self._keys.kv_free, self._keys.kv_meta,
+        reply = self._client.eval(scripts.AUDIT, scripts.POOL_KEYS, *self._pool_keys,
                                   _glob_escape(self._keys.kv_owned("")) + "*")
         if reply[0] == -1:
             raise PoolNotInitialized(f"no KV pool at {self._keys.kv_meta} (Redis lost its data?)")
@@ -254,7 +142,16 @@ class RedisBlockAllocator:
     # ------------------------------------------------------------------ reads (hints)
     @property
     def num_free(self) -> int:
-        return int(self._client.llen(self._keys.kv_free))
+        """Blocks a request can be granted: free ones and cached ones no request holds."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.llen(self._keys.kv_free)
+        pipe.zcard(self._keys.kv_cache_lru)
+        return sum(int(n) for n in pipe.execute())
+
+    @property
+    def num_cached(self) -> int:
+        """Keyed blocks (prefix caching), held or evictable."""
+        return int(self._client.hlen(self._keys.kv_cache_keys))
 
     def can_allocate(self, num_blocks: int) -> bool:
         """A hint: another process may take the blocks before `allocate` runs."""
@@ -308,9 +205,9 @@ class RedisBlockAllocator:
         for _, n in requests:
             _check_count(n)
         if not self._allocate_loaded:
-            self._client.script_load(_ALLOCATE)
+            self._client.script_load(scripts.ALLOCATE)
             self._allocate_loaded = True
-        keys = [self._keys.kv_free, self._keys.kv_meta, *(self._keys.kv_owned(r) for r, _ in requests)]
+        keys = [*self._pool_keys, *(self._keys.kv_owned(r) for r, _ in requests)]
         pipe.evalsha(self._allocate_script.sha, len(keys), *keys, *(n for _, n in requests))
 
     def granted_from(self, reply: object, requests: Sequence[tuple[str, int]]) -> dict[str, list[int]]:
@@ -329,6 +226,34 @@ class RedisBlockAllocator:
             result.setdefault(request_id, []).extend(int(b) for b in ids)
         return result
 
+    def allocate_cached(self, request_id: str, keys: Sequence[str], num_blocks: int) -> CachedGrant:
+        """A new request's table: the blocks of its longest run of leading `keys` found in the cache
+        (referenced, their KV reused), then fresh ones up to `num_blocks`; all, or OutOfBlocks and
+        no change. The request must hold no blocks yet."""
+        _check_count(num_blocks)
+        reply = self._allocate_cached_script(keys=[*self._pool_keys, self._keys.kv_owned(request_id)],
+                                             args=[num_blocks, *keys])
+        code = int(reply[0])
+        if code == -1:
+            raise PoolNotInitialized(f"no KV pool at {self._keys.kv_meta}: init_pool was never called "
+                                     "(or Redis lost its data)")
+        if code == -2:
+            raise ValueError(f"{request_id} already holds blocks: a cached grant starts a table")
+        if code == -3:
+            raise OutOfBlocks(f"asked for {num_blocks} blocks for {request_id} (some maybe cached), "
+                              f"{int(reply[1])} free")
+        return CachedGrant(code, [int(b) for b in reply[1:]])
+
+    def cache_blocks(self, request_id: str, keyed: Sequence[tuple[int, str]]) -> int:
+        """Key the request's full blocks (table position, key) once their KV is written; how many
+        became reusable."""
+        if not keyed:
+            return 0
+        args = [v for index, key in keyed for v in (index, key)]
+        return int(self._cache_script(keys=[self._keys.kv_cache_index, self._keys.kv_cache_keys,
+                                            self._keys.kv_cache_refs, self._keys.kv_owned(request_id)],
+                                      args=args))
+
     def free(self, request_id: str) -> int:
         """Return all of the request's blocks; how many came back (0 if it owned none: idempotent)."""
         return self.free_many((request_id,))
@@ -341,7 +266,7 @@ class RedisBlockAllocator:
         owned_keys = [self._keys.kv_owned(r) for r in request_ids]
         if not owned_keys:
             return 0
-        return int(self._free_script(keys=[self._keys.kv_free, self._keys.kv_meta, *owned_keys]))
+        return int(self._free_script(keys=[*self._pool_keys, *owned_keys]))
 
     @contextlib.contextmanager
     def deferring_frees(self) -> Iterator[list[str]]:
@@ -361,11 +286,11 @@ class RedisBlockAllocator:
         after Redis restarted finds no cached script, and this one needs no reply)."""
         if request_ids:
             owned_keys = [self._keys.kv_owned(r) for r in request_ids]
-            pipe.eval(_FREE, 2 + len(owned_keys), self._keys.kv_free, self._keys.kv_meta, *owned_keys)
+            pipe.eval(scripts.FREE, scripts.POOL_KEYS + len(owned_keys), *self._pool_keys, *owned_keys)
 
     def _run_allocate(self, requests: list[tuple[str, int]]) -> tuple[int, list[list[int]]]:
         """(free blocks left, the grants in order: fewer than asked when one did not fit)."""
-        keys = [self._keys.kv_free, self._keys.kv_meta, *(self._keys.kv_owned(r) for r, _ in requests)]
+        keys = [*self._pool_keys, *(self._keys.kv_owned(r) for r, _ in requests)]
         reply = self._allocate_script(keys=keys, args=[n for _, n in requests])
         if reply[0] == -1:
             raise PoolNotInitialized(f"no KV pool at {self._keys.kv_meta}: init_pool was never called "
