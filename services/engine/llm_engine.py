@@ -50,6 +50,7 @@ class EngineConfig:
     max_model_len: int | None = None         # defaults to the model's context
     seed: int = 0                            # sampler seed for requests without their own
     device: str = "cpu"                      # "cuda": weights and KV pool on the GPU, Triton attention kernels
+    prefix_caching: bool = True              # reuse the KV of prompts' cached prefixes (vLLM's default too)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -116,7 +117,8 @@ class LLMEngine:
             mode=SchedulerMode.HYBRID, block_size=config.block_size, max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens, chunk_size=config.chunk_size,
             max_model_len=min(config.max_model_len or model_config.max_position, model_config.max_position),
-            eos_token_ids=tuple(dict.fromkeys((*model_config.eos_token_ids, *tokenizer.eos_token_ids))))
+            eos_token_ids=tuple(dict.fromkeys((*model_config.eos_token_ids, *tokenizer.eos_token_ids))),
+            prefix_caching=config.prefix_caching)
         return cls(
             model_config=model_config,
             tokenizer=tokenizer,

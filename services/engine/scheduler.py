@@ -11,7 +11,10 @@ chunked-prefill baseline, the prefill worker and the decode worker; they differ 
   decode   decode only; requests arrive with their KV already written (`admit_prefilled`).
 
 Blocks: a request admitted for prefill gets all its prompt blocks at once, so chunks never stall
-half-way; decode grows a request one block at a time. When a decode cannot grow, the newest running
+half-way; decode grows a request one block at a time. With `prefix_caching`, admission reuses the
+blocks of the longest cached run of the prompt's leading full blocks (`BlockAllocator.allocate_cached`)
+and only the rest is computed; a request's full blocks are keyed when a prefill chunk ends, and
+when it is preempted or finishes, so later requests (and its own recompute) find them. When a decode cannot grow, the newest running
 request is preempted: its blocks are freed and it is recomputed later (hybrid) or handed back to
 the caller to re-queue (decode).
 """
@@ -22,7 +25,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
-from services.engine.blocks import BlockAllocator, blocks_for_tokens
+from services.engine.blocks import BlockAllocator, OutOfBlocks, blocks_for_tokens
+from services.engine.prefix_hash import block_keys, reusable_keys
 from services.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 
@@ -47,6 +51,7 @@ class SchedulerConfig:
     chunk_size: int = 2048               # prompt tokens per iteration at most (hybrid and prefill)
     max_model_len: int = 8192            # prompt + completion tokens per request
     eos_token_ids: tuple[int, ...] = ()  # end a request unless it asked for ignore_eos
+    prefix_caching: bool = False         # reuse cached full blocks of a prompt's prefix (vLLM's APC)
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "chunk_size", "max_model_len"):
@@ -100,6 +105,8 @@ class Scheduler:
     waiting: collections.deque[Sequence] = field(default_factory=collections.deque)
     running: list[Sequence] = field(default_factory=list)   # in admission order; newest last
     token_budget: int | None = None                          # set by the orchestrator; None = config
+    prefix_query_tokens: int = 0                             # tokens of admissions that looked up the cache
+    prefix_hit_tokens: int = 0                               # of those, found cached (vLLM's queries / hits)
 
     def add(self, seq: Sequence) -> None:
         """Queue a new request for prefill. Raises RequestTooLarge if it could never run."""
@@ -229,16 +236,50 @@ class Scheduler:
                 # Grew (before a preemption) past what the whole pool holds: it can never run again.
                 self.finish(seq.request_id, FinishReason.LENGTH)
                 continue
-            if not self.blocks.can_allocate(needed):
+            if not self._allocate_prompt(seq, needed):
                 break    # FCFS: later requests wait too rather than overtake
             self.waiting.popleft()
-            seq.block_ids.extend(self.blocks.allocate(seq.request_id, needed))
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             chunk = self._chunk(seq, min(seq.num_uncomputed_tokens, budget))
             budget -= len(chunk.token_ids)
             chunks.append(chunk)
         return chunks
+
+    def _allocate_prompt(self, seq: Sequence, needed: int) -> bool:
+        """Blocks for a prompt (or a recompute); False when they do not fit now. With prefix caching a
+        request that holds no blocks starts its table from the cached run of its leading blocks, and
+        those tokens count as computed (the chunk starts after them)."""
+        if not (self.config.prefix_caching and not seq.block_ids):
+            if not self.blocks.can_allocate(needed):
+                return False
+            seq.block_ids.extend(self.blocks.allocate(seq.request_id, needed))
+            return True
+        keys = reusable_keys(seq.token_slice(0, seq.num_tokens), self.config.block_size)
+        try:
+            grant = self.blocks.allocate_cached(seq.request_id, keys, needed)
+        except OutOfBlocks:
+            return False
+        cached = grant.num_cached * self.config.block_size
+        seq.block_ids, seq.block_keys, seq.num_computed_tokens = grant.block_ids, keys[:grant.num_cached], cached
+        if seq.num_preemptions == 0 and not seq.output_token_ids:
+            seq.num_cached_tokens = cached
+        self.prefix_query_tokens += seq.num_tokens
+        self.prefix_hit_tokens += cached
+        return True
+
+    def cache_full_blocks(self, seq: Sequence) -> int:
+        """Key the request's full blocks whose KV is written and not keyed yet; -> how many became
+        reusable. A no-op without prefix caching."""
+        size = self.config.block_size
+        full = min(seq.num_computed_tokens // size, len(seq.block_ids))
+        start = len(seq.block_keys)
+        if not self.config.prefix_caching or full <= start:
+            return 0
+        parent = seq.block_keys[-1] if seq.block_keys else ""
+        new = block_keys(seq.token_slice(0, full * size), size, parent=parent, start_block=start)
+        seq.block_keys.extend(new)
+        return self.blocks.cache_blocks(seq.request_id, [(start + i, key) for i, key in enumerate(new)])
 
     def _chunk(self, seq: Sequence, num_tokens: int) -> ScheduledChunk:
         start = seq.num_computed_tokens
@@ -252,8 +293,10 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self.cache_full_blocks(seq)          # its recompute (or another request) may find them again
         self.blocks.free(seq.request_id)
         seq.block_ids.clear()
+        seq.block_keys.clear()
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
@@ -272,6 +315,8 @@ class Scheduler:
             if seq is None or seq.status is not SequenceStatus.RUNNING:
                 continue    # finished (cancelled, stop string) while the iteration ran
             seq.num_computed_tokens = chunk.context_len
+            if len(chunk.token_ids) > 1 or seq.is_prefilling:
+                self.cache_full_blocks(seq)  # a prompt chunk's full blocks: reusable from now on
             if not chunk.is_sampled:
                 continue
             seq.output_token_ids.append(sampled[chunk.request_id])
@@ -301,8 +346,11 @@ class Scheduler:
             self.running.remove(seq)
         else:
             self.waiting.remove(seq)
+        if reason is not FinishReason.ERROR:
+            self.cache_full_blocks(seq)      # prompt and output: a next turn resends them
         self.blocks.free(request_id)
         seq.block_ids.clear()
+        seq.block_keys.clear()
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         return seq

@@ -48,6 +48,11 @@ class Sequence:
     # sampler appends before postprocess appends the token); [-1] is the newest token's. A hand-off or
     # re-queue carries none: each engine delivers the logprobs of the tokens it sampled itself.
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    # Prefix caching: the keys of its leading full blocks that are keyed in the allocator (by this
+    # engine: found at admission, or computed here), and the prompt tokens its first admission found
+    # cached (reported in its usage).
+    block_keys: list[str] = field(default_factory=list)
+    num_cached_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:

@@ -287,3 +287,61 @@ def test_decode_growth_short_of_blocks_preempts_the_newest_and_leaks_nothing():
     assert kept == [f"r{i}" for i in range(len(kept))]
     held = sum(len(s.block_ids) for s in sched.running)
     assert held + blocks.num_free == blocks.num_blocks
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefix caching
+# ---------------------------------------------------------------------------------------------
+
+def test_a_repeated_prompt_prefills_only_its_uncached_tail():
+    sched = make_scheduler(num_blocks=16, prefix_caching=True)
+    sched.add(make_seq("a", 10, max_tokens=2))
+    run_to_end(sched)
+    assert sched.blocks.num_free == 16 and sched.blocks.num_cached == 2      # 11 of 12 tokens have KV: 2 full blocks
+    sched.add(make_seq("b", 10, max_tokens=2))
+    first = sched.schedule()
+    (chunk,) = first.prefill_chunks
+    assert chunk.start_position == 8 and chunk.token_ids == (9, 10)          # two cached blocks skipped
+    assert sched.get("b").num_cached_tokens == 8
+    assert (sched.prefix_query_tokens, sched.prefix_hit_tokens) == (20, 8)
+
+
+def test_a_prompt_that_fills_its_blocks_exactly_still_computes_its_last_block():
+    sched = make_scheduler(num_blocks=16, prefix_caching=True)
+    sched.add(make_seq("a", 8, max_tokens=1))
+    run_to_end(sched)
+    sched.add(make_seq("b", 8, max_tokens=1))
+    (chunk,) = sched.schedule().prefill_chunks
+    assert chunk.start_position == 4 and len(chunk.token_ids) == 4           # the logits need the last token
+
+
+def test_concurrent_requests_share_the_prefix_once_it_is_computed():
+    sched = make_scheduler(num_blocks=16, prefix_caching=True, chunk_size=8, max_num_batched_tokens=8)
+    sched.add(make_seq("a", 12, max_tokens=4))
+    out = sched.schedule()
+    sched.postprocess(out, {})                                               # a's first 8 tokens: 2 keyed blocks
+    sched.add(make_seq("b", 12, max_tokens=4))
+    batches = run_to_end(sched)
+    b_chunks = [c for out in batches for c in out.prefill_chunks if c.request_id == "b"]
+    assert b_chunks[0].start_position == 8
+    assert b_chunks[0].block_ids[:2] == out.prefill_chunks[0].block_ids[:2]       # the same blocks, in place
+    assert sched.blocks.num_free == 16
+
+
+def test_a_preempted_request_finds_its_own_blocks_again():
+    sched = make_scheduler(num_blocks=6, prefix_caching=True)
+    sched.add(make_seq("old", 8, max_tokens=12))
+    sched.add(make_seq("new", 8, max_tokens=12))
+    batches = run_to_end(sched)
+    recomputes = [c for out in batches for c in out.prefill_chunks if c.request_id == "new"][1:]
+    assert recomputes and recomputes[0].start_position > 0                  # not from token 0 again
+    assert sched.blocks.num_free == 6
+
+
+def test_without_prefix_caching_nothing_is_cached():
+    sched = make_scheduler(num_blocks=16)
+    sched.add(make_seq("a", 10, max_tokens=2))
+    run_to_end(sched)
+    sched.add(make_seq("b", 10, max_tokens=2))
+    (chunk,) = sched.schedule().prefill_chunks
+    assert chunk.start_position == 0 and sched.blocks.num_cached == 0
