@@ -198,7 +198,7 @@ def test_retune_by_handover_keeps_every_stream(handover_stack, offline_tokens):
     recorded = lambda: {r.name: r.pid for r in stack.read_state(s.config.state_path).processes if r.name in old}  # noqa: E731
     _wait(lambda: recorded() == new, 10, "the supervisor to record the successors")
     assert s.supervisor.poll() is None                  # an old worker's exit is no failure of the stack
-    followed = stack.follow_handovers(stack.read_state(s.config.state_path))
+    followed = stack.follow_successions(stack.read_state(s.config.state_path))
     assert all(p.health == "SERVING" for p in stack.stack_status(followed))
     decode = next(r for r in followed.processes if r.name == "decode")
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{decode.metrics_port}/metrics", timeout=10).read().decode()
