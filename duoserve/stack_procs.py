@@ -168,6 +168,8 @@ def follow_successions(state: StackState) -> StackState:
         return state
     records: list[ProcessRecord] = []
     for r in state.processes:
+        if any(k.pid == r.pid for k in records):
+            continue                                     # already there: a standby the file listed, now followed
         if r.name not in SUCCESSION_NAMES:
             records.append(r)
             continue
@@ -180,7 +182,7 @@ def follow_successions(state: StackState) -> StackState:
         live = [c for c in chain if is_alive(c.pid, c.start_time)]
         if launch is not None and launch.pid not in {c.pid for c in chain} and is_alive(launch.pid, launch.start_time):
             live.append(as_launched(r, launch))          # mid-succession: the standby beside its worker
-        records.extend(live or chain[-1:])
+        records.extend(c for c in (live or chain[-1:]) if not any(k.pid == c.pid for k in records))
     return replace(state, processes=tuple(records))
 
 

@@ -13,8 +13,8 @@ A succession's life, and who writes what:
              the supervisor pushes StandbyStatus(ready=False) when the standby dies before it
   switch     the retiring worker: in one MULTI, RPUSH <p>:succession:<worker id>:state SuccessionState
              (services/common/contracts.py), HSET <p>:successors <old pid> "<new pid>:<start time>"
-             (`duoserve status`, `down` and the supervisor follow it), and the request and launch
-             records deleted
+             (`duoserve status`, `down` and the supervisor follow it), and its request deleted; the
+             launch record stays (the successor's command line) until the role's next launch
   failed     the retiring worker withdraws its request (HDEL) and keeps serving
 
 Compatibility: `<p>:successors` keeps its name and value format, so a `duoserve status` or `down` of
@@ -96,7 +96,6 @@ def request_standby(client: Any, prefix: str, request: StandbyRequest) -> None:
     """Ask for a standby; a stale status of an earlier attempt is dropped first."""
     pipe = client.pipeline(transaction=True)
     pipe.delete(_ready(prefix, request.worker_id))
-    pipe.hdel(_standbys(prefix), request.role)
     pipe.hset(_requests(prefix), request.role, to_json(request))
     pipe.execute()
 
@@ -127,7 +126,7 @@ def hand_over(pipe: Any, prefix: str, role: str, state: SuccessionState, old_pid
     key = _state(prefix, state.from_worker_id)
     pipe.rpush(key, to_json(state)).expire(key, KEY_TTL_S)
     pipe.hset(_successors(prefix), str(old_pid), f"{successor.pid}:{successor.start_time}")
-    pipe.hdel(_requests(prefix), role).hdel(_standbys(prefix), role)
+    pipe.hdel(_requests(prefix), role)       # the launch record stays: the successor's command line, until the next
 
 
 # ------------------------------------------------------------------------------- the standby

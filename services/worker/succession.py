@@ -56,7 +56,7 @@ if TYPE_CHECKING:                      # loop.py holds a Succession; only the ty
 log = logging.getLogger("duoserve.succession")
 
 STANDBY_TIMEOUT_S = 600.0       # a standby that never gets the old worker's state gives up
-LAUNCH_TIMEOUT_S = 15.0         # no standby recorded by then: no supervisor is starting one
+LAUNCH_TIMEOUT_S = 30.0         # no standby recorded by then: no supervisor is starting one
 CHECK_S = 0.25                  # how often the retiring worker looks for its standby's launch and life
 WARMUP_TOKENS = 8               # prompt tokens of the warm-up forward (then one decode step)
 
