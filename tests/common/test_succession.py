@@ -257,3 +257,42 @@ def test_wire_round_trip_of_a_switch(redis_client, keys):
     assert wire.wait_state(redis_client, keys.prefix, "prefill-1", timeout_s=1) == state
     assert wire.successors(redis_client, keys.prefix) == {10: (11, 21)}
     assert wire.requests(redis_client, keys.prefix) == {}
+
+
+def test_a_worker_containers_reaper_starts_its_standby(redis_client, keys):
+    """compose runs no supervisor: the reaper answers its own workers' requests (duoserve/reaper.py)."""
+    import os
+    import signal
+
+    from duoserve.reaper import ContainerStandbys, ReaperConfig
+    config = ReaperConfig.of([sys.executable, "-c", "import time; time.sleep(30)", "services.decode.main",
+                              "--key-prefix", keys.prefix, "--cpus", "1"], {"REDIS_URL": "redis://x"})
+    assert (config.role, config.key_prefix, config.redis_url) == ("decode", keys.prefix, "redis://x")
+    worker = subprocess.Popen(config.argv, start_new_session=True)
+    other = subprocess.Popen(["sleep", "30"], start_new_session=True)         # not of the group
+    launcher = ContainerStandbys(config, redis_client)
+    launcher.started.append(worker.pid)
+    try:
+        start = stack.process_start_time(other.pid)
+        wire.request_standby(redis_client, keys.prefix, wire.StandbyRequest("decode", "d-0", other.pid, start, (0,),
+                                                                             0, 1.0))
+        launcher.tick()
+        assert wire.launch_for(redis_client, keys.prefix, "decode", "d-0") is None
+        start = stack.process_start_time(worker.pid)
+        wire.request_standby(redis_client, keys.prefix, wire.StandbyRequest("decode", "d-1", worker.pid, start, (0,),
+                                                                             0, 1.0))
+        launcher.tick()
+        launcher.tick()                                               # one standby, not two
+        launch = wire.launch_for(redis_client, keys.prefix, "decode", "d-1")
+        assert launch is not None and launcher.started == [worker.pid, launch.pid]   # signals reach both groups
+        assert launch.argv[-2:] == ("--cpus", "0")
+        cmdline = _wait(lambda: open(f"/proc/{launch.pid}/cmdline").read())      # once it has exec'd
+        assert cmdline.split("\0")[-3:-1] == ["--takeover-from", "d-1"]
+    finally:
+        for pid in launcher.started:
+            os.killpg(pid, signal.SIGKILL)
+        worker.wait()
+        other.kill()
+        other.wait()
+        for pid in launcher.started[1:]:
+            os.waitpid(pid, 0)                          # our child: reaped

@@ -35,7 +35,7 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Li
            "What is two plus two?", "Give me a word that rhymes with blue."]
 MAX_TOKENS = 64
 LONG_PROMPT = " ".join(f"item {i}," for i in range(100))   # ~400 tokens: several prefill chunks of 64
-KEEPER_TOKENS = 1000                                          # outlasts both handovers on a slow machine
+KEEPER_TOKENS = 1000                                          # outlasts both successions on a slow machine
 NEW_CUDA_SHARE = 0.7                                          # cuda: the new MPS percentage / 100
 
 
@@ -166,7 +166,7 @@ def _retune_under_load(s: RunningStack, old: dict[str, int]) -> list[list[int]]:
     _wait(lambda: all(e.is_set() for e in started[:4]), 120, "the first streams' tokens")
     _set_share(s, "decode")
     _wait(lambda: _queued_while_retuning(s, "decode"), 30, "decode to start its succession")
-    with duoserve.Client(s.target, timeout=300) as client:   # a cancel during the handover is honoured
+    with duoserve.Client(s.target, timeout=300) as client:   # a cancel during the succession is honoured
         doomed = client.stream(prompt="Tell me a long story.", max_tokens=400, ignore_eos=True)
         next(iter(doomed))
         doomed.close()
@@ -181,7 +181,7 @@ def _retune_under_load(s: RunningStack, old: dict[str, int]) -> list[list[int]]:
         for t in threads + loaders:
             t.join(timeout=300)
     assert loaded and all(c.usage.completion_tokens == 2 for c in loaded)
-    assert 0 < len(kept) < KEEPER_TOKENS       # it ran across both handovers and was cancelled after
+    assert 0 < len(kept) < KEEPER_TOKENS       # it ran across both successions and was cancelled after
     return results
 
 
@@ -191,7 +191,7 @@ def _handed_over(log_path: str, what: str) -> bool:
     return "took over from" in text and f" 0 {what}" not in text.split("took over from")[1].splitlines()[0]
 
 
-def test_retune_by_handover_keeps_every_stream(handover_stack, offline_tokens):
+def test_retune_by_succession_keeps_every_stream(handover_stack, offline_tokens):
     s = handover_stack
     start_free = s.num_free_blocks()
     old = {phase: s.process(phase).pid for phase in ("prefill", "decode")}
