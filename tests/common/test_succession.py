@@ -228,6 +228,10 @@ def test_the_supervisor_starts_the_standby_and_reports_its_death(redis_server, r
         assert launch is not None and list(popens) == [launch.pid], said
         assert launch.argv == argv[:3] + ("--cpus", "0,1")             # new cores, no --takeover-from
         assert popens[launch.pid].args[-2:] == ["--takeover-from", "decode-1"]
+        again = Standbys({}, said.append)        # a supervisor started again mid-succession: no second standby
+        again.tick(state)
+        assert not again.popens and wire.launch_for(redis_client, keys.prefix, "decode", "decode-1") == launch
+        again.close()
         followed = stack.follow_successions(state)
         assert [r.pid for r in followed.processes] == [worker.pid, launch.pid]   # `down` stops both
         popens[launch.pid].kill()
