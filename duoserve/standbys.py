@@ -41,6 +41,7 @@ class Standbys:
         self.say = say
         self.watched: dict[int, _Watched] = {}   # standby pid -> what it was started for
         self._client: Any = None
+        self._failing = False                    # Redis did not answer at the last tick: said once
 
     def tick(self, state: StackState) -> None:
         """Best effort: with Redis away nothing is started (the workers time out and keep serving)."""
@@ -56,8 +57,11 @@ class Standbys:
                     started = launched.get(role)
                     if started is None or started.worker_id != request.worker_id:
                         self._start(client, state, request)
+            self._failing = False
         except Exception as e:   # noqa: BLE001: Redis errors of any kind; the next tick tries again
-            self.say(f"standbys: {e}")
+            if not self._failing:
+                self.say(f"standby requests unread (retunes by succession wait): {e}")
+            self._failing = True
             self.close()
 
     def close(self) -> None:
