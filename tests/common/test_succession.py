@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -215,7 +216,7 @@ def test_the_supervisor_starts_the_standby_and_reports_its_death(redis_server, r
         start = stack.process_start_time(worker.pid)
         argv = (sys.executable, "-c", "import time; time.sleep(60)", "--cpus", "1")
         state = _state(redis_server.url, keys.prefix, worker.pid, start, argv)
-        state = stack.replace(state, processes=(stack.replace(state.processes[0], log=str(tmp_path / "d.log")),))
+        state = replace(state, processes=(replace(state.processes[0], log=str(tmp_path / "d.log")),))
         stale = wire.StandbyRequest("decode", "decode-0", 1, 1, (0, 1), 0, time.time())
         wire.request_standby(redis_client, keys.prefix, stale)
         standbys.tick(state)
@@ -300,3 +301,75 @@ def test_a_worker_containers_reaper_starts_its_standby(redis_client, keys):
         other.wait()
         for pid in launcher.started[1:]:
             os.waitpid(pid, 0)                          # our child: reaped
+
+
+class _FakeWorker:
+    """What Succession uses of a Worker (services/worker/loop.py), without an engine."""
+
+    def __init__(self, client, keys) -> None:
+        from types import SimpleNamespace
+        self.config = replace(_config(device="cuda"), worker_id="decode-9-a")   # cuda: no cores of ours move
+        self.client, self.keys = client, keys
+        self.control = WorkerControl(ShareState(0.5, (), 0))
+        self.stats = SimpleNamespace(iterations=7)
+        self.exported: list[ShareState] = []
+
+    def report(self) -> None:
+        pass
+
+    def export_state(self, share: ShareState) -> SuccessionState:
+        self.exported.append(share)
+        return SuccessionState(self.config.worker_id, share.share, (), 0, share.requested_at, time.time())
+
+
+def _begin(worker: _FakeWorker, share: float) -> tuple:
+    from services.worker.succession import Succession
+    succession = Succession(worker, release_ports=lambda: None)
+    requested, _ = worker.control.request_share(ShareState(share, (), 0), lambda c, n: True)
+    succession.begin(worker.control.take_requested_share())
+    return succession, requested
+
+
+def test_the_retiring_worker_keeps_serving_when_its_standby_dies(redis_client, keys):
+    worker = _FakeWorker(redis_client, keys)
+    succession, _ = _begin(worker, 0.7)
+    request = wire.request_of(redis_client, keys.prefix, "decode", "decode-9-a")
+    assert request is not None and request.mps_percentage == 70 and worker.control.retuning
+    queued, status = worker.control.request_share(ShareState(0.3, (), 0), lambda c, n: True)
+    assert status is ShareStatus.QUEUED
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    wire.record_launch(redis_client, keys.prefix, "decode", wire.StandbyLaunch("decode-9-a", dead.pid, 1, ()))
+    assert succession.poll() is False
+    assert not succession.pending and not worker.control.retuning and worker.control.share.share == 0.5
+    assert wire.requests(redis_client, keys.prefix) == {}                  # withdrawn
+    assert worker.control.take_requested_share() == queued                # the queued share: taken next
+
+
+def test_no_supervisor_no_succession(redis_client, keys, monkeypatch):
+    from services.worker import succession as worker_succession
+    monkeypatch.setattr(worker_succession, "LAUNCH_TIMEOUT_S", 0.0)
+    worker = _FakeWorker(redis_client, keys)
+    succession, _ = _begin(worker, 0.7)
+    time.sleep(0.01)
+    assert succession.poll() is False and not succession.pending and worker.control.share.share == 0.5
+
+
+def test_the_switch_hands_the_state_over_and_stops_the_worker(redis_client, keys):
+    worker = _FakeWorker(redis_client, keys)
+    succession, requested = _begin(worker, 0.7)
+    standby = subprocess.Popen(["sleep", "30"])
+    try:
+        start = stack.process_start_time(standby.pid)
+        wire.record_launch(redis_client, keys.prefix, "decode", wire.StandbyLaunch("decode-9-a", standby.pid, start, ()))
+        assert succession.poll() is False                                  # launched, not ready
+        wire.signal_status(redis_client, keys.prefix, "decode-9-a", wire.StandbyStatus(standby.pid, ready=True))
+        assert succession.poll() is True and worker.control.stopping
+        assert worker.exported == [requested]
+        state = wire.wait_state(redis_client, keys.prefix, "decode-9-a", timeout_s=1)
+        assert state is not None and state.share == 0.7
+        import os
+        assert wire.successors(redis_client, keys.prefix) == {os.getpid(): (standby.pid, start)}
+    finally:
+        standby.kill()
+        standby.wait()
