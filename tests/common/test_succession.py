@@ -373,3 +373,37 @@ def test_the_switch_hands_the_state_over_and_stops_the_worker(redis_client, keys
     finally:
         standby.kill()
         standby.wait()
+
+
+def test_a_stack_started_with_restart_never_still_gets_its_standbys(redis_server, redis_client, keys, tmp_path):
+    """A succession is no restart: the supervisor of a `--restart never` stack starts standbys too."""
+    import threading
+
+    from duoserve.supervisor import Supervisor
+    worker = subprocess.Popen(["sleep", "60"])
+    stop = threading.Event()
+    torn_down: list = []
+    try:
+        start = stack.process_start_time(worker.pid)
+        state = _state(redis_server.url, keys.prefix, worker.pid, start,
+                       (sys.executable, "-c", "import time; time.sleep(60)"))
+        state = replace(state, processes=(replace(state.processes[0], log=str(tmp_path / "d.log")),))
+        stack.write_state(tmp_path / "state.json", state)
+        supervisor = Supervisor(tmp_path / "state.json", restart=False, stop_requested=stop, say=lambda m: None,
+                                teardown=torn_down.append)
+        thread = threading.Thread(target=supervisor.run, args=(state,))
+        thread.start()
+        wire.request_standby(redis_client, keys.prefix, wire.StandbyRequest("decode", "decode-1", worker.pid, start,
+                                                                             (0,), 0, time.time()))
+        launch = _wait(lambda: wire.launch_for(redis_client, keys.prefix, "decode", "decode-1"))
+        assert launch.pid in supervisor.popens and thread.is_alive()
+        stop.set()
+        thread.join(10)
+        assert torn_down and [r.pid for r in torn_down[0].processes] == [worker.pid]
+    finally:
+        stop.set()
+        worker.kill()
+        worker.wait()
+        for popen in supervisor.popens.values():
+            popen.kill()
+            popen.wait()
