@@ -44,10 +44,10 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from duoserve.stack_plan import (LOOPBACK, SHM_DIR, STATE_FILE, STATE_VERSION, PORT_RETRIES,
-    UNIX_SOCKET_PATH_MAX, BIND_FAILURES, HEALTHY, HANDOVER_NAMES, StackError, Mode, StackConfig, Layout,
+    UNIX_SOCKET_PATH_MAX, BIND_FAILURES, HEALTHY, SUCCESSION_NAMES, StackError, Mode, StackConfig, Layout,
     ProcessSpec, stage_names, ports_needed, redis_url_of, redis_auth_conf, plan, process_spec)
 from duoserve.stack_procs import (bindable, ProcessRecord, StackState, write_state, read_state, make_stack_dir,
-    stack_lock, process_start_time, is_alive, follow_handovers, signal_process, stop_processes,
+    stack_lock, process_start_time, is_alive, follow_successions, signal_process, stop_processes,
     pick_free_ports, port_in_use, grpc_health, redis_health, health_of, record_health, log_tail, remove_segments,
     find_redis_server, launch_process)
 from duoserve import supervisor
@@ -56,10 +56,10 @@ from services.common import mps
 
 __all__ = [   # the supervisor's API, with the plan and process helpers it re-exports
     "LOOPBACK", "SHM_DIR", "STATE_FILE", "STATE_VERSION", "PORT_RETRIES", "UNIX_SOCKET_PATH_MAX",
-    "BIND_FAILURES", "HEALTHY", "HANDOVER_NAMES", "StackError", "Mode", "StackConfig", "Layout",
+    "BIND_FAILURES", "HEALTHY", "SUCCESSION_NAMES", "StackError", "Mode", "StackConfig", "Layout",
     "ProcessSpec", "stage_names", "ports_needed", "redis_url_of", "plan", "process_spec", "ProcessRecord", "StackState",
     "write_state", "read_state", "make_stack_dir", "stack_lock", "process_start_time", "is_alive",
-    "follow_handovers", "signal_process", "stop_processes", "pick_free_ports", "port_in_use", "grpc_health",
+    "follow_successions", "signal_process", "stop_processes", "pick_free_ports", "port_in_use", "grpc_health",
     "redis_health", "health_of", "log_tail", "remove_segments", "find_redis_server", "up", "teardown",
     "down", "ProcessStatus", "stack_status", "status",
 ]
@@ -244,7 +244,7 @@ def _check_not_running(config: StackConfig, say: Callable[[str], None]) -> None:
     state = read_state(config.state_path)
     if state is None:
         return
-    state = follow_handovers(state)
+    state = follow_successions(state)
     if is_alive(state.supervisor_pid, state.supervisor_start_time) or \
             any(is_alive(r.pid, r.start_time) for r in state.processes):
         raise StackError(
@@ -339,7 +339,7 @@ def _supervise(config: StackConfig, state: StackState, popens: dict[str, subproc
 def teardown(state: StackState, state_path: Path, stop_timeout_s: float,
              say: Callable[[str], None]) -> None:
     """Stop every process of `state` (reverse stage order) and remove what the stack left behind."""
-    state = follow_handovers(state)
+    state = follow_successions(state)
     for stage in sorted({r.stage for r in state.processes}, reverse=True):
         group = [r for r in state.processes if r.stage == stage]
         killed = stop_processes([(r.pid, r.start_time) for r in group], stop_timeout_s)
@@ -449,7 +449,7 @@ def status(state_dir: Path, name: str, *, as_json: bool, out: TextIO | None = No
         else:
             print(f"no stack named {name!r}", file=out)
         return 1
-    procs = stack_status(follow_handovers(state))
+    procs = stack_status(follow_successions(state))
     ok = bool(procs) and all(p.health == HEALTHY for p in procs)
     if as_json:
         print(json.dumps({

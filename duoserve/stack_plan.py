@@ -24,7 +24,7 @@ BIND_FAILURES = ("address already in use", "cannot listen on", "failed to bind",
                  "could not create server tcp listening socket")
 HEALTHY = "SERVING"
 REDIS_AUTH_CONF = "auth.conf"      # in <stack dir>/redis: the stack's Redis password (mode 0600), not in argv
-HANDOVER_NAMES = ("prefill", "decode")   # workers that may replace themselves (retune by handover)
+SUCCESSION_NAMES = ("prefill", "decode")   # workers that may be replaced by a successor (retune by succession)
 
 
 def restart_with(name: str, device: str, memory_kept: bool) -> tuple[str, ...]:

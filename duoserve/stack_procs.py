@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from duoserve.credentials import url_password
+from services.common import succession
 from services.common.pids import process_start_time  # noqa: F401 (re-exported: duoserve.stack)
-from duoserve.stack_plan import LOOPBACK, SHM_DIR, STATE_VERSION, HEALTHY, HANDOVER_NAMES, StackError
+from duoserve.stack_plan import LOOPBACK, SHM_DIR, STATE_VERSION, HEALTHY, SUCCESSION_NAMES, StackError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,30 +147,49 @@ def is_alive(pid: int | None, start_time: int | None) -> bool:
     return now is not None and (start_time is None or now == start_time)
 
 
-def follow_handovers(state: StackState) -> StackState:
-    """The stack as it is after retunes by handover (services/worker/handover.py): a worker replaced
-    itself with a successor it started, recording "old pid" -> "new pid:start time" in Redis
-    (`<key_prefix>:successors`). Each worker record follows that chain: its live processes take its
-    place (mid-handover, the old worker and its standby both). Best effort: without Redis, unchanged."""
-    if not any(r.name in HANDOVER_NAMES for r in state.processes):
+def follow_successions(state: StackState) -> StackState:
+    """The stack as it is after retunes by succession (services/common/succession.py): a worker
+    replaced by a successor the supervisor started, recorded at the switch as "old pid" -> "new
+    pid:start time" in Redis. Each worker record follows that chain: its live processes take its place,
+    the successor with the command line and environment it was started with (the role's from then
+    on); mid-succession a live standby is listed beside the worker, so `down` stops it too. Best
+    effort: without Redis, unchanged."""
+    if not any(r.name in SUCCESSION_NAMES for r in state.processes):
         return state
     try:
         import redis
         client = redis.Redis.from_url(state.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
-        raw = client.hgetall(f"{state.key_prefix}:successors")
-        client.close()
+        try:
+            successors = succession.successors(client, state.key_prefix)
+            standbys = succession.standbys(client, state.key_prefix)
+        finally:
+            client.close()
     except Exception:          # noqa: BLE001: Redis gone; the state file is all there is
         return state
-    successors = {int(k): tuple(int(x) for x in v.split(b":")) for k, v in raw.items()}
     records: list[ProcessRecord] = []
     for r in state.processes:
+        if any(k.pid == r.pid for k in records):
+            continue                                     # already there: a standby the file listed, now followed
+        if r.name not in SUCCESSION_NAMES:
+            records.append(r)
+            continue
+        launch = standbys.get(r.name)
         chain = [r]
-        while r.name in HANDOVER_NAMES and chain[-1].pid in successors and len(chain) < 1000:
+        while chain[-1].pid in successors and len(chain) < 1000:
             pid, start = successors[chain[-1].pid]
-            chain.append(replace(r, pid=pid, start_time=start))
+            chain.append(as_launched(r, launch) if launch is not None and launch.pid == pid
+                         else replace(r, pid=pid, start_time=start))
         live = [c for c in chain if is_alive(c.pid, c.start_time)]
-        records.extend(live or chain[-1:])
+        if launch is not None and launch.pid not in {c.pid for c in chain} and is_alive(launch.pid, launch.start_time):
+            live.append(as_launched(r, launch))          # mid-succession: the standby beside its worker
+        records.extend(c for c in (live or chain[-1:]) if not any(k.pid == c.pid for k in records))
     return replace(state, processes=tuple(records))
+
+
+def as_launched(record: ProcessRecord, launch: succession.StandbyLaunch) -> ProcessRecord:
+    """A role's record for the standby started for it: its pid, command line and MPS percentage."""
+    return replace(record, pid=launch.pid, start_time=launch.start_time, argv=launch.argv or record.argv,
+                   env=succession.standby_env(record.env, launch.mps_percentage))
 
 
 def _reap(pid: int) -> None:

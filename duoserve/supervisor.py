@@ -4,7 +4,10 @@ It runs inside a foreground `duoserve up`, and for a detached stack as a process
 (`python -m duoserve.supervisor`, started by `up --detach` and recorded in the state file, where
 `duoserve down` finds and signals it). A process's life here:
   watched    every 0.5 s: alive (its pid together with its start time)? A worker gone after a retune
-             by handover lives on as the successor it started, which is watched in its place
+             by succession lives on as its successor, which is watched in its place
+  retuned    a worker that asks for a successor at a new share gets a standby started by the
+             supervisor, from the role's recorded command line (duoserve/standbys.py); after the
+             switch the successor is the role's process (restarts, `duoserve status`)
   dead       reported with the tail of its log; its restart is scheduled by `restart_policy` (a
              backoff that doubles while it keeps dying; lower stages first)
   restarted  the same command line, environment, ports and log file; the state file records the new
@@ -32,8 +35,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from duoserve.restart_policy import RestartPolicy, RestartTracker
+from duoserve.standbys import Standbys
 from duoserve.stack_plan import HEALTHY, STATE_FILE, lost_with, restart_with
-from duoserve.stack_procs import (ProcessRecord, StackState, arena_memory, follow_handovers, record_health, is_alive,
+from duoserve.stack_procs import (ProcessRecord, StackState, arena_memory, follow_successions, record_health, is_alive,
                                   launch_process, log_tail, process_start_time, read_state, stack_lock,
                                   stop_processes, write_state)
 
@@ -58,6 +62,7 @@ class Supervisor:
         self.teardown = teardown                     # stops every process of a state and cleans up
         self.popens = {p.pid: p for p in popens}     # our own children: polled, so none stays a zombie
         self.tracker = RestartTracker(policy or RestartPolicy())
+        self.standbys = Standbys(self.popens, say)   # retunes by succession: starts the standbys asked for
 
     def run(self, state: StackState) -> int:
         """Until told to stop (0) or, with restarts off, a process dies (1); then the stack is torn down."""
@@ -83,6 +88,8 @@ class Supervisor:
                     self.say(f"restarting {record.name} in {delay:g} s")
             for name in self.tracker.next_to_restart(time.monotonic()):
                 state = self._restart(state, name)
+            self.standbys.tick(state)
+        self.standbys.close()
         with stack_lock(self.state_path.parent):
             self.teardown(read_state(self.state_path) or state)
         return status
@@ -95,13 +102,13 @@ class Supervisor:
         return is_alive(record.pid, record.start_time)
 
     def _find_dead(self, state: StackState) -> tuple[StackState, list[ProcessRecord]]:
-        """(the state with handover successors followed, the processes dead with nothing in their place).
+        """(the state with successions followed, the processes dead with nothing in their place).
         The state file is the record (`down`, `status` and an operator read and edit it), so it is read
         again before anything is decided about the dead, and written only when following changed it."""
         if all(self._alive(r) for r in state.processes):
             return state, []
         state = read_state(self.state_path) or state
-        followed = follow_handovers(state)
+        followed = follow_successions(state)
         alive_names = {r.name for r in followed.processes if self._alive(r)}
         last_dead = {r.name: r for r in followed.processes if r.name not in alive_names}   # one per name
         current = replace(followed, processes=tuple(r for r in followed.processes

@@ -16,7 +16,7 @@ import json
 import logging
 import threading
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 
 import grpc
 from prometheus_client import CollectorRegistry, Gauge
@@ -30,7 +30,20 @@ from orchestrator.redis_state import RedisState, Snapshot
 from services.common.redis_retry import CONNECTION_ERRORS, Outage, wait_until_up
 
 log = logging.getLogger("duoserve.orchestrator")
-RESYNC_S = 30.0      # a sent share the workers still do not report after this long is sent again
+STATUS_NAMES = {worker_pb2.SHARE_STATUS_APPLIED: "applied", worker_pb2.SHARE_STATUS_ACCEPTED: "accepted",
+                worker_pb2.SHARE_STATUS_RETUNING: "retuning by succession",
+                worker_pb2.SHARE_STATUS_QUEUED: "queued behind a succession"}
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A worker's SetComputeShare reply: the share it will be at, and its clock when it said so. Its
+    report speaks for it again once written at or after `changed_at` (WorkerReport.share_changed_at)."""
+
+    share: float
+    token_budget: int
+    changed_at: float                  # the reply's changed_at_unix_ms, in seconds
+    status: str                        # STATUS_NAMES: what it does with it
 
 
 class ControllerMetrics:
@@ -65,8 +78,8 @@ class Controller:
         self.last_snapshot: Snapshot | None = None
         self.ticks = 0
         self.metrics = ControllerMetrics()
-        self.applied: Shares | None = None       # the last shares sent; workers apply them at a boundary
-        self.applied_at = 0.0
+        self.accepted: dict[str, Accepted] = {}   # phase -> its reply to the last share sent, until its
+                                                  # report reflects it
         self._restore()
 
     # ------------------------------------------------------------------ operator settings
@@ -137,7 +150,6 @@ class Controller:
             changed = decision.shares != current
             if changed:
                 self._apply(decision.shares, snap)
-                self.applied, self.applied_at = decision.shares, snap.now
             if changed or self.last is None or decision.at_risk != self.last.at_risk:
                 self._record(decision, changed)
             self.last = decision
@@ -154,13 +166,33 @@ class Controller:
             log.info("switch cost now %.0f ms (measured)", measured)
 
     def _current_shares(self, snap: Snapshot) -> Shares | None:
+        """The shares the workers are at or moving to. A worker's report says so (the share it last
+        accepted, pending or not), unless it was written before the worker's reply to the share sent
+        last: then the reply does. No timer: a share queued behind a succession, or a succession
+        that takes long, is never sent twice; one that failed shows in the next report (the old
+        share, not pending), and the policy decides again from there."""
         prefill, decode = snap.workers.get("prefill"), snap.workers.get("decode")
         if prefill is None or decode is None:
             return None
-        reported = Shares(prefill.share, decode.share, prefill.token_budget)
-        if self.applied is not None and reported != self.applied and snap.now - self.applied_at < RESYNC_S:
-            return self.applied      # sent, not yet reported: a long prefill iteration is still running
-        return reported
+        share, budget = {}, prefill.token_budget
+        for phase, report in (("prefill", prefill), ("decode", decode)):
+            accepted = self.accepted.get(phase)
+            if accepted is not None and 0 < report.share_changed_at < accepted.changed_at:
+                share[phase] = accepted.share
+                if phase == "prefill" and accepted.token_budget:
+                    budget = accepted.token_budget
+            else:
+                self.accepted.pop(phase, None)     # the report has caught up: it speaks for the worker
+                share[phase] = report.share
+        return Shares(share["prefill"], share["decode"], budget)
+
+    def _accept(self, phase: str, reply: worker_pb2.ComputeShare, budget: int | None) -> None:
+        """Act on a worker's reply: what it accepted is where it stands until its report catches up."""
+        status = STATUS_NAMES.get(reply.status, "accepted")
+        self.accepted[phase] = Accepted(reply.share, reply.token_budget or (budget or 0),
+                                        reply.changed_at_unix_ms / 1000, status)
+        if reply.status in (worker_pb2.SHARE_STATUS_RETUNING, worker_pb2.SHARE_STATUS_QUEUED):
+            log.info("%s: share %.2f %s", phase, reply.share, status)
 
     @staticmethod
     def _queue_state(snap: Snapshot) -> QueueState:
@@ -188,8 +220,9 @@ class Controller:
             if budget:
                 request.token_budget = budget
             with grpc.insecure_channel(report.grpc_target) as channel:      # loopback: no TLS (services.common.tls)
-                worker_pb2_grpc.WorkerStub(channel).SetComputeShare(request, timeout=5,
-                                                                    metadata=bearer(self.config.secret))
+                reply = worker_pb2_grpc.WorkerStub(channel).SetComputeShare(request, timeout=5,
+                                                                            metadata=bearer(self.config.secret))
+            self._accept(phase, reply, budget)
 
     def _record(self, decision: Decision, changed: bool) -> None:
         entry = {"time_unix": time.time(), "shares": asdict(decision.shares), "changed": changed,

@@ -208,7 +208,7 @@ def test_commands_parse_with_each_process_parser(stacks, profile: str, monkeypat
             continue                                     # redis, mps: not our processes
         role = ROLE[name]
         command = [str(a) for a in service["command"]]
-        if role in ("prefill", "decode"):             # a handover's successor outlives the first worker
+        if role in ("prefill", "decode"):             # a succession's successor outlives the first worker
             assert command[:3] == ["python", "-m", "duoserve.reaper"], f"{name}: {command}"
             command = command[3:]
         assert command[:3] == ["python", "-m", MODULE[role]], f"{name}: {command}"

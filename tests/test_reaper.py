@@ -1,7 +1,7 @@
 """`python -m duoserve.reaper`, a worker container's main process, with real processes.
 
-The command stands in for a worker that hands over: it starts a successor in its own process group
-and exits, as services.worker.handover does.
+The command stands in for a worker that leaves a successor behind: it starts one in its own process
+group and exits (a reaper's own standbys, started for a retune by succession: tests/common/test_succession.py).
 """
 from __future__ import annotations
 

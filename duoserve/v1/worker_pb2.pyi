@@ -13,10 +13,23 @@ class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PHASE_PREFILL: _ClassVar[Phase]
     PHASE_DECODE: _ClassVar[Phase]
     PHASE_COLOCATED: _ClassVar[Phase]
+
+class ShareStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SHARE_STATUS_UNSPECIFIED: _ClassVar[ShareStatus]
+    SHARE_STATUS_APPLIED: _ClassVar[ShareStatus]
+    SHARE_STATUS_ACCEPTED: _ClassVar[ShareStatus]
+    SHARE_STATUS_RETUNING: _ClassVar[ShareStatus]
+    SHARE_STATUS_QUEUED: _ClassVar[ShareStatus]
 PHASE_UNSPECIFIED: Phase
 PHASE_PREFILL: Phase
 PHASE_DECODE: Phase
 PHASE_COLOCATED: Phase
+SHARE_STATUS_UNSPECIFIED: ShareStatus
+SHARE_STATUS_APPLIED: ShareStatus
+SHARE_STATUS_ACCEPTED: ShareStatus
+SHARE_STATUS_RETUNING: ShareStatus
+SHARE_STATUS_QUEUED: ShareStatus
 
 class SetComputeShareRequest(_message.Message):
     __slots__ = ("share", "cpu_ids", "token_budget")
@@ -29,20 +42,24 @@ class SetComputeShareRequest(_message.Message):
     def __init__(self, share: _Optional[float] = ..., cpu_ids: _Optional[_Iterable[int]] = ..., token_budget: _Optional[int] = ...) -> None: ...
 
 class ComputeShare(_message.Message):
-    __slots__ = ("share", "cpu_ids", "token_budget", "applied_at_iteration", "pending", "applied_at_unix_ms")
+    __slots__ = ("share", "cpu_ids", "token_budget", "applied_at_iteration", "pending", "applied_at_unix_ms", "status", "changed_at_unix_ms")
     SHARE_FIELD_NUMBER: _ClassVar[int]
     CPU_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_BUDGET_FIELD_NUMBER: _ClassVar[int]
     APPLIED_AT_ITERATION_FIELD_NUMBER: _ClassVar[int]
     PENDING_FIELD_NUMBER: _ClassVar[int]
     APPLIED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     share: float
     cpu_ids: _containers.RepeatedScalarFieldContainer[int]
     token_budget: int
     applied_at_iteration: int
     pending: bool
     applied_at_unix_ms: int
-    def __init__(self, share: _Optional[float] = ..., cpu_ids: _Optional[_Iterable[int]] = ..., token_budget: _Optional[int] = ..., applied_at_iteration: _Optional[int] = ..., pending: _Optional[bool] = ..., applied_at_unix_ms: _Optional[int] = ...) -> None: ...
+    status: ShareStatus
+    changed_at_unix_ms: int
+    def __init__(self, share: _Optional[float] = ..., cpu_ids: _Optional[_Iterable[int]] = ..., token_budget: _Optional[int] = ..., applied_at_iteration: _Optional[int] = ..., pending: _Optional[bool] = ..., applied_at_unix_ms: _Optional[int] = ..., status: _Optional[_Union[ShareStatus, str]] = ..., changed_at_unix_ms: _Optional[int] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ()

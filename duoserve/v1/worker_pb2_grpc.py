@@ -56,8 +56,10 @@ class WorkerServicer:
 
     def SetComputeShare(self, request, context):
         """Moves the worker to a new compute share. The change takes effect at an iteration boundary
-        (on CUDA, after a standby worker at the new share has taken over); the reply says whether
-        it is in effect yet. INVALID_ARGUMENT for a share outside (0, 1] or an unknown cpu id.
+        (on CUDA, after a successor at the new share has taken over: a retune by succession); the
+        reply's status says what the worker did with it. A share requested during a succession is
+        queued and applied after it (the latest request wins), never refused or dropped.
+        INVALID_ARGUMENT for a share outside (0, 1] or an unknown cpu id.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -110,15 +110,7 @@ class KeySpace:
     def worker_alive(self, worker_id: str) -> str:   # string with a TTL: "host pid start_time" of a live worker
         return f"{self.prefix}:alive:{worker_id}"
 
-    def handover_ready(self, worker_id: str) -> str:   # list: a standby's pid once it is warm (retune by handover)
-        return f"{self.prefix}:handover:{worker_id}:ready"
-
-    def handover_state(self, worker_id: str) -> str:   # list: the retiring worker's WorkerHandover for its standby
-        return f"{self.prefix}:handover:{worker_id}:state"
-
-    @property
-    def successors(self) -> str:          # hash: old worker pid -> successor pid (the supervisor follows it)
-        return f"{self.prefix}:successors"
+    # A retune by succession's keys are owned by services/common/succession.py.
 
     @property
     def epoch(self) -> str:               # string: a token set once per data set; a Redis that came back
@@ -235,7 +227,7 @@ class WorkerReport:
     phase: str
     worker_id: str
     grpc_target: str           # where its Worker service listens (SetComputeShare)
-    share: float
+    share: float               # the share it is at, or moving to (share_pending): the latest it accepted
     cpu_ids: tuple[int, ...]
     token_budget: int
     num_running: int
@@ -245,29 +237,45 @@ class WorkerReport:
     kv_blocks_total: int
     updated_at: float          # wall clock
     context_tokens: int = 0    # decode: tokens of KV its running batch reads per iteration
-    pid: int = 0               # its process (a retune by handover replaces it)
-    share_switch_ms: float = 0.0   # last retune by handover: SetComputeShare call to this worker's first iteration
+    pid: int = 0               # its process (a retune by succession replaces it)
+    share_switch_ms: float = 0.0   # last retune by succession: SetComputeShare call to this worker's first iteration
     share_switch_stall_ms: float = 0.0   # of that, the pause: the old worker's last iteration to the new one's first
     units_kind: str = ""       # what units_used counts: "sm" (cuda, the SM probe) or "core" (cpu); "" unknown
     units_used: int = 0        # SMs / cores the share in force actually gives it; 0 unknown
     units_total: int = 0       # SMs of the device / cores of the stack; 0 unknown
     host_ms: float = 0.0       # median host time per iteration (outside the forward pass), recent iterations
+    share_pending: bool = False    # `share` is requested, not in effect yet (at the next boundary, or a succession)
+    share_changed_at: float = 0.0  # its clock when its share state last changed: a SetComputeShare reply's
+                                   # changed_at_unix_ms at most this is reflected here (0: a worker from before)
 
 
 @dataclass(frozen=True, slots=True)
-class WorkerHandover:
-    """What a retiring worker gives its standby at the switch (retune by handover). No tensors: the KV
-    stays in the shared pool, owned in Redis by each request, so nothing is copied or re-owned."""
+class RequestedShare:
+    """A compute share a worker was asked for and has not applied yet (SetComputeShare's request)."""
 
-    from_worker_id: str                    # the retiring worker
-    share: float                           # the share the standby was started at
+    share: float                           # fraction of the stack's cores (or of the GPU)
+    cpu_ids: tuple[int, ...]               # its cores (CPU backend; empty on CUDA)
+    token_budget: int                      # prefill tokens per iteration (0: unchanged)
+    requested_at: float                    # wall clock of the SetComputeShare call
+
+
+@dataclass(frozen=True, slots=True)
+class SuccessionState:
+    """What a retiring worker hands its successor at the switch of a retune by succession
+    (`Worker.export_state` -> `Worker.import_state`). No tensors: the KV stays in the shared pool,
+    owned in Redis by each request, and its input entries stay pending with the retiring worker's
+    consumer, where the successor claims them; nothing is copied or re-owned."""
+
+    from_worker_id: str                    # the retiring worker (its consumer holds the pending entries)
+    share: float                           # the share the successor was started at
     cpu_ids: tuple[int, ...]               # its cores (CPU backend; empty on CUDA)
     token_budget: int                      # prefill tokens per iteration to apply (0: unchanged)
     requested_at: float                    # wall clock of the SetComputeShare call (switch latency starts)
-    released_at: float                     # wall clock when the retiring worker stopped (the stall starts)
-    # What it held, for the log: the standby claims every entry pending with the old worker's consumer
+    released_at: float                     # wall clock when the retiring worker stopped (the pause starts)
+    # What it held, for the log: the successor claims every entry pending with the old worker's consumer
     running: tuple[Handoff, ...] = ()      # decode: every request it held, mid-generation
-    pending_entry_ids: tuple[str, ...] = ()   # prefill: its queue entries (recomputed by the standby)
+    pending_entry_ids: tuple[str, ...] = ()   # prefill: its queue entries (recomputed by the successor)
+    queued: RequestedShare | None = None   # a share requested during the succession: the successor applies it
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,8 +324,10 @@ def from_json(cls: type[T], text: str | bytes | dict) -> T:
             sp["stop"] = tuple(sp.get("stop", ()))
             sp["stop_token_ids"] = tuple(sp.get("stop_token_ids", ()))
             value = SamplingParams(**sp)
-        elif f.name == "running":          # WorkerHandover's hand-offs
+        elif f.name == "running":          # SuccessionState's hand-offs
             value = tuple(from_json(Handoff, item) for item in value)
+        elif f.name == "queued" and value is not None:     # SuccessionState's queued share
+            value = from_json(RequestedShare, value)
         elif f.name == "logprobs" and isinstance(value, list):   # TokenDelivery's
             value = tuple(TokenLogprob(item["token_id"], item["logprob"],
                                        tuple(tuple(pair) for pair in item.get("top", ())))

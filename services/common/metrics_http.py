@@ -35,7 +35,7 @@ def _only_metrics(app: Callable) -> Callable:
 
 
 class MetricsServer:
-    """A registry served at `/metrics`; `close()` releases the port (a retune by handover rebinds it)."""
+    """A registry served at `/metrics`; `close()` releases the port (a retune by succession rebinds it)."""
 
     def __init__(self, port: int, registry: CollectorRegistry, addr: str = "127.0.0.1") -> None:
         # Binds now: a port in use raises OSError here, in the caller (the supervisor relaunches elsewhere).

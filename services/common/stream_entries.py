@@ -1,11 +1,11 @@
 """The wire format of every Redis stream entry (and report hash) between a stack's processes.
 
 One module, so that every writer writes the same fields: a request re-queued by a preempting decode
-or by a handover carries the same `n` and `t` as the gateway's, and the orchestrator sees it.
+or by a succession carries the same `n` and `t` as the gateway's, and the orchestrator sees it.
 
   stream             message (field `m`)          written by                    read by
   prefill queue      QueuedRequest, + `n`, `t`    gateway; decode (preempted);  prefill (group "prefill"),
-                                                  a retiring decode (handover)  orchestrator (`n`, `t` only)
+                                                  a retiring decode (succession)  orchestrator (`n`, `t` only)
   decode admit       Handoff                      prefill                       decode (group "decode")
   cancel             CancelNotice                 gateway                       every worker (CancelWatcher)
   reply:<gateway>    TokenDeliveries              prefill, decode               that gateway

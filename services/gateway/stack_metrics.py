@@ -5,7 +5,7 @@ is told those endpoints (`--peer-metrics NAME=HOST:PORT`, which `duoserve up` fi
 the HTTP API's `/metrics` fetches them all at each scrape. Every series gains a `process` label (the
 gateway's own: `process="gateway"`), so the same family from two processes (prefill's and decode's
 `duoserve:iteration_seconds`) stays two series under one HELP/TYPE. `duoserve:scrape_up{process}`
-says which endpoints answered (1) or not (0): a worker in the middle of a handover may not.
+says which endpoints answered (1) or not (0): a worker in the middle of a succession may not.
 """
 from __future__ import annotations
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import enum
 import os
-import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,8 @@ from typing import Sequence
 from duoserve.credentials import redis_url_from_env, secret_from_env
 
 
-RETUNE_MODES = ("inplace", "handover")
+RETUNE_MODES = ("inplace", "succession")
+RETUNE_MODE_ALIASES = {"handover": "succession"}   # its name before: stacks and scripts still say it
 DEVICES = ("cpu", "cuda")
 WEIGHT_LAYOUTS = ("packed", "shared")
 
@@ -48,10 +48,10 @@ class WorkerConfig:
     chunk_size: int = 512               # colocated: prompt tokens per iteration (chunked prefill)
     idle_block_ms: int = 50             # how long an idle worker blocks on its queue per poll
     worker_id: str = ""                 # unique per process instance
-    retune_mode: str = "inplace"        # SetComputeShare: "inplace" (cpu: move threads) | "handover" (a standby
-                                        # at the new share takes over; cuda always: an MPS limit is fixed per process)
-    takeover_from: str = ""             # a standby: the worker id it takes over from (started by that worker)
-    launch_argv: tuple[str, ...] = ()   # this process's arguments, so a handover can start its successor alike
+    retune_mode: str = "inplace"        # SetComputeShare: "inplace" (cpu: move threads) | "succession" (a
+                                        # successor at the new share takes over; cuda always: an MPS limit is
+                                        # fixed per process)
+    takeover_from: str = ""             # a standby: the worker id it takes over from (the supervisor started it)
     device: str = "cpu"                 # "cpu", or "cuda": the arena's CUDA memory, compute on cuda:0
     mps_percentage: int | None = None   # cuda: CUDA_MPS_ACTIVE_THREAD_PERCENTAGE this process started with
     weights: str = "packed"             # cpu: "packed" = a private oneDNN-packed copy of the linear weights
@@ -85,15 +85,6 @@ class WorkerConfig:
         return f"{self.phase.value}"
 
 
-def successor_environ(mps_percentage: int | None) -> dict[str, str]:
-    """The environment of a standby started by a retune by handover: this process's, with the new
-    MPS active thread percentage on cuda (its limit is fixed when its context is created)."""
-    env = dict(os.environ)
-    if mps_percentage is not None:
-        env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(mps_percentage)
-    return env
-
-
 def _percentage(text: str | None) -> int | None:
     """MPS's variable may be fractional ("33.3"); the share we report is whole percent."""
     return None if not text else max(1, min(100, round(float(text))))
@@ -124,8 +115,11 @@ def parse_args(phase: Phase, argv: Sequence[str] | None = None) -> WorkerConfig:
     p.add_argument("--device", choices=DEVICES, default="cpu",
                    help="cpu, or cuda (attach the arena's CUDA memory; the SM share comes from MPS, "
                         "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE)")
-    p.add_argument("--retune-mode", choices=RETUNE_MODES, default=env.get("DUOSERVE_RETUNE_MODE") or None,
-                   help="how SetComputeShare changes the share (default: inplace on cpu, handover on cuda)")
+    p.add_argument("--retune-mode", choices=(*RETUNE_MODES, *RETUNE_MODE_ALIASES),
+                   default=env.get("DUOSERVE_RETUNE_MODE") or None,
+                   help="how SetComputeShare changes the share: inplace, or succession (a successor process "
+                        "at the new share takes over; 'handover' is its old name). Default: inplace on cpu, "
+                        "succession on cuda")
     p.add_argument("--weights", choices=WEIGHT_LAYOUTS, default="packed",
                    help="cpu: packed = this worker's own oneDNN-packed copy of the linear weights (faster "
                         "GEMMs, more memory); shared = run on the arena's copy in place (zero copy)")
@@ -134,9 +128,10 @@ def parse_args(phase: Phase, argv: Sequence[str] | None = None) -> WorkerConfig:
                         "pass, ask for decode's next blocks during this one, read inputs only when a doorbell "
                         "thread saw some; off: all of it on the loop's thread, every iteration "
                         "(env DUOSERVE_OVERLAP_PUBLISH)")
-    p.add_argument("--takeover-from", default="", help=argparse.SUPPRESS)   # set by a worker for its standby
+    p.add_argument("--takeover-from", default="", help=argparse.SUPPRESS)   # set by the supervisor for a standby
     a = p.parse_args(argv)
-    retune_mode = a.retune_mode or ("handover" if a.device == "cuda" else "inplace")   # an MPS limit is fixed
+    retune_mode = a.retune_mode or ("succession" if a.device == "cuda" else "inplace")   # an MPS limit is fixed
+    retune_mode = RETUNE_MODE_ALIASES.get(retune_mode, retune_mode)
     return WorkerConfig(
         phase=phase, redis_url=redis_url_from_env(env, a.redis_url), key_prefix=a.key_prefix, port=a.port, metrics_port=a.metrics_port,
         arena_socket=a.arena_socket, model=a.model, cache_dir=a.cache_dir, dtype=a.dtype, cpu_ids=a.cpus,
@@ -144,5 +139,4 @@ def parse_args(phase: Phase, argv: Sequence[str] | None = None) -> WorkerConfig:
         chunk_size=a.chunk_size, worker_id=f"{phase.value}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
         retune_mode=retune_mode, takeover_from=a.takeover_from, device=a.device,
         mps_percentage=_percentage(env.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")), weights=a.weights,
-        overlap_publish=a.overlap_publish == "on", secret=secret_from_env(env),
-        launch_argv=tuple(sys.argv[1:] if argv is None else argv))
+        overlap_publish=a.overlap_publish == "on", secret=secret_from_env(env))

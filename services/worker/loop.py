@@ -31,11 +31,13 @@ import os
 import statistics
 import time
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import redis
 
 from services.common import stream_entries
-from services.common.contracts import Handoff, IterationSample, KeySpace, QueuedRequest, TokenDelivery, WorkerReport
+from services.common.contracts import (Handoff, IterationSample, KeySpace, QueuedRequest, RequestedShare,
+                                       SuccessionState, TokenDelivery, WorkerReport)
 from services.common.redis_queues import CancelWatcher, ensure_group, take_over_consumer
 from services.common.redis_retry import DataEpoch, DataLost, Outage
 from services.engine.blocks import blocks_for_tokens
@@ -48,15 +50,17 @@ from services.worker.compute import apply_cpu_share
 from services.worker.fence import kv_fence
 from services.worker.compute_units import probe_compute_units
 from services.worker.config import Phase, WorkerConfig
-from services.worker.control import StatsSnapshot, WorkerControl
+from services.worker.control import ShareState, ShareStatus, StatsSnapshot, WorkerControl
 from services.worker.inputs import InputReader, InputStream
 from services.worker.tracked import TrackedRequest
-from services.worker.handover import needs_handover
 from services.worker.metrics import WorkerMetrics
 from services.worker.publisher import PipelinePublisher
 from services.worker import reconnect
 from services.worker.recovery import (SCAN_INTERVAL_S, heartbeat_value, queue_heartbeat, read_progress,
                                       take_over_dead)
+
+if TYPE_CHECKING:          # succession.py drives a Worker through export_state/import_state; main sets it
+    from services.worker.succession import Succession
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +86,8 @@ class Worker:
     stack_cpus: tuple[int, ...] = ()     # every core the stack may use (the cpu backend's unit total)
     kv_memory: str = ""                  # the arena memory this worker maps (ArenaExport.memory_id; "" colocated)
     tracked: dict[str, TrackedRequest] = field(default_factory=dict)   # every request this worker holds
-    retuner: object | None = None        # services.worker.handover.Retuner in handover mode (set by main)
-    switch_ms: tuple[float, float] = (0.0, 0.0)   # last handover that started this worker: latency, pause
+    succession: Succession | None = None   # retunes by succession (`--retune-mode succession`; set by main)
+    switch_ms: tuple[float, float] = (0.0, 0.0)   # last succession that started this worker: latency, pause
     stats: StatsSnapshot = field(default_factory=StatsSnapshot)
     last_report_at: float = 0.0          # time.monotonic() of the last WorkerReport written
     kv_blocks_free: int = 0              # the pool's free list length, read with each iteration's publish
@@ -142,7 +146,7 @@ class Worker:
         if time.monotonic() >= self._next_peer_scan:
             self.recover_dead_peers()
         self._apply_requested_share()
-        if self.retuner is not None and self.retuner.poll():   # a standby took over: this worker stops
+        if self.succession is not None and self.succession.poll():   # a successor took over: this worker stops
             return
         if self._poll_inputs():
             iteration_start = time.perf_counter()   # it waited for work while idle: not host time
@@ -187,13 +191,13 @@ class Worker:
                                       self.config.worker_id, self._input_type))
 
     def take_over_from(self, worker_id: str) -> None:
-        """A retiring worker's pending entries (handover.py), claimed and resumed as a dead peer's are,
-        so a standby killed later leaves them pending for recovery.py in turn."""
+        """A retiring worker's pending entries (a succession), claimed and resumed as a dead peer's are,
+        so a successor killed later leaves them pending for recovery.py in turn."""
         self.take_over(take_over_consumer(self.client, self.input_stream, self.group, self.config.worker_id,
                                           worker_id, self._input_type))
 
     def take_over(self, entries: list) -> None:
-        """Entries pending with another worker of this group (dead, or retiring by handover), or with
+        """Entries pending with another worker of this group (dead, or retiring by succession), or with
         this one before Redis went away, admitted where the client streams stopped: prefill frees the
         blocks it had half filled and recomputes the prompt; colocated too, from the prompt and the
         tokens already delivered (its progress record), so the next token is drawn after the same
@@ -212,6 +216,53 @@ class Worker:
             return
         for (entry_id, handoff), tokens in zip(entries, progress):
             self._admit_handoff(entry_id, handoff, tokens, self.scheduler.blocks.owned(handoff.request_id))
+
+    def export_state(self, share: ShareState) -> SuccessionState:
+        """Hand everything over to a successor at `share` (retune by succession, succession.py): tokens
+        already produced sent first; what it holds left pending with its consumer for the successor to
+        claim (decode: running requests with their KV in place; prefill: blocks freed, the prompts
+        recomputed; decode's not yet running: back to prefill); the device synchronized; a share
+        requested meanwhile passed on. This worker holds nothing after."""
+        self.flush_published()       # tokens already produced reach the gateway before the successor's
+        running, entry_ids, released = [], [], []
+        for request_id, tracked in list(self.tracked.items()):
+            if self.is_split_decode and tracked.seq.status is SequenceStatus.RUNNING:
+                running.append(tracked.handoff(self.kv_memory))      # KV stays in its blocks, owned by the request
+            elif not self.is_split_decode:                  # prefill: recomputed by the successor
+                self.scheduler.blocks.free(request_id)
+                entry_ids.append(tracked.entry_id)
+            else:                                           # decode, not running: no KV to hand over
+                self.scheduler.blocks.free(request_id)
+                stream_entries.add(self.client, stream_entries.queued(self.keys, tracked.requeued()))
+                released.append((tracked.entry_id, request_id))
+        self.release_inputs([e for e, _ in released], [r for _, r in released])
+        self.let_go()
+        kv_fence(self.runner.kv_cache)                      # cuda: every write to the shared KV has landed
+        queued = self.control.take_queued_share()
+        return SuccessionState(
+            self.config.worker_id, share.share, share.cpu_ids, share.token_budget, share.requested_at, time.time(),
+            tuple(running), tuple(e for e in entry_ids if e),
+            queued=RequestedShare(queued.share, queued.cpu_ids, queued.token_budget, queued.requested_at)
+            if queued is not None else None)
+
+    def import_state(self, state: SuccessionState) -> None:
+        """Take over from a retiring worker (retune by succession): its pending entries claimed as a
+        dead peer's are (decode: each request's tokens so far and its blocks read back from Redis),
+        cancels published since honoured on admission, its share and budget in force, and a share
+        requested of it during the succession left for this worker's first boundary."""
+        self.cancels.poll(self.client)
+        self.take_over_from(state.from_worker_id)
+        for tracked in self.tracked.values():
+            tracked.handoff_time = None                    # not a prefill hand-off: keep that metric clean
+        if state.token_budget:
+            self.scheduler.token_budget = state.token_budget
+        applied = self.control.share_applied(ShareState(state.share, state.cpu_ids, state.token_budget), 0)
+        self.metrics.compute_share.set(applied.share)
+        if state.queued is not None:
+            q = state.queued
+            self.control.carry_over(ShareState(q.share, q.cpu_ids, q.token_budget, requested_at=q.requested_at))
+        log.info("took over from %s: %d running requests, %d queue entries", state.from_worker_id,
+                 len(state.running), len(state.pending_entry_ids))
 
     def let_go(self) -> int:
         """Forget every request this worker holds, changing nothing in Redis, where each is recorded
@@ -250,11 +301,11 @@ class Worker:
 
     # ------------------------------------------------------------------ inputs
     def _apply_requested_share(self) -> None:
-        share = self.control.take_requested_share()
+        share = self.control.take_requested_share()     # None during a succession: a request waits behind it
         if share is None:
             return
-        if self.retuner is not None and needs_handover(self, share):
-            self.retuner.begin(share)        # a standby at the new share; this worker serves until it is ready
+        if self.succession is not None and self.succession.needed(share):
+            self.succession.begin(share)     # a successor at the new share; this worker serves until it is ready
             return
         if share.cpu_ids:
             apply_cpu_share(share.cpu_ids)
@@ -486,7 +537,7 @@ class Worker:
 
     def report(self, pipe: redis.client.Pipeline | None = None) -> None:
         """Overwrite this worker's WorkerReport in Redis (the orchestrator's view of it)."""
-        share, s, units = self.control.share, self.stats, self.control.units
+        (share, status, changed_at), s, units = self.control.wanted, self.stats, self.control.units
         report = WorkerReport(self.config.phase.value, self.config.worker_id, f"127.0.0.1:{self.config.port}",
                               share.share, share.cpu_ids, share.token_budget, s.num_running, s.num_waiting,
                               s.iterations, s.kv_blocks_free, s.kv_blocks_total, time.time(),
@@ -494,7 +545,8 @@ class Worker:
                               units_kind=units.kind if units else "", units_used=units.used if units else 0,
                               units_total=units.total if units else 0, pid=os.getpid(),
                               share_switch_ms=self.switch_ms[0], share_switch_stall_ms=self.switch_ms[1],
-                              host_ms=statistics.median(self.host_ms) if self.host_ms else 0.0)
+                              host_ms=statistics.median(self.host_ms) if self.host_ms else 0.0,
+                              share_pending=status is not ShareStatus.APPLIED, share_changed_at=changed_at)
         target = pipe or self.client.pipeline(transaction=False)
         target.hset(self.keys.worker_stats(self.config.phase.value), mapping=stream_entries.report_mapping(report))
         queue_heartbeat(target, self.keys.worker_alive(self.config.worker_id), self._heartbeat)

@@ -27,7 +27,7 @@ from services.engine.runner import ModelRunner
 from services.engine.sampler import Sampler
 from services.engine.scheduler import Scheduler, SchedulerConfig, SchedulerMode
 from services.worker.compute import apply_cpu_share, current_cpus
-from services.worker import handover
+from services.worker import succession
 from services.worker.config import Phase, WorkerConfig, parse_args
 from services.worker.control import ShareState, WorkerControl
 from services.worker.loop import Worker
@@ -114,23 +114,23 @@ def run(phase: Phase, argv: Sequence[str] | None = None) -> int:
         signal.signal(sig, lambda *_: worker.control.stop())
     handed = None
     if config.takeover_from:              # a standby: warm up, then wait for the old worker's state
-        handover.warm_up(worker)
-        handed = handover.wait_for_handover(worker, config.takeover_from)
+        succession.warm_up(worker)
+        handed = succession.wait_for_state(worker, config.takeover_from)
         if handed is None:
             if arena_view is not None:
                 arena_view.close()
             return 1
     # A standby binds the ports the old worker has just closed: everyone finds it where the old one was.
-    server, health_servicer = handover.bind_retrying(
+    server, health_servicer = succession.bind_retrying(
         lambda: start_worker_server(config, worker.control, stack_cpus), timeout_s=10.0 if handed else 0.0)
-    handover.bind_retrying(lambda: worker.metrics.serve(config.metrics_port), timeout_s=10.0 if handed else 0.0)
+    succession.bind_retrying(lambda: worker.metrics.serve(config.metrics_port), timeout_s=10.0 if handed else 0.0)
     if handed is not None:
-        handover.take_over(worker, handed)
-    if config.retune_mode == "handover":
+        worker.import_state(handed)
+    if config.retune_mode == "succession":
         def release_ports() -> None:
             server.stop(None).wait()
             worker.metrics.close()
-        worker.retuner = handover.Retuner(worker, stack_cpus, release_ports)
+        worker.succession = succession.Succession(worker, release_ports)
     worker.probe_units()                  # SMs (cuda) or cores (cpu) its share gives it, for duoctl
     worker.report()                       # visible to the orchestrator before the first iteration
     set_serving(health_servicer, True)
@@ -138,11 +138,11 @@ def run(phase: Phase, argv: Sequence[str] | None = None) -> int:
              worker.control.share.cpu_ids)
     try:
         if handed is not None:
-            handover.record_switch(worker, handed)   # its first iteration starts now
+            succession.record_switch(worker, handed)   # its first iteration starts now
         worker.run_forever()
     finally:
-        if worker.retuner is not None:
-            worker.retuner.stop_standby()    # stopped while a standby was warming up: it goes too
+        if worker.succession is not None:
+            worker.succession.withdraw()     # stopped while a standby was warming up: it goes too
         set_serving(health_servicer, False)
         worker.cancel_all(f"{phase.value} worker shut down")
         server.stop(grace=1.0)

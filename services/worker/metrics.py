@@ -47,7 +47,7 @@ class WorkerMetrics:
             "duoserve:handoff_latency_seconds", "Prefill done (hand-off published) to first decode iteration",
             labelnames=LABELS, buckets=LATENCY_BUCKETS, registry=r).labels(**labels)
         self.share_switch_seconds = Histogram(
-            "duoserve:share_switch_seconds", "Retune by handover: SetComputeShare call to the successor's first "
+            "duoserve:share_switch_seconds", "Retune by succession: SetComputeShare call to the successor's first "
             "iteration", labelnames=LABELS, buckets=SWITCH_BUCKETS, registry=r).labels(**labels)
         self._server: MetricsServer | None = None
 
@@ -63,7 +63,7 @@ class WorkerMetrics:
         self._server = serve_metrics(port, self.registry)
 
     def close(self) -> None:
-        """Release the port (a retune by handover: the successor serves it next)."""
+        """Release the port (a retune by succession: the successor serves it next)."""
         if self._server is not None:
             self._server.close()
             self._server = None

@@ -6,7 +6,7 @@ on a shared core, between two forward passes; vLLM V1 and SGLang overlap that ho
 model instead. One thread, first in first out: pipelines go out in the order they were built, so a
 request's tokens stay in order and a hand-off never overtakes its first token. A write the loop
 makes directly that must follow what is queued (a preempted request re-queued, errors at shutdown,
-a handover) calls `flush` first.
+a succession's switch) calls `flush` first.
 
 Without a thread (`threaded=False`: `--overlap-publish off`) `submit` sends at once, on the caller's
 thread, with the same interface.

@@ -15,7 +15,7 @@ A worker's life as its peers see it:
               delivered, then draws the next; decode resumes the request in place. Both read those
               tokens back from the record the dead one kept with every delivery (`read_progress`)
 Scanned when the worker starts and every SCAN_INTERVAL_S while it runs. A standby taking over at a
-retune (handover.py) claims its predecessor's entries the same way, so the same holds after it.
+retune (succession.py) claims its predecessor's entries the same way, so the same holds after it.
 """
 from __future__ import annotations
 

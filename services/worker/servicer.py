@@ -18,17 +18,22 @@ from services.common import auth
 from services.common.grpc_input import InputInterceptor
 from services.worker.compute_units import ComputeUnits
 from services.worker.config import Phase, WorkerConfig
-from services.worker.control import ShareState, WorkerControl
+from services.worker.control import ShareState, ShareStatus, WorkerControl
+from services.worker.succession import needs_successor
 
 PHASES = {Phase.PREFILL: worker_pb2.PHASE_PREFILL, Phase.DECODE: worker_pb2.PHASE_DECODE,
           Phase.COLOCATED: worker_pb2.PHASE_COLOCATED}
 SERVICE_NAME = "duoserve.v1.Worker"
+STATUSES = {ShareStatus.APPLIED: worker_pb2.SHARE_STATUS_APPLIED, ShareStatus.ACCEPTED: worker_pb2.SHARE_STATUS_ACCEPTED,
+            ShareStatus.RETUNING: worker_pb2.SHARE_STATUS_RETUNING, ShareStatus.QUEUED: worker_pb2.SHARE_STATUS_QUEUED}
 
 
-def share_to_pb(share: ShareState) -> worker_pb2.ComputeShare:
+def share_to_pb(share: ShareState, status: ShareStatus, changed_at: float) -> worker_pb2.ComputeShare:
     return worker_pb2.ComputeShare(share=share.share, cpu_ids=list(share.cpu_ids), token_budget=share.token_budget,
-                                   applied_at_iteration=share.applied_at_iteration, pending=share.pending,
-                                   applied_at_unix_ms=share.applied_at_unix_ms)
+                                   applied_at_iteration=share.applied_at_iteration,
+                                   pending=status is not ShareStatus.APPLIED,
+                                   applied_at_unix_ms=share.applied_at_unix_ms, status=STATUSES[status],
+                                   changed_at_unix_ms=int(changed_at * 1000))
 
 
 def units_to_pb(units: ComputeUnits | None) -> worker_pb2.ComputeUnits:
@@ -44,8 +49,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.stack_cpus = stack_cpus     # every core the stack may use; a share is a subset
 
     def SetComputeShare(self, request, context):
-        if self.control.retuning:      # one handover at a time; the caller retries once the successor serves
-            context.abort(grpc.StatusCode.UNAVAILABLE, "a retune by handover is in progress; retry shortly")
+        """Validated and left for the loop; during a retune by succession it is queued behind it."""
         cpu_ids = tuple(request.cpu_ids)
         allowed = set(self.stack_cpus)
         if not cpu_ids and not 0.0 < request.share <= 1.0:
@@ -65,13 +69,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"share: must be in (0, 1], got {request.share}")
             share, cpu_ids = request.share, self.control.share.cpu_ids
         budget = request.token_budget if request.HasField("token_budget") else 0
-        requested = self.control.request_share(ShareState(share, cpu_ids, budget))
-        return share_to_pb(requested)
+        requested, status = self.control.request_share(
+            ShareState(share, cpu_ids, budget), lambda current, new: needs_successor(self.config, current, new))
+        return share_to_pb(requested, status, requested.requested_at)
 
     def GetStats(self, request, context):
         s = self.control.stats
         return worker_pb2.WorkerStats(
-            phase=PHASES[self.config.phase], worker_id=self.config.worker_id, share=share_to_pb(self.control.share),
+            phase=PHASES[self.config.phase], worker_id=self.config.worker_id, share=share_to_pb(*self.control.wanted),
             num_running=s.num_running, num_waiting=s.num_waiting, iterations=s.iterations,
             tokens_processed=s.tokens_processed, requests_finished=s.requests_finished, preemptions=s.preemptions,
             last_iteration_ms=s.last_iteration_ms, last_batch_tokens=s.last_batch_tokens,

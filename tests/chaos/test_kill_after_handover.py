@@ -1,6 +1,6 @@
-"""A worker killed after a retune by handover (services/worker/handover.py) loses nothing either.
+"""A worker killed after a retune by succession (services/worker/succession.py) loses nothing either.
 
-One split stack, detached and supervised, with retunes forced to handover (DUOSERVE_RETUNE_MODE, as
+One split stack, detached and supervised, with retunes forced to succession (DUOSERVE_RETUNE_MODE, as
 the cuda backend always does) and no orchestrator (only the test sets shares). Each test: requests
 in flight, SetComputeShare on one worker, its standby takes the requests over, then `kill -9` of that
 standby; every request completes with the tokens of a run without either, every KV block is back.
@@ -35,7 +35,7 @@ def handover_stack(tmp_path_factory, default_model_dir):
                          name="chaos-handover", mode=Mode.SPLIT, num_kv_blocks=NUM_BLOCKS, startup_timeout_s=300,
                          with_orchestrator=False)
     with pytest.MonkeyPatch.context() as env:     # the workers, their standbys and restarts inherit it
-        env.setenv("DUOSERVE_RETUNE_MODE", "handover")
+        env.setenv("DUOSERVE_RETUNE_MODE", "succession")
         stack.up(config, detach=True, say=lambda m: print(m, file=sys.stderr))
     yield config
     stack.down(config.state_dir, config.name, stop_timeout_s=10, say=lambda m: None)

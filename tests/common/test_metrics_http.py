@@ -33,7 +33,7 @@ def test_only_metrics_is_served() -> None:
             assert status == 404 and "duoserve:" not in body, path
     finally:
         server.close()
-    with pytest.raises(urllib.error.URLError):      # closed: the port is released (a handover rebinds it)
+    with pytest.raises(urllib.error.URLError):      # closed: the port is released (a succession rebinds it)
         urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=2)
 
 
