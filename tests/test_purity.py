@@ -22,6 +22,7 @@ PURE_MODULES = [
     "orchestrator.policy",
     "orchestrator.simulator",
     "bench.corun",                     # gpu-check imports it before it knows there is a GPU
+    "services.common.shares",          # share <-> units <-> MPS percentage: orchestrator, workers, simulator
 ]
 
 

@@ -42,6 +42,7 @@ import torch
 
 from services.common import stream_entries
 from services.common.contracts import KeySpace, WorkerHandover, from_json, to_json
+from services.common.shares import percentage_for_share
 from services.engine.blocks import OutOfBlocks
 from services.engine.scheduler import ScheduledChunk, SchedulerOutput
 from services.engine.sequence import SequenceStatus
@@ -86,8 +87,8 @@ def needs_handover(worker, share: ShareState) -> bool:
 
 
 def mps_percentage(share: float) -> int:
-    """CUDA_MPS_ACTIVE_THREAD_PERCENTAGE for a share (1..100)."""
-    return max(1, min(100, round(share * 100)))
+    """CUDA_MPS_ACTIVE_THREAD_PERCENTAGE for a share (1..100): services.common.shares converts."""
+    return percentage_for_share(share)
 
 
 @dataclass
