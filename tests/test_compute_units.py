@@ -19,8 +19,10 @@ def test_on_the_cpu_a_worker_reports_its_cores_of_the_stack():
 
 def test_on_cuda_without_the_probe_a_worker_reports_why(tmp_path):
     units = probe_compute_units("cuda:0", (), (0, 1), library=tmp_path / "missing.so")
-    assert (units.kind, units.used, units.total) == ("sm", 0, 0)
+    assert (units.kind, units.used) == ("sm", 0)
     assert "make native" in units.error
+    # Without a driver nothing is known; with one, cuda-python still gives the device's SM count.
+    assert units.total == 0 and "driver" in units.error or units.total >= 2
 
 
 def test_units_travel_in_the_report_and_old_reports_still_read():

@@ -123,3 +123,24 @@ def assign(space: UnitSpace, prefill_share: float, decode_share: float,
     """Each phase's units for a pair of shares: prefill's cores from the front, decode's from the back."""
     return (phase_units(space, space.units_for(prefill_share), cpus, from_back=False),
             phase_units(space, space.units_for(decode_share), cpus, from_back=True))
+
+
+# ---------------------------------------------------------------------------------------------- green contexts
+
+def green_partition_units(units: int, min_partition: int, alignment: int, total: int) -> int:
+    """The SMs a green context asked for `units` SMs gets: the driver rounds the count up to its
+    alignment and its minimum partition (services.common.cuda_driver.SmResource), within the device."""
+    step = max(1, alignment)
+    rounded = -(-max(units, min_partition, 1) // step) * step
+    return min(total, rounded)
+
+
+def pick_partition(sizes: Sequence[int], units: int) -> int:
+    """Which pre-created green partition serves a phase of `units` SMs: the index of the smallest that
+    holds them all, else of the largest (a green stream is a cap, as an MPS percentage is)."""
+    if not sizes:
+        raise ValueError("no green partitions to pick from")
+    fitting = [i for i, size in enumerate(sizes) if size >= units]
+    if fitting:
+        return min(fitting, key=lambda i: sizes[i])
+    return max(range(len(sizes)), key=lambda i: sizes[i])

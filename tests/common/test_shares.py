@@ -51,3 +51,14 @@ def test_assign_gives_prefill_the_front_cores_and_decode_the_back_or_sms_and_cap
     assert core_set(cpus, 0, from_back=True) == (7,) and core_set(cpus, 9, from_back=False) == cpus
     with pytest.raises(ValueError, match="stack cores"):
         assign(UnitSpace.cpu(4), 0.5, 0.5, (0, 1))
+
+
+def test_green_partitions_round_up_to_the_drivers_alignment_and_the_phase_picks_the_smallest_that_fits():
+    from services.common.shares import green_partition_units, pick_partition
+    # Hopper: at least 8 SMs, in multiples of 8 (the driver reports both: SmResource).
+    assert [green_partition_units(u, 8, 8, 132) for u in (2, 38, 66, 132)] == [8, 40, 72, 132]
+    assert green_partition_units(38, 0, 0, 132) == 38                      # nothing known: as asked
+    sizes = (40, 72, 132)
+    assert [pick_partition(sizes, u) for u in (2, 40, 41, 132, 200)] == [0, 0, 1, 2, 2]
+    with pytest.raises(ValueError):
+        pick_partition((), 8)
