@@ -38,6 +38,13 @@ def units_to_pb(units: ComputeUnits | None) -> worker_pb2.ComputeUnits:
     return worker_pb2.ComputeUnits(kind=units.kind, used=units.used, total=units.total, error=units.error or "")
 
 
+def _check_units(space: shares.UnitSpace, units: int) -> None:
+    try:
+        space.check_units(units)
+    except ValueError as e:
+        raise ValueError(f"num_units: {e}") from None
+
+
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, config: WorkerConfig, control: WorkerControl, stack_cpus: tuple[int, ...]) -> None:
         self.config = config
@@ -66,7 +73,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if any(c not in allowed for c in cpu_ids) or len(set(cpu_ids)) != len(cpu_ids):
             raise ValueError(f"cpu_ids: must be distinct cores of {sorted(allowed)}, got {list(cpu_ids)}")
         if request.num_units:
-            space.check_units(request.num_units)
+            _check_units(space, request.num_units)
             if cpu_ids and len(cpu_ids) != request.num_units:
                 raise ValueError(f"num_units: {request.num_units} but {len(cpu_ids)} cpu_ids")
         if not cpu_ids:
@@ -84,7 +91,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         measured = self.control.units
         units = request.num_units
         if units and measured is not None and measured.total > 0:
-            shares.UnitSpace.cuda(measured.total).check_units(units)
+            _check_units(shares.UnitSpace.cuda(measured.total), units)
         return ShareState(request.share, self.control.share.cpu_ids, 0, num_units=units)
 
     def GetStats(self, request, context):

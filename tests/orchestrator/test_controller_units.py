@@ -152,3 +152,18 @@ def test_the_orchestrator_takes_the_sm_count_the_workers_measured():
     assert device_for("cuda", 114).num_units == 114 and device_for("cuda", 114).peak_flops_per_unit == 800e12 / 132
     with pytest.raises(ValueError):
         OrchestratorConfig(redis_url="", key_prefix="t", port=1, device="tpu")
+
+
+@pytest.mark.parametrize("workers", [("cpu", (0, 1, 2, 3), 4)], indirect=True)
+def test_a_cpu_worker_takes_a_core_count_from_its_end_of_the_stack_and_refuses_a_mismatch(workers):
+    from duoserve.v1 import worker_pb2
+    control, target = workers["decode"]
+    with grpc.insecure_channel(target) as channel:
+        stub = worker_pb2_grpc.WorkerStub(channel)
+        reply = stub.SetComputeShare(worker_pb2.SetComputeShareRequest(num_units=3), timeout=5)
+        assert (list(reply.cpu_ids), reply.share, reply.num_units) == ([1, 2, 3], 0.75, 3)    # decode: the back
+        for bad in (worker_pb2.SetComputeShareRequest(num_units=2, cpu_ids=[0]),
+                    worker_pb2.SetComputeShareRequest(num_units=5)):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.SetComputeShare(bad, timeout=5)
+            assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "num_units" in e.value.details()
