@@ -55,3 +55,17 @@ def test_duoctl_status_shows_one_sms_cores_column():
     column = header.index("SMs/cores") + len("SMs/cores")          # right-aligned under its header
     rows = [line for line in lines if line.startswith(("prefill", "decode"))]
     assert [row[:column].split()[-1] for row in rows] == ["1/2", "33/132"]
+
+
+def test_duoctl_status_says_what_each_share_buys_and_on_which_device():
+    shares = admin_pb2.Shares(prefill=1.0, decode=0.3, token_budget=2048, prefill_units=132, decode_units=38)
+    status = admin_pb2.StackStatus(policy=admin_pb2.PolicyState(mode="auto", shares=shares),
+                                   model_fit=admin_pb2.ModelFit(backend="gpu", unit="sm", num_units=132))
+    text = format_status(status)
+    assert "prefill 1.00 (132 SMs), decode 0.30 (38 SMs), token budget 2048" in text
+    assert "model (gpu, 132 SMs):" in text
+    cpu = admin_pb2.StackStatus(policy=admin_pb2.PolicyState(mode="auto", shares=admin_pb2.Shares(
+        prefill=0.5, decode=0.5, prefill_units=1, decode_units=1)), model_fit=admin_pb2.ModelFit(
+        backend="cpu", unit="core", num_units=2))
+    assert "prefill 0.50 (1 cores)" in format_status(cpu) and "model (cpu, 2 cores):" in format_status(cpu)
+    assert "model (cpu):" in format_status(admin_pb2.StackStatus(model_fit=admin_pb2.ModelFit(backend="cpu")))

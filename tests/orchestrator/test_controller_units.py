@@ -167,3 +167,11 @@ def test_a_cpu_worker_takes_a_core_count_from_its_end_of_the_stack_and_refuses_a
             with pytest.raises(grpc.RpcError) as e:
                 stub.SetComputeShare(bad, timeout=5)
             assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "num_units" in e.value.details()
+
+
+def test_the_orchestrator_takes_device_and_sm_count_on_its_command_line(monkeypatch):
+    from orchestrator.config import parse_args
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    config = parse_args(["--port", "1", "--device", "cuda", "--num-sms", "114", "--cpus", "0"])
+    assert (config.device, config.num_sms) == ("cuda", 114)
+    assert parse_args(["--port", "1", "--cpus", "0-1"]).device == "cpu"
