@@ -86,12 +86,17 @@ def format_units(w: pb.WorkerStatus) -> str:
     return f"{w.measured_units}/{w.units_total}" if w.units_total else str(w.measured_units)
 
 
-UNIT_NAMES = {"sm": "SMs", "core": "cores"}
+UNIT_NAMES = {"sm": ("SM", "SMs"), "core": ("core", "cores")}
+
+
+def _unit_name(count: int, unit: str) -> str:
+    one, many = UNIT_NAMES.get(unit, (unit, unit + "s"))
+    return f"{count} {one if count == 1 else many}"
 
 
 def _units(count: int, unit: str) -> str:
-    """" (66 SMs)" / " (1 cores)": what a share buys, when the orchestrator said."""
-    return f" ({count} {UNIT_NAMES.get(unit, unit + 's')})" if count and unit else ""
+    """" (66 SMs)" / " (1 core)": what a share buys, when the orchestrator said."""
+    return f" ({_unit_name(count, unit)})" if count and unit else ""
 
 
 def format_status(s: pb.StackStatus) -> str:
@@ -117,7 +122,7 @@ def format_status(s: pb.StackStatus) -> str:
 
 
 def format_fit(fit: pb.ModelFit) -> str:
-    device = f"{fit.backend}, {fit.num_units} {UNIT_NAMES.get(fit.unit, fit.unit + 's')}" if fit.num_units else fit.backend
+    device = f"{fit.backend}, {_unit_name(fit.num_units, fit.unit)}" if fit.num_units else fit.backend
     parts = [f"model ({device}):"]
     for phase in fit.phases:
         coeffs = ", ".join(f"{c.name}={c.value:.4g}" for c in phase.coefficients)

@@ -67,5 +67,5 @@ def test_duoctl_status_says_what_each_share_buys_and_on_which_device():
     cpu = admin_pb2.StackStatus(policy=admin_pb2.PolicyState(mode="auto", shares=admin_pb2.Shares(
         prefill=0.5, decode=0.5, prefill_units=1, decode_units=1)), model_fit=admin_pb2.ModelFit(
         backend="cpu", unit="core", num_units=2))
-    assert "prefill 0.50 (1 cores)" in format_status(cpu) and "model (cpu, 2 cores):" in format_status(cpu)
+    assert "prefill 0.50 (1 core)" in format_status(cpu) and "model (cpu, 2 cores):" in format_status(cpu)
     assert "model (cpu):" in format_status(admin_pb2.StackStatus(model_fit=admin_pb2.ModelFit(backend="cpu")))
