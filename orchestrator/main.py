@@ -35,6 +35,7 @@ from services.common.grpc_input import InputInterceptor
 from services.common.metrics_http import serve_metrics
 from services.common import redis_retry
 from services.common.model_info import ModelInfo, read_model_info
+from services.common.shares import device_sms
 from services.engine.model_config import ModelConfig
 
 log = logging.getLogger("duoserve.orchestrator")
@@ -51,16 +52,17 @@ def _model_info_now(client: redis.Redis, keys: KeySpace) -> ModelInfo | None:
 
 
 def _measured_sms(config: OrchestratorConfig, state: RedisState, stop: threading.Event) -> int | None:
-    """cuda: the GPU's SMs: `--num-sms`, else the most any worker measured (`units_total` of its report:
-    the SM probe's / the driver's count; services.worker.compute_units). Without a measurement within
-    SM_WAIT_S the prior's count is used, with a warning. None: stopped while waiting."""
+    """cuda: the GPU's SMs: `--num-sms`, else the most any worker measured (its report's SM counts:
+    the SM probe's, or the driver's; services.worker.compute_units; `shares.device_sms` undoes an MPS
+    cap on the reported count). Without a measurement within SM_WAIT_S the prior's count is used, with
+    a warning. None: stopped while waiting."""
     if config.num_sms:
         return config.num_sms
     deadline = time.monotonic() + SM_WAIT_S
     while True:
         try:
-            measured = max((w.units_total for w in state.snapshot().workers.values() if w.units_kind == "sm"),
-                           default=0)
+            measured = max((device_sms(w.units_used, w.units_total, w.share)
+                            for w in state.snapshot().workers.values() if w.units_kind == "sm"), default=0)
         except redis_retry.CONNECTION_ERRORS:
             measured = 0
         if measured > 0:

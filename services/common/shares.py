@@ -89,6 +89,19 @@ def share_of_percentage(percentage: int) -> float:
     return percentage / 100
 
 
+def device_sms(used: int, total: int, share: float) -> int:
+    """The GPU's SM count from one worker's measurement: `total` (the SM count its context reports) and
+    `used` (the SMs the probe's launch ran on) at its MPS `share`. If the context reports the whole GPU,
+    a capped worker's probe runs on fewer SMs than that; if it reports the capped count (which NVIDIA's
+    documentation leaves open), the probe fills it, and the whole GPU is about total / share. 0: unknown."""
+    if total <= 0:
+        return 0
+    if 0 < share < 1 and used >= total:     # the smallest GPU of whole TPCs whose cap at `share` is `total`
+        sms = math.ceil(total / share - 1e-6)
+        return -(-sms // TPC_SMS) * TPC_SMS
+    return total
+
+
 # ---------------------------------------------------------------------------------------------- assignment
 
 @dataclass(frozen=True, slots=True)

@@ -62,3 +62,12 @@ def test_green_partitions_round_up_to_the_drivers_alignment_and_the_phase_picks_
     assert [pick_partition(sizes, u) for u in (2, 40, 41, 132, 200)] == [0, 0, 1, 2, 2]
     with pytest.raises(ValueError):
         pick_partition((), 8)
+
+
+def test_the_gpus_sm_count_from_a_capped_workers_measurement():
+    from services.common.shares import device_sms
+    assert device_sms(66, 132, 0.5) == 132          # the context reports the whole GPU: the probe saw the cap
+    assert device_sms(66, 66, 0.5) == 132           # it reports the capped count: the probe filled it
+    assert device_sms(38, 38, 0.29) == 132          # 131.03 SMs -> whole TPCs
+    assert device_sms(0, 132, 0.5) == 132           # no probe, the driver's count
+    assert device_sms(132, 132, 1.0) == 132 and device_sms(0, 0, 0.5) == 0
