@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from orchestrator.coresidency import CoRun, Demand
+from services.common.shares import UnitSpace
 
 KERNELS = {
     # role: (rows, k, n): rows x k activations times k x n weights, bf16
@@ -52,8 +53,8 @@ def kernel_work(role: str) -> tuple[float, float]:
 
 
 def units_for(percentage: int, num_sms: int) -> int:
-    """SMs an MPS percentage gives, rounded down to whole TPCs (2 SMs), at least one TPC."""
-    return max(2, int(percentage * num_sms / 100 / 2) * 2)
+    """SMs an MPS percentage gives, rounded down to whole TPCs (2 SMs), at least one TPC (services.common.shares)."""
+    return UnitSpace.cuda(num_sms).units_of_percentage(percentage)
 
 
 def kernel_demand(result: KernelResult, peak_flops: float, peak_bw: float, num_sms: int) -> Demand:

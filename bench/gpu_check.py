@@ -12,6 +12,9 @@
            (default 100/30 and 70/50 %), each alone and both together (bench/corun.py); the fitted
            co-residency parameter goes to the calibration file (--coresidency-out) that the orchestrator
            and `duoserve simulate` read with --coresidency-calibration
+  driver   cuda-python (services/common/cuda_driver.py), before MPS starts: the SM count from
+           cuDeviceGetAttribute, and green contexts split at 30/50/100 % (asked -> given SMs); each
+           share's row also shows the driver's SM count inside that MPS client (is it capped?)
   stack    `duoserve up --device cuda` on that daemon: both workers are MPS clients; greedy output
            of a few prompts through the gateway equals the CPU engine's; hand-off latency (decode's
            duoserve:handoff_latency_seconds over those requests, as bench/stack_latency.py); switch
@@ -34,7 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from services.common import mps
+from services.common import cuda_driver, mps
+from services.common.shares import UnitSpace
 
 PROMPTS = [list(range(1000, 1000 + n)) for n in (7, 33, 130, 300)]   # token ids: no tokenizer differences
 EXIT_NO_GPU = 2
@@ -85,6 +89,10 @@ def measure_here(args: argparse.Namespace) -> dict:
                    probe_error=probe.error)
     except ImportError as e:
         out.update(sms=None, sms_total=None, probe_error=f"no SM probe: {e}")
+    try:                        # the driver's count in this MPS client's context: capped by its percentage or not
+        out["driver_sms"] = cuda_driver.sm_count(0)
+    except cuda_driver.CudaDriverError as e:
+        out.update(driver_sms=None, driver_error=str(e))
     batch_tokens = args.prefill_batch * args.prompt_tokens
     engine = LLMEngine.from_config(EngineConfig(
         model=args.model, cache_dir=args.cache_dir, dtype=args.dtype, device="cuda", num_kv_blocks=args.kv_blocks,
@@ -219,6 +227,32 @@ def measure_coruns(daemon: mps.MpsDaemon, args: argparse.Namespace, device: str,
     return corun.rows(runs, data["residual"], str(args.coresidency_out))
 
 
+# ---------------------------------------------------------------------------------------------- driver
+
+def driver_rows(green_shares: Sequence[float] = (0.3, 0.5, 1.0)) -> list[tuple[str, str]]:
+    """cuda-python's view (services/common/cuda_driver.py), outside MPS: the device's SM count from
+    cuDeviceGetAttribute, and green contexts split at a few shares (asked -> given SMs)."""
+    try:
+        info = cuda_driver.device_info(0)
+    except cuda_driver.CudaDriverError as e:
+        return [("SMs (driver)", f"failed: {e}")]
+    rows = [("SMs (driver)", f"{info.sm_count} (cuDeviceGetAttribute MULTIPROCESSOR_COUNT), sm_{info.compute_capability[0]}"
+                              f"{info.compute_capability[1]}, {info.total_memory_bytes / 2**30:.0f} GiB")]
+    space = UnitSpace.cuda(info.sm_count)
+    try:
+        resource = cuda_driver.sm_resource(0)
+        green = cuda_driver.GreenShares.create(space, green_shares)
+    except (cuda_driver.CudaDriverError, ValueError) as e:
+        return rows + [("green contexts", f"failed: {e}")]
+    try:
+        asked = ", ".join(f"{s:.0%}->{green.for_units(space.units_for(s)).sm_count}" for s in green_shares)
+        rows.append(("green contexts", f"split ok: {asked} SMs (min {resource.min_partition}, "
+                                       f"alignment {resource.alignment})"))
+    finally:
+        green.close()
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------- table
 
 def render(device: str, checks: StackChecks, shares: list[dict]) -> str:
@@ -227,13 +261,13 @@ def render(device: str, checks: StackChecks, shares: list[dict]) -> str:
 
     lines = [f"duoserve gpu-check on {device}", f"{'check':<24} result", f"{'-' * 24} {'-' * 50}"]
     lines += [f"{check:<24} {result}" for check, result in checks.rows]
-    lines += ["", f"{'share':>6} {'SMs':>9} {'prefill tok/s':>14} {'decode tok/s':>13}  note",
-              f"{'-' * 6} {'-' * 9} {'-' * 14} {'-' * 13}  {'-' * 20}"]
+    lines += ["", f"{'share':>6} {'SMs':>9} {'driver SMs':>10} {'prefill tok/s':>14} {'decode tok/s':>13}  note",
+              f"{'-' * 6} {'-' * 9} {'-' * 10} {'-' * 14} {'-' * 13}  {'-' * 20}"]
     for row in shares:
         sms = "n/a" if row.get("sms") is None else f"{row['sms']}/{row.get('sms_total') or '?'}"
-        note = row.get("error") or (row.get("probe_error") or "")[:60]
-        lines.append(f"{row['percentage'] + '%':>6} {sms:>9} {num(row.get('prefill_tok_s'), '.0f'):>14} "
-                     f"{num(row.get('decode_tok_s'), '.0f'):>13}  {note}")
+        note = row.get("error") or (row.get("probe_error") or row.get("driver_error") or "")[:60]
+        lines.append(f"{row['percentage'] + '%':>6} {sms:>9} {num(row.get('driver_sms'), 'd'):>10} "
+                     f"{num(row.get('prefill_tok_s'), '.0f'):>14} {num(row.get('decode_tok_s'), '.0f'):>13}  {note}")
     return "\n".join(lines)
 
 
@@ -273,6 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_NO_GPU
     import torch
     device = f"{torch.cuda.get_device_name(0)} ({torch.cuda.get_device_properties(0).multi_processor_count} SMs)"
+    driver = driver_rows()                # before MPS starts: this process is no MPS client
     with tempfile.TemporaryDirectory(prefix="duoserve-gpu-check-") as tmp:
         daemon = mps.ensure_daemon([p for p in (os.environ.get(mps.PIPE_ENV), mps.DEFAULT_PIPE_DIR) if p],
                                    Path(tmp) / "mps", Path(tmp) / "mps-log")
@@ -285,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 shares.append(measure_share(percentage, daemon, args))
             corun_rows = measure_coruns(daemon, args, device, torch.cuda.get_device_properties(0).multi_processor_count)
             checks = check_stack(daemon, args, Path(tmp) / "state")
-            for check, result in corun_rows:
+            for check, result in (*driver, *corun_rows):
                 checks.add(check, result, ok=not result.startswith("failed"))
         finally:
             if args.keep_logs and (Path(tmp) / "state").exists():

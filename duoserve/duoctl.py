@@ -86,9 +86,23 @@ def format_units(w: pb.WorkerStatus) -> str:
     return f"{w.measured_units}/{w.units_total}" if w.units_total else str(w.measured_units)
 
 
+UNIT_NAMES = {"sm": ("SM", "SMs"), "core": ("core", "cores")}
+
+
+def _unit_name(count: int, unit: str) -> str:
+    one, many = UNIT_NAMES.get(unit, (unit, unit + "s"))
+    return f"{count} {one if count == 1 else many}"
+
+
+def _units(count: int, unit: str) -> str:
+    """" (66 SMs)" / " (1 core)": what a share buys, when the orchestrator said."""
+    return f" ({_unit_name(count, unit)})" if count and unit else ""
+
+
 def format_status(s: pb.StackStatus) -> str:
-    lines = [f"policy {s.policy.mode}: prefill {s.policy.shares.prefill:.2f}, decode {s.policy.shares.decode:.2f}, "
-             f"token budget {s.policy.shares.token_budget}",
+    shares, unit = s.policy.shares, s.model_fit.unit
+    lines = [f"policy {s.policy.mode}: prefill {shares.prefill:.2f}{_units(shares.prefill_units, unit)}, "
+             f"decode {shares.decode:.2f}{_units(shares.decode_units, unit)}, token budget {shares.token_budget}",
              f"SLO: TTFT {s.slo.ttft_ms:.0f} ms, TPOT {s.slo.tpot_ms:.0f} ms at p{s.slo.percentile:.0f}, "
              f"prefer {s.slo.prefer}" + (f"   AT RISK: {s.at_risk}" if s.at_risk else ""),
              f"queue {s.queue_waiting} waiting; KV {s.kv_blocks_total - s.kv_blocks_free}/{s.kv_blocks_total} blocks used",
@@ -108,7 +122,8 @@ def format_status(s: pb.StackStatus) -> str:
 
 
 def format_fit(fit: pb.ModelFit) -> str:
-    parts = [f"model ({fit.backend}):"]
+    device = f"{fit.backend}, {_unit_name(fit.num_units, fit.unit)}" if fit.num_units else fit.backend
+    parts = [f"model ({device}):"]
     for phase in fit.phases:
         coeffs = ", ".join(f"{c.name}={c.value:.4g}" for c in phase.coefficients)
         parts.append(f"  {phase.phase}: median error {phase.median_rel_error:.1%}, p90 {phase.p90_rel_error:.1%} "

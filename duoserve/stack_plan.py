@@ -307,6 +307,7 @@ def process_spec(name: str, config: StackConfig, layout: Layout,
     if name == "orchestrator":
         cpus = ",".join(map(str, config.cpus or tuple(sorted(os.sched_getaffinity(0)))))
         env = redis_env + secret + ((ADMIN_TOKEN_ENV, config.admin_token),)
-        return ProcessSpec(name, py + ("orchestrator.main", *common, "--cpus", cpus, *config.tls_args), port,
+        # Its shares are SMs (TPC steps, the GPU prior) on cuda, cores on the cpu: it must know which.
+        return ProcessSpec(name, py + ("orchestrator.main", *common, "--cpus", cpus, *device, *config.tls_args), port,
                            metrics_port, env=env, health="grpc-tls" if config.tls_cert else "grpc")
     raise ValueError(f"unknown process {name!r}")

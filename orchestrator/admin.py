@@ -15,6 +15,7 @@ from duoserve.v1 import admin_pb2_grpc
 from orchestrator.controller import Controller
 from orchestrator.policy import SLO, PolicyMode, Shares
 from services.common.redis_retry import CONNECTION_ERRORS, UNREACHABLE
+from services.common.shares import UnitSpace
 
 LATENCY_WINDOW_S = 120.0      # SLO attainment is judged over this much recent history
 STALE_REPORT_S = 10.0         # a worker silent this long is not listed
@@ -31,8 +32,10 @@ def _needs_redis(method: Callable) -> Callable:
     return call
 
 
-def _shares_pb(s: Shares) -> pb.Shares:
-    return pb.Shares(prefill=s.prefill, decode=s.decode, token_budget=s.token_budget)
+def _shares_pb(s: Shares, units: UnitSpace) -> pb.Shares:
+    """The shares, and the cores / SMs each buys (services.common.shares: what the workers are sent)."""
+    return pb.Shares(prefill=s.prefill, decode=s.decode, token_budget=s.token_budget,
+                     prefill_units=units.units_for(s.prefill), decode_units=units.units_for(s.decode))
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -103,7 +106,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         pinned = Shares(request.prefill, request.decode, request.token_budget or current.token_budget)
         self.controller.pin(pinned)
         # What was pinned (the workers get it at the next tick), not the decision still in force.
-        return pb.PolicyState(mode=self.controller.policy.mode.value, shares=_shares_pb(pinned))
+        return pb.PolicyState(mode=self.controller.policy.mode.value, shares=_shares_pb(pinned, self.controller.model.units))
 
     @_needs_redis
     def GetHistory(self, request, context):
@@ -126,12 +129,12 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                                            zip(("overhead_ms", "linear", "attention", "memory"), coeffs.as_tuple())],
                 median_rel_error=err.median if err else 0.0, p90_rel_error=err.p90 if err else 0.0,
                 num_samples=model.num_samples(phase)))
-        return pb.ModelFit(backend=self.backend, phases=phases)
+        return pb.ModelFit(backend=self.backend, phases=phases, unit=model.units.unit, num_units=model.units.num_units)
 
     def _policy_state(self) -> pb.PolicyState:
         c = self.controller
         shares = c.last.shares if c.last else (c.policy.pinned or c.default_shares())
-        return pb.PolicyState(mode=c.policy.mode.value, shares=_shares_pb(shares))
+        return pb.PolicyState(mode=c.policy.mode.value, shares=_shares_pb(shares, c.model.units))
 
     @staticmethod
     def _slo_pb(slo: SLO) -> pb.SLO:

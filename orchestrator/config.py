@@ -35,6 +35,8 @@ class OrchestratorConfig:
                                        # SetComputeShare, accepted by the Admin API
     tls: TlsFiles | None = None        # the Admin API over TLS (duoctl --tls-ca)
     stack_cpus: tuple[int, ...] = ()   # the cores shared by prefill and decode (CPU backend)
+    device: str = "cpu"                # the workers' backend: "cpu" (shares are cores) or "cuda" (SMs)
+    num_sms: int = 0                   # cuda: the GPU's SMs; 0: as the workers measured them (SM probe/driver)
     tick_ms: int = 250                 # how often the policy runs
     refit_every: int = 8               # ticks between least-squares refits
     overlap: float = 0.5               # prefill's cap may reach into decode's cores by this share
@@ -53,6 +55,10 @@ class OrchestratorConfig:
             raise ValueError("prefer must be ttft or tpot")
         if self.policy not in ("auto", "static", "manual"):
             raise ValueError("policy must be auto, static or manual")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, not {self.device!r}")
+        if self.num_sms < 0:
+            raise ValueError("num_sms must be >= 0")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> OrchestratorConfig:
@@ -69,6 +75,10 @@ def parse_args(argv: Sequence[str] | None = None) -> OrchestratorConfig:
     p.add_argument("--tls-cert", default=env.get("DUOSERVE_TLS_CERT"), help="PEM certificate chain: Admin API over TLS")
     p.add_argument("--tls-key", default=env.get("DUOSERVE_TLS_KEY"), help="its PEM private key")
     p.add_argument("--cpus", type=_cpu_list, default=tuple(sorted(os.sched_getaffinity(0))))
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="the workers' backend: shares are cores (cpu) or SMs in TPC steps with the GPU prior (cuda)")
+    p.add_argument("--num-sms", type=int, default=0,
+                   help="cuda: the GPU's SM count (default: as the workers measure it)")
     p.add_argument("--tick-ms", type=int, default=250)
     p.add_argument("--overlap", type=float, default=0.5)
     p.add_argument("--ttft-ms", type=float, default=2000.0)
@@ -82,6 +92,7 @@ def parse_args(argv: Sequence[str] | None = None) -> OrchestratorConfig:
     return OrchestratorConfig(redis_url=redis_url_from_env(env, a.redis_url), key_prefix=a.key_prefix, port=a.port,
                               metrics_port=a.metrics_port, admin_token=a.admin_token or secret_from_env(env, ADMIN_TOKEN_ENV),
                               secret=secret_from_env(env), tls=TlsFiles.of(a.tls_cert, a.tls_key), stack_cpus=a.cpus,
+                              device=a.device, num_sms=a.num_sms,
                               tick_ms=a.tick_ms, overlap=a.overlap, ttft_ms=a.ttft_ms, tpot_ms=a.tpot_ms,
                               percentile=a.percentile, prefer=a.prefer, policy=a.policy,
                               coresidency_calibration=a.coresidency_calibration)

@@ -28,6 +28,7 @@ from orchestrator.perf_model import PerfModel
 from orchestrator.policy import SLO, Decision, Policy, PolicyMode, QueueState, Shares, WaitingRequest
 from orchestrator.redis_state import RedisState, Snapshot
 from services.common.redis_retry import CONNECTION_ERRORS, Outage, wait_until_up
+from services.common.shares import PhaseUnits, assign
 
 log = logging.getLogger("duoserve.orchestrator")
 STATUS_NAMES = {worker_pb2.SHARE_STATUS_APPLIED: "applied", worker_pb2.SHARE_STATUS_ACCEPTED: "accepted",
@@ -116,9 +117,11 @@ class Controller:
             self.state.save_settings(mode="manual", pinned=asdict(shares))
 
     def default_shares(self) -> Shares:
-        n = len(self.config.stack_cpus)
-        half = max(1, n // 2) / n
-        return Shares(half, (n - max(1, n // 2)) / n or half, 2048)
+        """Half and half in whole units (cores, or TPCs); with one unit, both phases share it."""
+        space = self.model.units
+        half = space.units_for(0.5)
+        rest = space.num_units - half
+        return Shares(space.share_of(half), space.share_of(rest or half), 2048)
 
     # ------------------------------------------------------------------ the loop
     def run(self, stop: threading.Event) -> None:
@@ -203,20 +206,17 @@ class Controller:
             decode_context_tokens=decode.context_tokens if decode else 0,
             kv_free_blocks=snap.kv_free_blocks, kv_total_blocks=snap.kv_total_blocks)
 
-    def cores_for(self, shares: Shares) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Prefill takes cores from the front, decode from the back; they meet (or overlap) in between."""
-        cpus = self.config.stack_cpus
-        n = len(cpus)
-        p = max(1, round(shares.prefill * n))
-        d = max(1, round(shares.decode * n))
-        return cpus[:p], cpus[n - d:]
+    def phase_units(self, shares: Shares) -> tuple[PhaseUnits, PhaseUnits]:
+        """Each phase's units (services.common.shares): cores on the CPU (prefill's from the front, decode's
+        from the back), SMs in TPC steps on CUDA; the same rounding the model predicted with."""
+        return assign(self.model.units, shares.prefill, shares.decode, self.config.stack_cpus)
 
     def _apply(self, shares: Shares, snap: Snapshot) -> None:
-        prefill_cpus, decode_cpus = self.cores_for(shares)
-        n = len(self.config.stack_cpus)
-        for phase, cpus, budget in (("prefill", prefill_cpus, shares.token_budget), ("decode", decode_cpus, None)):
+        prefill, decode = self.phase_units(shares)
+        for phase, given, budget in (("prefill", prefill, shares.token_budget), ("decode", decode, None)):
             report = snap.workers[phase]
-            request = worker_pb2.SetComputeShareRequest(share=len(cpus) / n, cpu_ids=list(cpus))
+            request = worker_pb2.SetComputeShareRequest(share=given.share, cpu_ids=list(given.cpu_ids),
+                                                        num_units=given.units)
             if budget:
                 request.token_budget = budget
             with grpc.insecure_channel(report.grpc_target) as channel:      # loopback: no TLS (services.common.tls)

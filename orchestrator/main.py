@@ -1,7 +1,8 @@
 """The orchestrator process: the SLO-aware share controller and the Admin API (`duoctl`'s server).
 
 Start-up: config -> Redis -> the model's shape from the stack's model info (waits for it) -> the
-performance model with the CPU prior -> settings restored from Redis -> Admin gRPC + health ->
+device (cpu: the stack's cores; cuda: the SMs the workers measured, `--num-sms` to override) -> the
+performance model with that device's prior -> settings restored from Redis -> Admin gRPC + health ->
 the control loop (see `orchestrator.controller` for a tick's life) until SIGTERM/SIGINT.
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from concurrent import futures
 from typing import Sequence
 
@@ -23,7 +25,7 @@ from orchestrator.admin import AdminServicer
 from orchestrator.config import OrchestratorConfig, parse_args
 from orchestrator.controller import Controller
 from orchestrator.coresidency import for_device
-from orchestrator.perf_model import DeviceSpec, ModelShape, PerfModel
+from orchestrator.perf_model import ModelShape, PerfModel, device_for, h100
 from orchestrator.policy import Policy, PolicyConfig
 from orchestrator.redis_state import RedisState
 from services.common import auth
@@ -33,11 +35,13 @@ from services.common.grpc_input import InputInterceptor
 from services.common.metrics_http import serve_metrics
 from services.common import redis_retry
 from services.common.model_info import ModelInfo, read_model_info
+from services.common.shares import device_sms
 from services.engine.model_config import ModelConfig
 
 log = logging.getLogger("duoserve.orchestrator")
 SERVICE_NAME = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+SM_WAIT_S = 30.0         # cuda: how long to wait for a worker's SM count before using the prior's
 
 
 def _model_info_now(client: redis.Redis, keys: KeySpace) -> ModelInfo | None:
@@ -47,17 +51,47 @@ def _model_info_now(client: redis.Redis, keys: KeySpace) -> ModelInfo | None:
         return None              # Redis not up (yet, or again): asked again
 
 
+def _measured_sms(config: OrchestratorConfig, state: RedisState, stop: threading.Event) -> int | None:
+    """cuda: the GPU's SMs: `--num-sms`, else the most any worker measured (its report's SM counts:
+    the SM probe's, or the driver's; services.worker.compute_units; `shares.device_sms` undoes an MPS
+    cap on the reported count). Without a measurement within SM_WAIT_S the prior's count is used, with
+    a warning. None: stopped while waiting."""
+    if config.num_sms:
+        return config.num_sms
+    deadline = time.monotonic() + SM_WAIT_S
+    while True:
+        try:
+            measured = max((device_sms(w.units_used, w.units_total, w.share)
+                            for w in state.snapshot().workers.values() if w.units_kind == "sm"), default=0)
+        except redis_retry.CONNECTION_ERRORS:
+            measured = 0
+        if measured > 0:
+            return measured
+        if time.monotonic() > deadline:
+            prior = h100().num_units
+            log.warning("no worker reported its SM count within %.0f s: predicting for %d SMs (the H100 prior); "
+                        "pass --num-sms to say otherwise", SM_WAIT_S, prior)
+            return prior
+        if stop.wait(0.5):
+            return None
+
+
 def build_controller(config: OrchestratorConfig, client: redis.Redis, stop: threading.Event) -> Controller | None:
     keys = KeySpace(config.key_prefix)
     while (info := _model_info_now(client, keys)) is None:
         if stop.wait(0.5):
             return None
     shape = ModelShape.from_model_config(ModelConfig.from_dir(info.model_dir), DTYPE_BYTES.get(info.dtype, 4))
-    model = PerfModel(DeviceSpec.cpu(len(config.stack_cpus)), shape)
+    state = RedisState(client, keys)
+    num_units = len(config.stack_cpus) if config.device == "cpu" else _measured_sms(config, state, stop)
+    if num_units is None:
+        return None
+    model = PerfModel(device_for(config.device, num_units), shape)
+    log.info("device %s: %d %ss (%s prior)", config.device, model.units.num_units, model.units.unit, model.device.kind)
     coresidency = for_device(model.device.kind, config.coresidency_calibration)
     policy = Policy(model, PolicyConfig(overlap=config.overlap, switch_cost_ms=config.switch_cost_ms,
                                         probe_prompt_tokens=256, coresidency=coresidency))
-    return Controller(config, RedisState(client, keys), policy)
+    return Controller(config, state, policy)
 
 
 def serve(config: OrchestratorConfig) -> int:
@@ -79,13 +113,14 @@ def serve(config: OrchestratorConfig) -> int:
     controller = build_controller(config, client, stop)
     if controller is None:
         return 0
-    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(controller, "cpu"), server)
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(controller, controller.model.device.kind), server)
     serve_metrics(config.metrics_port, controller.metrics.registry)
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("orchestrator serving on 127.0.0.1:%d%s (cores %s, token %s)", config.port,
-             " over TLS" if config.tls else "", config.stack_cpus, "required" if guard else "not required")
+    log.info("orchestrator serving on 127.0.0.1:%d%s (%s: %d %ss, token %s)", config.port,
+             " over TLS" if config.tls else "", config.device, controller.model.units.num_units,
+             controller.model.units.unit, "required" if guard else "not required")
     controller.run(stop)
     server.stop(grace=1.0)
     return 0

@@ -24,6 +24,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
+from services.common.shares import UnitSpace
+
 if TYPE_CHECKING:      # duck-typed at run time: anything with IterationSample's fields will do
     from services.common.contracts import IterationSample
 
@@ -64,6 +66,11 @@ class DeviceSpec:
         return cls("cpu", num_cores, flops_per_core, bw_per_core * num_cores, bw_saturation_share,
                    unit_granularity=1, tile_m=64, tile_n=64)
 
+    @property
+    def unit_space(self) -> UnitSpace:
+        """The units a share buys here (services.common.shares: the one conversion)."""
+        return UnitSpace("cuda" if self.kind == "gpu" else "cpu", self.num_units, self.unit_granularity)
+
 
 def h100() -> DeviceSpec:
     """H100 SXM: 132 SMs in 66 TPCs, ~800 TFLOP/s dense bf16 measured, ~3.0 TB/s measured copy.
@@ -73,6 +80,26 @@ def h100() -> DeviceSpec:
     (cuBLAS splits small GEMMs finer than one 128 x 128 block per SM).
     """
     return DeviceSpec("gpu", 132, 800e12 / 132, 3.0e12, 0.4, unit_granularity=2, tile_m=64, tile_n=64)
+
+
+def gpu_prior(num_sms: int, prior: DeviceSpec | None = None) -> DeviceSpec:
+    """The GPU prior (`h100()`) for a GPU of `num_sms` SMs, as the workers measured it: the same FLOP/s
+    per SM, copy bandwidth and saturation share, so a part with fewer SMs (an H100 PCIe's 114, a MIG
+    slice) is predicted with GPU coefficients over the units it really has. The fit corrects the rest."""
+    prior = prior or h100()
+    units = UnitSpace.cuda(num_sms).num_units
+    return DeviceSpec("gpu", units, prior.peak_flops_per_unit, prior.peak_mem_bw, prior.bw_saturation_share,
+                      unit_granularity=UnitSpace.cuda(num_sms).step, tile_m=prior.tile_m, tile_n=prior.tile_n)
+
+
+def device_for(backend: str, num_units: int) -> DeviceSpec:
+    """The DeviceSpec a stack's orchestrator predicts with: `DeviceSpec.cpu` over the stack's cores, or
+    the GPU prior over the SMs the workers measured."""
+    if backend == "cuda":
+        return gpu_prior(num_units)
+    if backend == "cpu":
+        return DeviceSpec.cpu(num_units)
+    raise ValueError(f"device must be cpu or cuda, not {backend!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +226,7 @@ class PerfModel:
         if history < 4 or min_samples < 1 or error_window < 1 or ridge < 0:
             raise ValueError("history must be at least 4, min_samples and error_window at least 1, ridge >= 0")
         self.device = device
+        self.units = device.unit_space          # share <-> units, the same conversion the controller sends
         self.shape = shape
         self.prior: dict[str, Coefficients] = {**priors(device.kind, shape), **(coefficients or {})}
         self.coefficients: dict[str, Coefficients] = dict(self.prior)
@@ -222,9 +250,7 @@ class PerfModel:
     # ------------------------------------------------------------------ shares and units
     def units_for(self, share: float) -> int:
         """Whole units a share buys: rounded down to the granularity (a TPC on a GPU), at least one step."""
-        step, total = self.device.unit_granularity, self.device.num_units
-        units = int(share * total / step + 1e-9) * step
-        return min(total, max(step, units))
+        return self.units.units_for(share)
 
     def compute_flops(self, units: int) -> float:
         """FLOP/s of `units` units without wave quantization."""

@@ -24,6 +24,8 @@ PURE_MODULES = [
     "orchestrator.policy",
     "orchestrator.simulator",
     "bench.corun",                     # gpu-check imports it before it knows there is a GPU
+    "services.common.shares",          # share <-> units <-> MPS percentage: orchestrator, workers, simulator
+    "services.common.cuda_driver",     # cuda-python only inside its calls: imports on a machine without CUDA
 ]
 
 

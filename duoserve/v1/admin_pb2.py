@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64uoserve/v1/admin.proto\x12\x0b\x64uoserve.v1\"K\n\x03SLO\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x01\x12\x0f\n\x07tpot_ms\x18\x02 \x01(\x01\x12\x12\n\npercentile\x18\x03 \x01(\x01\x12\x0e\n\x06prefer\x18\x04 \x01(\t\"?\n\x06Shares\x12\x0f\n\x07prefill\x18\x01 \x01(\x01\x12\x0e\n\x06\x64\x65\x63ode\x18\x02 \x01(\x01\x12\x14\n\x0ctoken_budget\x18\x03 \x01(\x05\" \n\x10SetPolicyRequest\x12\x0c\n\x04mode\x18\x01 \x01(\t\"@\n\x0bPolicyState\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12#\n\x06shares\x18\x02 \x01(\x0b\x32\x13.duoserve.v1.Shares\"\x12\n\x10GetStatusRequest\"\x95\x02\n\x0cWorkerStatus\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\r\n\x05share\x18\x04 \x01(\x01\x12\x0f\n\x07\x63pu_ids\x18\x05 \x03(\x05\x12\x14\n\x0ctoken_budget\x18\x06 \x01(\x05\x12\x13\n\x0bnum_running\x18\x07 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x08 \x01(\x05\x12\x12\n\niterations\x18\t \x01(\x03\x12\r\n\x05\x61ge_s\x18\n \x01(\x01\x12\x16\n\x0emeasured_units\x18\x0b \x01(\x05\x12\x13\n\x0bunits_total\x18\x0c \x01(\x05\x12\x12\n\nunits_kind\x18\r \x01(\t\x12\x0f\n\x07host_ms\x18\x0e \x01(\x01\"z\n\x0cLatencyStats\x12\x0e\n\x06p50_ms\x18\x01 \x01(\x01\x12\x0e\n\x06p90_ms\x18\x02 \x01(\x01\x12\x0e\n\x06p99_ms\x18\x03 \x01(\x01\x12\x11\n\ttarget_ms\x18\x04 \x01(\x01\x12\x12\n\nattainment\x18\x05 \x01(\x01\x12\x13\n\x0bnum_samples\x18\x06 \x01(\x05\"\xec\x02\n\x0bStackStatus\x12*\n\x07workers\x18\x01 \x03(\x0b\x32\x19.duoserve.v1.WorkerStatus\x12\x1d\n\x03slo\x18\x02 \x01(\x0b\x32\x10.duoserve.v1.SLO\x12(\n\x06policy\x18\x03 \x01(\x0b\x32\x18.duoserve.v1.PolicyState\x12\x15\n\rqueue_waiting\x18\x04 \x01(\x05\x12\x16\n\x0ekv_blocks_free\x18\x05 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x06 \x01(\x05\x12\'\n\x04ttft\x18\x07 \x01(\x0b\x32\x19.duoserve.v1.LatencyStats\x12\'\n\x04tpot\x18\x08 \x01(\x0b\x32\x19.duoserve.v1.LatencyStats\x12(\n\tmodel_fit\x18\t \x01(\x0b\x32\x15.duoserve.v1.ModelFit\x12\x0f\n\x07\x61t_risk\x18\n \x01(\t\x12\x13\n\x0blast_reason\x18\x0b \x01(\t\"\"\n\x11GetHistoryRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"\xb8\x01\n\x08\x44\x65\x63ision\x12\x11\n\ttime_unix\x18\x01 \x01(\x01\x12#\n\x06shares\x18\x02 \x01(\x0b\x32\x13.duoserve.v1.Shares\x12\x0f\n\x07\x63hanged\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07\x61t_risk\x18\x05 \x01(\t\x12\x19\n\x11predicted_ttft_ms\x18\x06 \x01(\x01\x12\x19\n\x11predicted_tpot_ms\x18\x07 \x01(\x01\x12\x0c\n\x04mode\x18\x08 \x01(\t\"3\n\x07History\x12(\n\tdecisions\x18\x01 \x03(\x0b\x32\x15.duoserve.v1.Decision\"\x14\n\x12GetModelFitRequest\"\x8f\x01\n\x08PhaseFit\x12\r\n\x05phase\x18\x01 \x01(\t\x12.\n\x0c\x63oefficients\x18\x02 \x03(\x0b\x32\x18.duoserve.v1.Coefficient\x12\x18\n\x10median_rel_error\x18\x03 \x01(\x01\x12\x15\n\rp90_rel_error\x18\x04 \x01(\x01\x12\x13\n\x0bnum_samples\x18\x05 \x01(\x05\"*\n\x0b\x43oefficient\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\"B\n\x08ModelFit\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12%\n\x06phases\x18\x02 \x03(\x0b\x32\x15.duoserve.v1.PhaseFit2\x88\x03\n\x05\x41\x64min\x12\x44\n\tGetStatus\x12\x1d.duoserve.v1.GetStatusRequest\x1a\x18.duoserve.v1.StackStatus\x12,\n\x06SetSLO\x12\x10.duoserve.v1.SLO\x1a\x10.duoserve.v1.SLO\x12\x44\n\tSetPolicy\x12\x1d.duoserve.v1.SetPolicyRequest\x1a\x18.duoserve.v1.PolicyState\x12:\n\tPinShares\x12\x13.duoserve.v1.Shares\x1a\x18.duoserve.v1.PolicyState\x12\x42\n\nGetHistory\x12\x1e.duoserve.v1.GetHistoryRequest\x1a\x14.duoserve.v1.History\x12\x45\n\x0bGetModelFit\x12\x1f.duoserve.v1.GetModelFitRequest\x1a\x15.duoserve.v1.ModelFitb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64uoserve/v1/admin.proto\x12\x0b\x64uoserve.v1\"K\n\x03SLO\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x01\x12\x0f\n\x07tpot_ms\x18\x02 \x01(\x01\x12\x12\n\npercentile\x18\x03 \x01(\x01\x12\x0e\n\x06prefer\x18\x04 \x01(\t\"l\n\x06Shares\x12\x0f\n\x07prefill\x18\x01 \x01(\x01\x12\x0e\n\x06\x64\x65\x63ode\x18\x02 \x01(\x01\x12\x14\n\x0ctoken_budget\x18\x03 \x01(\x05\x12\x15\n\rprefill_units\x18\x04 \x01(\x05\x12\x14\n\x0c\x64\x65\x63ode_units\x18\x05 \x01(\x05\" \n\x10SetPolicyRequest\x12\x0c\n\x04mode\x18\x01 \x01(\t\"@\n\x0bPolicyState\x12\x0c\n\x04mode\x18\x01 \x01(\t\x12#\n\x06shares\x18\x02 \x01(\x0b\x32\x13.duoserve.v1.Shares\"\x12\n\x10GetStatusRequest\"\x95\x02\n\x0cWorkerStatus\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\r\n\x05share\x18\x04 \x01(\x01\x12\x0f\n\x07\x63pu_ids\x18\x05 \x03(\x05\x12\x14\n\x0ctoken_budget\x18\x06 \x01(\x05\x12\x13\n\x0bnum_running\x18\x07 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x08 \x01(\x05\x12\x12\n\niterations\x18\t \x01(\x03\x12\r\n\x05\x61ge_s\x18\n \x01(\x01\x12\x16\n\x0emeasured_units\x18\x0b \x01(\x05\x12\x13\n\x0bunits_total\x18\x0c \x01(\x05\x12\x12\n\nunits_kind\x18\r \x01(\t\x12\x0f\n\x07host_ms\x18\x0e \x01(\x01\"z\n\x0cLatencyStats\x12\x0e\n\x06p50_ms\x18\x01 \x01(\x01\x12\x0e\n\x06p90_ms\x18\x02 \x01(\x01\x12\x0e\n\x06p99_ms\x18\x03 \x01(\x01\x12\x11\n\ttarget_ms\x18\x04 \x01(\x01\x12\x12\n\nattainment\x18\x05 \x01(\x01\x12\x13\n\x0bnum_samples\x18\x06 \x01(\x05\"\xec\x02\n\x0bStackStatus\x12*\n\x07workers\x18\x01 \x03(\x0b\x32\x19.duoserve.v1.WorkerStatus\x12\x1d\n\x03slo\x18\x02 \x01(\x0b\x32\x10.duoserve.v1.SLO\x12(\n\x06policy\x18\x03 \x01(\x0b\x32\x18.duoserve.v1.PolicyState\x12\x15\n\rqueue_waiting\x18\x04 \x01(\x05\x12\x16\n\x0ekv_blocks_free\x18\x05 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x06 \x01(\x05\x12\'\n\x04ttft\x18\x07 \x01(\x0b\x32\x19.duoserve.v1.LatencyStats\x12\'\n\x04tpot\x18\x08 \x01(\x0b\x32\x19.duoserve.v1.LatencyStats\x12(\n\tmodel_fit\x18\t \x01(\x0b\x32\x15.duoserve.v1.ModelFit\x12\x0f\n\x07\x61t_risk\x18\n \x01(\t\x12\x13\n\x0blast_reason\x18\x0b \x01(\t\"\"\n\x11GetHistoryRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"\xb8\x01\n\x08\x44\x65\x63ision\x12\x11\n\ttime_unix\x18\x01 \x01(\x01\x12#\n\x06shares\x18\x02 \x01(\x0b\x32\x13.duoserve.v1.Shares\x12\x0f\n\x07\x63hanged\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07\x61t_risk\x18\x05 \x01(\t\x12\x19\n\x11predicted_ttft_ms\x18\x06 \x01(\x01\x12\x19\n\x11predicted_tpot_ms\x18\x07 \x01(\x01\x12\x0c\n\x04mode\x18\x08 \x01(\t\"3\n\x07History\x12(\n\tdecisions\x18\x01 \x03(\x0b\x32\x15.duoserve.v1.Decision\"\x14\n\x12GetModelFitRequest\"\x8f\x01\n\x08PhaseFit\x12\r\n\x05phase\x18\x01 \x01(\t\x12.\n\x0c\x63oefficients\x18\x02 \x03(\x0b\x32\x18.duoserve.v1.Coefficient\x12\x18\n\x10median_rel_error\x18\x03 \x01(\x01\x12\x15\n\rp90_rel_error\x18\x04 \x01(\x01\x12\x13\n\x0bnum_samples\x18\x05 \x01(\x05\"*\n\x0b\x43oefficient\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\"c\n\x08ModelFit\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12%\n\x06phases\x18\x02 \x03(\x0b\x32\x15.duoserve.v1.PhaseFit\x12\x0c\n\x04unit\x18\x03 \x01(\t\x12\x11\n\tnum_units\x18\x04 \x01(\x05\x32\x88\x03\n\x05\x41\x64min\x12\x44\n\tGetStatus\x12\x1d.duoserve.v1.GetStatusRequest\x1a\x18.duoserve.v1.StackStatus\x12,\n\x06SetSLO\x12\x10.duoserve.v1.SLO\x1a\x10.duoserve.v1.SLO\x12\x44\n\tSetPolicy\x12\x1d.duoserve.v1.SetPolicyRequest\x1a\x18.duoserve.v1.PolicyState\x12:\n\tPinShares\x12\x13.duoserve.v1.Shares\x1a\x18.duoserve.v1.PolicyState\x12\x42\n\nGetHistory\x12\x1e.duoserve.v1.GetHistoryRequest\x1a\x14.duoserve.v1.History\x12\x45\n\x0bGetModelFit\x12\x1f.duoserve.v1.GetModelFitRequest\x1a\x15.duoserve.v1.ModelFitb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,33 +34,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SLO']._serialized_start=40
   _globals['_SLO']._serialized_end=115
   _globals['_SHARES']._serialized_start=117
-  _globals['_SHARES']._serialized_end=180
-  _globals['_SETPOLICYREQUEST']._serialized_start=182
-  _globals['_SETPOLICYREQUEST']._serialized_end=214
-  _globals['_POLICYSTATE']._serialized_start=216
-  _globals['_POLICYSTATE']._serialized_end=280
-  _globals['_GETSTATUSREQUEST']._serialized_start=282
-  _globals['_GETSTATUSREQUEST']._serialized_end=300
-  _globals['_WORKERSTATUS']._serialized_start=303
-  _globals['_WORKERSTATUS']._serialized_end=580
-  _globals['_LATENCYSTATS']._serialized_start=582
-  _globals['_LATENCYSTATS']._serialized_end=704
-  _globals['_STACKSTATUS']._serialized_start=707
-  _globals['_STACKSTATUS']._serialized_end=1071
-  _globals['_GETHISTORYREQUEST']._serialized_start=1073
-  _globals['_GETHISTORYREQUEST']._serialized_end=1107
-  _globals['_DECISION']._serialized_start=1110
-  _globals['_DECISION']._serialized_end=1294
-  _globals['_HISTORY']._serialized_start=1296
-  _globals['_HISTORY']._serialized_end=1347
-  _globals['_GETMODELFITREQUEST']._serialized_start=1349
-  _globals['_GETMODELFITREQUEST']._serialized_end=1369
-  _globals['_PHASEFIT']._serialized_start=1372
-  _globals['_PHASEFIT']._serialized_end=1515
-  _globals['_COEFFICIENT']._serialized_start=1517
-  _globals['_COEFFICIENT']._serialized_end=1559
-  _globals['_MODELFIT']._serialized_start=1561
-  _globals['_MODELFIT']._serialized_end=1627
-  _globals['_ADMIN']._serialized_start=1630
-  _globals['_ADMIN']._serialized_end=2022
+  _globals['_SHARES']._serialized_end=225
+  _globals['_SETPOLICYREQUEST']._serialized_start=227
+  _globals['_SETPOLICYREQUEST']._serialized_end=259
+  _globals['_POLICYSTATE']._serialized_start=261
+  _globals['_POLICYSTATE']._serialized_end=325
+  _globals['_GETSTATUSREQUEST']._serialized_start=327
+  _globals['_GETSTATUSREQUEST']._serialized_end=345
+  _globals['_WORKERSTATUS']._serialized_start=348
+  _globals['_WORKERSTATUS']._serialized_end=625
+  _globals['_LATENCYSTATS']._serialized_start=627
+  _globals['_LATENCYSTATS']._serialized_end=749
+  _globals['_STACKSTATUS']._serialized_start=752
+  _globals['_STACKSTATUS']._serialized_end=1116
+  _globals['_GETHISTORYREQUEST']._serialized_start=1118
+  _globals['_GETHISTORYREQUEST']._serialized_end=1152
+  _globals['_DECISION']._serialized_start=1155
+  _globals['_DECISION']._serialized_end=1339
+  _globals['_HISTORY']._serialized_start=1341
+  _globals['_HISTORY']._serialized_end=1392
+  _globals['_GETMODELFITREQUEST']._serialized_start=1394
+  _globals['_GETMODELFITREQUEST']._serialized_end=1414
+  _globals['_PHASEFIT']._serialized_start=1417
+  _globals['_PHASEFIT']._serialized_end=1560
+  _globals['_COEFFICIENT']._serialized_start=1562
+  _globals['_COEFFICIENT']._serialized_end=1604
+  _globals['_MODELFIT']._serialized_start=1606
+  _globals['_MODELFIT']._serialized_end=1705
+  _globals['_ADMIN']._serialized_start=1708
+  _globals['_ADMIN']._serialized_end=2100
 # @@protoc_insertion_point(module_scope)

@@ -19,14 +19,18 @@ class SLO(_message.Message):
     def __init__(self, ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ..., percentile: _Optional[float] = ..., prefer: _Optional[str] = ...) -> None: ...
 
 class Shares(_message.Message):
-    __slots__ = ("prefill", "decode", "token_budget")
+    __slots__ = ("prefill", "decode", "token_budget", "prefill_units", "decode_units")
     PREFILL_FIELD_NUMBER: _ClassVar[int]
     DECODE_FIELD_NUMBER: _ClassVar[int]
     TOKEN_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_UNITS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_UNITS_FIELD_NUMBER: _ClassVar[int]
     prefill: float
     decode: float
     token_budget: int
-    def __init__(self, prefill: _Optional[float] = ..., decode: _Optional[float] = ..., token_budget: _Optional[int] = ...) -> None: ...
+    prefill_units: int
+    decode_units: int
+    def __init__(self, prefill: _Optional[float] = ..., decode: _Optional[float] = ..., token_budget: _Optional[int] = ..., prefill_units: _Optional[int] = ..., decode_units: _Optional[int] = ...) -> None: ...
 
 class SetPolicyRequest(_message.Message):
     __slots__ = ("mode",)
@@ -179,9 +183,13 @@ class Coefficient(_message.Message):
     def __init__(self, name: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
 
 class ModelFit(_message.Message):
-    __slots__ = ("backend", "phases")
+    __slots__ = ("backend", "phases", "unit", "num_units")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     PHASES_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    NUM_UNITS_FIELD_NUMBER: _ClassVar[int]
     backend: str
     phases: _containers.RepeatedCompositeFieldContainer[PhaseFit]
-    def __init__(self, backend: _Optional[str] = ..., phases: _Optional[_Iterable[_Union[PhaseFit, _Mapping]]] = ...) -> None: ...
+    unit: str
+    num_units: int
+    def __init__(self, backend: _Optional[str] = ..., phases: _Optional[_Iterable[_Union[PhaseFit, _Mapping]]] = ..., unit: _Optional[str] = ..., num_units: _Optional[int] = ...) -> None: ...

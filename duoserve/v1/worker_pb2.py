@@ -24,31 +24,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64uoserve/v1/worker.proto\x12\x0b\x64uoserve.v1\"d\n\x16SetComputeShareRequest\x12\r\n\x05share\x18\x01 \x01(\x01\x12\x0f\n\x07\x63pu_ids\x18\x02 \x03(\x05\x12\x19\n\x0ctoken_budget\x18\x03 \x01(\x05H\x00\x88\x01\x01\x42\x0f\n\r_token_budget\"\xd5\x01\n\x0c\x43omputeShare\x12\r\n\x05share\x18\x01 \x01(\x01\x12\x0f\n\x07\x63pu_ids\x18\x02 \x03(\x05\x12\x14\n\x0ctoken_budget\x18\x03 \x01(\x05\x12\x1c\n\x14\x61pplied_at_iteration\x18\x04 \x01(\x03\x12\x0f\n\x07pending\x18\x05 \x01(\x08\x12\x1a\n\x12\x61pplied_at_unix_ms\x18\x06 \x01(\x03\x12(\n\x06status\x18\x07 \x01(\x0e\x32\x18.duoserve.v1.ShareStatus\x12\x1a\n\x12\x63hanged_at_unix_ms\x18\x08 \x01(\x03\"\x11\n\x0fGetStatsRequest\"\x98\x03\n\x0bWorkerStats\x12!\n\x05phase\x18\x01 \x01(\x0e\x32\x12.duoserve.v1.Phase\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12(\n\x05share\x18\x03 \x01(\x0b\x32\x19.duoserve.v1.ComputeShare\x12\x13\n\x0bnum_running\x18\x04 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x05 \x01(\x05\x12\x12\n\niterations\x18\x06 \x01(\x03\x12\x18\n\x10tokens_processed\x18\x07 \x01(\x03\x12\x19\n\x11requests_finished\x18\x08 \x01(\x03\x12\x13\n\x0bpreemptions\x18\t \x01(\x03\x12\x19\n\x11last_iteration_ms\x18\n \x01(\x01\x12\x19\n\x11last_batch_tokens\x18\x0b \x01(\x05\x12\x16\n\x0ekv_blocks_free\x18\x0c \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\r \x01(\x05\x12\x10\n\x08\x64raining\x18\x0e \x01(\x08\x12(\n\x05units\x18\x0f \x01(\x0b\x32\x19.duoserve.v1.ComputeUnits\"H\n\x0c\x43omputeUnits\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04used\x18\x02 \x01(\x05\x12\r\n\x05total\x18\x03 \x01(\x05\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\x1c\n\x0c\x44rainRequest\x12\x0c\n\x04wait\x18\x01 \x01(\x08\"J\n\rDrainResponse\x12\x0f\n\x07\x64rained\x18\x01 \x01(\x08\x12\x13\n\x0bnum_running\x18\x02 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\x05*X\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x11\n\rPHASE_PREFILL\x10\x01\x12\x10\n\x0cPHASE_DECODE\x10\x02\x12\x13\n\x0fPHASE_COLOCATED\x10\x03*\x94\x01\n\x0bShareStatus\x12\x1c\n\x18SHARE_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14SHARE_STATUS_APPLIED\x10\x01\x12\x19\n\x15SHARE_STATUS_ACCEPTED\x10\x02\x12\x19\n\x15SHARE_STATUS_RETUNING\x10\x03\x12\x17\n\x13SHARE_STATUS_QUEUED\x10\x04\x32\xdf\x01\n\x06Worker\x12Q\n\x0fSetComputeShare\x12#.duoserve.v1.SetComputeShareRequest\x1a\x19.duoserve.v1.ComputeShare\x12\x42\n\x08GetStats\x12\x1c.duoserve.v1.GetStatsRequest\x1a\x18.duoserve.v1.WorkerStats\x12>\n\x05\x44rain\x12\x19.duoserve.v1.DrainRequest\x1a\x1a.duoserve.v1.DrainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64uoserve/v1/worker.proto\x12\x0b\x64uoserve.v1\"w\n\x16SetComputeShareRequest\x12\r\n\x05share\x18\x01 \x01(\x01\x12\x0f\n\x07\x63pu_ids\x18\x02 \x03(\x05\x12\x19\n\x0ctoken_budget\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x11\n\tnum_units\x18\x04 \x01(\x05\x42\x0f\n\r_token_budget\"\xe8\x01\n\x0c\x43omputeShare\x12\r\n\x05share\x18\x01 \x01(\x01\x12\x0f\n\x07\x63pu_ids\x18\x02 \x03(\x05\x12\x14\n\x0ctoken_budget\x18\x03 \x01(\x05\x12\x1c\n\x14\x61pplied_at_iteration\x18\x04 \x01(\x03\x12\x0f\n\x07pending\x18\x05 \x01(\x08\x12\x1a\n\x12\x61pplied_at_unix_ms\x18\x06 \x01(\x03\x12(\n\x06status\x18\x07 \x01(\x0e\x32\x18.duoserve.v1.ShareStatus\x12\x1a\n\x12\x63hanged_at_unix_ms\x18\x08 \x01(\x03\x12\x11\n\tnum_units\x18\t \x01(\x05\"\x11\n\x0fGetStatsRequest\"\x98\x03\n\x0bWorkerStats\x12!\n\x05phase\x18\x01 \x01(\x0e\x32\x12.duoserve.v1.Phase\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12(\n\x05share\x18\x03 \x01(\x0b\x32\x19.duoserve.v1.ComputeShare\x12\x13\n\x0bnum_running\x18\x04 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x05 \x01(\x05\x12\x12\n\niterations\x18\x06 \x01(\x03\x12\x18\n\x10tokens_processed\x18\x07 \x01(\x03\x12\x19\n\x11requests_finished\x18\x08 \x01(\x03\x12\x13\n\x0bpreemptions\x18\t \x01(\x03\x12\x19\n\x11last_iteration_ms\x18\n \x01(\x01\x12\x19\n\x11last_batch_tokens\x18\x0b \x01(\x05\x12\x16\n\x0ekv_blocks_free\x18\x0c \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\r \x01(\x05\x12\x10\n\x08\x64raining\x18\x0e \x01(\x08\x12(\n\x05units\x18\x0f \x01(\x0b\x32\x19.duoserve.v1.ComputeUnits\"H\n\x0c\x43omputeUnits\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04used\x18\x02 \x01(\x05\x12\r\n\x05total\x18\x03 \x01(\x05\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\x1c\n\x0c\x44rainRequest\x12\x0c\n\x04wait\x18\x01 \x01(\x08\"J\n\rDrainResponse\x12\x0f\n\x07\x64rained\x18\x01 \x01(\x08\x12\x13\n\x0bnum_running\x18\x02 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\x05*X\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x11\n\rPHASE_PREFILL\x10\x01\x12\x10\n\x0cPHASE_DECODE\x10\x02\x12\x13\n\x0fPHASE_COLOCATED\x10\x03*\x94\x01\n\x0bShareStatus\x12\x1c\n\x18SHARE_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14SHARE_STATUS_APPLIED\x10\x01\x12\x19\n\x15SHARE_STATUS_ACCEPTED\x10\x02\x12\x19\n\x15SHARE_STATUS_RETUNING\x10\x03\x12\x17\n\x13SHARE_STATUS_QUEUED\x10\x04\x32\xdf\x01\n\x06Worker\x12Q\n\x0fSetComputeShare\x12#.duoserve.v1.SetComputeShareRequest\x1a\x19.duoserve.v1.ComputeShare\x12\x42\n\x08GetStats\x12\x1c.duoserve.v1.GetStatsRequest\x1a\x18.duoserve.v1.WorkerStats\x12>\n\x05\x44rain\x12\x19.duoserve.v1.DrainRequest\x1a\x1a.duoserve.v1.DrainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'duoserve.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PHASE']._serialized_start=969
-  _globals['_PHASE']._serialized_end=1057
-  _globals['_SHARESTATUS']._serialized_start=1060
-  _globals['_SHARESTATUS']._serialized_end=1208
+  _globals['_PHASE']._serialized_start=1007
+  _globals['_PHASE']._serialized_end=1095
+  _globals['_SHARESTATUS']._serialized_start=1098
+  _globals['_SHARESTATUS']._serialized_end=1246
   _globals['_SETCOMPUTESHAREREQUEST']._serialized_start=41
-  _globals['_SETCOMPUTESHAREREQUEST']._serialized_end=141
-  _globals['_COMPUTESHARE']._serialized_start=144
-  _globals['_COMPUTESHARE']._serialized_end=357
-  _globals['_GETSTATSREQUEST']._serialized_start=359
-  _globals['_GETSTATSREQUEST']._serialized_end=376
-  _globals['_WORKERSTATS']._serialized_start=379
-  _globals['_WORKERSTATS']._serialized_end=787
-  _globals['_COMPUTEUNITS']._serialized_start=789
-  _globals['_COMPUTEUNITS']._serialized_end=861
-  _globals['_DRAINREQUEST']._serialized_start=863
-  _globals['_DRAINREQUEST']._serialized_end=891
-  _globals['_DRAINRESPONSE']._serialized_start=893
-  _globals['_DRAINRESPONSE']._serialized_end=967
-  _globals['_WORKER']._serialized_start=1211
-  _globals['_WORKER']._serialized_end=1434
+  _globals['_SETCOMPUTESHAREREQUEST']._serialized_end=160
+  _globals['_COMPUTESHARE']._serialized_start=163
+  _globals['_COMPUTESHARE']._serialized_end=395
+  _globals['_GETSTATSREQUEST']._serialized_start=397
+  _globals['_GETSTATSREQUEST']._serialized_end=414
+  _globals['_WORKERSTATS']._serialized_start=417
+  _globals['_WORKERSTATS']._serialized_end=825
+  _globals['_COMPUTEUNITS']._serialized_start=827
+  _globals['_COMPUTEUNITS']._serialized_end=899
+  _globals['_DRAINREQUEST']._serialized_start=901
+  _globals['_DRAINREQUEST']._serialized_end=929
+  _globals['_DRAINRESPONSE']._serialized_start=931
+  _globals['_DRAINRESPONSE']._serialized_end=1005
+  _globals['_WORKER']._serialized_start=1249
+  _globals['_WORKER']._serialized_end=1472
 # @@protoc_insertion_point(module_scope)

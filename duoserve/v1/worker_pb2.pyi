@@ -32,17 +32,19 @@ SHARE_STATUS_RETUNING: ShareStatus
 SHARE_STATUS_QUEUED: ShareStatus
 
 class SetComputeShareRequest(_message.Message):
-    __slots__ = ("share", "cpu_ids", "token_budget")
+    __slots__ = ("share", "cpu_ids", "token_budget", "num_units")
     SHARE_FIELD_NUMBER: _ClassVar[int]
     CPU_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    NUM_UNITS_FIELD_NUMBER: _ClassVar[int]
     share: float
     cpu_ids: _containers.RepeatedScalarFieldContainer[int]
     token_budget: int
-    def __init__(self, share: _Optional[float] = ..., cpu_ids: _Optional[_Iterable[int]] = ..., token_budget: _Optional[int] = ...) -> None: ...
+    num_units: int
+    def __init__(self, share: _Optional[float] = ..., cpu_ids: _Optional[_Iterable[int]] = ..., token_budget: _Optional[int] = ..., num_units: _Optional[int] = ...) -> None: ...
 
 class ComputeShare(_message.Message):
-    __slots__ = ("share", "cpu_ids", "token_budget", "applied_at_iteration", "pending", "applied_at_unix_ms", "status", "changed_at_unix_ms")
+    __slots__ = ("share", "cpu_ids", "token_budget", "applied_at_iteration", "pending", "applied_at_unix_ms", "status", "changed_at_unix_ms", "num_units")
     SHARE_FIELD_NUMBER: _ClassVar[int]
     CPU_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_BUDGET_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +53,7 @@ class ComputeShare(_message.Message):
     APPLIED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     CHANGED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    NUM_UNITS_FIELD_NUMBER: _ClassVar[int]
     share: float
     cpu_ids: _containers.RepeatedScalarFieldContainer[int]
     token_budget: int
@@ -59,7 +62,8 @@ class ComputeShare(_message.Message):
     applied_at_unix_ms: int
     status: ShareStatus
     changed_at_unix_ms: int
-    def __init__(self, share: _Optional[float] = ..., cpu_ids: _Optional[_Iterable[int]] = ..., token_budget: _Optional[int] = ..., applied_at_iteration: _Optional[int] = ..., pending: _Optional[bool] = ..., applied_at_unix_ms: _Optional[int] = ..., status: _Optional[_Union[ShareStatus, str]] = ..., changed_at_unix_ms: _Optional[int] = ...) -> None: ...
+    num_units: int
+    def __init__(self, share: _Optional[float] = ..., cpu_ids: _Optional[_Iterable[int]] = ..., token_budget: _Optional[int] = ..., applied_at_iteration: _Optional[int] = ..., pending: _Optional[bool] = ..., applied_at_unix_ms: _Optional[int] = ..., status: _Optional[_Union[ShareStatus, str]] = ..., changed_at_unix_ms: _Optional[int] = ..., num_units: _Optional[int] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ()

@@ -146,3 +146,42 @@ def rebuild(desc: CudaIpcHandle) -> Any:
                                torch.uint8, desc.device, desc.handle, desc.storage_size_bytes,
                                desc.storage_offset_bytes, False, desc.ref_counter_handle, desc.ref_counter_offset,
                                desc.event_handle, desc.event_sync_required)
+
+
+# ---------------------------------------------------------------------------------------------- cuda-python
+
+@dataclass(frozen=True, slots=True)
+class _DeviceBytes:
+    """A device range as `__cuda_array_interface__` (version 3), so torch.as_tensor wraps it without a copy."""
+
+    address: int
+    num_bytes: int
+
+    @property
+    def __cuda_array_interface__(self) -> dict[str, Any]:
+        return {"shape": (self.num_bytes,), "typestr": "|u1", "data": (self.address, False), "version": 3,
+                "strides": None, "stream": None}
+
+
+def rebuild_with_driver(desc: CudaIpcHandle) -> Any:
+    """Worker side, through cuda-python's driver bindings instead of torch's private rebuild: the block
+    is opened with cuIpcOpenMemHandle (no ref-counter file: the arena keeps its allocations for its
+    life), and when the arena recorded an event after its writes, this thread's stream waits for it on
+    the device (cuIpcOpenEventHandle + cuStreamWaitEvent). The same flat uint8 tensor as `rebuild`;
+    the mapping lives as long as the process (CUDA unmaps it at exit)."""
+    import torch
+
+    from services.common import cuda_driver
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("the arena exports CUDA memory but this process sees no GPU: start the worker with "
+                           "the arena's CUDA_VISIBLE_DEVICES")
+    torch.cuda.init()
+    with torch.cuda.device(desc.device):
+        torch.zeros(1, device=f"cuda:{desc.device}")          # torch's primary context current on this thread
+        base = cuda_driver.open_ipc_mem(desc.handle)
+        if desc.event_handle is not None and desc.event_sync_required:
+            event = cuda_driver.IpcEvent.open(desc.event_handle, desc.device)
+            event.wait(torch.cuda.current_stream(desc.device).cuda_stream)
+        view = _DeviceBytes(base + desc.storage_offset_bytes, desc.storage_size_bytes)
+        return torch.as_tensor(view, device=f"cuda:{desc.device}")

@@ -3,7 +3,8 @@
 A share is a cap (an MPS active thread percentage, or a core set); this says how many units the
 cap really yields, so `duoctl status` can show it beside the share. On CUDA it is measured by the
 SM probe (`services/common/sm_probe.py`) in the worker's own process and context, so it sees the
-worker's MPS limit; on the CPU it is the worker's affinity mask against the stack's cores.
+worker's MPS limit (without the probe, the device's SM count still comes from the driver through
+cuda-python, `services/common/cuda_driver.py`); on the CPU it is the worker's affinity mask against the stack's cores.
 Measured after start-up and after each share change, never per iteration.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common import cuda_driver
 from services.common.sm_probe import DEFAULT_LIBRARY, probe_sms
 
 
@@ -45,4 +47,12 @@ def probe_compute_units(device: str, cpu_ids: tuple[int, ...], stack_cpus: tuple
         cores = cpu_ids or tuple(os.sched_getaffinity(0))
         return ComputeUnits("core", len(cores), len(stack_cpus) or len(cores))
     result = probe_sms(index, library=library)
-    return ComputeUnits("sm", result.num_sms_used, result.num_sms_total, result.error)
+    if result.ok:
+        return ComputeUnits("sm", result.num_sms_used, result.num_sms_total)
+    # No probe (not built, or it failed): the driver still says how many SMs the device has
+    # (cuda-python, services.common.cuda_driver); what this worker's cap gives stays unknown.
+    try:
+        total = cuda_driver.sm_count(index)
+    except (cuda_driver.CudaDriverError, ValueError) as e:
+        return ComputeUnits("sm", 0, 0, f"{result.error}; driver: {e}")
+    return ComputeUnits("sm", 0, total, result.error)

@@ -26,6 +26,7 @@ class ShareState:
     applied_at_unix_ms: int = 0
     pending: bool = False
     requested_at: float = 0.0          # wall clock of the SetComputeShare call (a succession's latency starts)
+    num_units: int = 0                 # SMs (cuda) or cores (cpu) the share is; 0 unknown
 
 
 @dataclass(frozen=True, slots=True)

@@ -509,7 +509,7 @@ class Worker:
         free = self.kv_blocks_free         # as of the previous iteration's round trip: no extra one here
         share = self.control.share
         stream_entries.add(pipe, stream_entries.timing(self.keys, IterationSample(
-            self.config.phase.value, share.share, len(share.cpu_ids), num_prefill, num_decode,
+            self.config.phase.value, share.share, self._num_units(share), num_prefill, num_decode,
             len(batch.chunks), sum(c.context_len for c in batch.decode_chunks),
             sum(len(c.token_ids) * c.context_len for c in batch.prefill_chunks), elapsed * 1000, time.time())))
         self.metrics.iteration_seconds.observe(elapsed)
@@ -527,6 +527,14 @@ class Worker:
         if (time.monotonic() - self.last_report_at >= BUSY_REPORT_S
                 or (self.stats.num_running, self.stats.num_waiting) != self._reported_batch):
             self.report(pipe)
+
+    def _num_units(self, share: ShareState) -> int:
+        """The units an iteration ran on, for the model: cores (cpu); SMs (cuda: as the probe measured
+        them, else as requested; 0 lets the orchestrator derive them from the share)."""
+        if self.config.device != "cuda":
+            return len(share.cpu_ids)
+        units = self.control.units
+        return units.used if units is not None and units.used > 0 else share.num_units
 
     def probe_units(self) -> None:
         """Measure what the share in force gives this worker (SMs on CUDA, cores on the CPU)."""

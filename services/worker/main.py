@@ -16,7 +16,7 @@ import torch
 
 from services.common.contracts import KeySpace
 from services.common.model_info import ModelInfo, write_model_info
-from services.common import redis_retry
+from services.common import redis_retry, shares
 from services.common.redis_blocks import RedisBlockAllocator
 from services.engine.kv_cache import KVCacheSpec, allocate_kv_pool
 from services.engine.llm_engine import DTYPES
@@ -84,9 +84,13 @@ def build_worker(config: WorkerConfig, stack_cpus: tuple[int, ...]) -> tuple[Wor
     runner = ModelRunner(LlamaModel(model_config, weights, pack_weights=pack), kv_cache, spec.block_size)
     cpus = config.cpu_ids or stack_cpus
     # cuda: the share is the MPS limit this process started with (its host threads keep their cores).
-    share = (config.mps_percentage or 100) / 100 if config.device == "cuda" else len(cpus) / len(stack_cpus)
+    if config.device == "cuda":
+        share, units = shares.share_of_percentage(config.mps_percentage or 100), 0    # SMs: measured by probe_units
+    else:
+        share, units = shares.UnitSpace.cpu(len(stack_cpus)).share_of(len(cpus)), len(cpus)
     control = WorkerControl(ShareState(share, cpus,
-                                       config.max_num_batched_tokens if config.phase is not Phase.DECODE else 0))
+                                       config.max_num_batched_tokens if config.phase is not Phase.DECODE else 0,
+                                       num_units=units))
     metrics = WorkerMetrics(config.phase.value, model_name=model_dir.name)   # the name ModelInfo serves it under
     metrics.compute_share.set(share)
     metrics.read_when_scraped(lambda: len(scheduler.running), lambda: len(scheduler.waiting),

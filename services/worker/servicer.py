@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import time
 from concurrent import futures
+from dataclasses import replace
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from duoserve.v1 import worker_pb2, worker_pb2_grpc
-from services.common import auth
+from services.common import auth, shares
 from services.common.grpc_input import InputInterceptor
 from services.worker.compute_units import ComputeUnits
 from services.worker.config import Phase, WorkerConfig
@@ -33,13 +34,20 @@ def share_to_pb(share: ShareState, status: ShareStatus, changed_at: float) -> wo
                                    applied_at_iteration=share.applied_at_iteration,
                                    pending=status is not ShareStatus.APPLIED,
                                    applied_at_unix_ms=share.applied_at_unix_ms, status=STATUSES[status],
-                                   changed_at_unix_ms=int(changed_at * 1000))
+                                   changed_at_unix_ms=int(changed_at * 1000), num_units=share.num_units)
 
 
 def units_to_pb(units: ComputeUnits | None) -> worker_pb2.ComputeUnits:
     if units is None:
         return worker_pb2.ComputeUnits()       # not measured yet
     return worker_pb2.ComputeUnits(kind=units.kind, used=units.used, total=units.total, error=units.error or "")
+
+
+def _check_units(space: shares.UnitSpace, units: int) -> None:
+    try:
+        space.check_units(units)
+    except ValueError as e:
+        raise ValueError(f"num_units: {e}") from None
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
@@ -50,28 +58,46 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     def SetComputeShare(self, request, context):
         """Validated and left for the loop; during a retune by succession it is queued behind it."""
-        cpu_ids = tuple(request.cpu_ids)
-        allowed = set(self.stack_cpus)
-        if not cpu_ids and not 0.0 < request.share <= 1.0:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"share: must be in (0, 1], got {request.share}")
-        if any(c not in allowed for c in cpu_ids) or len(set(cpu_ids)) != len(cpu_ids):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"cpu_ids: must be distinct cores of {sorted(allowed)}, got {list(cpu_ids)}")
         if request.HasField("token_budget") and request.token_budget < 1:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"token_budget: must be >= 1, got {request.token_budget}")
-        if not cpu_ids:   # a share without cores: that fraction of the cores, prefill from the front, decode the back
-            count = max(1, round(request.share * len(self.stack_cpus)))
-            is_decode = self.config.phase is Phase.DECODE
-            cpu_ids = self.stack_cpus[-count:] if is_decode else self.stack_cpus[:count]
-        share = len(cpu_ids) / len(self.stack_cpus)
-        if self.config.device == "cuda":   # the share is an MPS percentage; host threads keep their cores
-            if not 0.0 < request.share <= 1.0:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"share: must be in (0, 1], got {request.share}")
-            share, cpu_ids = request.share, self.control.share.cpu_ids
+        try:
+            share = (self._cuda_share if self.config.device == "cuda" else self._cpu_share)(request)
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         budget = request.token_budget if request.HasField("token_budget") else 0
         requested, status = self.control.request_share(
-            ShareState(share, cpu_ids, budget), lambda current, new: needs_successor(self.config, current, new))
+            replace(share, token_budget=budget), lambda current, new: needs_successor(self.config, current, new))
         return share_to_pb(requested, status, requested.requested_at)
+
+    def _cpu_share(self, request) -> ShareState:
+        """Cores: the ones named, or that many of the stack's (num_units, else the share's; prefill's from
+        the front, decode's from the back: services.common.shares)."""
+        space = shares.UnitSpace.cpu(len(self.stack_cpus))
+        cpu_ids = tuple(request.cpu_ids)
+        allowed = set(self.stack_cpus)
+        if any(c not in allowed for c in cpu_ids) or len(set(cpu_ids)) != len(cpu_ids):
+            raise ValueError(f"cpu_ids: must be distinct cores of {sorted(allowed)}, got {list(cpu_ids)}")
+        if request.num_units:
+            _check_units(space, request.num_units)
+            if cpu_ids and len(cpu_ids) != request.num_units:
+                raise ValueError(f"num_units: {request.num_units} but {len(cpu_ids)} cpu_ids")
+        if not cpu_ids:
+            if not request.num_units and not 0.0 < request.share <= 1.0:
+                raise ValueError(f"share: must be in (0, 1], got {request.share}")
+            units = request.num_units or space.units_for(request.share)
+            cpu_ids = shares.core_set(self.stack_cpus, units, from_back=self.config.phase is Phase.DECODE)
+        return ShareState(space.share_of(len(cpu_ids)), cpu_ids, 0, num_units=len(cpu_ids))
+
+    def _cuda_share(self, request) -> ShareState:
+        """An MPS cap: the share as sent (its percentage: services.common.shares), checked against the
+        SMs this worker measured on its device when num_units names them. Host threads keep their cores."""
+        if not 0.0 < request.share <= 1.0:
+            raise ValueError(f"share: must be in (0, 1], got {request.share}")
+        measured = self.control.units
+        units = request.num_units
+        if units and measured is not None and measured.total > 0:
+            _check_units(shares.UnitSpace.cuda(measured.total), units)
+        return ShareState(request.share, self.control.share.cpu_ids, 0, num_units=units)
 
     def GetStats(self, request, context):
         s = self.control.stats

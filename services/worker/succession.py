@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Callable
 from services.common import succession as wire
 from services.common.contracts import SuccessionState
 from services.common.pids import process_start_time
+from services.common.shares import percentage_for_share
 from services.engine.blocks import OutOfBlocks
 from services.engine.scheduler import ScheduledChunk, SchedulerOutput
 from services.worker.compute import apply_cpu_share
@@ -72,8 +73,8 @@ def needs_successor(config: WorkerConfig, current: ShareState, requested: ShareS
 
 
 def mps_percentage(share: float) -> int:
-    """CUDA_MPS_ACTIVE_THREAD_PERCENTAGE for a share (1..100)."""
-    return max(1, min(100, round(share * 100)))
+    """CUDA_MPS_ACTIVE_THREAD_PERCENTAGE for a share (1..100): services.common.shares converts."""
+    return percentage_for_share(share)
 
 
 def _alive(pid: int, start_time: int) -> bool:

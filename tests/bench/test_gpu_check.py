@@ -30,8 +30,10 @@ def test_the_table_has_the_checks_then_one_row_per_share():
     checks = StackChecks()
     checks.add("greedy == cpu", "4/4 prompts, 16 tokens each")
     checks.add("MPS clients", "prefill 11, decode 12 of 3 clients")
+    checks.add("SMs (driver)", "132 (cuDeviceGetAttribute MULTIPROCESSOR_COUNT), sm_90, 80 GiB")
+    checks.add("green contexts", "split ok: 30%->40, 50%->72, 100%->132 SMs (min 8, alignment 8)")
     shares = [{"percentage": "30", "sms": 40, "sms_total": 132, "prefill_tok_s": 51234.4, "decode_tok_s": 2100.2,
-               "probe_error": None},
+               "probe_error": None, "driver_sms": 132},
               {"percentage": "100", "sms": None, "sms_total": None, "prefill_tok_s": 90000.0, "decode_tok_s": None,
                "probe_error": "native library not found: build it with `make native`"},
               {"percentage": "50", "error": "CUDA error: out of memory"}]
@@ -39,6 +41,7 @@ def test_the_table_has_the_checks_then_one_row_per_share():
     assert table[0] == "duoserve gpu-check on NVIDIA H100 (132 SMs)"
     assert any(line.startswith("greedy == cpu") and "4/4" in line for line in table)
     rows = [line.split() for line in table if line.strip().split(" ")[0].endswith("%")]
-    assert rows[0][:4] == ["30%", "40/132", "51234", "2100"]
-    assert rows[1][:4] == ["100%", "n/a", "90000", "n/a"] and "make" in " ".join(rows[1])
-    assert rows[2][:4] == ["50%", "n/a", "n/a", "n/a"] and "out of memory" in " ".join(rows[2])
+    assert any(line.startswith("green contexts") and "30%->40" in line for line in table)
+    assert rows[0][:5] == ["30%", "40/132", "132", "51234", "2100"]        # probe, then the driver's count
+    assert rows[1][:5] == ["100%", "n/a", "n/a", "90000", "n/a"] and "make" in " ".join(rows[1])
+    assert rows[2][:5] == ["50%", "n/a", "n/a", "n/a", "n/a"] and "out of memory" in " ".join(rows[2])

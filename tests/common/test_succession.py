@@ -41,7 +41,7 @@ def test_standby_argv_replaces_cores_and_takeover_only():
     env = (("A", "1"), (wire.PERCENTAGE_ENV, "50"))
     assert wire.standby_env(env, 70) == (("A", "1"), (wire.PERCENTAGE_ENV, "70"))
     assert wire.standby_env(env, 0) == env
-    assert [mps_percentage(s) for s in (0.0, 0.004, 0.5, 0.704, 1.2)] == [1, 1, 50, 70, 100]
+    assert [mps_percentage(s) for s in (0.0, 0.004, 0.5, 0.704, 1.2)] == [1, 1, 50, 71, 100]   # a cap covering the share
 
 
 def test_succession_state_round_trips_with_its_hand_offs_and_queued_share():
@@ -65,7 +65,7 @@ def test_which_shares_need_a_successor():
     assert not needs_successor(_config(), current, ShareState(0.5, (1,), 64))        # a budget alone: in place
     assert not needs_successor(_config("inplace"), current, ShareState(1.0, (0, 1), 0))
     assert needs_successor(_config(device="cuda"), ShareState(0.5, (), 0), ShareState(0.7, (), 0))
-    assert not needs_successor(_config(device="cuda"), ShareState(0.5, (), 0), ShareState(0.501, (), 0))
+    assert not needs_successor(_config(device="cuda"), ShareState(0.5, (), 0), ShareState(0.4995, (), 0))   # the same 50% cap
     assert parse_args(Phase.DECODE, ["--port", "1", "--redis-url", "redis://x", "--arena-socket", "/s",
                                      "--retune-mode", "handover"]).retune_mode == "succession"   # its old name
 

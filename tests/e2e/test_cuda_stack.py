@@ -40,7 +40,9 @@ def test_cuda_plan_runs_arena_and_workers_on_cuda_as_mps_clients_with_their_perc
     assert dict(by_name["prefill"].env)[mps.PERCENTAGE_ENV] == "70"
     assert dict(by_name["decode"].env)[mps.PERCENTAGE_ENV] == "30"
     for name in ("gateway", "orchestrator", "redis"):
-        assert "--device" not in by_name[name].argv and mps.PIPE_ENV not in dict(by_name[name].env)
+        assert mps.PIPE_ENV not in dict(by_name[name].env)              # no CUDA context: no MPS client
+    assert "--device" not in by_name["gateway"].argv and "--device" not in by_name["redis"].argv
+    assert "--device cuda" in " ".join(by_name["orchestrator"].argv)     # its shares are SMs
     cpu = {p.name: p for s in stack.plan(make_config(tmp_path, device="cpu"), Layout.new(config.stack_dir),
                                          {n: (1000 + i, 2000 + i) for i, n in enumerate(NAMES)}) for p in s}
     assert all("--device" not in p.argv and mps.PIPE_ENV not in dict(p.env) for p in cpu.values())

@@ -11,6 +11,7 @@ from duoserve import duoctl
 from duoserve.v1 import admin_pb2_grpc
 from orchestrator.admin import AdminServicer
 from orchestrator.policy import PolicyMode, Shares
+from services.common.shares import UnitSpace
 
 
 class _Controller:
@@ -20,6 +21,7 @@ class _Controller:
         self.last = SimpleNamespace(shares=Shares(0.5, 0.5, 2048))     # the policy's last decision
         self.policy = SimpleNamespace(mode=PolicyMode.AUTO, pinned=None)
         self.pinned: Shares | None = None
+        self.model = SimpleNamespace(units=UnitSpace.cpu(2))                 # what the shares are cut from
 
     def default_shares(self) -> Shares:
         return Shares(0.5, 0.5, 2048)
