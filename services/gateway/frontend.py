@@ -194,10 +194,9 @@ class Frontend:
                     log.exception("could not end request %s", request.record.client_id)
 
     async def shutdown(self) -> None:
-        """After the servers stopped: end what no call holds, then drop the reply stream."""
+        """After the servers stopped: end what no call holds (the keys go with the lease: Takeover.close)."""
         for request in list(self.requests.values()):
             await self._end(request, "abort")
-        await self.client.delete(self.reply_stream)
 
     async def read_replies(self) -> None:
         """Dispatch this gateway's reply stream to the waiting requests, forever. While Redis is

@@ -14,9 +14,9 @@ under the predecessor's id, next to its own. A gateway id's life here:
             still reads what was seen dead and, for a peer's scan, that the id was last renewed at least
             the grace period ago: of any number of gateways trying at once exactly one wins, and a lease
             renewed meanwhile (the gateway was alive after all) is left alone
-  released  the holder is done with the id's requests: lease, record hash, reply stream and registry
-            entry deleted by RELEASE, one script that does nothing unless the caller holds the lease and
-            no record is left (a record written after the adoption is adopted first)
+  released  the holder is done with the id's requests: lease, record hash and registry entry deleted,
+            the reply stream set to expire, by RELEASE, one script that does nothing unless the caller
+            holds the lease and no record is left (a record written after the adoption is adopted first)
 """
 from __future__ import annotations
 
@@ -54,14 +54,18 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
 redis.call('HSET', KEYS[2], ARGV[2], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 return 1
 """
-# KEYS: lease, registry, record hash, reply stream. ARGV: the holder's value, id.
+# KEYS: lease, registry, record hash, reply stream. ARGV: the holder's value, id, how long the stream stays (ms).
+# The reply stream expires rather than goes: a worker may still publish the last delivery of a request that
+# was just cancelled, which would make the stream again, for good, had it been deleted.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if redis.call('HLEN', KEYS[3]) > 0 then return -1 end
-redis.call('DEL', KEYS[1], KEYS[3], KEYS[4])
+redis.call('DEL', KEYS[1], KEYS[3])
+redis.call('PEXPIRE', KEYS[4], ARGV[3])
 redis.call('HDEL', KEYS[2], ARGV[2])
 return 1
 """
+STREAM_AFTER_RELEASE_S = 60.0
 RELEASED, NOT_HELD, RECORDS_LEFT = 1, 0, -1
 
 
@@ -120,7 +124,8 @@ async def take(client: aioredis.Redis, keys: KeySpace, gateway_id: str, seen: st
 async def release(client: aioredis.Redis, keys: KeySpace, gateway_id: str, value: str) -> int:
     """RELEASED, NOT_HELD (someone else holds it) or RECORDS_LEFT (adopt those first)."""
     return int(await client.eval(_RELEASE, 4, keys.gateway_lease(gateway_id), keys.gateways,
-                                 keys.gateway_requests(gateway_id), keys.reply(gateway_id), value, gateway_id))
+                                 keys.gateway_requests(gateway_id), keys.reply(gateway_id), value, gateway_id,
+                                 int(STREAM_AFTER_RELEASE_S * 1000)))
 
 
 async def leases(client: aioredis.Redis, keys: KeySpace) -> dict[str, bytes | None]:

@@ -104,8 +104,11 @@ class Takeover:
         frontend = self.frontend
         others = [g for g in (await peers.leases(frontend.client, frontend.keys)) if g != self.me]
         owner = await peers.owner_of(frontend.client, frontend.keys, others, client_id)
-        if owner is None or owner in self.adopted:
+        if owner is None:
             return
+        async with self._lock(owner):        # an adoption of it in progress (another Attach's) ends first
+            if owner in self.adopted:
+                return
         lease = await frontend.client.get(frontend.keys.gateway_lease(owner))
         if peers.is_dead(lease) and await self._adopt(owner, lease, grace_s=0.0):
             return
