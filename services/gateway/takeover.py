@@ -81,7 +81,8 @@ class Takeover:
             raise LeaseLost(f"gateway {holder or '?'} holds this gateway's id {self.me}: it took its requests "
                             f"over (this process did not renew its lease for {peers.LEASE_TTL_S:g} s)")
         for gateway_id in sorted(self.adopted):
-            if not await peers.renew(frontend.client, frontend.keys, gateway_id, self.value, retake=False):
+            # an expired one (Redis was away longer than the TTL) is taken again: only this process releases it
+            if not await peers.renew(frontend.client, frontend.keys, gateway_id, self.value, retake=True):
                 holder = peers.holder_of(await frontend.client.get(frontend.keys.gateway_lease(gateway_id)))
                 log.error("lost gateway id %s to %s: dropping its %d adopted requests", gateway_id, holder or "nobody",
                           sum(r.origin == gateway_id for r in frontend.requests.values()))
