@@ -120,12 +120,15 @@ class Takeover:
                        f"retry (this gateway takes it over once that one stops renewing its lease, within "
                        f"{peers.LEASE_TTL_S:g} s of its death)")
 
-    async def done_with(self, gateway_id: str) -> None:
+    async def done_with(self, gateway_id: str, quiet: bool = False) -> None:
         """The last request adopted from `gateway_id` ended: delete its keys and let the lease go, unless
         records came in after the adoption (a gateway that was only stalled): those are adopted first."""
         frontend = self.frontend
         async with self._lock(gateway_id):
-            if gateway_id not in self.adopted or self._follows(gateway_id):
+            if self._follows(gateway_id):
+                return
+            if gateway_id not in self.adopted:           # Redis lost it with its data (rejoin): nothing to free
+                frontend.drop_origin(gateway_id, "")
                 return
             outcome = await peers.release(frontend.client, frontend.keys, gateway_id, self.value)
             if outcome == peers.RECORDS_LEFT:
@@ -134,7 +137,7 @@ class Takeover:
                 return
             self.adopted.discard(gateway_id)
             frontend.drop_origin(gateway_id, "")         # nothing left on it: stop reading its reply stream
-            if outcome == peers.RELEASED:
+            if outcome == peers.RELEASED and not quiet:
                 log.info("every request adopted from gateway %s has ended; its keys are deleted", gateway_id)
 
     async def close(self) -> None:
@@ -142,11 +145,10 @@ class Takeover:
         await peers.release(self.frontend.client, self.frontend.keys, self.me, self.value)
 
     async def rejoin(self) -> None:
-        """Redis came back without its data: hold the own lease again; the adopted ids went with it."""
+        """Redis came back without its data: hold the own lease again. The adopted ids went with it; their
+        requests end as every other one then (Frontend.fail_all), and their streams are let go after."""
         await peers.register(self.frontend.client, self.frontend.keys, self.me, self.value)
-        for gateway_id in list(self.adopted):
-            self.adopted.discard(gateway_id)
-            self.frontend.drop_origin(gateway_id, "")
+        self.adopted.clear()
 
     async def _adopt(self, gateway_id: str, lease: bytes | None, grace_s: float) -> bool:
         """Take `gateway_id`'s lease (if it still reads `lease`) and follow its requests. -> whether won."""
@@ -165,7 +167,7 @@ class Takeover:
                             "its client re-attaches within %g s", gateway_id, count, how,
                             frontend.config.orphan_timeout_s)
         if not count:
-            await self.done_with(gateway_id)
+            await self.done_with(gateway_id, quiet=True)
         return True
 
     def _follows(self, gateway_id: str) -> bool:

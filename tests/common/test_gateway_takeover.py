@@ -12,6 +12,7 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 
+from services.common.contracts import CancelNotice, from_json
 from services.gateway import peers
 from services.gateway.errors import NotReady
 from services.gateway.takeover import LeaseLost
@@ -148,3 +149,32 @@ def test_a_gateway_whose_own_id_was_taken_over_stops(redis_server, keys):
         await a.client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_dead_gateways_request_nobody_attaches_to_is_adopted_after_the_grace_and_cancelled(redis_server, keys):
+    async def scenario():
+        a = make_frontend(redis_server.url, keys.prefix, gateway_id="gw-a")
+        await start(a)
+        reader = (await _reading(a))[0]
+        consumer, engine_id = await accept(a, "lonely", [])
+        await kill(a, reader, consumer)
+        b = make_frontend(redis_server.url, keys.prefix, gateway_id="gw-b", orphan_timeout_s=0.3)
+        takeover = await start(b, takeover_s=0.3)
+        await takeover.scan()
+        early = sorted(b.requests)                     # within the grace: not yet
+        await asyncio.sleep(0.35)
+        await takeover.scan()
+        adopted = sorted(b.requests)
+        sweeper = asyncio.create_task(b.sweep_orphans())
+        await wait_until(lambda: not b.requests)
+        sweeper.cancel()
+        cancels = [from_json(CancelNotice, data[b"m"]).request_id for _id, data in await b.client.xrange(keys.cancel)]
+        left = (await b.client.exists(keys.gateway_requests(a.gateway_id), keys.gateway_lease(a.gateway_id)),
+                await b.client.hexists(keys.gateways, a.gateway_id), await b.client.get(keys.request_claim("lonely")))
+        await b.client.aclose()
+        return early, adopted, engine_id, cancels, left
+
+    early, adopted, engine_id, cancels, left = asyncio.run(scenario())
+    assert early == [] and adopted == [engine_id]
+    assert cancels == [engine_id]                      # the workers free its blocks
+    assert left == (0, False, None)                    # its gateway's keys and its id's claim gone
