@@ -73,6 +73,10 @@ class Takeover:
                 await self.scan()
             except CONNECTION_ERRORS:
                 self.frontend.redis_suspected.set()      # leases are renewed again once Redis is back
+            except LeaseLost:
+                raise
+            except Exception:                            # noqa: BLE001 - serving goes on; tried again next round
+                log.exception("gateway takeover round failed")
 
     async def renew(self) -> None:
         frontend = self.frontend
