@@ -4,7 +4,9 @@ A stream's life here:
   accepted   the gateway queued the request and said so in the call's initial metadata, with the
              request's id (REQUEST_ID_METADATA): from here on the stream can be re-attached
   following  each response adds its tokens to the count the client has
-  lost       the call failed with UNAVAILABLE (the gateway was killed or is restarting): after a
+  lost       the call failed with UNAVAILABLE (the gateway was killed or is restarting; through a
+             channel that lists several gateways, the next one adopts the request, or says that a
+             live one streams it: services/gateway/takeover.py): after a
              backoff (0.1 s doubling to 2 s) the stream calls Attach(id, tokens it has) and goes on
              with the next token; again on UNAVAILABLE, for at most `window_s` after the loss and
              never past the stream's own timeout. The caller sees one stream: no token twice, none

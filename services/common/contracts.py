@@ -46,6 +46,13 @@ class KeySpace:
     def gateway_requests(self, gateway_id: str) -> str:   # hash: engine id -> RequestRecord of a gateway's requests
         return f"{self.prefix}:gateway:{gateway_id}:requests"
 
+    def gateway_lease(self, gateway_id: str) -> str:   # string with a TTL: "host pid start_time holder" of the live
+        return f"{self.prefix}:gateway:{gateway_id}:lease"   # process that follows this gateway's requests
+
+    @property
+    def gateways(self) -> str:            # hash: gateway id -> when its lease was last renewed (Redis ms)
+        return f"{self.prefix}:gateways"
+
     @property
     def kv_free(self) -> str:             # list of free block ids
         return f"{self.prefix}:kv:free"

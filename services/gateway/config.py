@@ -30,9 +30,11 @@ class GatewayConfig:
     max_body_bytes: int = 16 << 20  # an HTTP request body larger than this is refused (413)
     stall_timeout_s: float = 120.0  # no token for this long: the request fails UNAVAILABLE
     model_wait_s: float = 300.0     # how long to wait at start for the stack to publish its model
-    gateway_id: str = ""            # names its reply stream and request records: the same after a restart,
-                                    # so the restarted gateway adopts its predecessor's requests (adoption.py)
+    gateway_id: str = ""            # the same after a restart, so the restarted gateway adopts its predecessor's
+                                    # requests at once (each process runs under `<gateway_id>~<8 hex>`: peers.py)
     orphan_timeout_s: float = 30.0  # an adopted request no client re-attached to for this long is cancelled
+    takeover_s: float = 60.0        # a gateway of the stack dead this long (lease not renewed) has its requests
+                                    # adopted by a live one (takeover.py); longer than a supervised restart
     http_port: int = 0              # OpenAI-compatible HTTP API (/v1/completions, ...); 0 disables
     http_host: str = "127.0.0.1"    # bind address of the HTTP API
     peer_metrics: tuple[tuple[str, str], ...] = ()   # (process name, HOST:PORT) of the stack's other
@@ -50,6 +52,8 @@ class GatewayConfig:
             raise ValueError(f"http_port must be in [0, 65535], got {self.http_port}")
         if self.orphan_timeout_s <= 0:
             raise ValueError(f"orphan_timeout_s must be positive, got {self.orphan_timeout_s}")
+        if self.takeover_s <= 0:
+            raise ValueError(f"takeover_s must be positive, got {self.takeover_s}")
 
 
 def _peer(text: str) -> tuple[str, str]:
@@ -98,12 +102,16 @@ def parse_args(argv: Sequence[str] | None = None) -> GatewayConfig:
     p.add_argument("--orphan-timeout-s", type=float, default=float(env.get("DUOSERVE_ORPHAN_TIMEOUT_S", 30.0)),
                    help="after a restart, a request in flight whose client does not re-attach within this many "
                         "seconds is cancelled and its KV blocks freed")
+    p.add_argument("--gateway-takeover-s", type=float, default=float(env.get("DUOSERVE_GATEWAY_TAKEOVER_S", 60.0)),
+                   help="another gateway of the stack whose lease has not been renewed for this many seconds (it "
+                        "died and did not come back under its id) has its requests adopted by this one; an Attach "
+                        "for one of them adopts them at once")
     a = p.parse_args(argv)
     return GatewayConfig(redis_url=redis_url_from_env(env, a.redis_url), key_prefix=a.key_prefix, port=a.port, host=a.host,
                          metrics_port=a.metrics_port, max_queue_len=a.max_queue_len,
                          max_tokens_limit=a.max_tokens_limit, default_max_tokens=a.default_max_tokens,
                          tokenizer_threads=a.tokenizer_threads,
                          gateway_id=a.gateway_id or _default_gateway_id(a.port),
-                         orphan_timeout_s=a.orphan_timeout_s, http_port=a.http_port,
+                         orphan_timeout_s=a.orphan_timeout_s, takeover_s=a.gateway_takeover_s, http_port=a.http_port,
                          http_host=a.http_host, peer_metrics=tuple(a.peer_metrics),
                          api_key=a.api_key or secret_from_env(env, API_KEY_ENV), tls=TlsFiles.of(a.tls_cert, a.tls_key))

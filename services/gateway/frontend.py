@@ -11,7 +11,9 @@ A request's life in the gateway:
                the one call following it (never splitting a character); stop strings are matched
                here, and a hit sends a CancelNotice so the workers stop
   re-attached  Attach: a client that lost its stream (a gateway restart) follows it again from the
-               token after the last one it has, text restarted from the prompt and those tokens
+               token after the last one it has, text restarted from the prompt and those tokens; a
+               request of a dead gateway is adopted first (takeover.py), one of a live one refused
+               with UNAVAILABLE (the SDK retries)
   finished     last chunk with finish reason and usage (prompt/completion tokens, queue, TTFT, e2e)
   cancelled    the client went away or its deadline passed: a CancelNotice frees its blocks; counted
                as finished with reason "abort" (an error on the way: "error"), as vLLM counts them.
@@ -27,29 +29,42 @@ import functools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable, Protocol
 
 import redis.asyncio as aioredis
 
 from services.common import stream_entries
 from services.common.contracts import CancelNotice, KeySpace, QueuedRequest, RequestLatency, TokenDelivery
 from services.common.model_info import ModelInfo, parse_model_info
-from services.common.redis_retry import CONNECTION_ERRORS, UNREACHABLE, Backoff
+from services.common.redis_retry import CONNECTION_ERRORS, UNREACHABLE
 from services.engine.blocks import blocks_for_tokens
 from services.engine.sampling_params import SamplingParams
 from services.engine.tokenizer import Tokenizer
 from services.gateway.config import GatewayConfig
-from services.gateway import adoption, request_ids
+from services.gateway import adoption, peers, request_ids
 from services.gateway.errors import InvalidInput, NotReady, QueueFull, RequestNotFound, Superseded
 from services.gateway.follower import Chunk, Follower, Usage  # noqa: F401 (Chunk, Usage: the API's types)
-from services.gateway.inflight import InFlight, RequestRecord, oldest_since, stream_id_key
+from services.gateway.inflight import InFlight, RequestRecord
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.outbox import Outbox
 from services.gateway.prompts import PromptEncoder, PromptLimits
+from services.gateway.replies import TRIM_INTERVAL_S, ReplyStreams  # noqa: F401 (TRIM_INTERVAL_S: tests use it)
 
 log = logging.getLogger("duoserve.gateway")
 
-TRIM_INTERVAL_S = 1.0               # the reply stream is trimmed at most this often
+
+
+class Peers(Protocol):
+    """What the frontend asks of the gateway's takeover (takeover.Takeover): adopting another's requests."""
+
+    async def adopt_owner_of(self, client_id: str) -> None:
+        """Adopt the requests of the dead gateway that holds `client_id` (NotReady if it is alive)."""
+
+    async def done_with(self, gateway_id: str) -> None:
+        """The last request adopted from `gateway_id` ended here: let its keys go."""
+
+    async def rejoin(self) -> None:
+        """Redis came back without its data: hold the own gateway id again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +79,7 @@ class GenerateInput:
 
 
 @dataclass
-class Frontend:
+class Frontend(ReplyStreams):
     config: GatewayConfig
     client: aioredis.Redis
     metrics: GatewayMetrics
@@ -74,8 +89,10 @@ class Frontend:
     prompts: PromptEncoder | None = None          # tokenizes off the event loop; set with the tokenizer
     requests: dict[str, InFlight] = field(default_factory=dict)   # engine id -> a request this gateway holds
     by_client: dict[str, str] = field(default_factory=dict)       # client id -> engine id
-    cursor: str | None = None            # the reply stream's last entry read
+    cursors: dict[str, str] = field(default_factory=dict)   # reply stream -> its last entry read: its own, and
+                                         # those of the gateway ids it adopted requests from
     is_adopted: bool = False             # the predecessor's requests are taken over (Attach may be served)
+    peers: Peers | None = None           # adopts other gateways' requests (main sets it; None: only its own)
     _trimmed_at: float = 0.0             # time.monotonic() of the reply stream's last XTRIM
     _ids: dict[str, request_ids.RequestIds] = field(default_factory=dict)   # engine id -> its ids' claim
     redis_ok: bool = True                # set by redis_watch.RedisWatch: False refuses new requests
@@ -84,7 +101,8 @@ class Frontend:
 
     def __post_init__(self) -> None:
         self.keys = KeySpace(self.config.key_prefix)
-        self.reply_stream = self.keys.reply(self.config.gateway_id)
+        self.gateway_id = peers.incarnation_id(self.config.gateway_id)   # this process's: peers.py
+        self.reply_stream = self.keys.reply(self.gateway_id)
         self.outbox = Outbox(self.redis_suspected)
 
     # ------------------------------------------------------------------ start-up
@@ -113,30 +131,6 @@ class Frontend:
         except CONNECTION_ERRORS:
             return None           # Redis not up yet (or restarting): asked again until the deadline
 
-    async def adopt(self) -> int:
-        """Take over the requests a predecessor with this gateway id left in flight (adoption.py): their
-        output so far replayed from the reply stream; each waits for its client to re-attach. -> how many."""
-        records = await adoption.load(self.client, self.keys, self.config.gateway_id)
-        if not records:
-            self.cursor = await self._reply_tail()
-            self.is_adopted = True
-            return 0
-        for record in records:
-            self._track(record, request_ids.RequestIds(
-                record.client_id, record.engine_id, self.keys.request_claim(record.client_id) if record.claimed
-                else None))
-        cursor = records[0].since                      # the oldest: every delivery of every record is after it
-        async for cursor, data in adoption.replay(self.client, self.reply_stream, cursor):
-            self._dispatch(data, cursor, live=False)
-        self.cursor = cursor
-        now = time.monotonic()
-        for request in self.requests.values():
-            request.orphan_since = request.last_delivery = now
-        self.is_adopted = True
-        log.warning("took over %d requests in flight from this gateway's previous run; each is cancelled unless "
-                    "its client re-attaches within %g s", len(records), self.config.orphan_timeout_s)
-        return len(records)
-
     async def sweep_orphans(self) -> None:
         """Cancel the adopted requests no client re-attached to within the orphan timeout, forever."""
         timeout = self.config.orphan_timeout_s
@@ -152,66 +146,9 @@ class Frontend:
                     log.exception("could not end request %s", request.record.client_id)
 
     async def shutdown(self) -> None:
-        """After the servers stopped: end what no call holds, then drop the reply stream."""
+        """After the servers stopped: end what no call holds (the keys go with the lease: Takeover.close)."""
         for request in list(self.requests.values()):
             await self._end(request, "abort")
-        await self.client.delete(self.reply_stream)
-
-    async def read_replies(self) -> None:
-        """Dispatch this gateway's reply stream to the waiting requests, forever. While Redis is
-        away it asks again with backoff (quietly: redis_watch.py says it once); the cursor stays, and
-        the stream is in Redis's append-only file, so no delivery is skipped."""
-        backoff = Backoff(cap_s=0.5)
-        while True:
-            try:
-                if self.cursor is None:
-                    # "$" made concrete once (as redis_queues.tail_cursor does): an XREAD at "$" after an
-                    # empty one would skip what was added between the two, a request's first token.
-                    self.cursor = await self._reply_tail()
-                batches = await self.client.xread({self.reply_stream: self.cursor}, count=512, block=1000)
-                for _stream, entries in batches or ():
-                    for entry_id, data in entries:
-                        self.cursor = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                        self._dispatch(data, self.cursor)
-                if batches and time.monotonic() - self._trimmed_at >= TRIM_INTERVAL_S:
-                    # kept from the oldest request in flight on: a restarted gateway replays it (adoption.py)
-                    self._trimmed_at = time.monotonic()
-                    await self.client.xtrim(self.reply_stream, minid=oldest_since(list(self.requests.values()),
-                                                                                  self.cursor), approximate=True)
-                backoff.reset()
-            except CONNECTION_ERRORS:
-                self.redis_suspected.set()
-                await asyncio.sleep(backoff.next())
-
-    async def _reply_tail(self) -> str:
-        """The reply stream's newest id; "0-0" while it does not exist, so its first entry is read."""
-        try:
-            info = await self.client.xinfo_stream(self.reply_stream)
-        except aioredis.ResponseError:
-            return "0-0"
-        last = info["last-generated-id"]
-        return last.decode() if isinstance(last, bytes) else last
-
-    def _dispatch(self, data: dict, entry_id: str, live: bool = True) -> None:
-        """Hand an entry's deliveries to their requests; `live`: just arrived (else replayed at adoption,
-        timed by the entry's id and left out of the latency metrics)."""
-        try:
-            deliveries = stream_entries.read_deliveries(data)
-        except stream_entries.EntryError:
-            log.warning("malformed reply entry dropped: %r", data)
-            return
-        now = time.time() if live else stream_id_key(entry_id)[0] / 1000
-        for delivery in deliveries:
-            request = self.requests.get(delivery.request_id)
-            if request is None:
-                continue
-            was_running, last_token = request.is_running, request.last_token_at
-            num_new = request.add(delivery, now)
-            if not was_running:
-                self.metrics.num_requests_waiting.dec()
-                self.metrics.num_requests_running.inc()
-            if live:
-                self._observe_tokens(request, last_token, num_new, now)
 
     # ------------------------------------------------------------------ requests
     async def tokenize(self, text: str, field: str = "text", add_special_tokens: bool = True) -> list[int]:
@@ -273,7 +210,7 @@ class Frontend:
         request = self._track(record, ids)
         try:
             pipe = self.client.pipeline(transaction=True)    # queued only with its record (adoption.py)
-            adoption.save(pipe, self.keys, self.config.gateway_id, record)
+            adoption.save(pipe, self.keys, self.gateway_id, record)
             stream_entries.add(pipe, stream_entries.queued(self.keys, QueuedRequest(
                 ids.engine_id, tuple(prompt), req.sampling, self.reply_stream, arrival)))
             try:   # when it fails, it may still have landed: the cancel _end keeps for later undoes it
@@ -295,11 +232,17 @@ class Frontend:
         if not self.is_adopted:
             raise NotReady("the gateway is starting: it is taking over its requests in flight; retry shortly")
         request = self.requests.get(self.by_client.get(client_id, ""))
+        if request is None and self.peers is not None:
+            try:        # a dead gateway's: adopted now; a live one's: NotReady, the SDK retries
+                await self.peers.adopt_owner_of(client_id)
+            except CONNECTION_ERRORS:
+                raise self._redis_lost() from None
+            request = self.requests.get(self.by_client.get(client_id, ""))
         if request is None:
             raise RequestNotFound(
-                f"request {client_id!r} is not running on this gateway: it ended (finished, cancelled, or no "
-                f"client re-attached within {self.config.orphan_timeout_s:g} s of a gateway restart), or it "
-                "was sent to another gateway; send it again with Generate")
+                f"request {client_id!r} is not running on this stack: it ended (finished, cancelled, or no "
+                f"client re-attached within {self.config.orphan_timeout_s:g} s of its gateway's death); "
+                "send it again with Generate")
         if num_received > len(request.token_ids):
             raise InvalidInput(f"num_received_tokens: {num_received}, but request {client_id!r} has produced "
                                f"{len(request.token_ids)} tokens so far")
@@ -307,12 +250,27 @@ class Frontend:
             yield chunk
 
     def _track(self, record: RequestRecord, ids: request_ids.RequestIds) -> InFlight:
-        request = InFlight(record)
+        """A request this process accepted (recorded under its own gateway id)."""
+        return self._register(InFlight(record, origin=self.gateway_id), ids)
+
+    def _register(self, request: InFlight, ids: request_ids.RequestIds) -> InFlight:
+        record = request.record
         self.requests[record.engine_id] = request
         self.by_client[record.client_id] = record.engine_id
         self._ids[record.engine_id] = ids
-        self.metrics.num_requests_waiting.inc()
+        gauge = self.metrics.num_requests_running if request.is_running else self.metrics.num_requests_waiting
+        gauge.inc()
         return request
+
+    def _untrack(self, request: InFlight) -> request_ids.RequestIds | None:
+        """The request leaves this process's books (None: it had already)."""
+        record = request.record
+        if self.requests.pop(record.engine_id, None) is None:
+            return None
+        self.by_client.pop(record.client_id, None)
+        gauge = self.metrics.num_requests_running if request.is_running else self.metrics.num_requests_waiting
+        gauge.dec()
+        return self._ids.pop(record.engine_id)
 
     async def _follow(self, request: InFlight, num_received: int) -> AsyncIterator[Chunk]:
         """Stream a request's output from token `num_received` to its end, as its one subscriber."""
@@ -329,6 +287,9 @@ class Frontend:
                                    "the workers may be down")
                 if not request.is_current(me):
                     raise Superseded(f"request {record.client_id}: another call attached to it; this one ends")
+                if request.lost_to:
+                    raise NotReady(f"request {record.client_id}: gateway {request.lost_to} follows it now; "
+                                   "re-attach (the SDK does it by itself)")
                 if request.finish == "error" and not request.token_ids:
                     raise NotReady(f"request {record.client_id} failed in the engine: {request.error}")
                 chunk = follower.next_chunk(time.time())
@@ -354,18 +315,15 @@ class Frontend:
         """The request leaves this gateway. `ended`: None once its last chunk went out, else why not
         ("abort", "error"): then the workers are told to drop it (freeing its blocks) unless it finished."""
         record = request.record
-        if self.requests.pop(record.engine_id, None) is None:
+        ids = self._untrack(request)
+        if ids is None:
             return
-        self.by_client.pop(record.client_id, None)
-        ids = self._ids.pop(record.engine_id)
-        gauge = self.metrics.num_requests_running if request.is_running else self.metrics.num_requests_waiting
-        gauge.dec()
         if ended is not None:
             self.metrics.observe_finished(record.num_prompt_tokens, len(request.token_ids),
                                           time.time() - record.arrival_time, ended)
             if request.finish is None:
                 await self._cancel(record.engine_id, "cancelled")
-        forget = functools.partial(adoption.forget, self.client, self.keys, self.config.gateway_id, record.engine_id)
+        forget = functools.partial(adoption.forget, self.client, self.keys, request.origin, record.engine_id)
         try:
             await forget()
         except CONNECTION_ERRORS:      # else a restarted gateway would adopt it, then time it out
@@ -373,14 +331,13 @@ class Frontend:
         except aioredis.RedisError:
             log.warning("could not delete the record of %s", record.client_id)
         await self._release(ids)
-
-    def _observe_tokens(self, request: InFlight, last_token: float | None, num_new: int, now: float) -> None:
-        if not num_new:
-            return
-        if last_token is None:
-            self.metrics.time_to_first_token.observe(now - request.record.arrival_time)
-        else:
-            self.metrics.inter_token_latency.observe((now - last_token) / num_new)
+        origin = request.origin
+        if origin != self.gateway_id and self.peers is not None and not any(
+                r.origin == origin for r in self.requests.values()):
+            try:
+                await self.peers.done_with(origin)
+            except CONNECTION_ERRORS:          # Takeover.run tries again
+                self.redis_suspected.set()
 
     async def _record_latency(self, usage: Usage) -> None:
         tpot = (usage.e2e_ms - usage.ttft_ms) / (usage.completion_tokens - 1) if usage.completion_tokens > 1 else 0.0

@@ -4,13 +4,16 @@ Pure (asyncio only: no redis, no grpc). The gateway keeps the whole output of ea
 so a client can come back (`Frontend.attach`) and be sent exactly what it is missing.
 
 A request's life here:
-  tracked     accepted by Generate (a subscriber from the start), or adopted by a restarted gateway
-              from its predecessor's record (no subscriber yet: an orphan until a client attaches)
+  tracked     accepted by Generate (a subscriber from the start), or adopted from the record of a
+              gateway that died (its predecessor under the same configured id, or a peer: takeover.py;
+              no subscriber yet: an orphan until a client attaches)
   receiving   `add` appends each delivery's tokens at their positions: a token delivered again (a
               worker recomputed it, or the reply stream is replayed) is kept once
   streamed    one subscriber at a time follows it from a token index; a new one (Attach) takes over
               and the previous one ends (`is_current` turns false)
   ended       finished and sent, cancelled, failed, or an orphan for longer than the orphan timeout
+  lost        another gateway took over the gateway id it is recorded under (this process had stalled
+              past its lease): the call streaming it ends with UNAVAILABLE, so its client re-attaches
 """
 from __future__ import annotations
 
@@ -49,6 +52,8 @@ class RequestRecord:
 @dataclass
 class InFlight:
     record: RequestRecord
+    origin: str = ""                   # the gateway id whose record hash holds it and whose reply stream
+                                       # carries its deliveries: this process's own, or one it adopted
     token_ids: list[int] = field(default_factory=list)          # every output token so far, in order
     logprobs: list[TokenLogprob] = field(default_factory=list)  # parallel to token_ids when asked for
     finish: str | None = None          # the workers' finish reason, once delivered
@@ -60,6 +65,7 @@ class InFlight:
     subscriber: int = 0                # the current subscriber's number; 0: none
     orphan_since: float | None = None  # monotonic; set while no client follows it after an adoption
     is_running: bool = False           # a delivery came (prefill started it)
+    lost_to: str = ""                  # the gateway that took it over from this process (see "lost")
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     _subscribers: int = 0
 
@@ -105,7 +111,8 @@ class InFlight:
         -> False when nothing came for `stall_timeout_s` since the last delivery."""
         while True:
             self.changed.clear()
-            if len(self.token_ids) > num_sent or self.finish is not None or not self.is_current(subscriber):
+            if (len(self.token_ids) > num_sent or self.finish is not None or not self.is_current(subscriber)
+                    or self.lost_to):
                 return True
             left = stall_timeout_s - (time.monotonic() - self.last_delivery)
             if left <= 0:
@@ -117,5 +124,6 @@ class InFlight:
 
 
 def oldest_since(requests: list[InFlight], cursor: str) -> str:
-    """Where the reply stream may be trimmed to: before every delivery a request in flight still needs."""
+    """Where a reply stream may be trimmed to: before every delivery a request in flight on it (`requests`:
+    those of its gateway id) still needs."""
     return min([cursor, *(r.record.since for r in requests)], key=stream_id_key)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from typing import Sequence
@@ -32,15 +33,18 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_http import HttpState, bind, start_http
 from services.gateway.redis_watch import RedisWatch
 from services.gateway.servicer import GenerationServicer
+from services.gateway.takeover import LeaseLost, Takeover
 
 log = logging.getLogger("duoserve.gateway")
 SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+EXIT_LEASE_LOST = 3
 
 
 async def serve(config: GatewayConfig) -> None:
     metrics = GatewayMetrics()
     metrics.serve(config.metrics_port)
     frontend = Frontend(config, redis_retry.async_client(config.redis_url), metrics)
+    takeover = Takeover(frontend, config.takeover_s)
     # No SO_REUSEPORT: a port clash must fail loudly (the supervisor relaunches on a new port).
     guard = [AsyncBearerAuth([config.api_key], "this gateway's API key (the SDK's api_key=)")] if config.api_key else []
     server = grpc.aio.server(interceptors=[*guard, ErrorInterceptor()], options=[("grpc.so_reuseport", 0)])
@@ -60,9 +64,10 @@ async def serve(config: GatewayConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await frontend.wait_for_model()
-    await frontend.adopt()                     # a predecessor's requests in flight, if it was killed
+    await takeover.start()                     # a predecessor's requests in flight, if it was killed
     reader = asyncio.create_task(frontend.read_replies())
     sweeper = asyncio.create_task(frontend.sweep_orphans())
+    leases = asyncio.create_task(takeover.run())
 
     async def set_serving(is_serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if is_serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -72,10 +77,18 @@ async def serve(config: GatewayConfig) -> None:
 
     await set_serving(True)
     watch = asyncio.create_task(RedisWatch(frontend, set_serving).run())
-    log.info("gateway %s serving on %s:%d%s%s%s", config.gateway_id, config.host, config.port,
+    log.info("gateway %s serving on %s:%d%s%s%s", frontend.gateway_id, config.host, config.port,
              f", HTTP{'S' if config.tls else ''} on {config.http_host}:{config.http_port}" if http else "",
              " over TLS" if config.tls else "", ", API key required" if config.api_key else "")
-    await stop.wait()
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({stopping, leases}, return_when=asyncio.FIRST_COMPLETED)
+    if leases.done() and isinstance(leases.exception(), LeaseLost):
+        # Its requests are the adopter's now: a graceful stop would cancel them and delete their records.
+        log.error("%s; exiting at once", leases.exception())
+        os._exit(EXIT_LEASE_LOST)
+    if leases.done():
+        leases.result()                        # a bug: raised
+    leases.cancel()
     watch.cancel()
     http_state.serving = False
     await health_servicer.enter_graceful_shutdown()
@@ -88,6 +101,7 @@ async def serve(config: GatewayConfig) -> None:
     sweeper.cancel()
     with contextlib.suppress(*redis_retry.CONNECTION_ERRORS):     # Redis away: the stream stays (`down` removes it)
         await frontend.shutdown()
+        await takeover.close()
     await frontend.client.aclose()
 
 

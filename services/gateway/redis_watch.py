@@ -81,5 +81,7 @@ class RedisWatch:
         log.error("redis came back without its data: failing the %d streams in flight", len(frontend.requests))
         frontend.fail_all(DATA_LOST)
         frontend.outbox.clear()           # cancels and releases of requests Redis no longer knows
+        if frontend.peers is not None:
+            await frontend.peers.rejoin()     # the own gateway id's lease, gone with the rest
         if frontend.info is not None:
             await frontend.client.hsetnx(frontend.keys.model_info, "json", json.dumps(asdict(frontend.info)))

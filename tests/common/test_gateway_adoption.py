@@ -1,10 +1,11 @@
-"""A gateway dying with requests in flight, against a real redis-server: its successor (same gateway id)
-adopts them, a client re-attaching gets exactly the tokens it is missing, and an orphan is cancelled.
+"""A gateway dying with requests in flight, against a real redis-server: its successor (same configured
+gateway id) adopts them, a client re-attaching gets exactly the tokens it is missing, and an orphan is
+cancelled. (Peers adopting a dead gateway's requests: test_gateway_takeover.py.)
 
 The "worker" here is the test publishing TokenDeliveries on the reply stream as a worker does; the
 tokenizer is one character per token id, so that the text is easy to check. A gateway "dies" by
 losing Redis before its tasks are cancelled: what it would do on the way out never lands, as after a
-kill -9 (tests/chaos/test_gateway.py kills the real process).
+kill -9 (tests/chaos/test_gateway.py kills the real process); its lease is deleted, as its expiry would.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from services.gateway.prompts import PromptEncoder, PromptLimits
 from services.gateway.frontend import TRIM_INTERVAL_S, Frontend, GenerateInput
 from services.gateway.inflight import RequestRecord
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.takeover import Takeover
 from tests.common.char_detokenizer import CharDetokenizer
 
 TEXT = "Hello world!"
@@ -42,8 +44,8 @@ class _DeadRedis:
         raise aioredis.ConnectionError("the process is dead")
 
 
-def make_frontend(url: str, prefix: str, orphan_timeout_s: float = 30.0) -> Frontend:
-    config = GatewayConfig(redis_url=url, key_prefix=prefix, port=0, gateway_id="gw-same",
+def make_frontend(url: str, prefix: str, orphan_timeout_s: float = 30.0, gateway_id: str = "gw-same") -> Frontend:
+    config = GatewayConfig(redis_url=url, key_prefix=prefix, port=0, gateway_id=gateway_id,
                            orphan_timeout_s=orphan_timeout_s, stall_timeout_s=10.0)
     frontend = Frontend(config, aioredis.Redis.from_url(url), GatewayMetrics("m"))
     frontend.tokenizer = SimpleNamespace(detokenizer=lambda prompt: CharDetokenizer())
@@ -97,17 +99,29 @@ async def noise(frontend: Frontend) -> None:
     await asyncio.sleep(0.1)                            # its XTRIM after the batch
 
 
+async def start(frontend: Frontend, takeover_s: float = 60.0) -> Takeover:
+    """What the gateway's main does before it says SERVING (no renewals: tests call them)."""
+    takeover = Takeover(frontend, takeover_s)
+    await takeover.start()
+    return takeover
+
+
 async def kill(frontend: Frontend, *tasks: asyncio.Task) -> None:
+    """The process dies: nothing it would still do lands, and (some seconds later) its lease expires."""
+    survivor = aioredis.Redis.from_url(frontend.config.redis_url)
+    await survivor.delete(frontend.keys.gateway_lease(frontend.gateway_id))
+    await survivor.aclose()
     frontend.client = _DeadRedis()
     for task in tasks:
         task.cancel()
-    await asyncio.wait(tasks, timeout=2)
+    if tasks:
+        await asyncio.wait(tasks, timeout=2)
 
 
 def test_a_restarted_gateway_adopts_its_requests_and_a_client_gets_exactly_what_it_missed(redis_server, keys):
     async def scenario():
         old = make_frontend(redis_server.url, keys.prefix)
-        await old.adopt()
+        await start(old)
         reader = asyncio.create_task(old.read_replies())
         await noise(old)                                # earlier requests' traffic, trimmed once read
         chunks: list = []
@@ -126,7 +140,8 @@ def test_a_restarted_gateway_adopts_its_requests_and_a_client_gets_exactly_what_
         new = make_frontend(redis_server.url, keys.prefix)
         with pytest.raises(NotReady):
             await anext(new.attach("client-1", 5))
-        assert await new.adopt() == 1
+        takeover = await start(new)
+        assert len(new.requests) == 1
         reader = asyncio.create_task(new.read_replies())
         with pytest.raises(RequestNotFound, match="send it again"):
             await anext(new.attach("nobody", 0))
@@ -134,8 +149,10 @@ def test_a_restarted_gateway_adopts_its_requests_and_a_client_gets_exactly_what_
             await anext(new.attach("client-1", 13))
         rest = [c async for c in new.attach("client-1", 5)]
         reader.cancel()
-        left = (await survivor.hlen(keys.gateway_requests("gw-same")), await survivor.get(keys.request_claim("client-1")),
-                await survivor.xlen(keys.cancel))
+        left = (await survivor.exists(keys.gateway_requests(old.gateway_id), keys.gateway_lease(old.gateway_id)),
+                await survivor.pttl(keys.reply(old.gateway_id)) > 0,         # expiring, not gone: a late delivery
+                await survivor.get(keys.request_claim("client-1")), await survivor.xlen(keys.cancel),
+                await survivor.hexists(keys.gateways, old.gateway_id), takeover.adopted)
         await survivor.aclose()
         await new.client.aclose()
         return chunks, rest, left, length
@@ -147,21 +164,23 @@ def test_a_restarted_gateway_adopts_its_requests_and_a_client_gets_exactly_what_
     assert "".join(c.text for c in rest) == TEXT[5:]                      # the text goes on where it stopped
     assert rest[-1].finish_reason == "length" and rest[-1].usage.completion_tokens == len(TOKENS)
     assert rest[-1].usage.prompt_tokens == 3 and all(c.request_id == "client-1" for c in rest)
-    assert left == (0, None, 0)          # record and claim gone; finished: nothing to cancel
+    assert left == (0, True, None, 0, False, set())   # the old id's keys and claim gone; finished: nothing to cancel
 
 
 def test_an_adopted_request_nobody_comes_back_for_is_cancelled_after_the_timeout(redis_server, keys):
     async def scenario():
         client = aioredis.Redis.from_url(redis_server.url)
         record = RequestRecord("orphan", "orphan#1", True, (1,), 1, SamplingParams(), 0.0, "0-0")
-        pipe = client.pipeline(transaction=True)            # what the dead gateway left
-        adoption.save(pipe, keys, "gw-same", record)
+        dead = "gw-same~0dead000"
+        pipe = client.pipeline(transaction=True)            # what the dead gateway left (its lease expired)
+        adoption.save(pipe, keys, dead, record)
         pipe.set(keys.request_claim("orphan"), "orphan#1")
+        pipe.hset(keys.gateways, dead, 1)
         await pipe.execute()
-        await client.xadd(keys.reply("gw-same"), {"m": to_json(TokenDelivery("orphan#1", (72,), position=0))})
+        await client.xadd(keys.reply(dead), {"m": to_json(TokenDelivery("orphan#1", (72,), position=0))})
 
         new = make_frontend(redis_server.url, keys.prefix, orphan_timeout_s=0.3)
-        assert await new.adopt() == 1
+        await start(new)
         assert new.requests["orphan#1"].token_ids == [72]
         sweeper = asyncio.create_task(new.sweep_orphans())
         await wait_until(lambda: not new.requests, timeout=5)
@@ -169,20 +188,21 @@ def test_an_adopted_request_nobody_comes_back_for_is_cancelled_after_the_timeout
         with pytest.raises(RequestNotFound):
             await anext(new.attach("orphan", 0))
         cancels = [from_json(CancelNotice, data[b"m"]) for _id, data in await client.xrange(keys.cancel)]
-        left = (await client.hlen(keys.gateway_requests("gw-same")), await client.get(keys.request_claim("orphan")))
+        left = (await client.exists(keys.gateway_requests(dead), keys.gateway_lease(dead)),
+                await client.get(keys.request_claim("orphan")), await client.pttl(keys.reply(dead)) > 0)
         await client.aclose()
         await new.client.aclose()
         return cancels, left
 
     cancels, left = asyncio.run(scenario())
     assert cancels == [CancelNotice("orphan#1", "cancelled")]      # the workers free its blocks
-    assert left == (0, None)
+    assert left == (0, None, True)
 
 
 def test_attaching_to_a_live_request_takes_it_over_and_the_first_call_ends(redis_server, keys):
     async def scenario():
         gateway = make_frontend(redis_server.url, keys.prefix)
-        await gateway.adopt()
+        await start(gateway)
         reader = asyncio.create_task(gateway.read_replies())
         first: list = []
         consumer, engine_id = await accept(gateway, "live", first)
