@@ -78,6 +78,9 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-size", type=int, default=None, help="colocated: prompt tokens per iteration")
     p.add_argument("--max-queue-len", type=int, default=None, help="gateway: waiting requests at most")
     p.add_argument("--no-orchestrator", action="store_true", help="split: keep the initial shares, no Admin API")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="compute every prompt whole (default: reuse the KV blocks of cached prompt prefixes, "
+                        "as vLLM's automatic prefix caching)")
     p.add_argument("--weights", choices=["packed", "shared"], default="packed",
                    help="cpu split: packed (default) = each worker packs its own copy of the linear weights "
                         "for oneDNN (1.1-1.8x faster GEMMs, one more copy per worker); shared = both run on "
@@ -132,7 +135,7 @@ def stack_config_from_args(args: argparse.Namespace):
     return StackConfig(
         state_dir=args.state_dir.expanduser(), cache_dir=args.cache_dir.expanduser(), name=args.name,
         mode=Mode(args.mode), redis_url=args.redis_url or None, model=args.model, dtype=args.dtype,
-        weights=args.weights, num_kv_blocks=args.num_kv_blocks, cpus=args.cpus, prefill_cpus=args.prefill_cpus,
+        weights=args.weights, num_kv_blocks=args.num_kv_blocks, prefix_caching=not args.no_prefix_caching, cpus=args.cpus, prefill_cpus=args.prefill_cpus,
         decode_cpus=args.decode_cpus, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, chunk_size=args.chunk_size,
         max_queue_len=args.max_queue_len, startup_timeout_s=args.startup_timeout, stop_timeout_s=args.stop_timeout,

@@ -30,6 +30,7 @@ class Usage:
     queue_time_ms: float        # arrival at the gateway to the start of prefill
     ttft_ms: float              # arrival at the gateway to the first token sent
     e2e_ms: float               # arrival at the gateway to the last response sent
+    cached_tokens: int = 0      # of prompt_tokens, found in the stack's prefix cache (not computed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +187,8 @@ def enum_label(enum: EnumDescriptor, number: int) -> str:
 
 def to_usage(usage: pb.Usage) -> Usage:
     return Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                 queue_time_ms=usage.queue_time_ms, ttft_ms=usage.ttft_ms, e2e_ms=usage.e2e_ms)
+                 queue_time_ms=usage.queue_time_ms, ttft_ms=usage.ttft_ms, e2e_ms=usage.e2e_ms,
+                 cached_tokens=usage.cached_prompt_tokens)
 
 
 def to_chunk(response: pb.GenerateResponse) -> Chunk:

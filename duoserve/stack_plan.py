@@ -69,6 +69,7 @@ class StackConfig:
     weights: str = "packed"                  # cpu split: each worker's linear weights, "packed" (a private
                                              # oneDNN copy: faster GEMMs) or "shared" (the arena's, zero copy)
     num_kv_blocks: int | None = None         # KV pool size (None: the arena's / worker's memory budget)
+    prefix_caching: bool = True              # the workers reuse cached prompt prefixes' KV blocks
     cpus: tuple[int, ...] = ()               # the stack's cores (empty: all this process may use)
     prefill_cpus: tuple[int, ...] = ()       # split: prefill's initial cores (empty: first half of `cpus`)
     decode_cpus: tuple[int, ...] = ()        # split: decode's initial cores (empty: second half of `cpus`)
@@ -283,8 +284,9 @@ def process_spec(name: str, config: StackConfig, layout: Layout,
         cpus = ",".join(map(str, config.worker_cpus()[name]))
         where = (("--arena-socket", str(layout.arena_socket), "--weights", config.weights) if name != "colocated"
                  else (*model, "--dtype", config.dtype, *kv))
+        caching = () if config.prefix_caching else ("--no-prefix-caching",)
         argv = py + (f"services.{name}.main", *common, *where, "--cache-dir", str(config.cache_dir),
-                     "--cpus", cpus, *limits, *device)
+                     "--cpus", cpus, *limits, *caching, *device)
         # Idle OpenMP threads sleep instead of spinning: two workers share cores (and a busy machine's
         # cores), and a spinning thread that loses its core stalls its siblings.
         env = redis_env + secret + (("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE")),)

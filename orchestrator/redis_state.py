@@ -13,6 +13,7 @@ import redis
 
 from services.common import stream_entries
 from services.common.contracts import IterationSample, KeySpace, RequestLatency, WorkerReport
+from services.common.redis_blocks import free_count_from, queue_free_count
 
 DECISIONS_KEPT = 1000
 
@@ -48,9 +49,10 @@ class RedisState:
         pipe.xrange(self.keys.prefill_queue, count=max_waiting)
         for phase in ("prefill", "decode", "colocated"):
             pipe.hget(self.keys.worker_stats(phase), stream_entries.FIELD)
-        pipe.llen(self.keys.kv_free)
         pipe.hget(self.keys.kv_meta, "num_blocks")
-        entries, *reports, num_free, num_blocks = pipe.execute()
+        queue_free_count(pipe, self.keys)
+        entries, *reports, num_blocks, num_free, num_evictable = pipe.execute()
+        num_free = free_count_from((num_free, num_evictable))
         waiting = tuple(Waiting(*w) for w in _waiting(entries))
         workers: dict[str, WorkerReport] = {}
         for phase, raw in zip(("prefill", "decode", "colocated"), reports):

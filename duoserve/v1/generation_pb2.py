@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64uoserve/v1/generation.proto\x12\x0b\x64uoserve.v1\"\xef\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12-\n\x08messages\x18\x03 \x01(\x0b\x32\x19.duoserve.v1.ChatMessagesH\x00\x12*\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x15.duoserve.v1.TokenIdsH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.duoserve.v1.SamplingParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x11\n\tslo_class\x18\x07 \x01(\tB\x07\n\x05input\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.duoserve.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xe2\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x1d\n\x10presence_penalty\x18\t \x01(\x01H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x01H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x01H\x07\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0c \x01(\x05H\x08\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\x05H\t\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokensB\x0b\n\t_logprobs\"\xc9\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.duoserve.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.duoserve.v1.Usage\x12+\n\x08logprobs\x18\x06 \x03(\x0b\x32\x19.duoserve.v1.TokenLogprob\"W\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.duoserve.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"q\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rqueue_time_ms\x18\x03 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x04 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x05 \x01(\x01\"@\n\rAttachRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1b\n\x13num_received_tokens\x18\x02 \x01(\r\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\x15\n\x13GetModelInfoRequest\"\xc0\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x13\n\x0bmax_context\x18\x04 \x01(\x05\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x12\n\nblock_size\x18\x06 \x01(\x05\x12\x15\n\rnum_kv_blocks\x18\x07 \x01(\x05\x12&\n\x04mode\x18\x08 \x01(\x0e\x32\x18.duoserve.v1.ServingMode*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*_\n\x0bServingMode\x12\x1c\n\x18SERVING_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12SERVING_MODE_SPLIT\x10\x01\x12\x1a\n\x16SERVING_MODE_COLOCATED\x10\x02\x32\xb1\x02\n\nGeneration\x12I\n\x08Generate\x12\x1c.duoserve.v1.GenerateRequest\x1a\x1d.duoserve.v1.GenerateResponse0\x01\x12\x45\n\x06\x41ttach\x12\x1a.duoserve.v1.AttachRequest\x1a\x1d.duoserve.v1.GenerateResponse0\x01\x12G\n\x08Tokenize\x12\x1c.duoserve.v1.TokenizeRequest\x1a\x1d.duoserve.v1.TokenizeResponse\x12H\n\x0cGetModelInfo\x12 .duoserve.v1.GetModelInfoRequest\x1a\x16.duoserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64uoserve/v1/generation.proto\x12\x0b\x64uoserve.v1\"\xef\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12-\n\x08messages\x18\x03 \x01(\x0b\x32\x19.duoserve.v1.ChatMessagesH\x00\x12*\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x15.duoserve.v1.TokenIdsH\x00\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.duoserve.v1.SamplingParams\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x11\n\tslo_class\x18\x07 \x01(\tB\x07\n\x05input\":\n\x0c\x43hatMessages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.duoserve.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xe2\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x1d\n\x10presence_penalty\x18\t \x01(\x01H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x01H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x01H\x07\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0c \x01(\x05H\x08\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\x05H\t\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokensB\x0b\n\t_logprobs\"\xc9\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.duoserve.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.duoserve.v1.Usage\x12+\n\x08logprobs\x18\x06 \x03(\x0b\x32\x19.duoserve.v1.TokenLogprob\"W\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.duoserve.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"\x8f\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rqueue_time_ms\x18\x03 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x04 \x01(\x01\x12\x0e\n\x06\x65\x32\x65_ms\x18\x05 \x01(\x01\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x06 \x01(\x05\"@\n\rAttachRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1b\n\x13num_received_tokens\x18\x02 \x01(\r\"\x1f\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\x15\n\x13GetModelInfoRequest\"\xc0\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x13\n\x0bmax_context\x18\x04 \x01(\x05\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x12\n\nblock_size\x18\x06 \x01(\x05\x12\x15\n\rnum_kv_blocks\x18\x07 \x01(\x05\x12&\n\x04mode\x18\x08 \x01(\x0e\x32\x18.duoserve.v1.ServingMode*\x95\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*_\n\x0bServingMode\x12\x1c\n\x18SERVING_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12SERVING_MODE_SPLIT\x10\x01\x12\x1a\n\x16SERVING_MODE_COLOCATED\x10\x02\x32\xb1\x02\n\nGeneration\x12I\n\x08Generate\x12\x1c.duoserve.v1.GenerateRequest\x1a\x1d.duoserve.v1.GenerateResponse0\x01\x12\x45\n\x06\x41ttach\x12\x1a.duoserve.v1.AttachRequest\x1a\x1d.duoserve.v1.GenerateResponse0\x01\x12G\n\x08Tokenize\x12\x1c.duoserve.v1.TokenizeRequest\x1a\x1d.duoserve.v1.TokenizeResponse\x12H\n\x0cGetModelInfo\x12 .duoserve.v1.GetModelInfoRequest\x1a\x16.duoserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'duoserve.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1717
-  _globals['_FINISHREASON']._serialized_end=1866
-  _globals['_SERVINGMODE']._serialized_start=1868
-  _globals['_SERVINGMODE']._serialized_end=1963
+  _globals['_FINISHREASON']._serialized_start=1748
+  _globals['_FINISHREASON']._serialized_end=1897
+  _globals['_SERVINGMODE']._serialized_start=1899
+  _globals['_SERVINGMODE']._serialized_end=1994
   _globals['_GENERATEREQUEST']._serialized_start=46
   _globals['_GENERATEREQUEST']._serialized_end=285
   _globals['_CHATMESSAGES']._serialized_start=287
@@ -51,18 +51,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENLOGPROB']._serialized_end=1194
   _globals['_TOPLOGPROB']._serialized_start=1196
   _globals['_TOPLOGPROB']._serialized_end=1243
-  _globals['_USAGE']._serialized_start=1245
-  _globals['_USAGE']._serialized_end=1358
-  _globals['_ATTACHREQUEST']._serialized_start=1360
-  _globals['_ATTACHREQUEST']._serialized_end=1424
-  _globals['_TOKENIZEREQUEST']._serialized_start=1426
-  _globals['_TOKENIZEREQUEST']._serialized_end=1457
-  _globals['_TOKENIZERESPONSE']._serialized_start=1459
-  _globals['_TOKENIZERESPONSE']._serialized_end=1496
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1498
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1519
-  _globals['_MODELINFO']._serialized_start=1522
-  _globals['_MODELINFO']._serialized_end=1714
-  _globals['_GENERATION']._serialized_start=1966
-  _globals['_GENERATION']._serialized_end=2271
+  _globals['_USAGE']._serialized_start=1246
+  _globals['_USAGE']._serialized_end=1389
+  _globals['_ATTACHREQUEST']._serialized_start=1391
+  _globals['_ATTACHREQUEST']._serialized_end=1455
+  _globals['_TOKENIZEREQUEST']._serialized_start=1457
+  _globals['_TOKENIZEREQUEST']._serialized_end=1488
+  _globals['_TOKENIZERESPONSE']._serialized_start=1490
+  _globals['_TOKENIZERESPONSE']._serialized_end=1527
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1529
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1550
+  _globals['_MODELINFO']._serialized_start=1553
+  _globals['_MODELINFO']._serialized_end=1745
+  _globals['_GENERATION']._serialized_start=1997
+  _globals['_GENERATION']._serialized_end=2302
 # @@protoc_insertion_point(module_scope)

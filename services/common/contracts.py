@@ -172,6 +172,7 @@ class TokenDelivery:
     finish_reason: str | None = None       # "stop" | "length" | "cancelled" | "error" on the last one
     error: str = ""                        # with finish_reason "error": what went wrong, for the client
     queue_time_ms: float | None = None     # on prefill's first delivery: arrival to prefill start
+    cached_tokens: int | None = None       # on prefill's first delivery: prompt tokens found in the prefix cache
     logprobs: tuple[TokenLogprob, ...] = ()   # parallel to token_ids when the request asked (sampling.logprobs)
     position: int | None = None            # index of token_ids[0] among the request's output tokens: a
                                            # request recomputed after a worker died may deliver a token

@@ -143,10 +143,7 @@ class RedisBlockAllocator:
     @property
     def num_free(self) -> int:
         """Blocks a request can be granted: free ones and cached ones no request holds."""
-        pipe = self._client.pipeline(transaction=False)
-        pipe.llen(self._keys.kv_free)
-        pipe.zcard(self._keys.kv_cache_lru)
-        return sum(int(n) for n in pipe.execute())
+        return free_count(self._client, self._keys)
 
     @property
     def num_cached(self) -> int:
@@ -296,6 +293,25 @@ class RedisBlockAllocator:
             raise PoolNotInitialized(f"no KV pool at {self._keys.kv_meta}: init_pool was never called "
                                      "(or Redis lost its data)")
         return int(reply[0]), [[int(b) for b in ids] for ids in reply[1:]]
+
+
+def queue_free_count(pipe: redis.client.Pipeline, keys: KeySpace) -> None:
+    """Queue what makes the pool's free count on `pipe`: its last two replies, summed by
+    `free_count_from` (free blocks, and cached ones no request holds, which are granted as free)."""
+    pipe.llen(keys.kv_free)
+    pipe.zcard(keys.kv_cache_lru)
+
+
+def free_count_from(replies: Sequence[object]) -> int:
+    """The free count from the last two replies of a pipeline `queue_free_count` ended."""
+    return int(replies[-2]) + int(replies[-1])
+
+
+def free_count(client: redis.Redis, keys: KeySpace) -> int:
+    """The pool's free count in one round trip: what a request can be granted now."""
+    pipe = client.pipeline(transaction=False)
+    queue_free_count(pipe, keys)
+    return free_count_from(pipe.execute())
 
 
 def _check_count(num_blocks: int) -> None:

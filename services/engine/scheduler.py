@@ -52,6 +52,7 @@ class SchedulerConfig:
     max_model_len: int = 8192            # prompt + completion tokens per request
     eos_token_ids: tuple[int, ...] = ()  # end a request unless it asked for ignore_eos
     prefix_caching: bool = False         # reuse cached full blocks of a prompt's prefix (vLLM's APC)
+    cache_salt: str = ""                 # part of every block key: the KV memory's identity (prefix_hash)
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "chunk_size", "max_model_len"):
@@ -255,7 +256,7 @@ class Scheduler:
                 return False
             seq.block_ids.extend(self.blocks.allocate(seq.request_id, needed))
             return True
-        keys = reusable_keys(seq.token_slice(0, seq.num_tokens), self.config.block_size)
+        keys = reusable_keys(seq.token_slice(0, seq.num_tokens), self.config.block_size, self.config.cache_salt)
         try:
             grant = self.blocks.allocate_cached(seq.request_id, keys, needed)
         except OutOfBlocks:
@@ -277,7 +278,7 @@ class Scheduler:
         if not self.config.prefix_caching or full <= start:
             return 0
         parent = seq.block_keys[-1] if seq.block_keys else ""
-        new = block_keys(seq.token_slice(0, full * size), size, parent=parent, start_block=start)
+        new = block_keys(seq.token_slice(0, full * size), size, self.config.cache_salt, parent=parent, start_block=start)
         seq.block_keys.extend(new)
         return self.blocks.cache_blocks(seq.request_id, [(start + i, key) for i, key in enumerate(new)])
 

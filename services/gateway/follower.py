@@ -23,6 +23,7 @@ class Usage:
     queue_time_ms: float
     ttft_ms: float
     e2e_ms: float
+    cached_tokens: int = 0        # of prompt_tokens, found in the prefix cache (not computed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,4 +75,4 @@ class Follower:
         record = self.request.record
         ttft = ((self.request.first_token_at or now) - record.arrival_time) * 1000
         return Usage(record.num_prompt_tokens, self.sent, self.request.queue_time_ms, ttft,
-                     (now - record.arrival_time) * 1000)
+                     (now - record.arrival_time) * 1000, self.request.cached_tokens)

@@ -59,6 +59,7 @@ class InFlight:
     finish: str | None = None          # the workers' finish reason, once delivered
     error: str = ""                    # with finish "error"
     queue_time_ms: float = 0.0
+    cached_tokens: int = 0             # prompt tokens prefill found in the prefix cache
     first_token_at: float | None = None    # wall clock the first token reached this gateway (or its predecessor)
     last_token_at: float | None = None
     last_delivery: float = field(default_factory=time.monotonic)   # for the stall timeout
@@ -81,6 +82,8 @@ class InFlight:
         self.logprobs.extend(delivery.logprobs)
         if delivery.queue_time_ms is not None:
             self.queue_time_ms = delivery.queue_time_ms
+        if delivery.cached_tokens:         # decode's first delivery says 0: prefill's count stands
+            self.cached_tokens = max(self.cached_tokens, delivery.cached_tokens)
         if new:
             self.first_token_at = self.first_token_at or now
             self.last_token_at = now

@@ -54,6 +54,7 @@ class Plan:
     model: str
     inputs: list[GenerateInput]
     prompt_tokens: int                     # over the distinct prompts (not times n), as vLLM counts
+    n: int = 1                             # choices per prompt
     echo: list[str] = field(default_factory=list)   # per choice: text sent before the completion
     logprobs: int | None = None
     include_usage: bool = False
@@ -92,6 +93,7 @@ def _add_choices(frontend: Frontend, plan: Plan, req: AnyRequest, ids: list[int]
     max_tokens = fill_max_tokens(requested, len(ids), frontend.info.max_model_len,
                                  frontend.config.max_tokens_limit)
     plan.prompt_tokens += len(ids)
+    plan.n = req.n
     for i in range(req.n):
         params = to_sampling_params(req, max_tokens, logprobs, i)
         frontend.check_fits(len(ids), params)
@@ -140,9 +142,10 @@ class Fanout:
 
 
 # ------------------------------------------------------------------ response bodies
-def _usage(plan: Plan, completion_tokens: int) -> dict:
+def _usage(plan: Plan, completion_tokens: int, cached_tokens: int) -> dict:
     return {"prompt_tokens": plan.prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": plan.prompt_tokens + completion_tokens}
+            "total_tokens": plan.prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def _token_text(frontend: Frontend, token_id: int) -> str:
@@ -185,6 +188,7 @@ class _Choice:
     completion_tokens: int = 0
     logprobs: dict | None = None
     chars: int = 0                          # text sent so far (completion logprobs' text offsets)
+    cached_tokens: int = 0                  # its prompt's tokens found in the prefix cache (last usage)
     started: bool = False                   # its first chunk is out (echo goes before it)
 
 
@@ -211,13 +215,17 @@ class Renderer:
         choice.completion_tokens += len(chunk.token_ids)
         if chunk.finish_reason:
             choice.finish_reason = FINISH_REASONS.get(chunk.finish_reason, chunk.finish_reason)
+        if chunk.usage is not None:
+            choice.cached_tokens = chunk.usage.cached_tokens
         return text, logprobs
 
     def _head(self, obj: str) -> dict:
         return {"id": self.plan.id, "object": obj, "created": self.plan.created, "model": self.plan.model}
 
     def usage(self) -> dict:
-        return _usage(self.plan, sum(c.completion_tokens for c in self.choices))
+        # Prompt tokens count once per distinct prompt (as vLLM): so do cached ones, from each prompt's first choice.
+        cached = sum(c.cached_tokens for c in self.choices[::self.plan.n])
+        return _usage(self.plan, sum(c.completion_tokens for c in self.choices), cached)
 
     # streaming
     def start_events(self) -> list[dict]:

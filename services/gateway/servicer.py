@@ -62,7 +62,8 @@ def to_response(chunk: Chunk) -> pb.GenerateResponse:
     if chunk.usage:
         u = chunk.usage
         response.usage.CopyFrom(pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
-                                         queue_time_ms=u.queue_time_ms, ttft_ms=u.ttft_ms, e2e_ms=u.e2e_ms))
+                                         queue_time_ms=u.queue_time_ms, ttft_ms=u.ttft_ms, e2e_ms=u.e2e_ms,
+                                         cached_prompt_tokens=u.cached_tokens))
     return response
 
 

@@ -60,6 +60,8 @@ class WorkerConfig:
     overlap_publish: bool = True        # host work off the loop's thread: the publish sent while the next
                                         # iteration runs, decode's growth asked for during the forward pass,
                                         # inputs read only when the doorbell rang
+    prefix_caching: bool = True         # reuse the KV blocks of cached prompt prefixes (vLLM's automatic
+                                        # prefix caching); --no-prefix-caching turns it off
     secret: str = field(default="", repr=False)   # the stack's secret: the Worker service (SetComputeShare,
                                         # Drain, GetStats) wants it as a bearer token; "": open (--no-auth)
 
@@ -128,6 +130,8 @@ def parse_args(phase: Phase, argv: Sequence[str] | None = None) -> WorkerConfig:
                         "pass, ask for decode's next blocks during this one, read inputs only when a doorbell "
                         "thread saw some; off: all of it on the loop's thread, every iteration "
                         "(env DUOSERVE_OVERLAP_PUBLISH)")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="compute every prompt whole: no reuse of cached prefixes' KV blocks")
     p.add_argument("--takeover-from", default="", help=argparse.SUPPRESS)   # set by the supervisor for a standby
     a = p.parse_args(argv)
     retune_mode = a.retune_mode or ("succession" if a.device == "cuda" else "inplace")   # an MPS limit is fixed
@@ -139,4 +143,4 @@ def parse_args(phase: Phase, argv: Sequence[str] | None = None) -> WorkerConfig:
         chunk_size=a.chunk_size, worker_id=f"{phase.value}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
         retune_mode=retune_mode, takeover_from=a.takeover_from, device=a.device,
         mps_percentage=_percentage(env.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")), weights=a.weights,
-        overlap_publish=a.overlap_publish == "on", secret=secret_from_env(env))
+        overlap_publish=a.overlap_publish == "on", prefix_caching=a.prefix_caching, secret=secret_from_env(env))

@@ -38,6 +38,7 @@ import redis
 from services.common import stream_entries
 from services.common.contracts import (Handoff, IterationSample, KeySpace, QueuedRequest, RequestedShare,
                                        SuccessionState, TokenDelivery, WorkerReport)
+from services.common.redis_blocks import free_count_from, queue_free_count
 from services.common.redis_queues import CancelWatcher, ensure_group, take_over_consumer
 from services.common.redis_retry import DataEpoch, DataLost, Outage
 from services.engine.blocks import blocks_for_tokens
@@ -177,7 +178,7 @@ class Worker:
         self._publish(advanced, pipe)
         self.scheduler.blocks.queue_free_many(pipe, finished)
         self._record(batch, elapsed, pipe)
-        pipe.llen(self.keys.kv_free)          # the free count for the next report, in this round trip
+        queue_free_count(pipe, self.keys)     # the free count for the next report, in this round trip
         self.publisher.submit(pipe)           # sent while the next iteration runs (publisher.py)
         self._observe_host_time(time.perf_counter() - iteration_start - device_s)
 
@@ -284,7 +285,7 @@ class Worker:
 
     def _on_published(self, replies: list) -> None:
         """On the publisher's thread: the pool's free count read by the pipeline's last command."""
-        self.kv_blocks_free = int(replies[-1])
+        self.kv_blocks_free = free_count_from(replies)
 
     def flush_published(self) -> None:
         """Every queued pipeline sent (blocks asked for ahead adopted): what the loop writes next

@@ -77,7 +77,8 @@ def build_worker(config: WorkerConfig, stack_cpus: tuple[int, ...]) -> tuple[Wor
     scheduler = Scheduler(SchedulerConfig(
         mode=MODES[config.phase], block_size=spec.block_size, max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens, chunk_size=chunk,
-        max_model_len=model_config.max_position, eos_token_ids=model_config.eos_token_ids), blocks)
+        max_model_len=model_config.max_position, eos_token_ids=model_config.eos_token_ids,
+        prefix_caching=config.prefix_caching, cache_salt=_cache_salt(config, arena_view)), blocks)
     # cpu, "packed": a private oneDNN copy of each linear weight (the arena's plain copy stays the source);
     # "shared": GEMMs over the arena's segment in place (see docs/architecture.md, "Weights on the CPU").
     pack = config.weights == "packed" and config.device == "cpu"
@@ -95,8 +96,18 @@ def build_worker(config: WorkerConfig, stack_cpus: tuple[int, ...]) -> tuple[Wor
     metrics.compute_share.set(share)
     metrics.read_when_scraped(lambda: len(scheduler.running), lambda: len(scheduler.waiting),
                               lambda: _kv_usage(blocks))
+    metrics.read_prefix_cache(lambda: scheduler.prefix_query_tokens, lambda: scheduler.prefix_hit_tokens)
     return Worker(config, scheduler, runner, Sampler(), client, control, metrics, stack_cpus=stack_cpus,
                   kv_memory=arena_view.memory_id if arena_view is not None else ""), arena_view
+
+
+def _cache_salt(config: WorkerConfig, arena_view) -> str:
+    """What makes a block key name this KV memory: the arena's memory id (prefill and decode map the
+    same one; an arena restarted on new memory has another, so no key of the old memory's blocks ever
+    matches again). The colocated engine's pool is its own process's memory: a key of its own."""
+    if arena_view is not None and arena_view.memory_id:
+        return arena_view.memory_id
+    return config.worker_id
 
 
 def _kv_usage(blocks: RedisBlockAllocator) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 from services.common.metrics_http import MetricsServer, serve_metrics
 
@@ -50,6 +51,7 @@ class WorkerMetrics:
             "duoserve:share_switch_seconds", "Retune by succession: SetComputeShare call to the successor's first "
             "iteration", labelnames=LABELS, buckets=SWITCH_BUCKETS, registry=r).labels(**labels)
         self._server: MetricsServer | None = None
+        self._labels = labels
 
     def read_when_scraped(self, num_running: Callable[[], int], num_waiting: Callable[[], int],
                           kv_usage: Callable[[], float]) -> None:
@@ -58,6 +60,22 @@ class WorkerMetrics:
         self.num_requests_running.set_function(num_running)
         self.num_requests_waiting.set_function(num_waiting)
         self.kv_cache_usage_perc.set_function(kv_usage)
+
+    def read_prefix_cache(self, queries: Callable[[], int], hits: Callable[[], int]) -> None:
+        """vLLM's prefix-cache counters, in tokens, read at each scrape from the scheduler's counts:
+        `duoserve:prefix_cache_queries_total` (tokens of admissions that looked the cache up) and
+        `duoserve:prefix_cache_hits_total` (of those, found cached); hit rate = hits / queries."""
+        labels = self._labels
+
+        class PrefixCacheCollector:
+            def collect(self):
+                for name, doc, read in (("duoserve:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", queries),
+                                        ("duoserve:prefix_cache_hits", "Of those, tokens found cached", hits)):
+                    family = CounterMetricFamily(name, doc, labels=list(labels))
+                    family.add_metric(list(labels.values()), read())
+                    yield family
+
+        self.registry.register(PrefixCacheCollector())
 
     def serve(self, port: int) -> None:
         self._server = serve_metrics(port, self.registry)

@@ -21,14 +21,16 @@ class TrackedRequest:
 
     def delivery(self, finish: str | None) -> TokenDelivery:
         """Its newest token (and that token's logprob, which sample_batch appended if it asked)."""
-        queue_ms = None
+        queue_ms, cached = None, None
         if self.is_first_delivery:
+            cached = self.seq.num_cached_tokens
             self.is_first_delivery = False
             start = self.first_scheduled or time.time()
             queue_ms = max(0.0, (start - self.seq.arrival_time) * 1000)
         seq = self.seq
         logprobs = (seq.logprobs[-1],) if seq.params.logprobs is not None and seq.logprobs else ()
         return TokenDelivery(seq.request_id, (seq.output_token_ids[-1],), finish, queue_time_ms=queue_ms,
+                             cached_tokens=cached,
                              logprobs=logprobs, position=len(seq.output_token_ids) - 1)
 
     def handoff(self, kv_memory: str = "") -> Handoff:

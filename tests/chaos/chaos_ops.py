@@ -18,6 +18,7 @@ import duoserve
 from duoserve import stack
 from duoserve.stack import StackConfig
 from services.common.contracts import KeySpace
+from services.common.redis_blocks import free_count
 
 
 def state(config: StackConfig) -> stack.StackState:
@@ -71,7 +72,7 @@ def free_blocks(config: StackConfig) -> int:
     st = state(config)
     client = redis.Redis.from_url(st.redis_url)
     try:
-        return int(client.llen(KeySpace(st.key_prefix).kv_free))
+        return free_count(client, KeySpace(st.key_prefix))
     finally:
         client.close()
 

@@ -32,6 +32,7 @@ import duoserve
 from duoserve import errors, stack
 from duoserve.stack import Mode, StackConfig
 from services.common.contracts import KeySpace
+from services.common.redis_blocks import free_count
 from tests.chaos.fuzz_http import HttpCase, http_cases
 from tests.chaos.fuzz_requests import Case, Limits, cases
 
@@ -167,7 +168,7 @@ def test_a_burst_beyond_the_queue_gets_resource_exhausted(fuzz_stack):
 def _free_blocks(state: stack.StackState) -> int:
     client = redis.Redis.from_url(state.redis_url)
     try:
-        return int(client.llen(KeySpace(state.key_prefix).kv_free))
+        return free_count(client, KeySpace(state.key_prefix))
     finally:
         client.close()
 

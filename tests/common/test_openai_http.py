@@ -110,7 +110,8 @@ def test_completion_defaults_and_body(frontend):
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-") and body["model"] == MODEL
     assert body["choices"] == [{"index": 0, "text": "abcdefgh", "logprobs": None, "finish_reason": "stop",
                                 "stop_reason": None}]
-    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 8, "total_tokens": 11}
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 8, "total_tokens": 11,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     params = frontend.seen[0].sampling
     assert (params.max_tokens, params.temperature, params.top_p, params.top_k) == (16, 1.0, 1.0, 0)
 

@@ -16,6 +16,7 @@ from duoserve import stack
 from duoserve.credentials import bearer, secret_of
 from duoserve.stack import Mode, StackConfig, StackState
 from services.common.contracts import KeySpace
+from services.common.redis_blocks import free_count
 
 
 class RunningStack:
@@ -40,7 +41,7 @@ class RunningStack:
         return bearer(self.secret)
 
     def num_free_blocks(self) -> int:
-        return int(self.redis.llen(self.keys.kv_free))
+        return free_count(self.redis, self.keys)
 
     def wait_free_blocks(self, expected: int, timeout: float = 60.0) -> int:
         """Poll the KV free count until it is `expected` (blocks come back within an iteration or two)."""

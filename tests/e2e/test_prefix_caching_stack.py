@@ -1,0 +1,53 @@
+"""Prefix caching through the real stacks (split: prefill and decode share the cached blocks in the
+arena's pool; colocated): a repeated conversation's second prefill computes only its tail, with the
+same greedy tokens; cached tokens in the gRPC and OpenAI usage; the prefix-cache metrics; every
+block back (cached ones count as free) once nothing runs."""
+from __future__ import annotations
+
+import urllib.request
+
+import openai
+import pytest
+
+import duoserve
+
+pytestmark = pytest.mark.slow
+
+SYSTEM = ("You are a helpful assistant who answers questions about geography in one short sentence. "
+          "Always name the country and the continent, and never add anything else. ") * 4
+
+
+def _messages(turns: int) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": SYSTEM}]
+    for i in range(turns):
+        messages += [{"role": "user", "content": f"Which country is city number {i} in?"},
+                     {"role": "assistant", "content": f"City {i} is in country {i}, in Europe."}]
+    return messages + [{"role": "user", "content": "And the capital of France?"}]
+
+
+def test_a_repeated_conversation_prefills_only_its_tail(any_stack):
+    with duoserve.Client(any_stack.target, timeout=300) as client:
+        first = client.generate(messages=_messages(3), max_tokens=16, temperature=0)
+        second = client.generate(messages=_messages(3), max_tokens=16, temperature=0)
+        longer = client.generate(messages=_messages(4), max_tokens=16, temperature=0)
+    assert second.token_ids == first.token_ids
+    prompt = first.usage.prompt_tokens
+    assert first.usage.cached_tokens < prompt - 16
+    assert prompt - 16 <= second.usage.cached_tokens < prompt           # all but the last block's tokens
+    assert longer.usage.cached_tokens >= first.usage.cached_tokens // 16 * 16 - 16
+    assert any_stack.wait_free_blocks(512) == 512                       # cached blocks are free to take
+
+
+def test_cached_tokens_in_the_openai_usage_and_the_metrics(split_stack):
+    with openai.OpenAI(base_url=f"{split_stack.state.http_url}/v1", api_key="unused", timeout=300,
+                       max_retries=0) as client:
+        model = client.models.list().data[0].id
+        replies = [client.chat.completions.create(model=model, messages=_messages(5), max_tokens=8, temperature=0)
+                   for _ in range(2)]
+    details = [r.usage.prompt_tokens_details for r in replies]
+    assert details[1].cached_tokens >= replies[1].usage.prompt_tokens - 16
+    assert replies[0].choices[0].message.content == replies[1].choices[0].message.content
+    with urllib.request.urlopen(f"{split_stack.state.http_url}/metrics", timeout=30) as response:
+        metrics = response.read().decode()
+    hits = [line for line in metrics.splitlines() if line.startswith("duoserve:prefix_cache_hits_total")]
+    assert hits and max(float(line.rsplit(" ", 1)[1]) for line in hits) > 0
