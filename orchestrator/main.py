@@ -23,6 +23,7 @@ from orchestrator.admin import AdminServicer
 from orchestrator.config import OrchestratorConfig, parse_args
 from orchestrator.controller import Controller
 from orchestrator.coresidency import for_device
+from orchestrator.hold import HoldConfig
 from orchestrator.perf_model import DeviceSpec, ModelShape, PerfModel
 from orchestrator.policy import Policy, PolicyConfig
 from orchestrator.redis_state import RedisState
@@ -55,8 +56,9 @@ def build_controller(config: OrchestratorConfig, client: redis.Redis, stop: thre
     shape = ModelShape.from_model_config(ModelConfig.from_dir(info.model_dir), DTYPE_BYTES.get(info.dtype, 4))
     model = PerfModel(DeviceSpec.cpu(len(config.stack_cpus)), shape)
     coresidency = for_device(model.device.kind, config.coresidency_calibration)
+    hold = HoldConfig(config.persist_ticks, config.min_dwell_ms, comfort_headroom=config.comfort_headroom)
     policy = Policy(model, PolicyConfig(overlap=config.overlap, switch_cost_ms=config.switch_cost_ms,
-                                        probe_prompt_tokens=256, coresidency=coresidency))
+                                        probe_prompt_tokens=256, coresidency=coresidency, hold=hold))
     return Controller(config, RedisState(client, keys), policy)
 
 

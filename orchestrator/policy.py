@@ -259,7 +259,7 @@ class Policy:
         self.hold.observe(cur_units, need)
         if not need:        # nothing real waits, or everything has room: no search, no move
             return self._decision(now, current, current, slo, state, "auto: kept: no queued work needs a move")
-        if not self.hold.persisted:
+        if not self.hold.persisted(need):
             why = (f"auto: kept: {need.text()} at these shares, seen {self.hold.streak} of "
                    f"{self.config.hold.persist_ticks} ticks")
             return self._decision(now, current, current, slo, state, why)
@@ -297,8 +297,10 @@ class Policy:
     def _need(self, state: QueueState, now: _Candidate) -> Need:
         """What real work (not the probe) asks of the current shares (orchestrator/hold.py)."""
         has_queue = any(r.prompt_tokens > r.computed_tokens for r in state.waiting)
+        errors = [s.p90 for phase, s in self.model.error_stats().items() if phase in ("prefill", "decode")]
+        error = self.hold.model_error(max(errors) if errors else None)
         return need_of(self.config.hold, has_queue, now.prefill.headroom, now.prefill.misses,
-                       state.decode_batch_size > 0, now.tpot_headroom)
+                       state.decode_batch_size > 0, now.tpot_headroom, error)
 
     def _better(self, new: _Candidate, old: _Candidate, slo: SLO, band: float) -> tuple[bool, str]:
         """Whether to move from old to new, and why (or why not): a rank or a count decides at once;

@@ -135,13 +135,11 @@ def test_policy_gives_prefill_the_whole_device_over_decode_when_co_resident():
     slo = SLO(2000, 50)
     current = Shares(0.6, 0.4, 2048)
     co = Policy(PerfModel(h100(), LLAMA3_8B), PolicyConfig(overlap=1.0, switch_cost_ms=0.0))
-    for _ in range(co.config.hold.persist_ticks):      # the need persists for a few ticks, then it moves
-        d = co.decide(_state(20, 64), current, slo)
+    d = co.decide(_state(20, 64), current, slo)
     assert d.shares.prefill == 1.0 and d.shares.prefill + d.shares.decode > 1.0
     off = Policy(PerfModel(h100(), LLAMA3_8B),
                  PolicyConfig(overlap=1.0, switch_cost_ms=0.0, coresidency=CoResidency(enabled=False)))
-    for _ in range(off.config.hold.persist_ticks):
-        d_off = off.decide(_state(20, 64), current, slo)
+    d_off = off.decide(_state(20, 64), current, slo)
     assert d_off.shares.prefill + d_off.shares.decode <= 1.0 + 1e-9
     assert d.ttft_headroom > d_off.ttft_headroom
 
