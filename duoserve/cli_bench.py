@@ -173,6 +173,10 @@ def simulate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--switch-cost-ms", type=float, default=None, help="stall of an engine whose share moves "
                                                                        "(default 10 on h100, 1 on cpu)")
     p.add_argument("--overlap", type=float, default=None, help="PolicyConfig.overlap (default 1 on h100, 0.5 on cpu)")
+    p.add_argument("--min-dwell-ms", type=float, default=None,
+                   help="split-dynamic: least time between two moves (default 0 on h100: 4 switch costs; 2000 on cpu)")
+    p.add_argument("--persist-ticks", type=int, default=None,
+                   help="split-dynamic: ticks a need within the model's error must persist (default 3)")
     p.add_argument("--no-bw-contention", action="store_true", help="split: do not share HBM bandwidth")
     p.add_argument("--no-coresidency", action="store_true",
                    help="split: overlapping caps are time-shared half and half (the model before co-residency)")

@@ -47,6 +47,9 @@ class OrchestratorConfig:
     prefer: str = "tpot"
     policy: str = "auto"               # auto | static | manual
     coresidency_calibration: str | None = None   # `make gpu-check`'s co-residency file (GPU); None: the prior
+    persist_ticks: int = 3             # ticks in a row a need must be seen before the shares move
+    min_dwell_ms: float = 2000.0       # no move sooner than this after the last (nor than 4 switch costs)
+    comfort_headroom: float = 2.0      # queued work with this much SLO headroom needs no move
 
     def __post_init__(self) -> None:
         if self.tick_ms < 10:
@@ -88,6 +91,10 @@ def parse_args(argv: Sequence[str] | None = None) -> OrchestratorConfig:
     p.add_argument("--policy", choices=["auto", "static", "manual"], default="auto")
     p.add_argument("--coresidency-calibration", default=None,
                    help="co-residency calibration JSON from `make gpu-check` (GPU; default: the published prior)")
+    p.add_argument("--persist-ticks", type=int, default=3, help="ticks a need must persist before a move")
+    p.add_argument("--min-dwell-ms", type=float, default=2000.0, help="least time between two moves")
+    p.add_argument("--comfort-headroom", type=float, default=2.0,
+                   help="SLO headroom at which queued work needs no move (docs/performance-model.md, Hysteresis)")
     a = p.parse_args(argv)
     return OrchestratorConfig(redis_url=redis_url_from_env(env, a.redis_url), key_prefix=a.key_prefix, port=a.port,
                               metrics_port=a.metrics_port, admin_token=a.admin_token or secret_from_env(env, ADMIN_TOKEN_ENV),
@@ -95,4 +102,5 @@ def parse_args(argv: Sequence[str] | None = None) -> OrchestratorConfig:
                               device=a.device, num_sms=a.num_sms,
                               tick_ms=a.tick_ms, overlap=a.overlap, ttft_ms=a.ttft_ms, tpot_ms=a.tpot_ms,
                               percentile=a.percentile, prefer=a.prefer, policy=a.policy,
-                              coresidency_calibration=a.coresidency_calibration)
+                              coresidency_calibration=a.coresidency_calibration, persist_ticks=a.persist_ticks,
+                              min_dwell_ms=a.min_dwell_ms, comfort_headroom=a.comfort_headroom)

@@ -160,13 +160,18 @@ class Controller:
         return decision
 
     def _adopt_switch_cost(self, snap: Snapshot) -> None:
-        """A measured retune by handover replaces the configured switch cost: the pause the workers
-        last reported (old worker's last iteration to its successor's first; the slower phase's). The
-        standby's warm-up before it is not device time lost: the old worker serves meanwhile."""
-        measured = max((w.share_switch_stall_ms for w in snap.workers.values()), default=0.0)
-        if measured > 0 and measured != self.policy.config.switch_cost_ms:
-            self.policy.config = replace(self.policy.config, switch_cost_ms=measured)
-            log.info("switch cost now %.0f ms (measured)", measured)
+        """The cost the workers measured for their last share change replaces the configured one (the
+        slower phase's): on a retune by handover, the SetComputeShare call to the successor's first
+        iteration (the standby's start-up and the pause), of which the pause is device time lost; on the
+        CPU's in-place change, the cores and torch's pool moved at a boundary (all of it a pause). The
+        policy charges the cost in its band and its dwell, and delays a move's replay by the pause."""
+        workers = snap.workers.values()
+        cost = max((w.share_switch_ms for w in workers), default=0.0)
+        pause = min(cost, max((w.share_switch_stall_ms for w in workers), default=0.0))
+        config = self.policy.config
+        if cost > 0 and (cost, pause) != (config.switch_cost_ms, config.switch_pause_ms):
+            self.policy.config = replace(config, switch_cost_ms=cost, switch_pause_ms=pause)
+            log.info("switch cost now %.1f ms, of it a %.1f ms pause (measured)", cost, pause)
 
     def _current_shares(self, snap: Snapshot) -> Shares | None:
         """The shares the workers are at or moving to. A worker's report says so (the share it last

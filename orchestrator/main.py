@@ -25,6 +25,7 @@ from orchestrator.admin import AdminServicer
 from orchestrator.config import OrchestratorConfig, parse_args
 from orchestrator.controller import Controller
 from orchestrator.coresidency import for_device
+from orchestrator.hold import HoldConfig
 from orchestrator.perf_model import ModelShape, PerfModel, device_for, h100
 from orchestrator.policy import Policy, PolicyConfig
 from orchestrator.redis_state import RedisState
@@ -89,8 +90,9 @@ def build_controller(config: OrchestratorConfig, client: redis.Redis, stop: thre
     model = PerfModel(device_for(config.device, num_units), shape)
     log.info("device %s: %d %ss (%s prior)", config.device, model.units.num_units, model.units.unit, model.device.kind)
     coresidency = for_device(model.device.kind, config.coresidency_calibration)
+    hold = HoldConfig(config.persist_ticks, config.min_dwell_ms, comfort_headroom=config.comfort_headroom)
     policy = Policy(model, PolicyConfig(overlap=config.overlap, switch_cost_ms=config.switch_cost_ms,
-                                        probe_prompt_tokens=256, coresidency=coresidency))
+                                        probe_prompt_tokens=256, coresidency=coresidency, hold=hold))
     return Controller(config, state, policy)
 
 

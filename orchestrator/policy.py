@@ -11,7 +11,9 @@ step by step, is in docs/performance-model.md; in short, every tick:
   3. both hold: the split with the largest smaller headroom (the most load both phases can absorb);
      they cannot both hold: the operator's preferred SLO is protected and the other reported at risk
   4. hysteresis: the shares move only when the move fixes a predicted miss, or when its headroom gain
-     beats the band plus the switch cost spread over the horizon
+     beats the band plus the switch cost spread over the horizon; and only when queued work needs it,
+     that need has persisted for a few ticks, and the last move is at least a dwell ago
+     (orchestrator/hold.py): an idle or nearly idle stack keeps its shares
 
 Modes: `auto` (the algorithm), `static` (configured shares), `manual` (pinned by the operator); the
 last two still predict and report what is at risk.
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 from orchestrator.coresidency import IDLE, CoResidency, for_device, iteration_demand, shared_fraction, stretch
+from orchestrator.hold import Hold, HoldConfig, Need, need_of
 from orchestrator.perf_model import PerfModel
 
 EXHAUSTIVE_SPLITS = 16     # up to this many splits, every one is evaluated each tick
@@ -111,9 +114,15 @@ class PolicyConfig:
     mode: PolicyMode = PolicyMode.AUTO
     static_shares: Shares | None = None     # the shares of mode static
     token_budgets: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192)
-    switch_cost_ms: float = 0.0             # device time a share change costs (the GPU handover); ~0 on CPU
+    switch_cost_ms: float = 0.0             # what a share change costs, measured on the backend (the controller
+                                            # adopts the workers' figure): CPU the in-place core change, CUDA
+                                            # the handover (standby start-up and pause); charged in the band
+                                            # and the dwell
+    switch_pause_ms: float | None = None    # of that, the time the phase stops serving (a move's replay starts
+                                            # this late); None: all of it (an in-place change)
     hysteresis: float = 0.1                 # relative headroom gain a move must beat when no SLO is at stake
-    horizon_ms: float = 2000.0              # a move's switch cost is spread over this much time
+    horizon_ms: float = 2000.0              # a move's switch cost is spread over this much time (or the dwell)
+    hold: HoldConfig = HoldConfig()         # hysteresis in time: need, persistence, dwell (orchestrator/hold.py)
     overlap: float = 0.0                    # GPU: the prefill cap may exceed 1 - decode by this share
     coresidency: CoResidency | None = None  # how the two phases slow each other; None: the device's default
                                             # (GPU: the prior, CPU: time-shared; coresidency.for_device)
@@ -127,10 +136,16 @@ class PolicyConfig:
             raise ValueError("mode static needs static_shares")
         if self.switch_cost_ms < 0 or self.hysteresis < 0 or self.horizon_ms <= 0:
             raise ValueError("switch_cost_ms and hysteresis must be >= 0, horizon_ms > 0")
+        if self.switch_pause_ms is not None and not 0 <= self.switch_pause_ms <= self.switch_cost_ms:
+            raise ValueError("switch_pause_ms must be in [0, switch_cost_ms]")
         if not 0 <= self.overlap <= 1:
             raise ValueError("overlap must be in [0, 1]")
         if self.probe_prompt_tokens < 1 or self.max_sim_iterations < 1:
             raise ValueError("probe_prompt_tokens and max_sim_iterations must be at least 1")
+
+    @property
+    def pause_ms(self) -> float:
+        return self.switch_cost_ms if self.switch_pause_ms is None else self.switch_pause_ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +201,7 @@ class Policy:
         self.mode = self.config.mode
         self.coresidency = self.config.coresidency or for_device(model.device.kind)
         self.pinned: Shares | None = None
+        self.hold = Hold(self.config.hold)
         self._splits = self._make_splits()
 
     # ------------------------------------------------------------------ operator controls
@@ -239,26 +255,52 @@ class Policy:
     def _auto(self, state: QueueState, queue: list[_Request], current: Shares, slo: SLO) -> Decision:
         cur_units = (self.model.units_for(current.prefill), self.model.units_for(current.decode))
         now = self._evaluate(state, queue, slo, *cur_units, current.token_budget, 0.0)
-        best = self._search(state, queue, slo, cur_units)
-        conflict = self._score(best, slo)[0] < 2        # no split holds both SLOs
-        if (best.prefill_units, best.decode_units) != cur_units:
-            band = self.config.hysteresis + best.delay_ms / self.config.horizon_ms
-            move, why = self._better(best, now, slo, band)
-            if move:
-                n = self.model.device.num_units
-                shares = Shares(best.prefill_units / n, best.decode_units / n, best.prefill.budget)
-                return self._decision(best, shares, current, slo, state, f"auto: {why}", conflict)
-            stay = self._evaluate(state, queue, slo, *cur_units, None, 0.0)    # best budget, current split
+        need = self._need(state, now)
+        self.hold.observe(cur_units, need)
+        if not need:        # nothing real waits, or everything has room: no search, no move
+            return self._decision(now, current, current, slo, state, "auto: kept: no queued work needs a move")
+        if not self.hold.persisted(need):
+            why = (f"auto: kept: {need.text()} at these shares, seen {self.hold.streak} of "
+                   f"{self.config.hold.persist_ticks} ticks")
+            return self._decision(now, current, current, slo, state, why)
+        dwell_ms = self.config.hold.dwell_ms(self.config.switch_cost_ms)
+        dwell_left = self.hold.dwell_left_s(state.now, self.config.switch_cost_ms)
+        if dwell_left > 0:          # the split stays; only the budget may move
+            stay = self._evaluate(state, queue, slo, *cur_units, None, 0.0)
+            conflict = self._score(stay, slo)[0] < 2
+            why = f"the last move was {dwell_ms / 1000 - dwell_left:.1f} s ago (dwell {dwell_ms / 1000:.1f} s)"
         else:
-            stay, why = best, "the current split is the best"
-        if stay.prefill.budget != current.token_budget:     # the budget alone costs no switch
+            best = self._search(state, queue, slo, cur_units)
+            conflict = self._score(best, slo)[0] < 2        # no split holds both SLOs
+            if (best.prefill_units, best.decode_units) == cur_units:
+                stay, why = best, "the current split is the best"
+            else:
+                band = self.config.hysteresis + self.config.switch_cost_ms / max(self.config.horizon_ms, dwell_ms)
+                move, why = self._better(best, now, slo, band)
+                if move and not need.helped_by(best.prefill.headroom, best.tpot_headroom):
+                    move, why = False, f"the move would not help {need.text()}"
+                if move:
+                    n = self.model.device.num_units
+                    shares = Shares(best.prefill_units / n, best.decode_units / n, best.prefill.budget)
+                    self.hold.moved(state.now, (best.prefill_units, best.decode_units))
+                    return self._decision(best, shares, current, slo, state, f"auto: {why}", conflict)
+                stay = self._evaluate(state, queue, slo, *cur_units, None, 0.0)    # best budget, current split
+        if stay.prefill.budget != current.token_budget and need.ttft is not None:   # free: no switch, no dwell
             move, budget_why = self._better(stay, now, slo, self.config.hysteresis)
-            if move:
+            if move and stay.prefill.headroom > need.ttft:
                 shares = Shares(current.prefill, current.decode, stay.prefill.budget)
                 return self._decision(stay, shares, current, slo, state, f"auto: token budget: {budget_why}",
                                       conflict)
             why += f"; token budget {stay.prefill.budget}: {budget_why}"
         return self._decision(now, current, current, slo, state, f"auto: kept: {why}", conflict)
+
+    def _need(self, state: QueueState, now: _Candidate) -> Need:
+        """What real work (not the probe) asks of the current shares (orchestrator/hold.py)."""
+        has_queue = any(r.prompt_tokens > r.computed_tokens for r in state.waiting)
+        errors = [s.p90 for phase, s in self.model.error_stats().items() if phase in ("prefill", "decode")]
+        error = self.hold.model_error(max(errors) if errors else None)
+        return need_of(self.config.hold, has_queue, now.prefill.headroom, now.prefill.misses,
+                       state.decode_batch_size > 0, now.tpot_headroom, error)
 
     def _better(self, new: _Candidate, old: _Candidate, slo: SLO, band: float) -> tuple[bool, str]:
         """Whether to move from old to new, and why (or why not): a rank or a count decides at once;
@@ -314,7 +356,7 @@ class Policy:
 
         def at(i: int) -> _Candidate:
             if i not in cache:
-                delay = 0.0 if splits[i] == cur_units else self.config.switch_cost_ms
+                delay = 0.0 if splits[i] == cur_units else self.config.pause_ms
                 cache[i] = self._evaluate(state, queue, slo, *splits[i], None, delay)
             return cache[i]
 
@@ -500,7 +542,7 @@ class Policy:
                   why: str, conflict: bool = False) -> Decision:
         unit = "cores" if self.model.device.kind == "cpu" else "SMs"
         ttft_p = _percentile(sorted(c.prefill.ttfts), slo.percentile) if c.prefill.ttfts else None
-        at_risk = _at_risk(c)
+        at_risk = _at_risk(c, state)
         parts = [why]
         parts.append(f"decode {shares.decode:.0%} ({c.decode_units} {unit}): TPOT {c.tpot_ms:.1f} ms predicted, "
                      f"target {slo.tpot_ms:g} ms, headroom x{c.tpot_headroom:.2f}")
@@ -523,15 +565,18 @@ class Policy:
         return Decision(
             shares=shares, reason="; ".join(parts), mode=self.mode, changed=shares != current, at_risk=at_risk,
             predicted_tpot_ms=c.tpot_ms, predicted_ttft_ms=ttft_p, predicted_ttft_misses=c.prefill.misses,
-            predicted_tpot_miss=c.tpot_ms > slo.tpot_ms, ttft_headroom=c.prefill.headroom,
+            predicted_tpot_miss=state.decode_batch_size > 0 and c.tpot_ms > slo.tpot_ms, ttft_headroom=c.prefill.headroom,
             tpot_headroom=c.tpot_headroom)
 
 
-def _at_risk(c: _Candidate) -> str | None:
-    ttft = not c.holds_ttft or c.prefill.kv_blocked > 0
-    if ttft and not c.holds_tpot:
+def _at_risk(c: _Candidate, state: QueueState) -> str | None:
+    """The SLOs real work is predicted to miss: queued requests for TTFT, the running batch for TPOT. The
+    probe standing for the next arrival (or the next decode) steers the choice but puts nothing at risk."""
+    ttft = bool(c.prefill.ttfts) and (not c.holds_ttft or c.prefill.kv_blocked > 0)
+    tpot = state.decode_batch_size > 0 and not c.holds_tpot
+    if ttft and tpot:
         return "both"
-    return "ttft" if ttft else "tpot" if not c.holds_tpot else None
+    return "ttft" if ttft else "tpot" if tpot else None
 
 
 def _holds_text(c: _Candidate) -> str:

@@ -49,13 +49,17 @@ class StackProfile:
     ingress_ms: float = 0.0           # client -> gateway -> the engine's queue: TTFT starts this much earlier
     loop_gap_ms: float = 0.0          # a worker's loop between two iterations (queue reads, publishing): host
                                       # time outside the measured iteration, the same at any share
+    min_dwell_ms: float = 2000.0      # HoldConfig.min_dwell_ms: the least time between two moves (the live
+                                      # orchestrator's); the dwell is also at least 4 switch costs
 
 
 GPU_PROFILE = StackProfile(
     max_num_seqs=256, max_model_len=16384, split_max_batched_tokens=8192, initial_budget=2048,
     colocated_chunks=(512, 1024, 2048), static_splits=((0.5, 0.5), (0.6, 0.4), (0.7, 0.3), (0.8, 0.2)),
     initial_split=(0.6, 0.4), overlap=1.0, switch_cost_ms=10.0, tick_ms=250.0, prefer="ttft",
-    probe_prompt_tokens=1024)
+    # A 10 ms switch (a fast retune path, not a seconds-long handover): the dwell is 4 of them. A 2 s dwell
+    # here takes the dynamic split from 0.95 to 0.08 attainment (docs/simulator.md, "Hysteresis").
+    probe_prompt_tokens=1024, min_dwell_ms=0.0)
 # duoserve up on the CPU: worker defaults (services/worker/config.py) and orchestrator defaults
 # (orchestrator/config.py, orchestrator/main.py); the colocated worker's chunk is 512.
 CPU_PROFILE = StackProfile(

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from orchestrator.coresidency import CoResidency, for_device
+from orchestrator.hold import HoldConfig
 from orchestrator.policy import SLO, Shares
 from orchestrator.sim_calibration import Calibration, StackProfile, calibrate, vidur_check
 from orchestrator.sim_trace import TraceRequest, base_rate, describe, load_trace, poisson
@@ -253,9 +254,13 @@ def build_report(args: Any, say: Callable[[str], None]) -> dict[str, Any]:
     coresidency = for_device(cal.device.kind, args.coresidency_calibration)
     if args.no_coresidency:
         coresidency = CoResidency(enabled=False, residual=0.0, source="off (--no-coresidency): time-shared")
+    hold = None
+    if args.min_dwell_ms is not None or args.persist_ticks is not None:
+        hold = HoldConfig(persist_ticks=3 if args.persist_ticks is None else args.persist_ticks,
+                          min_dwell_ms=profile.min_dwell_ms if args.min_dwell_ms is None else args.min_dwell_ms)
     options = SimOptions(slo, attainment=args.attainment, early_stop=not (args.no_early_stop or args.rate_scale),
                          bw_contention=not args.no_bw_contention, tick_ms=args.tick_ms,
-                         switch_cost_ms=args.switch_cost_ms, overlap=args.overlap, coresidency=coresidency)
+                         switch_cost_ms=args.switch_cost_ms, overlap=args.overlap, coresidency=coresidency, hold=hold)
     systems = default_systems(profile, [int(c) for c in _floats(args.chunks)] if args.chunks else None,
                               _splits(args.static_splits) if args.static_splits else None)
     if args.systems:
@@ -287,6 +292,7 @@ def build_report(args: Any, say: Callable[[str], None]) -> dict[str, Any]:
                  "bw_contention": options.bw_contention, "early_stop": options.early_stop,
                  "coresidency": {"enabled": coresidency.enabled, "residual": coresidency.residual,
                                  "source": coresidency.source},
+                 "hold": asdict(hold or HoldConfig(min_dwell_ms=profile.min_dwell_ms)),
                  "max_num_seqs": profile.max_num_seqs, "max_model_len": profile.max_model_len,
                  "split_max_batched_tokens": profile.split_max_batched_tokens})
     return report

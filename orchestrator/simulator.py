@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from orchestrator.coresidency import IDLE, CoResidency, Demand, for_device, iteration_demand, shared_fraction, stretch
+from orchestrator.hold import HoldConfig
 from orchestrator.perf_model import PerfModel
 from orchestrator.policy import SLO, Policy, PolicyConfig, PolicyMode, QueueState, Shares, WaitingRequest
 from orchestrator.sim_calibration import Calibration, StackProfile
@@ -71,6 +72,7 @@ class SimOptions:
     switch_cost_ms: float | None = None
     overlap: float | None = None
     coresidency: CoResidency | None = None     # split: how the engines slow each other; None: the device's default
+    hold: HoldConfig | None = None             # split-dynamic: the policy's time hysteresis; None: the default
 
 
 class _SyntheticPrompt(bytes):
@@ -187,7 +189,8 @@ class Simulation:
                 overlap = p.overlap if self.options.overlap is None else self.options.overlap
                 self.policy = Policy(self.model, PolicyConfig(
                     mode=PolicyMode.AUTO, switch_cost_ms=self.switch_cost_ms, overlap=overlap,
-                    probe_prompt_tokens=p.probe_prompt_tokens, coresidency=self.coresidency))
+                    probe_prompt_tokens=p.probe_prompt_tokens, coresidency=self.coresidency,
+                    hold=self.options.hold or HoldConfig(min_dwell_ms=p.min_dwell_ms)))
         self.blocks = blocks
 
     # ------------------------------------------------------------------ the loop

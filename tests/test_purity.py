@@ -22,6 +22,7 @@ PURE_MODULES = [
     "services.common.stream_entries",  # the wire format: its callers own their Redis clients
     "orchestrator.coresidency",        # the policy and the simulator call it per prediction
     "orchestrator.policy",
+    "orchestrator.hold",               # the policy's time hysteresis
     "orchestrator.simulator",
     "bench.corun",                     # gpu-check imports it before it knows there is a GPU
     "services.common.shares",          # share <-> units <-> MPS percentage: orchestrator, workers, simulator

@@ -246,8 +246,10 @@ class WorkerReport:
     updated_at: float          # wall clock
     context_tokens: int = 0    # decode: tokens of KV its running batch reads per iteration
     pid: int = 0               # its process (a retune by succession replaces it)
-    share_switch_ms: float = 0.0   # last retune by succession: SetComputeShare call to this worker's first iteration
-    share_switch_stall_ms: float = 0.0   # of that, the pause: the old worker's last iteration to the new one's first
+    share_switch_ms: float = 0.0   # last share change: a retune by succession, SetComputeShare call to this
+                                   # worker's first iteration; in place (CPU cores), the time moving the threads took
+    share_switch_stall_ms: float = 0.0   # of that, the pause: the old worker's last iteration to the new one's
+                                         # first (in place: all of it)
     units_kind: str = ""       # what units_used counts: "sm" (cuda, the SM probe) or "core" (cpu); "" unknown
     units_used: int = 0        # SMs / cores the share in force actually gives it; 0 unknown
     units_total: int = 0       # SMs of the device / cores of the stack; 0 unknown

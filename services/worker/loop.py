@@ -88,7 +88,8 @@ class Worker:
     kv_memory: str = ""                  # the arena memory this worker maps (ArenaExport.memory_id; "" colocated)
     tracked: dict[str, TrackedRequest] = field(default_factory=dict)   # every request this worker holds
     succession: Succession | None = None   # retunes by succession (`--retune-mode succession`; set by main)
-    switch_ms: tuple[float, float] = (0.0, 0.0)   # last succession that started this worker: latency, pause
+    switch_ms: tuple[float, float] = (0.0, 0.0)   # last share change: latency, pause (a succession that started
+                                                  # this worker, or an in-place core change: all pause)
     stats: StatsSnapshot = field(default_factory=StatsSnapshot)
     last_report_at: float = 0.0          # time.monotonic() of the last WorkerReport written
     kv_blocks_free: int = 0              # the pool's free list length, read with each iteration's publish
@@ -309,7 +310,11 @@ class Worker:
             self.succession.begin(share)     # a successor at the new share; this worker serves until it is ready
             return
         if share.cpu_ids:
+            started = time.perf_counter()
             apply_cpu_share(share.cpu_ids)
+            if share.cpu_ids != self.control.share.cpu_ids:   # moved in place: the orchestrator's switch cost
+                moved_ms = (time.perf_counter() - started) * 1000
+                self.switch_ms = (moved_ms, moved_ms)
         if share.token_budget:
             self.scheduler.token_budget = share.token_budget
         applied = self.control.share_applied(share, self.stats.iterations)

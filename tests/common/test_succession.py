@@ -161,7 +161,9 @@ def test_the_measured_pause_becomes_the_policys_switch_cost(redis_client, keys):
         _write_report(redis_client, keys, phase, 0.5, changed_at=time.time(),
                       share_switch_ms=9000.0 if stall else 0.0, share_switch_stall_ms=stall)
     controller.tick()
-    assert controller.policy.config.switch_cost_ms == 40.0       # the pause, not the standby's warm-up
+    assert controller.policy.config.switch_cost_ms == 9000.0     # the standby's start-up and the pause
+    assert controller.policy.config.switch_pause_ms == 40.0      # of it, the pause delays a move's replay
+    assert controller.policy.config.hold.dwell_ms(9000.0) == 36_000.0    # a change lasts 4x what it costs
 
 
 def _state(redis_url: str, prefix: str, pid: int, start: int | None, argv=("worker",)) -> stack.StackState:

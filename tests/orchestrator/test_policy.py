@@ -1,10 +1,12 @@
 """SLO policy on synthetic queue states, with the H100 prior model of Llama-3-8B (no fit, no device)."""
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
 
+from orchestrator.hold import HoldConfig
 from orchestrator.perf_model import LLAMA3_8B, DeviceSpec, ModelShape, PerfModel, h100
 from orchestrator.policy import (SLO, Policy, PolicyConfig, PolicyMode, QueueState, Shares, WaitingRequest)
 
@@ -13,7 +15,13 @@ SLO_DEFAULT = SLO(ttft_ms=1000, tpot_ms=30)
 HALF = Shares(0.5, 0.5, 1024)
 
 
+# The search and the gain band alone, as every tick runs them once a need has persisted: every
+# headroom counts as a need, one tick is enough, no dwell. The time hysteresis is tested below.
+EAGER = HoldConfig(persist_ticks=1, min_dwell_ms=0.0, dwell_per_switch=0.0, comfort_headroom=math.inf)
+
+
 def make_policy(device: DeviceSpec | None = None, shape: ModelShape = LLAMA3_8B, **config) -> Policy:
+    config.setdefault("hold", EAGER)
     return Policy(PerfModel(device or h100(), shape), PolicyConfig(**config))
 
 
