@@ -177,7 +177,8 @@ def measure_real(args: argparse.Namespace, say: Callable[[str], None]) -> tuple[
     config = StackConfig(
         state_dir=args.state_dir.expanduser(), cache_dir=args.cache_dir.expanduser(), name="validate-sim",
         mode=Mode.SPLIT, model=args.model, num_kv_blocks=args.num_kv_blocks,
-        startup_timeout_s=args.startup_timeout, with_orchestrator=True)
+        startup_timeout_s=args.startup_timeout, with_orchestrator=True,
+        prefix_caching=False)         # the simulator does not model prefix caching (yet): compare like with like
     stack.up(config, detach=True, say=say, out=io.StringIO())
     try:
         real = measure_on(stack.read_state(config.state_path), specs, arrival_from_args(args), words, args.policy,

@@ -55,11 +55,11 @@ class RunningStack:
 
 
 def start_stack(mode: Mode, tmp_path_factory: pytest.TempPathFactory, default_model_dir: Path,
-                dtype: str = "float32") -> RunningStack:
-    name = f"e2e-{mode.value}" + ("" if dtype == "float32" else f"-{dtype}")
+                dtype: str = "float32", prefix_caching: bool = True) -> RunningStack:
+    name = f"e2e-{mode.value}" + ("" if dtype == "float32" else f"-{dtype}") + ("" if prefix_caching else "-nocache")
     config = StackConfig(state_dir=tmp_path_factory.mktemp(f"stack-{mode.value}"),
                          cache_dir=default_model_dir.parent, name=name, mode=mode, dtype=dtype,
-                         num_kv_blocks=512, max_queue_len=64, startup_timeout_s=300)
+                         num_kv_blocks=512, max_queue_len=64, startup_timeout_s=300, prefix_caching=prefix_caching)
     say = lambda msg: print(msg, file=sys.stderr)   # noqa: E731
     stack.up(config, detach=True, say=say)
     return RunningStack(config, stack.read_state(config.state_path))
