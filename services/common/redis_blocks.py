@@ -83,6 +83,7 @@ class RedisBlockAllocator:
         self._block_size: int | None = None
         self._allocate_loaded = False           # the script is in Redis's cache (queued as a bare EVALSHA)
         self._deferred_frees: list[str] | None = None   # inside `deferring_frees`: ids freed, not yet sent
+        self._deferred_keys: list[tuple[str, list[object]]] | None = None   # inside `deferring_frees`: blocks keyed
 
     # ------------------------------------------------------------------ pool
     def init_pool(self, num_blocks: int, block_size: int) -> int:
@@ -247,6 +248,9 @@ class RedisBlockAllocator:
         if not keyed:
             return 0
         args = [v for index, key in keyed for v in (index, key)]
+        if self._deferred_keys is not None:
+            self._deferred_keys.append((request_id, args))
+            return 0
         return int(self._cache_script(keys=[self._keys.kv_cache_index, self._keys.kv_cache_keys,
                                             self._keys.kv_cache_refs, self._keys.kv_owned(request_id)],
                                       args=args))
@@ -268,15 +272,27 @@ class RedisBlockAllocator:
     @contextlib.contextmanager
     def deferring_frees(self) -> Iterator[list[str]]:
         """Within the block, `free` and `free_many` only note the request ids, in the list yielded,
-        for the caller to send with `queue_free_many` in a pipeline it sends anyway (the worker's
-        publish: no round trip of their own). Only for ids that cannot be allocated again before
-        that pipeline is sent (a finished request; not a preempted one that prefill recomputes)."""
+        and `cache_blocks` the blocks to key, for the caller to send with `queue_deferred` in a
+        pipeline it sends anyway (the worker's publish: no round trip of their own): the keys first,
+        then the frees. Only for ids that cannot be allocated again before that pipeline is sent (a
+        finished request; not a preempted one that prefill recomputes). Keys noted and never sent
+        (the pipeline failed) are dropped by the next block: a key is only ever written for KV that
+        is in place."""
         deferred: list[str] = []
-        self._deferred_frees = deferred
+        self._deferred_frees, self._deferred_keys = deferred, []
         try:
             yield deferred
         finally:
             self._deferred_frees = None
+
+    def queue_deferred(self, pipe: redis.client.Pipeline, request_ids: Sequence[str]) -> None:
+        """What the last `deferring_frees` block noted, as commands of `pipe`: the blocks to key
+        (EVAL, as queue_free_many), then the frees of `request_ids` (the ids it yielded)."""
+        keyed, self._deferred_keys = self._deferred_keys or [], None
+        for request_id, args in keyed:
+            pipe.eval(scripts.CACHE, 4, self._keys.kv_cache_index, self._keys.kv_cache_keys,
+                      self._keys.kv_cache_refs, self._keys.kv_owned(request_id), *args)
+        self.queue_free_many(pipe, request_ids)
 
     def queue_free_many(self, pipe: redis.client.Pipeline, request_ids: Sequence[str]) -> None:
         """`free_many` as one command of a pipeline (EVAL with the script's text: a pipeline sent

@@ -177,7 +177,7 @@ class Worker:
         # pending for recovery.py, never half handed off.
         pipe = self.client.pipeline(transaction=True)
         self._publish(advanced, pipe)
-        self.scheduler.blocks.queue_free_many(pipe, finished)
+        self.scheduler.blocks.queue_deferred(pipe, finished)   # keys of filled blocks, then the frees
         self._record(batch, elapsed, pipe)
         queue_free_count(pipe, self.keys)     # the free count for the next report, in this round trip
         self.publisher.submit(pipe)           # sent while the next iteration runs (publisher.py)

@@ -222,3 +222,27 @@ def test_the_audit_puts_cached_blocks_right(redis_client, keys):
     blocks.free("a")
     blocks.free("b")
     assert blocks.num_free == 8 and blocks.audit().evictable == 3
+
+
+def test_keys_noted_in_a_deferring_block_go_out_before_the_frees(redis_client, keys):
+    blocks = RedisBlockAllocator(redis_client, keys)
+    blocks.init_pool(8, BLOCK)
+    prefix_keys = block_keys(list(range(12)), BLOCK)
+    blocks.allocate_cached("a", prefix_keys, 3)
+    with blocks.deferring_frees() as finished:
+        assert blocks.cache_blocks("a", list(enumerate(prefix_keys))) == 0     # noted, not sent
+        blocks.free("a")
+    assert blocks.num_cached == 0 and finished == ["a"]
+    pipe = redis_client.pipeline(transaction=True)
+    blocks.queue_deferred(pipe, finished)
+    pipe.execute()
+    assert blocks.num_cached == 3 and blocks.num_free == 8                    # keyed, then released: evictable
+    assert blocks.allocate_cached("b", prefix_keys, 3).num_cached == 3
+    with blocks.deferring_frees():
+        blocks.cache_blocks("b", [(0, "stale")])                              # its pipeline never sent
+    with blocks.deferring_frees() as finished:
+        pass
+    pipe = redis_client.pipeline(transaction=True)
+    blocks.queue_deferred(pipe, finished)
+    pipe.execute()
+    assert redis_client.hget(keys.kv_cache_index, "stale") is None
