@@ -157,12 +157,12 @@ def sweep(target: str, name: str, args: argparse.Namespace, specs: Sequence[Requ
     """On a running server: warm it, then bench serve's run at each rate. One JSON entry per rate,
     also written to out_dir; `after_run(result)` may add fields to it."""
     warm = list(specs[:WARMUP_REQUESTS])
-    run_benchmark(target, warm, arrival_from_args(args, math.inf), warmup=0, progress=False)
+    run_benchmark(target, warm, arrival_from_args(args, math.inf), warmup=0, progress=False, run=0)
     say(f"{name}: warmed up with {len(warm)} requests")
     runs: list[dict[str, Any]] = []
-    for rate in rates:
+    for run, rate in enumerate(rates, start=1):      # each rate's prompts its own: none hits another's cache
         load_before = os.getloadavg()[0]
-        result = run_benchmark(target, specs, arrival_from_args(args, rate),
+        result = run_benchmark(target, specs, arrival_from_args(args, rate), run=run,
                                max_concurrency=args.max_concurrency, slo_ttft_ms=args.slo_ttft_ms,
                                slo_tpot_ms=args.slo_tpot_ms, warmup=0, progress=not args.no_progress,
                                label=f"{name} @ {rate:g} req/s", workload=words)

@@ -174,6 +174,19 @@ def load_prompt_file(path: Path, output_len: int, *, max_requests: int | None = 
 # Prompts and arrivals
 # ---------------------------------------------------------------------------------------------
 
+RUN_TOKEN_BASE = 1000       # run k's prompts start with token RUN_TOKEN_BASE + k (an id every Llama vocabulary has)
+
+
+def for_run(specs: Sequence[RequestSpec], run: int) -> list[RequestSpec]:
+    """The specs with the first token of every token-id prompt set to one of run `run` only, lengths
+    kept: prefix caching (duoserve's, vLLM's) keys a block by everything before it, so no run reuses
+    the KV of another run's prompts (a sweep sends the same workload at each rate; a warm-up before
+    it). Within a run the prompts already differ from their first block on (`with_token_ids`); text
+    prompts are left as they are."""
+    token = RUN_TOKEN_BASE + run
+    return [replace(s, token_ids=(token, *s.token_ids[1:])) if s.token_ids else s for s in specs]
+
+
 def with_token_ids(specs: Sequence[RequestSpec], corpus_ids: Sequence[int]) -> list[RequestSpec]:
     """Give each spec without a prompt `prompt_len` token ids: a window of the repeated corpus,
     starting at a different place per request (so prompts differ), wrapping around."""

@@ -38,7 +38,7 @@ import numpy as np
 
 from bench.clients import BenchClient, ServerError, open_client
 from bench.datasets import (DEFAULT_AZURE_CONV, REAL_TEXT, Arrival, RequestSpec, load_azure_conv,
-                            load_prompt_file, random_requests, schedule, with_token_ids)
+                            for_run, load_prompt_file, random_requests, schedule, with_token_ids)
 from duoserve.cli_args import client_tls
 from services.common.progress import progress as progress_bar
 
@@ -212,11 +212,15 @@ async def _one(client: BenchClient, spec: RequestSpec, record: RequestRecord, t0
         record.error = f"{type(e).__name__}: {e}"
 
 
-async def _prepare(client: BenchClient, specs: Sequence[RequestSpec]) -> list[RequestSpec]:
-    """Token ids from real text for specs without a prompt; each text prompt's real length; fit checks."""
+async def _prepare(client: BenchClient, specs: Sequence[RequestSpec],
+                   runs: Sequence[int] = (1,)) -> list[list[RequestSpec]]:
+    """Token ids from real text for specs without a prompt, in one variant per run of `runs`
+    (datasets.for_run; prompts given as text or token ids are sent as given); each text prompt's real
+    length; fit checks."""
     info = await client.model_info()
     out = list(specs)
-    if any(s.prompt is None and s.token_ids is None for s in out):
+    derived = [s.prompt is None and s.token_ids is None for s in out]
+    if any(derived):
         out = with_token_ids(out, await client.tokenize(REAL_TEXT))
     for i, s in enumerate(out):
         if s.prompt is not None:
@@ -230,24 +234,27 @@ async def _prepare(client: BenchClient, specs: Sequence[RequestSpec]) -> list[Re
         raise ValueError(f"{len(too_long)} requests do not fit the served model's {limit} tokens "
                          f"(context {info['max_context']}, KV pool {kv_tokens}), e.g. #{too_long[0]}: "
                          f"{s.prompt_len} + {s.output_len}; lower the lengths (--length-scale, --input-len)")
-    return out
+    return [[v if d else s for s, v, d in zip(out, for_run(out, run), derived)] for run in runs]
 
 
 async def benchmark(target: str, specs: Sequence[RequestSpec], arrival: Arrival, *,
                     max_concurrency: int | None = None, slo_ttft_ms: float | None = None,
                     slo_tpot_ms: float | None = None, warmup: int = 1,
                     percentiles: Sequence[float] = DEFAULT_PERCENTILES, progress: bool = True,
-                    label: str = "", workload: str = "", access: Mapping[str, Any] | None = None) -> Result:
+                    label: str = "", workload: str = "", access: Mapping[str, Any] | None = None,
+                    run: int = 1) -> Result:
     """Run the workload once against `target`: a gateway's HOST:PORT or an OpenAI server's http://HOST:PORT.
-    `access`: open_client's api_key, tls and server_name, for a stack that wants them."""
+    `access`: open_client's api_key, tls and server_name, for a stack that wants them. `run` numbers
+    the runs against one server (datasets.for_run: no run's prompts made from the corpus hit another's
+    prefix cache; the warm-up requests are run 0)."""
     if max_concurrency is not None and max_concurrency < 1:
         raise ValueError("max concurrency must be at least 1")
     offsets = schedule(specs, arrival)
     client = open_client(target, REQUEST_TIMEOUT_S, **(access or {}))
     try:
-        specs = await _prepare(client, specs)
+        warm_specs, specs = await _prepare(client, specs, (0, run))
         for i in range(warmup):             # not measured: first-call costs (channel, allocator, caches)
-            spec = specs[i % len(specs)]
+            spec = warm_specs[i % len(warm_specs)]
             await _one(client, spec, RequestRecord(-1, spec.prompt_len, spec.output_len, 0.0), time.perf_counter())
         records = [RequestRecord(i, s.prompt_len, s.output_len, offsets[i]) for i, s in enumerate(specs)]
         bar = Progress(len(specs), label, enabled=progress)

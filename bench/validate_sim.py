@@ -193,9 +193,10 @@ def calibrate_stack(target: str) -> None:
     tokens one at a time (prefill), then a burst of short ones together (decode batches of 1 to 8)."""
     from bench.datasets import Arrival, random_requests
     one_by_one = random_requests(CALIBRATION_REQUESTS, 200, 8, 0.9, seed=7)
-    run_benchmark(target, one_by_one, Arrival("poisson", math.inf), max_concurrency=1, warmup=0, progress=False)
+    run_benchmark(target, one_by_one, Arrival("poisson", math.inf), max_concurrency=1, warmup=0, progress=False,
+                  run=101)        # not the measured run's prompts (prefix caching)
     burst = random_requests(CALIBRATION_REQUESTS, 64, 24, 0.5, seed=8)
-    run_benchmark(target, burst, Arrival("poisson", math.inf), warmup=0, progress=False)
+    run_benchmark(target, burst, Arrival("poisson", math.inf), warmup=0, progress=False, run=102)
 
 
 def read_samples(redis_url: str, key_prefix: str) -> list[dict[str, Any]]:

@@ -55,3 +55,17 @@ def test_bad_arrivals_are_refused():
         Arrival("poisson")
     with pytest.raises(ValueError, match="burstiness"):
         Arrival("gamma", rate=1.0, burstiness=0)
+
+
+def test_each_run_of_a_workload_has_prompts_of_its_own():
+    from bench.datasets import RequestSpec, for_run, with_token_ids
+    from services.engine.prefix_hash import block_keys
+
+    specs = with_token_ids([RequestSpec(40, 4) for _ in range(3)], list(range(200, 260)))
+    runs = [for_run(specs, run) for run in range(3)]
+    assert all(len(s.token_ids) == 40 and s.token_ids[1:] == o.token_ids[1:]
+               for run in runs for s, o in zip(run, specs))
+    keys = [set(k for s in run for k in block_keys(s.token_ids, 16)) for run in runs]
+    assert not keys[0] & keys[1] and not keys[1] & keys[2]            # no block shared between runs
+    text = RequestSpec(3, 4, prompt="hello")
+    assert for_run([text], 5) == [text]
