@@ -42,9 +42,9 @@ def _cuda_available() -> bool:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests marked `gpu` need an NVIDIA GPU: skipped, with the reason, where torch sees none."""
     if not config.getoption("--chaos-long"):
-        skip_long = pytest.mark.skip(reason="a longer chaos variant: `make chaos` (or --chaos-long) runs it")
+        skip_long = pytest.mark.skip(reason="a longer variant: `make chaos` (or --chaos-long) runs it")
         for item in items:
-            if item.get_closest_marker("chaos_long"):
+            if item.get_closest_marker("chaos_long") or item.get_closest_marker("long"):
                 item.add_marker(skip_long)
     gpu_items = [item for item in items if item.get_closest_marker("gpu")]
     if not gpu_items or _cuda_available():

@@ -188,6 +188,27 @@ end
 return total
 """
 
+# KEYS: the pool's seven.  Drops the keys of every cached block no request holds and puts those blocks
+# on the free list (vLLM's reset_prefix_cache); keyed blocks requests hold stay as they are.
+# Returns {-1} no pool | {blocks freed}.
+RESET_CACHE = _COMMON + """
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  return {-1}
+end
+local ids = redis.call('ZRANGE', KEYS[6], 0, -1)
+for _, b in ipairs(ids) do
+  local key = redis.call('HGET', KEYS[4], b)
+  if key then
+    redis.call('HDEL', KEYS[3], key)
+  end
+  redis.call('HDEL', KEYS[4], b)
+  redis.call('HDEL', KEYS[5], b)
+end
+redis.call('DEL', KEYS[6])
+push('LPUSH', KEYS[1], ids)
+return {#ids}
+"""
+
 # KEYS: the pool's seven.  ARGV: the SCAN pattern of every request's list (kv_owned("") + "*").
 # Every block id must be in exactly one place (module docstring). Repairs what is safe, in one atomic
 # step (SCAN inside the script sees every owned list as of this instant): a private id in no list goes

@@ -255,6 +255,14 @@ class RedisBlockAllocator:
                                             self._keys.kv_cache_refs, self._keys.kv_owned(request_id)],
                                       args=args))
 
+    def reset_cache(self) -> int:
+        """Forget every cached block no request holds (their blocks go to the free list), as vLLM's
+        reset_prefix_cache; -> how many. Blocks requests hold keep their keys."""
+        reply = self._client.eval(scripts.RESET_CACHE, scripts.POOL_KEYS, *self._pool_keys)
+        if int(reply[0]) == -1:
+            raise PoolNotInitialized(f"no KV pool at {self._keys.kv_meta}")
+        return int(reply[0])
+
     def free(self, request_id: str) -> int:
         """Return all of the request's blocks; how many came back (0 if it owned none: idempotent)."""
         return self.free_many((request_id,))

@@ -18,7 +18,7 @@ import duoserve
 from duoserve import stack
 from duoserve.stack import StackConfig
 from services.common.contracts import KeySpace
-from services.common.redis_blocks import free_count
+from services.common.redis_blocks import RedisBlockAllocator, free_count
 
 
 def state(config: StackConfig) -> stack.StackState:
@@ -73,6 +73,18 @@ def free_blocks(config: StackConfig) -> int:
     client = redis.Redis.from_url(st.redis_url)
     try:
         return free_count(client, KeySpace(st.key_prefix))
+    finally:
+        client.close()
+
+
+def reset_prefix_cache(config: StackConfig) -> int:
+    """Forget the stack's cached prefixes (RedisBlockAllocator.reset_cache): the run with the kill then
+    computes its prompts as the reference run did, cold, so the kill finds the work where the test
+    means it to be (a cached prefill would be over before it)."""
+    st = state(config)
+    client = redis.Redis.from_url(st.redis_url)
+    try:
+        return RedisBlockAllocator(client, KeySpace(st.key_prefix)).reset_cache()
     finally:
         client.close()
 

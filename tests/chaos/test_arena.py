@@ -54,6 +54,7 @@ def test_a_killed_arena_reopens_its_segments_and_the_requests_in_flight_go_on(ar
     prompts = ops.prompts(16, 128)
     expected = ops.generate_all(state.gateway_target, prompts, max_tokens=48)
     assert ops.wait_all_free(arena_stack, NUM_BLOCKS) == NUM_BLOCKS
+    ops.reset_prefix_cache(arena_stack)                   # the kill run computes its prompts cold
     before = _segments(state.segment_prefix)
     assert sorted(before) == ["kv", "record", "weights"]
     workers = {name: (ops.record(arena_stack, name).pid, ops.status(arena_stack)[name]["restarts"])
@@ -97,6 +98,7 @@ def test_an_arena_restarted_on_new_memory_restarts_the_workers_and_recomputes_th
     prompts = ops.prompts(16, 128, offset=16)
     expected = ops.generate_all(state.gateway_target, prompts, max_tokens=48)
     assert ops.wait_all_free(arena_stack, NUM_BLOCKS) == NUM_BLOCKS
+    ops.reset_prefix_cache(arena_stack)                   # the kill run computes its prompts cold
     before = _segments(state.segment_prefix)
     restarts = {name: ops.status(arena_stack)[name]["restarts"] for name in ("arena", "prefill", "decode")}
     arena = ops.record(arena_stack, "arena")

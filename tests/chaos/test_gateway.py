@@ -114,6 +114,7 @@ def test_sdk_streams_survive_a_killed_gateway(gateway_stack):
     prompts = ops.prompts(12, 32) + ops.prompts(4, 600)       # the long ones may still wait for prefill at the kill
     expected = _stream_all(target, prompts)
     assert ops.wait_all_free(gateway_stack, NUM_BLOCKS) == NUM_BLOCKS
+    ops.reset_prefix_cache(gateway_stack)                   # the kill run computes its prompts cold
     times: list[float] = []
 
     def kill() -> None:
@@ -242,6 +243,7 @@ def test_sdk_streams_of_a_gateway_that_never_comes_back_complete_on_another(gate
     prompts = ops.prompts(12, 32, offset=40)
     expected = _stream_all(b_target, prompts, max_tokens=PEER_MAX_TOKENS)
     assert ops.wait_all_free(gateway_stack, NUM_BLOCKS) == NUM_BLOCKS
+    ops.reset_prefix_cache(gateway_stack)                   # the kill run computes its prompts cold
     peer, a_port = _start_peer_gateway(gateway_stack, tmp_path / "gateway-a.log")
     times: list[float] = []
     try:

@@ -56,6 +56,7 @@ def test_a_worker_killed_with_requests_in_flight_loses_nothing(chaos_stack, vict
     prompts = ops.prompts(16, prompt_tokens)
     expected = ops.generate_all(target, prompts, max_tokens)
     assert ops.wait_all_free(chaos_stack, NUM_BLOCKS) == NUM_BLOCKS
+    ops.reset_prefix_cache(chaos_stack)                   # the kill run computes its prompts cold
     process = ops.record(chaos_stack, victim)
     restarts = ops.status(chaos_stack)[victim]["restarts"]
     killed_at: list[float] = []

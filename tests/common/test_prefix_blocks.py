@@ -246,3 +246,16 @@ def test_keys_noted_in_a_deferring_block_go_out_before_the_frees(redis_client, k
     blocks.queue_deferred(pipe, finished)
     pipe.execute()
     assert redis_client.hget(keys.kv_cache_index, "stale") is None
+
+
+def test_reset_cache_forgets_what_no_request_holds(redis_client, keys):
+    blocks = RedisBlockAllocator(redis_client, keys)
+    blocks.init_pool(8, BLOCK)
+    prefix_keys = block_keys(list(range(12)), BLOCK)
+    blocks.allocate_cached("a", prefix_keys, 3)
+    blocks.cache_blocks("a", list(enumerate(prefix_keys)))
+    blocks.allocate_cached("b", prefix_keys, 1)                               # holds the first block
+    blocks.free("a")
+    assert blocks.reset_cache() == 2 and blocks.num_cached == 1 and blocks.num_free == 7
+    assert blocks.allocate_cached("c", prefix_keys, 3).num_cached == 1
+    assert blocks.audit().is_consistent

@@ -8,6 +8,7 @@ with DUOSERVE_RETUNE_MODE=succession, so CI runs the whole path (with the publis
 DUOSERVE_OVERLAP_PUBLISH=off: every other stack test runs it threaded, the default)."""
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -140,12 +141,13 @@ def _retune_under_load(s: RunningStack, old: dict[str, int]) -> list[list[int]]:
                 started[i].set()
         results[i] = tokens
 
-    stop_load, loaded = threading.Event(), []
+    stop_load, loaded, numbers = threading.Event(), [], itertools.count()
 
     def load() -> None:                                 # keeps prefill mid-prompt at every boundary
         with duoserve.Client(s.target, timeout=300) as client:
-            while not stop_load.is_set():
-                loaded.append(client.generate(prompt=LONG_PROMPT, max_tokens=2, temperature=0, ignore_eos=True))
+            while not stop_load.is_set():               # each prompt its own from its first block: no cache hit
+                prompt = f"Request {next(numbers)}: {LONG_PROMPT}"
+                loaded.append(client.generate(prompt=prompt, max_tokens=2, temperature=0, ignore_eos=True))
 
     kept: list[int] = []
 

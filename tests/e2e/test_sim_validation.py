@@ -19,7 +19,7 @@ from bench.validate_sim import judge, measure_on
 from duoserve.stack import Mode
 from tests.e2e.conftest import start_stack, stop_stack
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]      # ~2 minutes: `make chaos` runs it, `make test` does not
 
 NUM_REQUESTS = 16          # the first requests of the Azure conversation trace
 LENGTH_SCALE = 0.1         # as bench serve's default: the model is tiny, the CPU slow
