@@ -51,12 +51,12 @@ test: install native
 
 # Longer chaos than `make test`'s: every CHAOS_INTERVAL s the next process of CHAOS_VICTIMS is killed
 # with kill -9 under a steady load, for CHAOS_MINUTES; and every chaos test, the longer variants too
-# (docs/reliability.md).
+# (docs/reliability.md), and the simulator against the real stack (tests/e2e/test_sim_validation.py).
 CHAOS_MINUTES  ?= 10
 CHAOS_INTERVAL ?= 20
 CHAOS_VICTIMS  ?= prefill,decode,gateway,arena,redis,orchestrator
 chaos: install native
-	$(BIN)/python -m pytest -q -s tests/chaos --chaos-long --soak-minutes $(CHAOS_MINUTES) \
+	$(BIN)/python -m pytest -q -s tests/chaos tests/e2e/test_sim_validation.py --chaos-long --soak-minutes $(CHAOS_MINUTES) \
 	  --soak-interval $(CHAOS_INTERVAL) --soak-victims $(CHAOS_VICTIMS)
 
 bench-engine: install cpu-ops
