@@ -22,8 +22,9 @@ from __future__ import annotations
 POOL_KEYS = 7
 
 # Helpers every pool script starts with. push: ids in chunks (Lua's unpack is limited to ~8000
-# values). available: blocks a request can be granted. take: n fresh blocks appended to `dest`, the
-# free list first, then the least recently released keyed blocks, which lose their key.
+# values). available: blocks a request can be granted. unkey: a cached block's key and references
+# dropped. take: n fresh blocks appended to `dest`, the free list first, then the least recently
+# released keyed blocks, which lose their key.
 _COMMON = """
 local function push(cmd, key, ids)
   for i = 1, #ids, 1000 do
@@ -32,6 +33,14 @@ local function push(cmd, key, ids)
 end
 local function available()
   return redis.call('LLEN', KEYS[1]) + redis.call('ZCARD', KEYS[6])
+end
+local function unkey(b)                -- a cached block loses its key and reference count
+  local key = redis.call('HGET', KEYS[4], b)
+  if key then
+    redis.call('HDEL', KEYS[3], key)
+  end
+  redis.call('HDEL', KEYS[4], b)
+  redis.call('HDEL', KEYS[5], b)
 end
 local function take(n, dest)
   local ids = {}
@@ -43,12 +52,7 @@ local function take(n, dest)
     local evicted = redis.call('ZPOPMIN', KEYS[6], n - from_free)
     for j = 1, #evicted, 2 do
       local b = evicted[j]
-      local key = redis.call('HGET', KEYS[4], b)
-      if key then
-        redis.call('HDEL', KEYS[3], key)
-      end
-      redis.call('HDEL', KEYS[4], b)
-      redis.call('HDEL', KEYS[5], b)
+      unkey(b)
       ids[#ids + 1] = b
     end
   end
@@ -197,12 +201,7 @@ if redis.call('EXISTS', KEYS[2]) == 0 then
 end
 local ids = redis.call('ZRANGE', KEYS[6], 0, -1)
 for _, b in ipairs(ids) do
-  local key = redis.call('HGET', KEYS[4], b)
-  if key then
-    redis.call('HDEL', KEYS[3], key)
-  end
-  redis.call('HDEL', KEYS[4], b)
-  redis.call('HDEL', KEYS[5], b)
+  unkey(b)
 end
 redis.call('DEL', KEYS[6])
 push('LPUSH', KEYS[1], ids)
