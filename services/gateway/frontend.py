@@ -48,7 +48,7 @@ from services.gateway.inflight import InFlight, RequestRecord
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.outbox import Outbox
 from services.gateway.prompts import PromptEncoder, PromptLimits
-from services.gateway.replies import TRIM_INTERVAL_S, ReplyStreams  # noqa: F401 (TRIM_INTERVAL_S: tests use it)
+from services.gateway.replies import ReplyStreams
 
 log = logging.getLogger("duoserve.gateway")
 

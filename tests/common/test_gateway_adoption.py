@@ -22,7 +22,8 @@ from services.gateway import adoption
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import InvalidInput, NotReady, RequestNotFound, Superseded
 from services.gateway.prompts import PromptEncoder, PromptLimits
-from services.gateway.frontend import TRIM_INTERVAL_S, Frontend, GenerateInput
+from services.gateway.frontend import Frontend, GenerateInput
+from services.gateway.replies import TRIM_INTERVAL_S
 from services.gateway.inflight import RequestRecord
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.takeover import Takeover
