@@ -2,7 +2,8 @@
 
 A tick's life:
   learn     new iteration samples -> the performance model (honest error first, refit every few ticks)
-  observe   queue (arrival, prompt length of every prefill-stream entry), decode batch, KV free space
+  observe   queue (arrival, prompt length and cached prefix of every prefill-stream entry), decode batch,
+            KV free space
   decide    the policy (auto/static/manual) picks shares and the prefill token budget, with a reason
   act       a changed decision is sent with SetComputeShare to each worker and recorded in Redis
 
@@ -206,10 +207,11 @@ class Controller:
     def _queue_state(snap: Snapshot) -> QueueState:
         decode = snap.workers.get("decode")
         return QueueState(
-            now=snap.now, waiting=[WaitingRequest(w.arrival_time, w.prompt_tokens) for w in snap.waiting],
+            now=snap.now, waiting=[WaitingRequest(w.arrival_time, w.prompt_tokens, cached_tokens=w.cached_tokens)
+                                   for w in snap.waiting],
             decode_batch_size=decode.num_running if decode else 0,
             decode_context_tokens=decode.context_tokens if decode else 0,
-            kv_free_blocks=snap.kv_free_blocks, kv_total_blocks=snap.kv_total_blocks)
+            kv_free_blocks=snap.kv_free_blocks, kv_total_blocks=snap.kv_total_blocks, block_size=snap.block_size)
 
     def phase_units(self, shares: Shares) -> tuple[PhaseUnits, PhaseUnits]:
         """Each phase's units (services.common.shares): cores on the CPU (prefill's from the front, decode's

@@ -66,6 +66,7 @@ class WaitingRequest:
     arrival_time: float          # wall clock seconds (time.time()) when the gateway accepted it
     prompt_tokens: int           # tokens to prefill in all
     computed_tokens: int = 0     # already prefilled (a long prompt part-way through its chunks)
+    cached_tokens: int = 0       # not admitted yet: its leading tokens in the prefix cache, not computed again
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,14 +455,13 @@ class Policy:
         target, margin_target = slo.ttft_ms, slo.ttft_ms * (1 - slo.margin)
         out = []
         for r in sorted(state.waiting, key=lambda r: r.arrival_time):
-            arrival = (r.arrival_time - state.now) * 1000.0
-            remaining = max(0, r.prompt_tokens - r.computed_tokens)
-            if remaining == 0:
+            arrival, done = (r.arrival_time - state.now) * 1000.0, max(r.computed_tokens, r.cached_tokens)
+            if (remaining := max(0, r.prompt_tokens - done)) == 0:
                 continue
+            # Every prompt block, cached ones too: those no request holds are in the free count and leave it.
             blocks = 0 if r.computed_tokens else -(-(r.prompt_tokens + 1) // state.block_size)
-            alone = self.model.predict_units_ms("prefill", full, remaining,
-                                                remaining * (r.computed_tokens + remaining), 0, 0, 1)
-            out.append(_Request(arrival, remaining, r.computed_tokens, blocks, arrival + target,
+            alone = self.model.predict_units_ms("prefill", full, remaining, remaining * (done + remaining), 0, 0, 1)
+            out.append(_Request(arrival, remaining, done, blocks, arrival + target,
                                 arrival + margin_target, arrival + target >= alone))
         if not any(r.viable for r in out):
             probe = self.config.probe_prompt_tokens

@@ -24,6 +24,7 @@ PURE_MODULES = [
     "orchestrator.policy",
     "orchestrator.hold",               # the policy's time hysteresis
     "orchestrator.simulator",
+    "orchestrator.prefix_view",        # the waiting prompts' block keys: the orchestrator and the simulator
     "bench.corun",                     # gpu-check imports it before it knows there is a GPU
     "services.common.shares",          # share <-> units <-> MPS percentage: orchestrator, workers, simulator
     "services.common.cuda_driver",     # cuda-python only inside its calls: imports on a machine without CUDA

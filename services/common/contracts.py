@@ -257,6 +257,11 @@ class WorkerReport:
     share_pending: bool = False    # `share` is requested, not in effect yet (at the next boundary, or a succession)
     share_changed_at: float = 0.0  # its clock when its share state last changed: a SetComputeShare reply's
                                    # changed_at_unix_ms at most this is reflected here (0: a worker from before)
+    prefix_caching: bool = False   # its scheduler reuses cached blocks (off: --no-prefix-caching, or an older worker)
+    cache_salt: str = ""       # the salt of its block keys (prefix_hash; the KV memory's identity): the orchestrator
+                               # keys waiting prompts with it to see how much of them is cached
+    prefix_query_tokens: int = 0   # prompt tokens its admissions looked up in the prefix cache, since it started
+    prefix_hit_tokens: int = 0     # of those, found cached (vLLM's prefix_cache_queries / _hits)
 
 
 @dataclass(frozen=True, slots=True)

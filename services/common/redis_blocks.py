@@ -331,6 +331,29 @@ def free_count_from(replies: Sequence[object]) -> int:
     return int(replies[-2]) + int(replies[-1])
 
 
+def queue_cached_run(pipe: redis.client.Pipeline, keys: KeySpace, block_keys: Sequence[str]) -> None:
+    """Queue the lookup of a prompt's reusable block keys (`prefix_hash.reusable_keys`) in the cache
+    index: one HMGET; `cached_run_from` its reply. A hint, as `num_free`: an admission may find more
+    (a block keyed meanwhile) or fewer (one evicted meanwhile)."""
+    pipe.hmget(keys.kv_cache_index, list(block_keys))
+
+
+def cached_run_from(reply: Sequence[object]) -> int:
+    """How many of the keys a queued `queue_cached_run` looked up are cached from the first on: the
+    blocks an admission now would reuse (it stops at the first key not found, as ALLOCATE_CACHED)."""
+    run = 0
+    for block in reply:
+        if block is None:
+            break
+        run += 1
+    return run
+
+
+def queue_cache_size(pipe: redis.client.Pipeline, keys: KeySpace) -> None:
+    """Queue the count of keyed blocks (held by requests or evictable): one HLEN."""
+    pipe.hlen(keys.kv_cache_keys)
+
+
 def free_count(client: redis.Redis, keys: KeySpace) -> int:
     """The pool's free count in one round trip: what a request can be granted now."""
     pipe = client.pipeline(transaction=False)

@@ -552,6 +552,7 @@ class Worker:
     def report(self, pipe: redis.client.Pipeline | None = None) -> None:
         """Overwrite this worker's WorkerReport in Redis (the orchestrator's view of it)."""
         (share, status, changed_at), s, units = self.control.wanted, self.stats, self.control.units
+        cache = self.scheduler.config
         report = WorkerReport(self.config.phase.value, self.config.worker_id, f"127.0.0.1:{self.config.port}",
                               share.share, share.cpu_ids, share.token_budget, s.num_running, s.num_waiting,
                               s.iterations, s.kv_blocks_free, s.kv_blocks_total, time.time(),
@@ -560,7 +561,10 @@ class Worker:
                               units_total=units.total if units else 0, pid=os.getpid(),
                               share_switch_ms=self.switch_ms[0], share_switch_stall_ms=self.switch_ms[1],
                               host_ms=statistics.median(self.host_ms) if self.host_ms else 0.0,
-                              share_pending=status is not ShareStatus.APPLIED, share_changed_at=changed_at)
+                              share_pending=status is not ShareStatus.APPLIED, share_changed_at=changed_at,
+                              prefix_caching=cache.prefix_caching, cache_salt=cache.cache_salt,
+                              prefix_query_tokens=self.scheduler.prefix_query_tokens,
+                              prefix_hit_tokens=self.scheduler.prefix_hit_tokens)
         target = pipe or self.client.pipeline(transaction=False)
         target.hset(self.keys.worker_stats(self.config.phase.value), mapping=stream_entries.report_mapping(report))
         queue_heartbeat(target, self.keys.worker_alive(self.config.worker_id), self._heartbeat)

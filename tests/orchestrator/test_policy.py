@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -191,3 +192,22 @@ def test_on_two_cores_with_overlap_a_burst_lends_prefill_the_decode_core_and_giv
     assert (burst.shares.prefill, burst.shares.decode) == (1.0, 0.5), burst.reason
     calm = policy.decide(make_queue_state(0, 0.0, batch=4, context=300), burst.shares, slo)
     assert (calm.shares.prefill, calm.shares.decode) == (0.5, 0.5), calm.reason
+
+
+def test_cached_prompt_tokens_are_not_prefilled_again():
+    """Prefix caching (orchestrator/prefix_view.py): the replay prefills only what is not cached, so a
+    queue of conversations resending their history needs no more prefill than its new messages."""
+    uncached = make_queue_state(30, 0.5, 1000, batch=32)
+    cached = replace(uncached, waiting=[replace(r, cached_tokens=960) for r in uncached.waiting])
+    pressed = make_policy().decide(uncached, HALF, SLO_DEFAULT)
+    calm = make_policy().decide(cached, HALF, SLO_DEFAULT)
+    assert pressed.changed and pressed.shares.prefill > HALF.prefill + 0.2
+    assert not calm.changed and calm.at_risk is None and calm.predicted_ttft_misses == 0
+    assert calm.ttft_headroom > 4 * pressed.ttft_headroom          # (the latter at the larger prefill share)
+    # The tail attends over the cached prefix in place: the same work as a prompt part-way through its chunks.
+    computed = replace(uncached, waiting=[replace(r, computed_tokens=960) for r in uncached.waiting])
+    assert make_policy().decide(computed, HALF, SLO_DEFAULT).predicted_ttft_ms == calm.predicted_ttft_ms
+    # Admission still takes every prompt block out of the free count (cached ones no request holds are in it).
+    tight = make_queue_state(10, 0.1, 1000, batch=32, kv_free=4 * 63)
+    tight = replace(tight, waiting=[replace(r, cached_tokens=960) for r in tight.waiting])
+    assert "6 requests wait for KV blocks" in make_policy().decide(tight, HALF, SLO_DEFAULT).reason
