@@ -1,6 +1,6 @@
 """`duoctl`: the operator's command line, a client of the orchestrator's Admin API.
 
-    duoctl status [--json]                      workers, shares, queue, KV, latency vs SLOs, model fit
+    duoctl status [--json]                      workers, shares, queue, KV, prefix cache, latency vs SLOs, model fit
     duoctl watch [--interval S]                 the same as a live table
     duoctl slo set --ttft-ms X --tpot-ms Y [--percentile P] [--prefer ttft|tpot]
     duoctl share set --prefill P --decode D [--token-budget N]
@@ -105,12 +105,14 @@ def format_status(s: pb.StackStatus) -> str:
              f"decode {shares.decode:.2f}{_units(shares.decode_units, unit)}, token budget {shares.token_budget}",
              f"SLO: TTFT {s.slo.ttft_ms:.0f} ms, TPOT {s.slo.tpot_ms:.0f} ms at p{s.slo.percentile:.0f}, "
              f"prefer {s.slo.prefer}" + (f"   AT RISK: {s.at_risk}" if s.at_risk else ""),
-             f"queue {s.queue_waiting} waiting; KV {s.kv_blocks_total - s.kv_blocks_free}/{s.kv_blocks_total} blocks used",
+             f"queue {s.queue_waiting} waiting{_queue_tokens(s)}; "
+             f"KV {s.kv_blocks_total - s.kv_blocks_free}/{s.kv_blocks_total} blocks used",
+             format_prefix_cache(s),
              "", f"{'worker':10} {'share':>6} {'SMs/cores':>10} {'budget':>7} {'running':>8} {'waiting':>8} "
-             f"{'iters':>8} {'host ms':>8} {'age s':>6}"]
+             f"{'iters':>8} {'host ms':>8} {'cache hit':>9} {'age s':>6}"]
     for w in s.workers:
         lines.append(f"{w.phase:10} {w.share:6.2f} {format_units(w):>10} {w.token_budget:7d} {w.num_running:8d} "
-                     f"{w.num_waiting:8d} {w.iterations:8d} {w.host_ms:8.2f} {w.age_s:6.1f}")
+                     f"{w.num_waiting:8d} {w.iterations:8d} {w.host_ms:8.2f} {_hit_rate(w):>9} {w.age_s:6.1f}")
     lines.append("")
     for name, lat in (("TTFT", s.ttft), ("TPOT", s.tpot)):
         lines.append(f"{name}: p50 {lat.p50_ms:.1f} ms, p90 {lat.p90_ms:.1f} ms, p99 {lat.p99_ms:.1f} ms "
@@ -119,6 +121,32 @@ def format_status(s: pb.StackStatus) -> str:
     if s.last_reason:
         lines.append(f"last decision: {s.last_reason}")
     return "\n".join(lines)
+
+
+def _queue_tokens(s: pb.StackStatus) -> str:
+    """" (3,120 prompt tokens, 410 uncached)": the prefill work waiting, and of it what will run."""
+    if not s.queue_prompt_tokens:
+        return ""
+    return f" ({s.queue_prompt_tokens:,} prompt tokens, {s.queue_uncached_tokens:,} uncached)"
+
+
+def _hit_rate(w: pb.WorkerStatus) -> str:
+    """A worker's prefix-cache hit rate since it started ("-": it admits nothing, or caches nothing)."""
+    if not w.prefix_caching or not w.prefix_query_tokens:
+        return "-"
+    return f"{w.prefix_hit_tokens / w.prefix_query_tokens:.1%}"
+
+
+def format_prefix_cache(s: pb.StackStatus) -> str:
+    """The pool's cached blocks and the hit rate of the workers that admit requests, since they started."""
+    if not any(w.prefix_caching for w in s.workers):
+        return "prefix cache: off" if s.workers else "prefix cache: no worker reports"
+    queries = sum(w.prefix_query_tokens for w in s.workers)
+    hits = sum(w.prefix_hit_tokens for w in s.workers)
+    rate = f"hit rate {hits / queries:.1%} of {queries:,} prompt tokens looked up" if queries else "no lookups yet"
+    held = s.kv_blocks_cached - s.kv_blocks_evictable
+    return (f"prefix cache: {s.kv_blocks_cached} blocks cached ({held} held by requests, {s.kv_blocks_evictable} "
+            f"evictable); {rate} since the workers started")
 
 
 def format_fit(fit: pb.ModelFit) -> str:

@@ -66,12 +66,16 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                                    cpu_ids=list(r.cpu_ids), token_budget=r.token_budget, num_running=r.num_running,
                                    num_waiting=r.num_waiting, iterations=r.iterations, age_s=snap.now - r.updated_at,
                                    measured_units=r.units_used, units_total=r.units_total, units_kind=r.units_kind,
-                                   host_ms=r.host_ms)
+                                   host_ms=r.host_ms, prefix_caching=r.prefix_caching,
+                                   prefix_query_tokens=r.prefix_query_tokens, prefix_hit_tokens=r.prefix_hit_tokens)
                    for r in snap.workers.values() if snap.now - r.updated_at < STALE_REPORT_S or r.iterations == 0]
         last = c.last
         return pb.StackStatus(
             workers=workers, slo=self._slo_pb(c.slo), policy=self._policy_state(),
             queue_waiting=len(snap.waiting), kv_blocks_free=snap.kv_free_blocks, kv_blocks_total=snap.kv_total_blocks,
+            kv_blocks_cached=snap.kv_cached_blocks, kv_blocks_evictable=snap.kv_evictable_blocks,
+            queue_prompt_tokens=sum(w.prompt_tokens for w in snap.waiting),
+            queue_uncached_tokens=sum(w.uncached_tokens for w in snap.waiting),
             ttft=_latency([lat.ttft_ms for lat in latencies], c.slo.ttft_ms),
             tpot=_latency([lat.tpot_ms for lat in latencies if lat.num_completion_tokens > 1], c.slo.tpot_ms),
             model_fit=self.GetModelFit(request, context), at_risk=(last.at_risk or "") if last else "",

@@ -51,7 +51,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("phase", "worker_id", "target", "share", "cpu_ids", "token_budget", "num_running", "num_waiting", "iterations", "age_s", "measured_units", "units_total", "units_kind", "host_ms")
+    __slots__ = ("phase", "worker_id", "target", "share", "cpu_ids", "token_budget", "num_running", "num_waiting", "iterations", "age_s", "measured_units", "units_total", "units_kind", "host_ms", "prefix_caching", "prefix_query_tokens", "prefix_hit_tokens")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,9 @@ class WorkerStatus(_message.Message):
     UNITS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     UNITS_KIND_FIELD_NUMBER: _ClassVar[int]
     HOST_MS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_QUERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     phase: str
     worker_id: str
     target: str
@@ -80,7 +83,10 @@ class WorkerStatus(_message.Message):
     units_total: int
     units_kind: str
     host_ms: float
-    def __init__(self, phase: _Optional[str] = ..., worker_id: _Optional[str] = ..., target: _Optional[str] = ..., share: _Optional[float] = ..., cpu_ids: _Optional[_Iterable[int]] = ..., token_budget: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., iterations: _Optional[int] = ..., age_s: _Optional[float] = ..., measured_units: _Optional[int] = ..., units_total: _Optional[int] = ..., units_kind: _Optional[str] = ..., host_ms: _Optional[float] = ...) -> None: ...
+    prefix_caching: bool
+    prefix_query_tokens: int
+    prefix_hit_tokens: int
+    def __init__(self, phase: _Optional[str] = ..., worker_id: _Optional[str] = ..., target: _Optional[str] = ..., share: _Optional[float] = ..., cpu_ids: _Optional[_Iterable[int]] = ..., token_budget: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., iterations: _Optional[int] = ..., age_s: _Optional[float] = ..., measured_units: _Optional[int] = ..., units_total: _Optional[int] = ..., units_kind: _Optional[str] = ..., host_ms: _Optional[float] = ..., prefix_caching: _Optional[bool] = ..., prefix_query_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ...) -> None: ...
 
 class LatencyStats(_message.Message):
     __slots__ = ("p50_ms", "p90_ms", "p99_ms", "target_ms", "attainment", "num_samples")
@@ -99,7 +105,7 @@ class LatencyStats(_message.Message):
     def __init__(self, p50_ms: _Optional[float] = ..., p90_ms: _Optional[float] = ..., p99_ms: _Optional[float] = ..., target_ms: _Optional[float] = ..., attainment: _Optional[float] = ..., num_samples: _Optional[int] = ...) -> None: ...
 
 class StackStatus(_message.Message):
-    __slots__ = ("workers", "slo", "policy", "queue_waiting", "kv_blocks_free", "kv_blocks_total", "ttft", "tpot", "model_fit", "at_risk", "last_reason")
+    __slots__ = ("workers", "slo", "policy", "queue_waiting", "kv_blocks_free", "kv_blocks_total", "ttft", "tpot", "model_fit", "at_risk", "last_reason", "kv_blocks_cached", "kv_blocks_evictable", "queue_prompt_tokens", "queue_uncached_tokens")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     SLO_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +117,10 @@ class StackStatus(_message.Message):
     MODEL_FIT_FIELD_NUMBER: _ClassVar[int]
     AT_RISK_FIELD_NUMBER: _ClassVar[int]
     LAST_REASON_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_CACHED_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_EVICTABLE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_UNCACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     slo: SLO
     policy: PolicyState
@@ -122,7 +132,11 @@ class StackStatus(_message.Message):
     model_fit: ModelFit
     at_risk: str
     last_reason: str
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., slo: _Optional[_Union[SLO, _Mapping]] = ..., policy: _Optional[_Union[PolicyState, _Mapping]] = ..., queue_waiting: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., ttft: _Optional[_Union[LatencyStats, _Mapping]] = ..., tpot: _Optional[_Union[LatencyStats, _Mapping]] = ..., model_fit: _Optional[_Union[ModelFit, _Mapping]] = ..., at_risk: _Optional[str] = ..., last_reason: _Optional[str] = ...) -> None: ...
+    kv_blocks_cached: int
+    kv_blocks_evictable: int
+    queue_prompt_tokens: int
+    queue_uncached_tokens: int
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., slo: _Optional[_Union[SLO, _Mapping]] = ..., policy: _Optional[_Union[PolicyState, _Mapping]] = ..., queue_waiting: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., ttft: _Optional[_Union[LatencyStats, _Mapping]] = ..., tpot: _Optional[_Union[LatencyStats, _Mapping]] = ..., model_fit: _Optional[_Union[ModelFit, _Mapping]] = ..., at_risk: _Optional[str] = ..., last_reason: _Optional[str] = ..., kv_blocks_cached: _Optional[int] = ..., kv_blocks_evictable: _Optional[int] = ..., queue_prompt_tokens: _Optional[int] = ..., queue_uncached_tokens: _Optional[int] = ...) -> None: ...
 
 class GetHistoryRequest(_message.Message):
     __slots__ = ("limit",)

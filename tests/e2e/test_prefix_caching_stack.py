@@ -1,15 +1,24 @@
 """Prefix caching through the real stacks (split: prefill and decode share the cached blocks in the
 arena's pool; colocated): a repeated conversation's second prefill computes only its tail, with the
 same greedy tokens; cached tokens in the gRPC and OpenAI usage; the prefix-cache metrics; every
-block back (cached ones count as free) once nothing runs."""
+block back (cached ones count as free) once nothing runs; the orchestrator keys a waiting prompt as
+prefill does, and `duoctl status` shows the hit rate and the cached blocks."""
 from __future__ import annotations
 
+import time
 import urllib.request
 
 import openai
 import pytest
 
 import duoserve
+from duoserve.duoctl import AdminClient, format_status
+from duoserve.v1 import admin_pb2 as pb
+from orchestrator.prefix_view import CacheScope
+from orchestrator.redis_state import RedisState
+from services.common import stream_entries
+from services.common.contracts import QueuedRequest
+from services.engine.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.slow
 
@@ -51,3 +60,32 @@ def test_cached_tokens_in_the_openai_usage_and_the_metrics(split_stack):
         metrics = response.read().decode()
     hits = [line for line in metrics.splitlines() if line.startswith("duoserve:prefix_cache_hits_total")]
     assert hits and max(float(line.rsplit(" ", 1)[1]) for line in hits) > 0
+
+
+def test_the_orchestrator_sees_what_prefill_cached_and_duoctl_status_shows_it(split_stack):
+    prompt = [2000 + 7 * i for i in range(90)]                           # 5 full blocks and 10 tokens
+    with duoserve.Client(split_stack.target, timeout=300) as client:
+        client.generate(token_ids=prompt, max_tokens=4, temperature=0)
+        again = client.generate(token_ids=prompt, max_tokens=4, temperature=0)
+    assert again.usage.cached_tokens == 80
+    keys = split_stack.keys
+    report = stream_entries.read_report(split_stack.redis.hget(keys.worker_stats("prefill"), stream_entries.FIELD))
+    assert report.prefix_caching and report.cache_salt and report.prefix_hit_tokens >= 80
+    # The prompt as it would wait in the queue: the orchestrator's keys (the salt prefill reports) find its blocks.
+    entry = stream_entries.queued(keys, QueuedRequest("probe", tuple(prompt), SamplingParams(max_tokens=4),
+                                                      keys.reply("none"), time.time()))
+    state = RedisState(split_stack.redis, keys)
+    assert state.cached_tokens([("1-0", entry.fields)], CacheScope(16, report.cache_salt)) == {"1-0": 80}
+    assert state.cached_tokens([("1-0", entry.fields)], CacheScope(16, "another memory")) == {"1-0": 0}
+    admin = AdminClient(split_stack.process("orchestrator").target, split_stack.secret)
+    deadline = time.monotonic() + 30
+    while True:                                                          # its snapshot is a tick old
+        status = admin.call("GetStatus", pb.GetStatusRequest())
+        prefill = next((w for w in status.workers if w.phase == "prefill"), None)
+        if prefill is not None and prefill.prefix_hit_tokens >= report.prefix_hit_tokens or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert prefill.prefix_caching and prefill.prefix_query_tokens >= prefill.prefix_hit_tokens >= 80
+    assert status.kv_blocks_cached >= 5 and status.kv_blocks_evictable <= status.kv_blocks_cached
+    text = format_status(status)
+    assert f"prefix cache: {status.kv_blocks_cached} blocks cached" in text and "hit rate" in text, text

@@ -58,3 +58,21 @@ def test_share_set_out_of_range_is_refused(admin, capsys) -> None:
     _, target = admin
     assert duoctl.main(["--target", target, "share", "set", "--prefill", "1.5", "--decode", "0.5"]) == 1
     assert "prefill" in capsys.readouterr().err
+
+
+def test_status_shows_the_prefix_cache_hit_rate_and_cached_blocks() -> None:
+    from duoserve.v1 import admin_pb2 as pb
+    prefill = pb.WorkerStatus(phase="prefill", prefix_caching=True, prefix_query_tokens=4000, prefix_hit_tokens=3000)
+    decode = pb.WorkerStatus(phase="decode", prefix_caching=True)          # admits nothing from the queue
+    status = pb.StackStatus(workers=[prefill, decode], queue_waiting=2, queue_prompt_tokens=2400,
+                            queue_uncached_tokens=600, kv_blocks_total=512, kv_blocks_free=500,
+                            kv_blocks_cached=40, kv_blocks_evictable=30)
+    lines = duoctl.format_status(status).splitlines()
+    assert "queue 2 waiting (2,400 prompt tokens, 600 uncached); KV 12/512 blocks used" in lines
+    assert ("prefix cache: 40 blocks cached (10 held by requests, 30 evictable); hit rate 75.0% of 4,000 "
+            "prompt tokens looked up since the workers started") in lines
+    header = next(line for line in lines if line.startswith("worker"))
+    column = header.index("cache hit") + len("cache hit")
+    assert [line[:column].split()[-1] for line in lines if line.startswith(("prefill", "decode"))] == ["75.0%", "-"]
+    off = pb.StackStatus(workers=[pb.WorkerStatus(phase="prefill")])
+    assert "prefix cache: off" in duoctl.format_status(off).splitlines()
