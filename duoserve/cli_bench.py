@@ -141,8 +141,21 @@ def _add_bench_stack_args(p: argparse.ArgumentParser) -> None:
 def simulate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="discrete-event simulation: the real scheduler, policy and performance "
                                         "model over a trace; highest rate at which the SLOs hold (docs/simulator.md)")
-    p.add_argument("--trace", type=Path, required=True,
-                   help="Azure-format CSV: TIMESTAMP,ContextTokens,GeneratedTokens")
+    p.add_argument("--trace", type=Path, default=None,
+                   help="Azure-format CSV: TIMESTAMP,ContextTokens,GeneratedTokens (or --multi-turn)")
+    p.add_argument("--prefix-caching", action="store_true",
+                   help="the engines reuse cached KV blocks of repeated prefixes (vLLM's automatic prefix caching)")
+    mt = p.add_argument_group("multi-turn workload (instead of --trace; docs/simulator.md)")
+    mt.add_argument("--multi-turn", action="store_true",
+                    help="conversations whose every turn resends the history plus a new user message")
+    mt.add_argument("--conversations", type=int, default=500, help="conversations in all")
+    mt.add_argument("--turns", type=int, default=5, help="requests per conversation")
+    mt.add_argument("--user-tokens", type=int, default=200, help="tokens of each new user message")
+    mt.add_argument("--answer-tokens", type=int, default=200, help="output tokens of each turn")
+    mt.add_argument("--system-tokens", type=int, default=0, help="a system prompt every conversation starts with")
+    mt.add_argument("--think-s", type=float, default=5.0, help="seconds from an answer to the next turn")
+    mt.add_argument("--conversation-rate", type=float, default=1.0,
+                    help="conversations started per second at rate multiple 1 (Poisson, from --seed)")
     p.add_argument("--gpu", choices=["h100", "cpu"], default="h100",
                    help="h100: the H100 prior; cpu: the CPU stack's model and settings (see --calibration)")
     p.add_argument("--model", default="llama-3.1-8b",

@@ -23,11 +23,19 @@ from orchestrator.coresidency import CoResidency, for_device
 from orchestrator.hold import HoldConfig
 from orchestrator.policy import SLO, Shares
 from orchestrator.sim_calibration import Calibration, StackProfile, calibrate, vidur_check
+from orchestrator.sim_conversations import ConversationWorkload, max_prompt_tokens
 from orchestrator.sim_trace import TraceRequest, base_rate, describe, load_trace, poisson
 from orchestrator.simulator import SimOptions, System, simulate
 from services.common.progress import progress
 
 VIDUR_CSV = "vidur_h100_llama2_7b_mlp.csv"
+REPO_DATA = Path(__file__).resolve().parents[1] / "bench" / "data"     # where the vidur file is, beside the traces
+Workload = list[TraceRequest] | ConversationWorkload     # a trace, or conversations (--multi-turn)
+
+
+def rate_of(workload: Workload) -> float:
+    """Requests per second at rate multiple 1."""
+    return workload.base_rate() if isinstance(workload, ConversationWorkload) else base_rate(workload)
 
 
 def default_systems(profile: StackProfile, chunks: Sequence[int] | None = None,
@@ -46,7 +54,7 @@ def default_systems(profile: StackProfile, chunks: Sequence[int] | None = None,
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(calibration: Calibration, options: SimOptions, trace: list[TraceRequest], rate: float) -> None:
+def _init_worker(calibration: Calibration, options: SimOptions, trace: Workload, rate: float) -> None:
     _WORKER.update(cal=calibration, options=options, trace=trace, rate=rate)
 
 
@@ -59,8 +67,8 @@ def _run_one(task: tuple[System, float]) -> dict[str, Any]:
 class _Runner:
     """Runs (system, rate) tasks in this process (jobs 1) or a pool of processes."""
 
-    def __init__(self, calibration: Calibration, options: SimOptions, trace: list[TraceRequest], jobs: int):
-        args = (calibration, options, trace, base_rate(trace))
+    def __init__(self, calibration: Calibration, options: SimOptions, trace: Workload, jobs: int):
+        args = (calibration, options, trace, rate_of(trace))
         self.pool = None
         if jobs > 1:
             self.pool = ProcessPoolExecutor(jobs, initializer=_init_worker, initargs=args)
@@ -81,7 +89,7 @@ def _passes(run: dict[str, Any], target: float) -> bool:
     return not run["early_stopped"] and run["attainment"] >= target
 
 
-def compare(calibration: Calibration, options: SimOptions, trace: list[TraceRequest], systems: Sequence[System],
+def compare(calibration: Calibration, options: SimOptions, trace: Workload, systems: Sequence[System],
             rates: Sequence[float], bisect_steps: int = 3, jobs: int = 1,
             say: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Every system at every rate, then the bisection; returns the report (see docs/simulator.md)."""
@@ -112,7 +120,7 @@ def compare(calibration: Calibration, options: SimOptions, trace: list[TraceRequ
                 brackets[s.name][0 if _passes(run, options.attainment) else 1] = r
     finally:
         runner.close()
-    base = base_rate(trace)
+    base = rate_of(trace)
     out_systems = []
     for s in systems:
         by_rate = runs[s.name]
@@ -189,8 +197,13 @@ def _ratio_text(num: dict[str, Any], den: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------- the table
 def format_table(report: dict[str, Any]) -> str:
     slo = report["slo"]
-    head = (f"{report['calibration']['model']} on {report['calibration']['gpu']}: trace {report['trace']['path']} "
-            f"({report['trace']['requests']} requests, {report['trace']['rate_per_s']:.2f} req/s at 1x); "
+    tr = report["trace"]
+    what = (f"trace {tr['path']}" if "path" in tr else
+            f"{tr['conversations']} conversations of {tr['turns']} turns (user {tr['user_tokens']}, answer "
+            f"{tr['answer_tokens']}, system {tr['system_tokens']} tokens, think {tr['think_s']:g} s)")
+    cache = "prefix caching on" if report["options"].get("prefix_caching") else "no prefix caching"
+    head = (f"{report['calibration']['model']} on {report['calibration']['gpu']}: {what} "
+            f"({tr['requests']} requests, {tr['rate_per_s']:.2f} req/s at 1x; {cache}); "
             f"SLO TTFT {slo['ttft_ms']:g} ms, TPOT {slo['tpot_ms']:g} ms, both met by >= "
             f"{report['attainment_target']:.0%} of requests")
     rates = report["rates"]
@@ -244,10 +257,7 @@ def _splits(text: str) -> list[tuple[float, float]]:
 def build_report(args: Any, say: Callable[[str], None]) -> dict[str, Any]:
     cal = calibrate(args.gpu, args.model, cpu_cores=args.cpu_cores, coefficients_path=args.calibration,
                     num_kv_blocks=args.num_kv_blocks)
-    trace = load_trace(args.trace, max_requests=args.max_requests, start_s=args.start_s, duration_s=args.duration_s,
-                       length_scale=args.length_scale, max_total_len=args.max_total_len)
-    if args.arrivals == "poisson":
-        trace = poisson(trace, args.seed)
+    trace, described = _workload(args, cal.profile)
     profile = cal.profile
     slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms, percentile=args.attainment, prefer=args.prefer or profile.prefer)
     # One rate (--rate-scale) is for looking at latencies (the CPU validation): every request is simulated.
@@ -260,7 +270,8 @@ def build_report(args: Any, say: Callable[[str], None]) -> dict[str, Any]:
                           min_dwell_ms=profile.min_dwell_ms if args.min_dwell_ms is None else args.min_dwell_ms)
     options = SimOptions(slo, attainment=args.attainment, early_stop=not (args.no_early_stop or args.rate_scale),
                          bw_contention=not args.no_bw_contention, tick_ms=args.tick_ms,
-                         switch_cost_ms=args.switch_cost_ms, overlap=args.overlap, coresidency=coresidency, hold=hold)
+                         switch_cost_ms=args.switch_cost_ms, overlap=args.overlap, coresidency=coresidency, hold=hold,
+                         prefix_caching=args.prefix_caching)
     systems = default_systems(profile, [int(c) for c in _floats(args.chunks)] if args.chunks else None,
                               _splits(args.static_splits) if args.static_splits else None)
     if args.systems:
@@ -273,16 +284,15 @@ def build_report(args: Any, say: Callable[[str], None]) -> dict[str, Any]:
     rates = [args.rate_scale] if args.rate_scale else _floats(args.rates)
     if not rates or min(rates) <= 0:
         raise ValueError("--rates: give positive rate multiples, e.g. 1,2,4")
-    vidur = args.vidur or (Path(args.trace).parent / VIDUR_CSV)
+    vidur = args.vidur or (Path(args.trace).parent if args.trace else REPO_DATA) / VIDUR_CSV
     check = vidur_check(vidur, cal.build_model()) if cal.gpu != "cpu" and Path(vidur).is_file() else None
-    say(f"{cal.model_name} on {cal.gpu}: {len(trace)} requests, {base_rate(trace):.2f} req/s at 1x; "
+    say(f"{cal.model_name} on {cal.gpu}: {described['requests']} requests, {rate_of(trace):.2f} req/s at 1x; "
         f"{len(systems)} systems" + (f"; vidur check: median error {check['median_rel_error']:.1%}" if check else ""))
     report = compare(cal, options, trace, systems, rates, 0 if args.rate_scale else args.bisect_steps,
                      max(1, args.jobs), say)
     report.update(
         command="duoserve simulate " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["simulate"] else sys.argv[1:]),
-        trace={"path": str(args.trace), "arrivals": args.arrivals, "seed": args.seed,
-               "length_scale": args.length_scale, **describe(trace)},
+        trace=described,
         calibration=cal.describe(), vidur_check=check, attainment_target=args.attainment,
         slo_ttft_ms=slo.ttft_ms, slo_tpot_ms=slo.tpot_ms,
         slo={"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms, "prefer": slo.prefer, "margin": slo.margin},
@@ -290,12 +300,32 @@ def build_report(args: Any, say: Callable[[str], None]) -> dict[str, Any]:
                  "switch_cost_ms": profile.switch_cost_ms if options.switch_cost_ms is None else options.switch_cost_ms,
                  "overlap": profile.overlap if options.overlap is None else options.overlap,
                  "bw_contention": options.bw_contention, "early_stop": options.early_stop,
+                 "prefix_caching": options.prefix_caching,
                  "coresidency": {"enabled": coresidency.enabled, "residual": coresidency.residual,
                                  "source": coresidency.source},
                  "hold": asdict(hold or HoldConfig(min_dwell_ms=profile.min_dwell_ms)),
                  "max_num_seqs": profile.max_num_seqs, "max_model_len": profile.max_model_len,
                  "split_max_batched_tokens": profile.split_max_batched_tokens})
     return report
+
+
+def _workload(args: Any, profile: StackProfile) -> tuple[Workload, dict[str, Any]]:
+    """The trace of --trace, or the conversations of --multi-turn; and how the report describes it."""
+    if args.multi_turn:
+        workload = ConversationWorkload(args.conversations, args.turns, args.user_tokens, args.answer_tokens,
+                                        args.think_s, args.conversation_rate, args.system_tokens, args.seed)
+        if max_prompt_tokens(workload) >= profile.max_model_len:
+            raise ValueError(f"--multi-turn: the last turn needs {max_prompt_tokens(workload)} tokens of context, "
+                             f"the profile's max_model_len is {profile.max_model_len}: fewer turns or tokens")
+        return workload, workload.describe()
+    if args.trace is None:
+        raise ValueError("give --trace FILE, or --multi-turn for the conversation workload")
+    trace = load_trace(args.trace, max_requests=args.max_requests, start_s=args.start_s, duration_s=args.duration_s,
+                       length_scale=args.length_scale, max_total_len=args.max_total_len)
+    if args.arrivals == "poisson":
+        trace = poisson(trace, args.seed)
+    return trace, {"path": str(args.trace), "arrivals": args.arrivals, "seed": args.seed,
+                   "length_scale": args.length_scale, **describe(trace)}
 
 
 def run_from_args(args: Any) -> int:

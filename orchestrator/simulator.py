@@ -6,8 +6,11 @@ Pure Python (no torch, grpc, redis or numpy). Nothing is copied: the engines are
 `Policy.decide` every tick. docs/simulator.md says what is and is not simulated.
 
 A request's life in simulated time:
-  arrives      at its trace time (scaled by the rate) in the input queue of the prefill (or colocated) engine
-  admitted     taken from the queue at an iteration boundary, while the scheduler holds < max_num_seqs
+  arrives      at its trace time (scaled by the rate), or a conversation's turn a think time after the
+               previous answer (orchestrator/sim_conversations.py), in the input queue of the prefill
+               (or colocated) engine
+  admitted     taken from the queue at an iteration boundary, while the scheduler holds < max_num_seqs;
+               with prefix caching its prompt's leading cached blocks are reused (only the rest is prefilled)
   prefilled    in chunks the scheduler picks; each iteration ends PerfModel's prediction later
   first token  at the end of the iteration that sampled it: TTFT = that time - arrival
   handed off   split: prefill's postprocess returns it HANDED_OFF; decode admits it at its next boundary
@@ -18,19 +21,22 @@ A request's life in simulated time:
 """
 from __future__ import annotations
 
-import collections
 import math
 import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from orchestrator.coresidency import IDLE, CoResidency, Demand, for_device, iteration_demand, shared_fraction, stretch
+from orchestrator.coresidency import CoResidency, for_device, iteration_demand, shared_fraction, stretch
 from orchestrator.hold import HoldConfig
 from orchestrator.perf_model import PerfModel
 from orchestrator.policy import SLO, Policy, PolicyConfig, PolicyMode, QueueState, Shares, WaitingRequest
+from orchestrator.prefix_view import CacheScope, PromptKeys
+from orchestrator.sim_arrivals import Arrivals, TraceArrivals
 from orchestrator.sim_calibration import Calibration, StackProfile
+from orchestrator.sim_conversations import ConversationArrivals, ConversationWorkload
+from orchestrator.sim_engine import SAMPLED, Engine
 from orchestrator.sim_results import RunResult, run_result
-from orchestrator.sim_trace import TraceRequest, arrivals_ms
+from orchestrator.sim_trace import TraceRequest
 from services.engine.blocks import BlockManager
 from services.engine.sampling_params import SamplingParams
 from services.engine.scheduler import RequestTooLarge, Scheduler, SchedulerConfig, SchedulerMode, SchedulerOutput
@@ -73,70 +79,32 @@ class SimOptions:
     overlap: float | None = None
     coresidency: CoResidency | None = None     # split: how the engines slow each other; None: the device's default
     hold: HoldConfig | None = None             # split-dynamic: the policy's time hysteresis; None: the default
-
-
-class _SyntheticPrompt(bytes):
-    """A prompt of n tokens whose values do not matter (all 0), as n zero bytes: `len` and slices stay
-    in C and it takes n bytes rather than a list's 8n. `Sequence.token_slice` concatenates prompt and
-    output for every decode chunk; `+` gives zero bytes of the joint length (one memset), not a list."""
-
-    __slots__ = ()
-
-    def __add__(self, other) -> bytes:
-        return bytes(len(self) + len(other))
-
-
-class _Sampled(dict):
-    """postprocess's `sampled` mapping: token 0 for every request (no EOS: lengths come from the trace)."""
-
-    def __missing__(self, key: str) -> int:
-        return 0
-
-
-_SAMPLED = _Sampled()
-
-
-class _Engine:
-    """One worker: its scheduler, its input queue and the iteration in flight."""
-
-    __slots__ = ("name", "phase", "scheduler", "inbox", "batch", "busy_until", "units", "pending_units",
-                 "pending_budget", "mem_frac", "demand", "iterations", "other", "max_num_seqs")
-
-    def __init__(self, name: str, phase: str, scheduler: Scheduler, units: float) -> None:
-        self.name, self.phase, self.scheduler = name, phase, scheduler
-        self.inbox: collections.deque[Seq] = collections.deque()   # the Redis stream it reads
-        self.batch: SchedulerOutput | None = None                  # the iteration in flight
-        self.busy_until = INF                                      # its end; INF when idle
-        self.units = units                                         # what its cap buys
-        self.pending_units: float | None = None                    # a new share, from the next boundary
-        self.pending_budget: int | None = None
-        self.mem_frac = 0.0        # share of the device's bandwidth its iteration in flight draws
-        self.demand: Demand = IDLE  # what its iteration in flight asks of the device (co-residency)
-        self.iterations = 0
-        self.other: _Engine | None = None
-        self.max_num_seqs = scheduler.config.max_num_seqs
+    prefix_caching: bool = False               # the engines reuse cached blocks, and the policy sees them
+                                               # (prompts then carry content: orchestrator/sim_arrivals.py)
 
 
 class Simulation:
     """One system over one trace at one rate."""
 
     def __init__(self, system: System, calibration: Calibration, options: SimOptions,
-                 trace: Sequence[TraceRequest], rate_multiple: float, base_rate: float,
+                 trace: Sequence[TraceRequest] | ConversationWorkload, rate_multiple: float, base_rate: float,
                  model: PerfModel | None = None) -> None:
         self.system, self.cal, self.options = system, calibration, options
         self.profile: StackProfile = calibration.profile
         self.model = model or calibration.build_model()
         self.trace = trace
         self.rate_multiple, self.rate_per_s = rate_multiple, base_rate * rate_multiple
-        self.arrivals = arrivals_ms(trace, rate_multiple)
         ingress = self.profile.ingress_ms      # the request reaches the engine's queue this much later
-        self.enqueued = [a + ingress for a in self.arrivals] if ingress else self.arrivals
+        kind = ConversationArrivals if isinstance(trace, ConversationWorkload) else TraceArrivals
+        self.source: Arrivals = kind(trace, rate_multiple, ingress, options.prefix_caching)
+        self.arrivals = self.source.arrivals   # by request index, ms; INF until sent
         self._loop_gap = self.profile.loop_gap_ms
         self.tick_ms = options.tick_ms or self.profile.tick_ms
         self.switch_cost_ms = self.profile.switch_cost_ms if options.switch_cost_ms is None else options.switch_cost_ms
         self.slo = options.slo
         self.coresidency = options.coresidency or for_device(self.model.device.kind)
-        n = len(trace)
+        self._prompt_keys = PromptKeys()       # the policy's view of the waiting prompts' cached blocks
+        n = self.source.num_requests
         self.first_ms: list[float] = [INF] * n
         self.done_ms: list[float] = [INF] * n
         self.out_tokens: list[int] = [0] * n  # generated when finished (the trace's length, or cut by the context)
@@ -160,7 +128,8 @@ class Simulation:
         p = self.profile
         return Scheduler(SchedulerConfig(mode=mode, block_size=self.cal.block_size, max_num_seqs=p.max_num_seqs,
                                          max_num_batched_tokens=batched, chunk_size=chunk,
-                                         max_model_len=p.max_model_len), blocks)
+                                         max_model_len=p.max_model_len, prefix_caching=self.options.prefix_caching),
+                         blocks)
 
     def _build(self) -> None:
         s, p, n = self.system, self.profile, self._num_units
@@ -169,7 +138,7 @@ class Simulation:
             blocks = BlockManager(self.cal.num_kv_blocks_colocated)
             # SGLang-style: the chunk counts prompt tokens only; every running decode rides along.
             sched = self._scheduler(SchedulerMode.HYBRID, blocks, s.chunk_size, s.chunk_size + p.max_num_seqs)
-            self.entry = _Engine("colocated", "colocated", sched, n)
+            self.entry = Engine("colocated", "colocated", sched, n)
             self.engines = (self.entry,)
             self.prefill = self.decode = None
             self.shares = None
@@ -180,8 +149,8 @@ class Simulation:
             decode = self._scheduler(SchedulerMode.DECODE, blocks, p.split_max_batched_tokens, p.max_num_seqs)
             self.shares = s.shares
             prefill.token_budget = s.shares.token_budget
-            self.prefill = _Engine("prefill", "prefill", prefill, self.model.units_for(s.shares.prefill))
-            self.decode = _Engine("decode", "decode", decode, self.model.units_for(s.shares.decode))
+            self.prefill = Engine("prefill", "prefill", prefill, self.model.units_for(s.shares.prefill))
+            self.decode = Engine("decode", "decode", decode, self.model.units_for(s.shares.decode))
             self.prefill.other, self.decode.other = self.decode, self.prefill
             self.entry = self.prefill
             self.engines = (self.prefill, self.decode)
@@ -196,8 +165,7 @@ class Simulation:
     # ------------------------------------------------------------------ the loop
     def run(self) -> RunResult:
         started, cpu_started = time.perf_counter(), time.process_time()
-        arrivals, trace = self.enqueued, self.trace
-        n, i = len(arrivals), 0
+        source, i = self.source, 0             # i: requests sent so far
         engines = self.engines
         next_tick = 0.0 if self.policy is not None else INF
         t = 0.0
@@ -205,7 +173,7 @@ class Simulation:
         while True:
             engine = engines[0] if len(engines) == 1 or engines[0].busy_until <= engines[1].busy_until else engines[1]
             t_engine = engine.busy_until
-            t_arrival = arrivals[i] if i < n else INF
+            t_arrival = source.next_ms
             if t_engine <= t_arrival and t_engine <= next_tick:
                 if t_engine == INF:
                     break
@@ -217,13 +185,12 @@ class Simulation:
                         self._start(other, t)        # hand-offs arrived, or blocks were freed
             elif t_arrival <= next_tick:
                 t = t_arrival
-                r = trace[i]
-                params = params_cache.get(r.output_tokens)
+                idx, prompt, output_tokens = source.pop()
+                params = params_cache.get(output_tokens)
                 if params is None:
-                    params = params_cache[r.output_tokens] = SamplingParams(max_tokens=r.output_tokens,
-                                                                           ignore_eos=True)
-                seq = Seq(str(i), _SyntheticPrompt(r.prompt_tokens), params, arrival_time=self.arrivals[i] / 1000.0)
-                self.seqs[i] = seq
+                    params = params_cache[output_tokens] = SamplingParams(max_tokens=output_tokens, ignore_eos=True)
+                seq = Seq(str(idx), prompt, params, arrival_time=self.arrivals[idx] / 1000.0)
+                self.seqs[idx] = seq
                 self.entry.inbox.append(seq)
                 i += 1
                 if self.entry.busy_until == INF:
@@ -233,11 +200,11 @@ class Simulation:
                 self._tick(t)
                 next_tick = t + self.tick_ms
                 if all(e.busy_until == INF for e in engines):
-                    if i >= n:
+                    if source.next_ms == INF:
                         next_tick = INF     # nothing runs and nothing will arrive: the run is over
-                    elif arrivals[i] > next_tick and not any(e.inbox or e.scheduler.has_work() for e in engines):
+                    elif source.next_ms > next_tick and not any(e.inbox or e.scheduler.has_work() for e in engines):
                         # Nothing to steer until the next arrival: skip the idle ticks.
-                        next_tick += math.floor((arrivals[i] - next_tick) / self.tick_ms) * self.tick_ms
+                        next_tick += math.floor((source.next_ms - next_tick) / self.tick_ms) * self.tick_ms
             if self.options.early_stop:
                 self._count_deadlines(t, i)
                 if self.failed > self.allowed_failures:
@@ -255,7 +222,7 @@ class Simulation:
             k += 1
         self._deadline_next = k
 
-    def _start(self, e: _Engine, t: float) -> None:
+    def _start(self, e: Engine, t: float) -> None:
         """An iteration boundary: apply a new share, take new work, schedule, and time the iteration."""
         stall = 0.0
         if e.pending_units is not None:
@@ -275,8 +242,9 @@ class Simulation:
                     try:
                         sched.add(seq)
                     except RequestTooLarge:
-                        self.rejected += 1
-                        self.failed += 1
+                        never = self.source.dropped(int(seq.request_id))   # a conversation's later turns
+                        self.rejected += 1 + never
+                        self.failed += 1 + never
                         self.counted[int(seq.request_id)] = 1
                         continue
                 room -= 1
@@ -300,7 +268,7 @@ class Simulation:
         for rid in request_ids:
             self.prefill.inbox.append(self.seqs[int(rid)])
 
-    def _duration(self, e: _Engine, out: SchedulerOutput, t: float) -> float:
+    def _duration(self, e: Engine, out: SchedulerOutput, t: float) -> float:
         """PerfModel's iteration time at the engine's share, with the contention of a split while the other
         engine is busy. Co-residency (`SimOptions.coresidency`, orchestrator/coresidency.py): units both caps
         cover are shared by demand, HBM bandwidth device-wide, plus the residual interference. Disabled:
@@ -354,11 +322,11 @@ class Simulation:
         mem = a3 * f[3] + (a2 * f[2] if phase == "decode" else 0.0)
         return a0 + a1 * f[1] + a2 * f[2] + a3 * f[3] + self._loop_gap, mem
 
-    def _end_iteration(self, e: _Engine, t: float) -> None:
+    def _end_iteration(self, e: Engine, t: float) -> None:
         out = e.batch
         e.batch = None
         e.busy_until = INF
-        advanced = e.scheduler.postprocess(out, _SAMPLED)
+        advanced = e.scheduler.postprocess(out, SAMPLED)
         first, done, slo, counted = self.first_ms, self.done_ms, self.slo, self.counted
         for seq in advanced:
             idx = int(seq.request_id)
@@ -375,6 +343,7 @@ class Simulation:
                 if out_tokens > 1 and (t - first[idx]) / (out_tokens - 1) > slo.tpot_ms and not counted[idx]:
                     counted[idx] = 1
                     self.failed += 1
+                self.source.finished(idx, t, seq)
             elif status is HANDED_OFF:
                 self.decode.inbox.append(seq)
 
@@ -385,8 +354,7 @@ class Simulation:
         if self.policy is None:
             return
         pre, dec = self.prefill, self.decode
-        waiting = [WaitingRequest(s.arrival_time, s.num_tokens) for s in pre.inbox]
-        waiting += [WaitingRequest(s.arrival_time, s.num_tokens) for s in pre.scheduler.waiting]
+        waiting = self._not_admitted([*pre.inbox, *pre.scheduler.waiting])
         waiting += [WaitingRequest(s.arrival_time, s.num_tokens, s.num_computed_tokens) for s in pre.scheduler.running]
         batch = dec.scheduler.running
         context = 0
@@ -410,6 +378,21 @@ class Simulation:
                 self.share_changes += 1
         pre.pending_budget = shares.token_budget
         self.shares = shares
+
+    def _not_admitted(self, seqs: list[Seq]) -> list[WaitingRequest]:
+        """The queue the policy sees of requests not admitted yet: with prefix caching, each of the
+        oldest prompts with its cached tokens, looked up as the live orchestrator does
+        (orchestrator/prefix_view.py)."""
+        if not self.options.prefix_caching:
+            return [WaitingRequest(s.arrival_time, s.num_tokens) for s in seqs]
+        seqs.sort(key=lambda s: s.arrival_time)
+        scope = CacheScope(self.cal.block_size, self.prefill.scheduler.config.cache_salt)
+        # By request and length: a recompute's prompt is longer (its output so far).
+        examined = self._prompt_keys.examine(scope, (((s.request_id, s.num_tokens),
+                                                      lambda s=s: s.token_slice(0, s.num_tokens)) for s in seqs))
+        run = {ident: self.blocks.cached_run(keys) for ident, keys in examined}
+        return [WaitingRequest(s.arrival_time, s.num_tokens,
+                               cached_tokens=run.get((s.request_id, s.num_tokens), 0) * scope.block_size) for s in seqs]
 
 def simulate(system: System, calibration: Calibration, options: SimOptions, trace: Sequence[TraceRequest],
              rate_multiple: float, base_rate: float) -> RunResult:

@@ -98,6 +98,16 @@ class BlockManager:
     def can_allocate(self, num_blocks: int) -> bool:
         return num_blocks <= self.num_free
 
+    def cached_run(self, keys: Sequence[str]) -> int:
+        """How many of `keys`, from the first on, are cached now: the blocks `allocate_cached` would
+        reuse (the orchestrator's view of a waiting prompt in the simulator)."""
+        run = 0
+        for key in keys:
+            if key not in self._block_of:
+                break
+            run += 1
+        return run
+
     def allocate(self, request_id: str, num_blocks: int) -> list[int]:
         if num_blocks > self.num_free:
             raise OutOfBlocks(f"asked for {num_blocks} blocks, {self.num_free} free")
