@@ -145,6 +145,8 @@ def simulate_parser(sub: argparse._SubParsersAction) -> None:
                    help="Azure-format CSV: TIMESTAMP,ContextTokens,GeneratedTokens (or --multi-turn)")
     p.add_argument("--prefix-caching", action="store_true",
                    help="the engines reuse cached KV blocks of repeated prefixes (vLLM's automatic prefix caching)")
+    p.add_argument("--policy-blind-to-cache", action="store_true",
+                   help="with --prefix-caching: the policy counts every prompt token, as before it saw the cache")
     mt = p.add_argument_group("multi-turn workload (instead of --trace; docs/simulator.md)")
     mt.add_argument("--multi-turn", action="store_true",
                     help="conversations whose every turn resends the history plus a new user message")
@@ -153,7 +155,8 @@ def simulate_parser(sub: argparse._SubParsersAction) -> None:
     mt.add_argument("--user-tokens", type=int, default=200, help="tokens of each new user message")
     mt.add_argument("--answer-tokens", type=int, default=200, help="output tokens of each turn")
     mt.add_argument("--system-tokens", type=int, default=0, help="a system prompt every conversation starts with")
-    mt.add_argument("--think-s", type=float, default=5.0, help="seconds from an answer to the next turn")
+    mt.add_argument("--think-s", type=float, default=5.0,
+                    help="mean seconds from an answer to the next turn (exponential, from --seed)")
     mt.add_argument("--conversation-rate", type=float, default=1.0,
                     help="conversations started per second at rate multiple 1 (Poisson, from --seed)")
     p.add_argument("--gpu", choices=["h100", "cpu"], default="h100",

@@ -2,7 +2,10 @@
 
 Pure Python. Conversations start as a Poisson process (`rate_per_s` at rate multiple 1, the gaps
 divided by the multiple, as a trace's). A conversation is `turns` requests, closed loop as a chat
-client: turn k+1 is sent `think_s` after turn k's last token, and its prompt is the system prompt
+client: turn k+1 is sent a think time after turn k's last token (exponential, mean `think_s`, drawn
+from the seed for each conversation and turn: the same in every system's run; a fixed think time
+would keep conversations that start together in step, a burst again at every turn), and its prompt
+is the system prompt
 (`system_tokens`, the same for every conversation), every earlier user message and answer, and a
 new user message of `user_tokens`; each answer is `answer_tokens` long (less only where the model's
 context cuts it). So turn k's prompt is system + k (user + answer) + user tokens, and with prefix
@@ -32,7 +35,7 @@ class ConversationWorkload:
     turns: int                   # requests per conversation
     user_tokens: int             # tokens of each new user message
     answer_tokens: int           # output tokens of each turn
-    think_s: float               # from an answer's last token to the next turn's send
+    think_s: float               # mean time from an answer's last token to the next turn's send
     rate_per_s: float            # conversations started per second at rate multiple 1 (Poisson)
     system_tokens: int = 0       # a system prompt every conversation starts with (shared by all)
     seed: int = 0
@@ -59,6 +62,12 @@ class ConversationWorkload:
             out.append(t)
             t += rng.expovariate(self.rate_per_s)
         return out
+
+    def think_times_s(self) -> list[list[float]]:
+        """Per conversation, the think time before each of its turns after the first."""
+        rng = random.Random(f"think:{self.seed}")
+        return [[rng.expovariate(1 / self.think_s) if self.think_s > 0 else 0.0 for _ in range(self.turns - 1)]
+                for _ in range(self.num_conversations)]
 
     def base_rate(self) -> float:
         """Requests per second at rate multiple 1."""
@@ -87,6 +96,7 @@ class ConversationArrivals:
         self.num_requests = workload.num_requests
         self.arrivals: list[float] = [INF] * self.num_requests
         self._turn_of: list[tuple[int, int]] = []          # by index: (conversation, turn)
+        self._think_ms = [[s * 1000.0 for s in row] for row in workload.think_times_s()]
         scale = 1000.0 / rate_multiple
         # (queue time, send time, conversation, turn, prompt tokens): one per conversation at most, so
         # the conversation breaks every tie.
@@ -113,10 +123,10 @@ class ConversationArrivals:
         return self._turn_of[index]
 
     def finished(self, index: int, t_ms: float, seq: Seq) -> None:
-        """Its answer is complete: the conversation's next turn, `think_s` later, resends it all."""
+        """Its answer is complete: the conversation's next turn, a think time later, resends it all."""
         conv, turn = self._turn_of[index]
         if turn + 1 < self.workload.turns:
-            sent = t_ms + self.workload.think_s * 1000.0
+            sent = t_ms + self._think_ms[conv][turn]
             heapq.heappush(self._heap, (sent + self._ingress, sent, conv, turn + 1,
                                         seq.num_tokens + self.workload.user_tokens))
             self._peek()

@@ -43,6 +43,8 @@ class RunResult:
     output_tokens_per_s: float
     throughput_per_s: float                # finished requests per simulated second
     goodput_per_s: float                   # requests that met both SLOs per simulated second
+    prefix_hit_rate: float | None = None   # prefix caching: prompt tokens found cached / looked up (admissions)
+    cached_prompt_tokens: int = 0          # those found cached: not prefilled
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -80,6 +82,8 @@ def run_result(sim: "Simulation", t: float, wall_s: float, cpu_s: float) -> RunR
     else:
         mean = {}
     sim_s = t / 1000.0
+    schedulers = [e.scheduler for e in sim.engines]
+    queries, hits = sum(s.prefix_query_tokens for s in schedulers), sum(s.prefix_hit_tokens for s in schedulers)
     return RunResult(
         system=sim.system.name, rate_multiple=sim.rate_multiple, rate_per_s=round(sim.rate_per_s, 4),
         requests=n, finished=sim.finished, rejected=sim.rejected, attainment=both_ok / n,
@@ -91,7 +95,8 @@ def run_result(sim: "Simulation", t: float, wall_s: float, cpu_s: float) -> RunR
         share_changes=sim.share_changes, mean_shares={k: round(v, 4) for k, v in mean.items()},
         output_tokens_per_s=round(out_tokens / sim_s, 2) if sim_s > 0 else 0.0,
         throughput_per_s=round(sim.finished / sim_s, 4) if sim_s > 0 else 0.0,
-        goodput_per_s=round(both_ok / sim_s, 4) if sim_s > 0 else 0.0)
+        goodput_per_s=round(both_ok / sim_s, 4) if sim_s > 0 else 0.0,
+        prefix_hit_rate=round(hits / queries, 4) if queries else None, cached_prompt_tokens=hits)
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:

@@ -229,6 +229,8 @@ def format_table(report: dict[str, Any]) -> str:
         at = by_rate.get(best) if best else None
         lat = (f"{at['ttft_ms'].get('p90', float('nan')):.0f} / {at['tpot_ms'].get('p90', float('nan')):.1f}"
                if at else "-")
+        if at and at.get("prefix_hit_rate") is not None:
+            lat += f"   (cache hits {at['prefix_hit_rate']:.0%})"
         lines.append(s["name"].ljust(name_w) + "".join(cells) + f"{rate_txt:>11}{per_s:>9}{vs:>20}   {lat}")
     r = report["ratios"]
     lines.append("")
@@ -271,7 +273,7 @@ def build_report(args: Any, say: Callable[[str], None]) -> dict[str, Any]:
     options = SimOptions(slo, attainment=args.attainment, early_stop=not (args.no_early_stop or args.rate_scale),
                          bw_contention=not args.no_bw_contention, tick_ms=args.tick_ms,
                          switch_cost_ms=args.switch_cost_ms, overlap=args.overlap, coresidency=coresidency, hold=hold,
-                         prefix_caching=args.prefix_caching)
+                         prefix_caching=args.prefix_caching, policy_sees_cache=not args.policy_blind_to_cache)
     systems = default_systems(profile, [int(c) for c in _floats(args.chunks)] if args.chunks else None,
                               _splits(args.static_splits) if args.static_splits else None)
     if args.systems:
@@ -300,7 +302,7 @@ def build_report(args: Any, say: Callable[[str], None]) -> dict[str, Any]:
                  "switch_cost_ms": profile.switch_cost_ms if options.switch_cost_ms is None else options.switch_cost_ms,
                  "overlap": profile.overlap if options.overlap is None else options.overlap,
                  "bw_contention": options.bw_contention, "early_stop": options.early_stop,
-                 "prefix_caching": options.prefix_caching,
+                 "prefix_caching": options.prefix_caching, "policy_sees_cache": options.policy_sees_cache,
                  "coresidency": {"enabled": coresidency.enabled, "residual": coresidency.residual,
                                  "source": coresidency.source},
                  "hold": asdict(hold or HoldConfig(min_dwell_ms=profile.min_dwell_ms)),

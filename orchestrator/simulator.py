@@ -81,6 +81,7 @@ class SimOptions:
     hold: HoldConfig | None = None             # split-dynamic: the policy's time hysteresis; None: the default
     prefix_caching: bool = False               # the engines reuse cached blocks, and the policy sees them
                                                # (prompts then carry content: orchestrator/sim_arrivals.py)
+    policy_sees_cache: bool = True             # False: the policy counts every prompt token (a control)
 
 
 class Simulation:
@@ -383,7 +384,7 @@ class Simulation:
         """The queue the policy sees of requests not admitted yet: with prefix caching, each of the
         oldest prompts with its cached tokens, looked up as the live orchestrator does
         (orchestrator/prefix_view.py)."""
-        if not self.options.prefix_caching:
+        if not (self.options.prefix_caching and self.options.policy_sees_cache):
             return [WaitingRequest(s.arrival_time, s.num_tokens) for s in seqs]
         seqs.sort(key=lambda s: s.arrival_time)
         scope = CacheScope(self.cal.block_size, self.prefill.scheduler.config.cache_salt)

@@ -36,9 +36,10 @@ class _Counting(Simulation):
         return super()._duration(e, out, t)
 
 
-def _run(system: System, workload, caching: bool, rate: float = 1.0, cal=H100, cls=_Counting):
+def _run(system: System, workload, caching: bool, rate: float = 1.0, cal=H100, cls=_Counting, **options):
     rate_1x = workload.base_rate() if isinstance(workload, ConversationWorkload) else base_rate(workload)
-    sim = cls(system, cal, SimOptions(SLO_8B, early_stop=False, prefix_caching=caching), workload, rate, rate_1x)
+    options = SimOptions(SLO_8B, early_stop=False, prefix_caching=caching, **options)
+    sim = cls(system, cal, options, workload, rate, rate_1x)
     return sim, sim.run()
 
 
@@ -48,6 +49,9 @@ def test_the_workload_states_its_parameters():
     assert (d["requests"], d["rate_per_s"], d["mean_prompt_tokens"]) == (80, 8.0, 765)
     assert d["repeated_prompt_share"] == 0.8039                        # 1 - new messages / all prompt tokens
     assert CHAT.start_times_s() == CHAT.start_times_s() != replace(CHAT, seed=4).start_times_s()
+    think = [t for row in replace(CHAT, num_conversations=2000).think_times_s() for t in row]
+    assert len(think) == 2000 * 3 and sum(think) / len(think) == pytest.approx(CHAT.think_s, rel=0.05)
+    assert think != sorted(think) and replace(CHAT, think_s=0.0).think_times_s()[0] == [0.0] * 3
     with pytest.raises(ValueError):
         ConversationWorkload(1, 0, 1, 1, 0.0, 1.0)
 
@@ -66,11 +70,12 @@ def test_each_turn_resends_the_history_a_think_time_after_its_answer(system):
     assert result.finished == CHAT.num_requests and result.rejected == 0
     assert sim.blocks.num_free == sim.blocks.num_blocks and sim.blocks.num_cached > 0   # cached blocks are free
     sent = {sim.source.turn_of(i): i for i in range(CHAT.num_requests)}
+    think = CHAT.think_times_s()
     for (conv, turn), i in sent.items():
         if turn == 0:
             continue
         before = sent[(conv, turn - 1)]
-        assert sim.arrivals[i] == pytest.approx(sim.done_ms[before] + CHAT.think_s * 1000)
+        assert sim.arrivals[i] == pytest.approx(sim.done_ms[before] + think[conv][turn - 1] * 1000)
         assert len(sim.seqs[i].prompt_token_ids) == sim.seqs[before].num_tokens + CHAT.user_tokens
     assert sorted(sim.arrivals) == sim.arrivals                        # indices in send order
 
@@ -86,6 +91,8 @@ def test_with_caching_prefill_feeds_only_the_uncached_tokens(system):
     hits = sum(s.prefix_hit_tokens for s in schedulers)
     assert sum(s.prefix_query_tokens for s in schedulers) == prompts
     assert cached.prefilled == prompts - hits
+    assert (with_.cached_prompt_tokens, with_.prefix_hit_rate) == (hits, round(hits / prompts, 4))
+    assert (without.cached_prompt_tokens, without.prefix_hit_rate) == (0, None)
     # A later turn finds its history's full blocks (the answer's last token has no KV); a first turn the
     # system prompt's, once another conversation computed it.
     history = sum((CHAT.prompt_tokens(k - 1) + CHAT.answer_tokens - 1) // 16 * 16 for k in range(1, CHAT.turns))
@@ -112,6 +119,9 @@ def test_the_policy_is_given_the_cached_tokens():
     _, result = _run(DYNAMIC, busy, caching=True, rate=1.0, cls=_Watching)
     assert result.finished == busy.num_requests
     assert any(c > 0 for c in seen) and all(c % 16 == 0 for c in seen)
+    seen.clear()
+    _run(DYNAMIC, busy, caching=True, rate=1.0, cls=_Watching, policy_sees_cache=False)      # the control
+    assert seen and not any(seen)
 
 
 def test_caching_changes_nothing_on_a_trace_without_content():
@@ -123,6 +133,7 @@ def test_caching_changes_nothing_on_a_trace_without_content():
         on = on.as_dict()
         for k in ("wall_s", "cpu_s"):
             off.pop(k), on.pop(k)
+        assert (on.pop("prefix_hit_rate"), off.pop("prefix_hit_rate")) == (0.0, None)
         assert on == off, system.name
 
 
