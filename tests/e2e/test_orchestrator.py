@@ -56,8 +56,12 @@ def test_a_burst_of_long_prompts_raises_the_prefill_share_then_it_comes_back(spl
     admin.call("SetSLO", pb.SLO(ttft_ms=2000, tpot_ms=200, percentile=90, prefer="tpot"))
 
     def ask(i: int, prompt: str, max_tokens: int) -> None:
+        # Each prompt its own from the first block on: prefix caching would otherwise find the burst's
+        # shared text cached, and the orchestrator (which sees the cache) rightly plan no prefill for it.
         with duoserve.Client(split_stack.target, timeout=600) as client:
-            client.generate(prompt=prompt + str(i), max_tokens=max_tokens, ignore_eos=True)
+            client.generate(prompt=f"Request {i} of {started_at}: {prompt}", max_tokens=max_tokens, ignore_eos=True)
+
+    started_at = time.time()
 
     burst = [threading.Thread(target=ask, args=(i, LONG_PROMPT, 8)) for i in range(12)]
     for t in burst:

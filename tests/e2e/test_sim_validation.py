@@ -5,8 +5,9 @@ broken simulator or calibration lands far outside it). The accuracy target itsel
 benchmark, `duoserve bench validate-sim`, with its figures in docs/performance.md: on a shared
 2-core machine the real TPOT tail moves with whatever else runs (the simulator has no CPU co-run
 slowdown yet), so a timing target in the suite would fail by machine, not by code. The stack runs
-without prefix caching, which the simulator does not model yet (with it the real TTFT came out at
-half the simulated one: the trace's prompts share blocks)."""
+without prefix caching: the simulator models it (`--prefix-caching`), but a trace says nothing of its
+prompts' content, so it keys each prompt as its own, while the real prompts the benchmark sends share
+blocks (with caching the real TTFT came out at half the simulated one)."""
 from __future__ import annotations
 
 import os
