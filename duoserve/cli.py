@@ -92,6 +92,10 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:
                    help="cuda split: prefill's initial SM cap, CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (1-100)")
     p.add_argument("--decode-percentage", type=int, default=50,
                    help="cuda split: decode's initial SM cap, CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (1-100)")
+    p.add_argument("--retune-mode", choices=["succession", "green"], default="succession",
+                   help="cuda split: how a new share is applied: succession (default: a standby process at the "
+                        "new MPS percentage takes over) or green (green-context SM partitions inside each "
+                        "worker, switched in milliseconds; the workers run at MPS percentage 100)")
     p.add_argument("--mps-pipe-dir", type=Path, default=os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or None,
                    help="cuda: pipe directory of a running MPS daemon to use (env CUDA_MPS_PIPE_DIRECTORY; "
                         "default /tmp/nvidia-mps)")
@@ -142,7 +146,7 @@ def stack_config_from_args(args: argparse.Namespace):
         with_orchestrator=not args.no_orchestrator, admin_token=args.admin_token, auth=not args.no_auth,
         api_key=args.api_key, tls_cert=args.tls_cert, tls_key=args.tls_key, device=args.device,
         prefill_percentage=args.prefill_percentage, decode_percentage=args.decode_percentage,
-        mps_pipe_dir=args.mps_pipe_dir, host=args.host, port=args.port, http_port=args.http_port,
+        mps_pipe_dir=args.mps_pipe_dir, cuda_retune_mode=args.retune_mode, host=args.host, port=args.port, http_port=args.http_port,
         restart=args.restart)
 
 

@@ -95,6 +95,8 @@ class StackConfig:
     decode_percentage: int = 50              # cuda split: decode's
     mps_pipe_dir: Path | None = None         # cuda: a running MPS daemon's pipe dir to use (else the default
                                              # /tmp/nvidia-mps, else a private daemon is started)
+    cuda_retune_mode: str = "succession"     # cuda split: "succession" (a standby at the new MPS percentage) or
+                                             # "green" (green-context partitions in each worker, MPS at 100 %)
     host: str = LOOPBACK                     # the gateway's bind address (both APIs); the rest stay on loopback
     port: int = 0                            # the gateway's gRPC port; 0: any free port (`duoserve up`: 50051)
     http_port: int = 0                       # its OpenAI-compatible HTTP port; 0: any free port (`up`: 8000)
@@ -130,6 +132,8 @@ class StackConfig:
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         mps.check_percentage(self.prefill_percentage)
+        if self.cuda_retune_mode not in ("succession", "green"):
+            raise ValueError(f"retune mode must be succession or green, got {self.cuda_retune_mode!r}")
         mps.check_percentage(self.decode_percentage)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both --tls-cert and --tls-key")
@@ -285,13 +289,16 @@ def process_spec(name: str, config: StackConfig, layout: Layout,
         where = (("--arena-socket", str(layout.arena_socket), "--weights", config.weights) if name != "colocated"
                  else (*model, "--dtype", config.dtype, *kv))
         caching = () if config.prefix_caching else ("--no-prefix-caching",)
+        green = config.uses_mps and config.cuda_retune_mode == "green" and name != "colocated"
+        retune = ("--retune-mode", "green") if green else ()
         argv = py + (f"services.{name}.main", *common, *where, "--cache-dir", str(config.cache_dir),
-                     "--cpus", cpus, *limits, *caching, *device)
+                     "--cpus", cpus, *limits, *caching, *retune, *device)
         # Idle OpenMP threads sleep instead of spinning: two workers share cores (and a busy machine's
         # cores), and a spinning thread that loses its core stalls its siblings.
         env = redis_env + secret + (("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE")),)
         if layout.mps and name != "colocated":      # its SM cap, fixed when its CUDA context is created
             percentage = config.prefill_percentage if name == "prefill" else config.decode_percentage
+            percentage = 100 if green else percentage      # green partitions are the cap, not MPS
             env += tuple(layout.mps.client_env(percentage).items())
         return ProcessSpec(name, argv, port, metrics_port, env=env)
     if name == "gateway":

@@ -151,6 +151,9 @@ class Handoff:
     handoff_time: float                    # wall clock when prefill published this (hand-off latency)
     kv_memory: str = ""                    # the arena memory the blocks are in (ArenaExport.memory_id): decode
                                            # resumes in place only over the same memory; "" unknown (older writer)
+    kv_ready_event: str = ""               # cuda: hex IPC handle of the event prefill recorded after writing
+                                           # the blocks; decode's stream waits on it (services/worker/fence.py);
+                                           # "" when the writer fenced on the host (cpu, or no cuda-python)
 
 
 @dataclass(frozen=True, slots=True)
