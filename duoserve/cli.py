@@ -68,6 +68,9 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:
                    help="use this Redis (env REDIS_URL; never started or stopped); default: start one")
     add_checkpoint_args(p)
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks of 16 tokens")
+    p.add_argument("--pairs", type=int, default=1,
+                   help="split: run N pairs (arena + prefill + decode + orchestrator) behind the gateway, which "
+                        "routes each request by prefix-cache affinity and load; on the CPU they divide the cores")
     p.add_argument("--cpus", type=cpu_list, default=(),
                    help="the stack's cores, e.g. 0-3 (default: all); split mode gives prefill the first "
                         "half and decode the rest (2 cores: prefill 0, decode 1)")
@@ -139,7 +142,7 @@ def stack_config_from_args(args: argparse.Namespace):
     return StackConfig(
         state_dir=args.state_dir.expanduser(), cache_dir=args.cache_dir.expanduser(), name=args.name,
         mode=Mode(args.mode), redis_url=args.redis_url or None, model=args.model, dtype=args.dtype,
-        weights=args.weights, num_kv_blocks=args.num_kv_blocks, prefix_caching=not args.no_prefix_caching, cpus=args.cpus, prefill_cpus=args.prefill_cpus,
+        weights=args.weights, num_kv_blocks=args.num_kv_blocks, prefix_caching=not args.no_prefix_caching, pairs=args.pairs, cpus=args.cpus, prefill_cpus=args.prefill_cpus,
         decode_cpus=args.decode_cpus, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, chunk_size=args.chunk_size,
         max_queue_len=args.max_queue_len, startup_timeout_s=args.startup_timeout, stop_timeout_s=args.stop_timeout,

@@ -260,6 +260,7 @@ class WorkerReport:
     share_pending: bool = False    # `share` is requested, not in effect yet (at the next boundary, or a succession)
     share_changed_at: float = 0.0  # its clock when its share state last changed: a SetComputeShare reply's
                                    # changed_at_unix_ms at most this is reflected here (0: a worker from before)
+    draining: bool = False     # it was told to drain (Drain): it takes no new work; a gateway routes none to its pair
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,7 @@ class WorkerConfig:
     cache_dir: Path                     # converted checkpoints (colocated)
     dtype: str = "float32"
     cpu_ids: tuple[int, ...] = ()       # initial compute share; empty = every core allowed now
+    stack_cpus: tuple[int, ...] = ()    # the cores its shares are cut from (its pair's); empty: every core allowed now
     num_kv_blocks: int | None = None    # colocated: pool size (None: from kv_cache_memory_bytes)
     kv_cache_memory_bytes: int = 512 << 20
     max_num_seqs: int = 128             # running requests at most
@@ -117,6 +118,8 @@ def parse_args(phase: Phase, argv: Sequence[str] | None = None) -> WorkerConfig:
                    default=Path(env.get("DUOSERVE_CACHE_DIR", Path.home() / ".cache" / "duoserve" / "models")))
     p.add_argument("--dtype", default="float32")
     p.add_argument("--cpus", type=_cpu_list, default=(), help="comma-separated core ids (initial share)")
+    p.add_argument("--stack-cpus", type=_cpu_list, default=(),
+                   help="the cores shares are fractions of (a pair's, with `duoserve up --pairs`); default: all allowed")
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -149,7 +152,7 @@ def parse_args(phase: Phase, argv: Sequence[str] | None = None) -> WorkerConfig:
     retune_mode = RETUNE_MODE_ALIASES.get(retune_mode, retune_mode)
     return WorkerConfig(
         phase=phase, redis_url=redis_url_from_env(env, a.redis_url), key_prefix=a.key_prefix, port=a.port, metrics_port=a.metrics_port,
-        arena_socket=a.arena_socket, model=a.model, cache_dir=a.cache_dir, dtype=a.dtype, cpu_ids=a.cpus,
+        arena_socket=a.arena_socket, model=a.model, cache_dir=a.cache_dir, dtype=a.dtype, cpu_ids=a.cpus, stack_cpus=a.stack_cpus,
         num_kv_blocks=a.num_kv_blocks, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
         chunk_size=a.chunk_size, worker_id=f"{phase.value}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
         retune_mode=retune_mode, green_shares=a.green_shares, takeover_from=a.takeover_from, device=a.device,

@@ -571,7 +571,8 @@ class Worker:
                               units_total=units.total if units else 0, pid=os.getpid(),
                               share_switch_ms=self.switch_ms[0], share_switch_stall_ms=self.switch_ms[1],
                               host_ms=statistics.median(self.host_ms) if self.host_ms else 0.0,
-                              share_pending=status is not ShareStatus.APPLIED, share_changed_at=changed_at)
+                              share_pending=status is not ShareStatus.APPLIED, share_changed_at=changed_at,
+                              draining=self.control.draining)
         target = pipe or self.client.pipeline(transaction=False)
         target.hset(self.keys.worker_stats(self.config.phase.value), mapping=stream_entries.report_mapping(report))
         queue_heartbeat(target, self.keys.worker_alive(self.config.worker_id), self._heartbeat)

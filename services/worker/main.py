@@ -135,7 +135,7 @@ def _kv_usage(blocks: RedisBlockAllocator) -> float:
 def run(phase: Phase, argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {phase.value} %(levelname)s %(message)s")
     config = parse_args(phase, argv)
-    stack_cpus = current_cpus()
+    stack_cpus = config.stack_cpus or current_cpus()
     if config.cpu_ids:
         apply_cpu_share(config.cpu_ids)
     worker, arena_view = build_worker(config, stack_cpus)
