@@ -27,7 +27,6 @@ PURE_MODULES = [
     "bench.corun",                     # gpu-check imports it before it knows there is a GPU
     "services.common.shares",          # share <-> units <-> MPS percentage: orchestrator, workers, simulator
     "services.gateway.routing",        # which pair a request goes to
-    "duoserve.pairs",                  # names, key spaces and cores of a stack's pairs
     "services.common.cuda_driver",     # cuda-python only inside its calls: imports on a machine without CUDA
 ]
 
