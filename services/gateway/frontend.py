@@ -28,7 +28,7 @@ import asyncio
 import functools
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable, Protocol
 
 import redis.asyncio as aioredis
@@ -47,8 +47,8 @@ from services.gateway.follower import Chunk, Follower, Usage  # noqa: F401 (Chun
 from services.gateway.inflight import InFlight, RequestRecord
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.outbox import Outbox
+from services.gateway.pair_requests import PairRequests
 from services.gateway.pairs import Pairs
-from services.gateway.routing import PairLoad
 from services.gateway.prompts import PromptEncoder, PromptLimits
 from services.gateway.replies import ReplyStreams
 
@@ -81,7 +81,7 @@ class GenerateInput:
 
 
 @dataclass
-class Frontend(ReplyStreams):
+class Frontend(ReplyStreams, PairRequests):
     config: GatewayConfig
     client: aioredis.Redis
     metrics: GatewayMetrics
@@ -134,10 +134,6 @@ class Frontend(ReplyStreams):
             return await self.client.hget(self.model_keys.model_info, "json")
         except CONNECTION_ERRORS:
             return None           # Redis not up yet (or restarting): asked again until the deadline
-
-    def _pair_seen(self, load: PairLoad) -> None:
-        if self.metrics.model_name is not None:
-            self.metrics.pair_alive(load.prefix, load.alive)
 
     @property
     def model_keys(self) -> KeySpace:
@@ -196,17 +192,6 @@ class Frontend(ReplyStreams):
         bad = next((t for t in params.stop_token_ids if not 0 <= t < info.vocab_size), None)
         if bad is not None:
             raise InvalidInput(f"stop_token_ids: {bad} is outside the vocabulary [0, {info.vocab_size})")
-
-    async def _pick_pair(self, prompt: list[int]) -> str:
-        """The pair's key prefix the request goes to ("" with one pair: the records stay as they were)."""
-        pair = await self.pairs.route(prompt)
-        if pair is None:
-            raise NotReady("no pair can take requests now: every pair is dead or draining; retry shortly")
-        await self._check_queue(self.pairs.keys(pair))
-        if self.pairs.is_single:
-            return ""
-        self.metrics.routed(pair)
-        return pair
 
     async def _check_queue(self, keys: KeySpace) -> None:
         depth = await _queue_depth(self.client, keys.prefill_queue)
@@ -273,42 +258,6 @@ class Frontend(ReplyStreams):
                                f"{len(request.token_ids)} tokens so far")
         async for chunk in self._follow(request, num_received):
             yield chunk
-
-    async def resend(self, request: InFlight, pair: str) -> None:
-        """Send a request whose pair died to `pair`, from the tokens it has: under a new engine id, so
-        whatever the dead pair still delivers for the old one is dropped (no token twice, none lost:
-        the new pair goes on after them, as after a preemption); the old one is cancelled there for
-        when that pair comes back. Its record and claim follow in the same transaction."""
-        record = request.record
-        old_ids = self._ids[record.engine_id]
-        pipe = self.client.pipeline(transaction=True)
-        ids = request_ids.resent(pipe, old_ids)
-        moved = replace(record, engine_id=ids.engine_id, pair=pair, prior_tokens=tuple(request.token_ids))
-        adoption.replace_record(pipe, self.keys, request.origin, record.engine_id, moved)
-        stream_entries.add(pipe, stream_entries.queued(self.pairs.keys(pair), QueuedRequest(
-            ids.engine_id, request.prompt_ids, record.sampling, self.keys.reply(request.origin),
-            record.arrival_time, tuple(request.token_ids))))
-        self._rekey(request, moved, ids)        # before it is queued: its first delivery finds it
-        try:
-            await pipe.execute()
-        except BaseException:
-            self._rekey(request, record, old_ids)
-            raise
-        request.last_delivery = time.monotonic()        # the stall timeout starts again on the new pair
-        self.metrics.routed(pair)
-        self.metrics.resent(record.pair)
-        await self._cancel(record.engine_id, "cancelled", record.pair)     # the old id, on the dead pair
-
-    def _rekey(self, request: InFlight, record: RequestRecord, ids: request_ids.RequestIds) -> None:
-        self.requests.pop(request.record.engine_id, None)
-        self._ids.pop(request.record.engine_id, None)
-        request.record = record
-        self.requests[record.engine_id], self._ids[record.engine_id] = request, ids
-        self.by_client[record.client_id] = record.engine_id
-
-    def requests_on(self, pairs: set[str]) -> list[InFlight]:
-        """Requests in flight (not finished) that run on one of `pairs` and can be sent again."""
-        return [r for r in self.requests.values() if r.record.pair in pairs and r.finish is None and r.prompt_ids]
 
     def _track(self, record: RequestRecord, ids: request_ids.RequestIds) -> InFlight:
         """A request this process accepted (recorded under its own gateway id)."""
