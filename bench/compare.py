@@ -27,9 +27,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from bench.datasets import RequestSpec
+from bench.conversations import is_conversations
 from bench.serve import format_result, run_benchmark
-from bench.workloads import arrival_from_args, workload_from_args
+from bench.workloads import Workload, arrival_from_args, workload_from_args
 
 WARMUP_REQUESTS = 4
 
@@ -130,7 +130,7 @@ def _admin(state: Any) -> Any:
     return AdminClient(f"127.0.0.1:{orch.port}", token=secret_of(state.secret_file))
 
 
-def run_setup(setup: Setup, args: argparse.Namespace, specs: Sequence[RequestSpec], rates: Sequence[float],
+def run_setup(setup: Setup, args: argparse.Namespace, specs: Workload, rates: Sequence[float],
               words: str, out_dir: Path, say: Callable[[str], None]) -> dict[str, Any]:
     """Start the setup's stack, warm it, run every rate, stop it. Returns its part of the JSON."""
     from duoserve import stack
@@ -164,14 +164,14 @@ def run_setup(setup: Setup, args: argparse.Namespace, specs: Sequence[RequestSpe
     return {"setup": asdict(setup), "runs": runs, "wall_s": time.monotonic() - started}
 
 
-def sweep(target: str, name: str, args: argparse.Namespace, specs: Sequence[RequestSpec], rates: Sequence[float],
+def sweep(target: str, name: str, args: argparse.Namespace, specs: Workload, rates: Sequence[float],
           words: str, out_dir: Path, say: Callable[[str], None],
           after_run: Callable[[Any], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """On a running server: warm it, then bench serve's run at each rate. One JSON entry per rate,
     also written to out_dir; `after_run(result)` may add fields to it."""
     warm = list(specs[:WARMUP_REQUESTS])
     run_benchmark(target, warm, arrival_from_args(args, math.inf), warmup=0, progress=False, run=0)
-    say(f"{name}: warmed up with {len(warm)} requests")
+    say(f"{name}: warmed up with {len(warm)} {'conversations' if is_conversations(warm) else 'requests'}")
     runs: list[dict[str, Any]] = []
     for run, rate in enumerate(rates, start=1):      # each rate's prompts its own: none hits another's cache
         load_before = os.getloadavg()[0]

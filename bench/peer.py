@@ -30,9 +30,9 @@ from typing import Any, Callable, Sequence
 
 from bench.compare import (NO_CACHE, MaxRate, Setup, cached_share, max_rate, ratio_text, run_setup, sweep,
                            without_cache)
-from bench.conversations import Conversation, conversations_with_token_ids, is_conversations
-from bench.datasets import REAL_TEXT, RequestSpec, with_token_ids
-from bench.workloads import arrival_from_args, workload_from_args
+from bench.conversations import conversations_with_token_ids, is_conversations
+from bench.datasets import REAL_TEXT, with_token_ids
+from bench.workloads import Workload, arrival_from_args, workload_from_args
 
 DEFAULT_SYSTEMS = "vllm,vllm-omp2,split,split-static,colocated"
 STEADY_STATE_REQUESTS = 200         # fewer per rate: queues may not build up; the report says so
@@ -89,7 +89,7 @@ def describe_machine(machine: dict[str, Any]) -> str:
 # Running
 # ---------------------------------------------------------------------------------------------
 
-def prepared_requests(args: argparse.Namespace, model_dir: Path) -> tuple[list[RequestSpec] | list[Conversation], str]:
+def prepared_requests(args: argparse.Namespace, model_dir: Path) -> tuple[Workload, str]:
     """The workload with token ids from the model's tokenizer (the gateway's Tokenize encodes the same way)."""
     from services.engine.tokenizer import Tokenizer
 
@@ -102,12 +102,12 @@ def prepared_requests(args: argparse.Namespace, model_dir: Path) -> tuple[list[R
     return with_token_ids(specs, corpus), words
 
 
-def num_requests(workload: Sequence[RequestSpec] | Sequence[Conversation]) -> int:
+def num_requests(workload: Workload) -> int:
     """Requests a run sends: one per spec, or per conversation turn."""
     return sum(c.turns for c in workload) if is_conversations(workload) else len(workload)
 
 
-def run_system(system: System, args: argparse.Namespace, specs: Sequence[RequestSpec], rates: Sequence[float],
+def run_system(system: System, args: argparse.Namespace, specs: Workload, rates: Sequence[float],
                words: str, model_dir: Path, say: Callable[[str], None]) -> dict[str, Any]:
     """Start the system, warm it, run every rate, stop it. Returns its part of the JSON."""
     load_before = os.getloadavg()
@@ -119,6 +119,7 @@ def run_system(system: System, args: argparse.Namespace, specs: Sequence[Request
         started = time.monotonic()
         launch = VllmLaunch(python=ensure_venv(args.vllm_venv.expanduser(), say), model_dir=model_dir,
                             dtype=args.dtype, omp_threads=system.omp_threads, prefix_caching=system.prefix_caching,
+                            block_size=args.vllm_block_size,
                             log_path=args.output / f"{system.name}-server.log",
                             startup_timeout_s=args.vllm_startup_timeout)
         with running_vllm(launch, lambda m: say(f"{system.name}: {m}")) as url:

@@ -37,8 +37,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from bench.clients import BenchClient, ServerError, StreamChunk, open_client
-from bench.conversations import Conversation, is_conversations
+from bench.conversations import is_conversations
 from bench.datasets import REAL_TEXT, Arrival, RequestSpec, for_run, schedule, with_token_ids
+from bench.workloads import Workload
 from duoserve.cli_args import client_tls
 from services.common.progress import progress as progress_bar
 
@@ -252,7 +253,7 @@ def check_fit(info: Mapping[str, Any], lengths: Sequence[int], knobs: str) -> No
                          f"{lengths[too_long[0]]} tokens; lower the lengths ({knobs})")
 
 
-async def benchmark(target: str, specs: Sequence[RequestSpec] | Sequence[Conversation], arrival: Arrival, *,
+async def benchmark(target: str, specs: Workload, arrival: Arrival, *,
                     max_concurrency: int | None = None, slo_ttft_ms: float | None = None,
                     slo_tpot_ms: float | None = None, warmup: int = 1,
                     percentiles: Sequence[float] = DEFAULT_PERCENTILES, progress: bool = True,
@@ -277,7 +278,8 @@ async def benchmark(target: str, specs: Sequence[RequestSpec] | Sequence[Convers
         warm_specs, specs = await _prepare(client, specs, (0, run))
         for i in range(warmup):             # not measured: first-call costs (channel, allocator, caches)
             spec = warm_specs[i % len(warm_specs)]
-            await stream_one(client, spec, RequestRecord(-1, spec.prompt_len, spec.output_len, 0.0), time.perf_counter())
+            warm = RequestRecord(-1, spec.prompt_len, spec.output_len, 0.0)
+            await stream_one(client, spec, warm, time.perf_counter())
         records = [RequestRecord(i, s.prompt_len, s.output_len, offsets[i]) for i, s in enumerate(specs)]
         bar = Progress(len(specs), label, enabled=progress)
         slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
@@ -310,8 +312,7 @@ async def benchmark(target: str, specs: Sequence[RequestSpec] | Sequence[Convers
                   max_concurrency=max_concurrency, started_at=started_at, metrics=metrics, records=tuple(records))
 
 
-def run_benchmark(target: str, requests: Sequence[RequestSpec] | Sequence[Conversation], arrival: Arrival,
-                  **kwargs: Any) -> Result:
+def run_benchmark(target: str, requests: Workload, arrival: Arrival, **kwargs: Any) -> Result:
     """Blocking form of `benchmark` (its own event loop), for scripts and `bench compare`."""
     return asyncio.run(benchmark(target, requests, arrival, **kwargs))
 

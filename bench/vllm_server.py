@@ -125,13 +125,14 @@ class VllmLaunch:
     max_model_len: int = 2048
     kv_cache_gib: int = 2                   # VLLM_CPU_KVCACHE_SPACE
     prefix_caching: bool = True             # vLLM's automatic prefix caching (its default: on)
+    block_size: int | None = None           # KV block (and prefix-cache) tokens; None: vLLM's (128 on the CPU)
 
 
 def server_command(launch: VllmLaunch, port: int) -> list[str]:
     return [str(launch.python), "-m", SERVER_MODULE, "--model", str(launch.model_dir), "--dtype", launch.dtype,
             "--max-model-len", str(launch.max_model_len), "--port", str(port), "--host", "127.0.0.1",
             "--enable-prefix-caching" if launch.prefix_caching else "--no-enable-prefix-caching",
-            "--enable-prompt-tokens-details"]
+            "--enable-prompt-tokens-details", *(("--block-size", str(launch.block_size)) if launch.block_size else ())]
 
 
 def server_env(launch: VllmLaunch, inherited: Mapping[str, str]) -> dict[str, str]:

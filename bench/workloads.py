@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Sequence
 
 from bench.conversations import Conversation, MultiTurnParams, describe_lengths, synthetic_conversations
 from bench.datasets import (DEFAULT_AZURE_CONV, Arrival, RequestSpec, load_azure_conv, load_prompt_file,
                             random_requests)
+
+Workload = Sequence[RequestSpec] | Sequence[Conversation]    # what one benchmark run sends
 
 
 def multi_turn_params(args: argparse.Namespace) -> MultiTurnParams:

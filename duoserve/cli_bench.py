@@ -123,6 +123,9 @@ def _bench_peer_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vllm-venv", type=Path, default=default_vllm_venv(),
                    help="vLLM's own virtual environment, created on first use (~3.4 GB, ~10 minutes)")
     p.add_argument("--vllm-startup-timeout", type=float, default=900.0, help="seconds until vLLM's /health is 200")
+    p.add_argument("--vllm-block-size", type=int, default=None,
+                   help="vLLM's KV block size, which is also its prefix cache's granularity (default: vLLM's own, "
+                        "128 tokens on the CPU; its CPU attention takes multiples of 32; duoserve's blocks are 16)")
     p.add_argument("--request-rate", type=_rate, default=None, help=argparse.SUPPRESS)
     _add_workload_args(p)
     p.set_defaults(slo_ttft_ms=3000.0, slo_tpot_ms=150.0, num_requests=200)

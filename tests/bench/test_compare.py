@@ -57,3 +57,11 @@ def test_summary_compares_against_the_best_colocated():
     args = argparse.Namespace(slo_ttft_ms=1000.0, slo_tpot_ms=150.0, attainment=0.9, dataset="azure-conv")
     table = format_table(summary, [1.0, 2.0], args)
     assert "split-dynamic" in table and ">= 2.00 req/s" in table and "vs colocated-c512" in table
+
+
+def test_a_multi_turn_table_says_its_rates_are_conversation_starts():
+    summary = summarize({"split-static-no-cache": {"runs": [_run(0.5, 1.0), _run(1, 0.8)]}}, [0.5, 1.0], 0.9)
+    assert summary["split-static-no-cache"]["per_rate"]["0.5"]["cached_share"] == pytest.approx(0.25)
+    args = argparse.Namespace(slo_ttft_ms=1000.0, slo_tpot_ms=150.0, attainment=0.9, dataset="multi-turn")
+    table = format_table(summary, [0.5, 1.0], args)
+    assert "0.75 conv/s" in table and "conversations started per second" in table and "25%" in table
