@@ -104,7 +104,9 @@ def _window(corpus_ids: Sequence[int], start: int, length: int) -> tuple[int, ..
 def conversations_with_token_ids(convs: Sequence[Conversation], corpus_ids: Sequence[int]) -> list[Conversation]:
     """Token ids for conversations without them: the system prompt the corpus from its start (one for
     all), each user message a window starting elsewhere (a prime stride, as datasets.with_token_ids),
-    so conversations share exactly their system prompt."""
+    so conversations share exactly their system prompt. The starts are distinct for up to
+    len(corpus_ids) messages (REAL_TEXT is 299 tokens to SmolLM2); past that two first turns could
+    only coincide every turns * len(corpus_ids) messages."""
     if not corpus_ids:
         raise ValueError("the corpus tokenized to no tokens")
     n, out, message = len(corpus_ids), [], 0
