@@ -12,7 +12,7 @@ ROLE is arena, prefill, decode or orchestrator. CMD is exec'd (same pid, same si
                          orchestrator shares all K between them, as `duoserve up` splits a stack's cores
 Appended, so they win over the same flags earlier in CMD (argparse keeps the last), and the reaper finds
 them there when it starts a worker's successor. Standard library only: it runs before anything else.
-The deployment's own copy is the ConfigMap `deploy/k8s/render.py` makes of this file.
+The pods' copy is the ConfigMap `duoserve-pair-entry` that deploy/k8s/objects.py makes of this file.
 """
 from __future__ import annotations
 
