@@ -156,26 +156,11 @@ def gateway_command(objects) -> tuple[dict[str, Any], dict[str, Any], list[str]]
     return pod, container, container["command"]
 
 
-def pair_prefixes_of(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(the --pair-prefixes list, argv without the flag)."""
-    i = argv.index("--pair-prefixes")
-    return argv[i + 1].split(","), argv[:i] + argv[i + 2:]
-
-
-def gateway_knows_pair_prefixes() -> bool:
-    from services.gateway.config import parse_args
-    try:
-        parse_args(["--redis-url", "redis://x:1/0", "--port", "1", "--pair-prefixes", "duo:p0"])
-    except SystemExit:
-        return False
-    return True
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_the_gateway_routes_over_every_pair_and_parses(docs, variant: str, tmp_path, monkeypatch) -> None:
     objects = docs[variant]
     pod, container, argv = gateway_command(objects)
-    prefixes, rest = pair_prefixes_of(argv)
+    prefixes = argv[argv.index("--pair-prefixes") + 1].split(",")
     statefulset = named(objects, "StatefulSet", "duoserve-pair")
     entry = entry_module(objects)
     pair_env = {e["name"]: e.get("value", "") for e in statefulset["spec"]["template"]["spec"]["containers"][0]["env"]}
@@ -185,10 +170,8 @@ def test_the_gateway_routes_over_every_pair_and_parses(docs, variant: str, tmp_p
     secret = tmp_path / "secret"
     secret.write_text("k8s-s3cret\n")
     env = env_of(container, "duoserve-gateway-0", secret)
-    knows = gateway_knows_pair_prefixes()
-    role, config = parse_in(container, argv if knows else rest, env, monkeypatch)
-    if knows and hasattr(config, "pair_prefixes"):
-        assert list(config.pair_prefixes) == prefixes
+    role, config = parse_in(container, argv, env, monkeypatch)
+    assert list(config.pairs) == prefixes                                # what it routes between
     assert role == "gateway" and config.host == config.http_host == "0.0.0.0"
     assert config.key_prefix == render.VARIANTS[variant].key_base       # the pairs' prefixes extend it
     assert config.redis_url == "redis://:k8s-s3cret@duoserve-redis:6379/0" and config.api_key == ""
@@ -202,11 +185,6 @@ def test_the_gateway_routes_over_every_pair_and_parses(docs, variant: str, tmp_p
     from services.engine import loader
     assert "resolve_model_dir" in code and callable(loader.resolve_model_dir)
     assert env_of(init, "x", secret)["DUOSERVE_MODEL"] == env["DUOSERVE_MODEL"] == render.VARIANTS[variant].model
-
-
-def test_the_gateway_parser_takes_pair_prefixes() -> None:
-    if not gateway_knows_pair_prefixes():
-        pytest.xfail("--pair-prefixes is not in services/gateway/config.py yet (issue 16, routing)")
 
 
 def test_the_gateway_init_container_resolves_the_model_as_the_arena_does(docs, tmp_path) -> None:
