@@ -101,10 +101,12 @@ class Frontend(ReplyStreams, PairRequests):
     redis_suspected: asyncio.Event = field(default_factory=asyncio.Event)   # a command failed: probe now
     outbox: Outbox = field(init=False)   # writes kept while Redis is away
     pairs: Pairs = field(init=False)     # the pairs it routes between (pairs.py; one: its own key space)
+    model_keys: KeySpace = field(init=False)   # the key space its model info was read from (a pair's)
 
     def __post_init__(self) -> None:
         self.keys = KeySpace(self.config.key_prefix)        # the gateways' own keys (replies, records, ids)
         self.pairs = Pairs(self.client, self.config.pairs, on_view=self._pair_seen)
+        self.model_keys = self.pairs.keys(self.pairs.prefixes[0])
         self.gateway_id = peers.incarnation_id(self.config.gateway_id)   # this process's: peers.py
         self.reply_stream = self.keys.reply(self.gateway_id)
         self.outbox = Outbox(self.redis_suspected)
@@ -115,7 +117,7 @@ class Frontend(ReplyStreams, PairRequests):
         deadline = time.monotonic() + self.config.model_wait_s
         while (raw := await self._model_info_now()) is None:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"no model published under {self.model_keys.model_info} after "
+                raise TimeoutError(f"no model published under {' or '.join(self.pairs.keys(p).model_info for p in self.pairs.prefixes)} after "
                                    f"{self.config.model_wait_s:.0f} s; is the arena (or colocated worker) up?")
             await asyncio.sleep(0.2)
         info = parse_model_info(raw)
@@ -130,15 +132,16 @@ class Frontend(ReplyStreams, PairRequests):
                  info.num_kv_blocks)
 
     async def _model_info_now(self) -> bytes | None:
-        try:
-            return await self.client.hget(self.model_keys.model_info, "json")
-        except CONNECTION_ERRORS:
-            return None           # Redis not up yet (or restarting): asked again until the deadline
-
-    @property
-    def model_keys(self) -> KeySpace:
-        """Where the model is published: by the first pair's arena (every pair serves the same model)."""
-        return self.pairs.keys(self.pairs.prefixes[0])
+        """The model as the first pair that published it says (every pair serves the same one)."""
+        for prefix in self.pairs.prefixes:
+            try:
+                raw = await self.client.hget(self.pairs.keys(prefix).model_info, "json")
+            except CONNECTION_ERRORS:
+                return None       # Redis not up yet (or restarting): asked again until the deadline
+            if raw is not None:
+                self.model_keys = self.pairs.keys(prefix)
+                return raw
+        return None
 
     async def sweep_orphans(self) -> None:
         """Cancel the adopted requests no client re-attached to within the orphan timeout, forever."""
