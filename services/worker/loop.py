@@ -162,6 +162,8 @@ class Worker:
                 self.report()         # idle: still alive and listed (the orchestrator drops silent workers)
             return
         started = time.perf_counter()
+        if self.scheduler.awaits_recent_keys():   # keys of the last iteration's pipeline found by this one's
+            self.publisher.flush()                # admissions (n > 1: the copies reuse the first's prompt)
         batch = self.scheduler.schedule()                       # pure: which requests, which blocks
         self._requeue_preempted(batch)
         if batch.is_empty:
