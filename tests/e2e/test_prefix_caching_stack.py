@@ -1,7 +1,8 @@
 """Prefix caching through the real stacks (split: prefill and decode share the cached blocks in the
 arena's pool; colocated): a repeated conversation's second prefill computes only its tail, with the
 same greedy tokens; cached tokens in the gRPC and OpenAI usage; the prefix-cache metrics; `n > 1`
-computes its prompt once; every block back (cached ones count as free) once nothing runs."""
+computes its prompt once; one of several requests sharing blocks cancelled; every block back
+(cached ones count as free) once nothing runs."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -15,6 +16,7 @@ import openai
 import pytest
 
 import duoserve
+from services.common.redis_blocks import RedisBlockAllocator
 
 pytestmark = pytest.mark.slow
 
@@ -94,3 +96,35 @@ def test_n_copies_compute_their_prompt_once(split_stack):
     assert hits >= 2 * (tokens - 16) and computed <= tokens + 2 * 16, (tokens, computed, hits)
     assert reply.usage.prompt_tokens_details.cached_tokens == 0       # the prompt, counted once, was computed
     assert split_stack.wait_free_blocks(512) == 512
+
+
+def test_cancelling_one_of_requests_that_share_blocks(split_stack):
+    """Four greedy streams on one prefix; one cancelled mid-decode while they share its blocks: the
+    other three end with the tokens of a cold run, every block comes back, the prefix stays cached."""
+    blocks = RedisBlockAllocator(split_stack.redis, split_stack.keys)
+    prefix = f"Shared {uuid.uuid4().hex}: " + SYSTEM
+    prompts = [prefix + f"Question {i}: which country is city {i} in?" for i in range(4)]
+    greedy = dict(max_tokens=24, temperature=0, ignore_eos=True)
+    with duoserve.Client(split_stack.target, timeout=300) as client:
+        reference = []
+        for p in prompts[1:]:
+            blocks.reset_cache()                                      # the reference computes cold
+            reference.append(client.generate(prompt=p, **greedy).token_ids)
+        blocks.reset_cache()
+        streams = [client.stream(prompt=p, **greedy) for p in prompts]
+        received = 0
+        for chunk in streams[0]:
+            received += len(chunk.token_ids)
+            if received >= 4:
+                break
+        holders = max(int(v) for v in split_stack.redis.hvals(split_stack.keys.kv_cache_refs))
+        streams[0].close()                                            # cancelled in decode
+        survivors = [[c for c in s] for s in streams[1:]]
+        assert split_stack.wait_free_blocks(512) == 512
+        pool = blocks.audit()
+        again = client.generate(prompt=prefix + "Question 9: and city 9?", max_tokens=1, temperature=0)
+    assert holders >= 2                                               # cancelled while others held its prefix
+    assert [tuple(t for c in chunks for t in c.token_ids) for chunks in survivors] == reference
+    assert all(chunks[-1].finish_reason == "length" for chunks in survivors)
+    assert pool.is_consistent and pool.owners == 0
+    assert again.usage.cached_tokens >= (again.usage.prompt_tokens - 32) // 16 * 16   # the prefix still cached
