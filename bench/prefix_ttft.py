@@ -12,7 +12,7 @@ the client's: stream opened to first token (the gateway's own `usage.ttft_ms` is
 first forward passes are slower), unless `--no-warm-up`.
 
     python -m bench.prefix_ttft [--prompt-tokens 1483] [--rounds 3] [--max-tokens 8]
-                                [--settings cached,uncached] [--no-warm-up]
+                                [--settings cached,uncached] [--no-warm-up] [--no-orchestrator]
 
 Run it on a quiet machine (under `flock /tmp/duoserve-stack.lock` where other stacks run).
 """
@@ -65,7 +65,8 @@ def prompts(client: duoserve.Client, num_tokens: int, rounds: int) -> list[list[
 def run_setting(name: str, args: argparse.Namespace) -> list[tuple[Send, Send]]:
     with tempfile.TemporaryDirectory(prefix="prefix-ttft-") as state_dir:
         config = StackConfig(state_dir=Path(state_dir), cache_dir=args.cache_dir, name=f"prefix-ttft-{name}",
-                             mode=Mode.SPLIT, prefix_caching=SETTINGS[name], startup_timeout_s=600)
+                             mode=Mode.SPLIT, prefix_caching=SETTINGS[name], startup_timeout_s=600,
+                             with_orchestrator=args.orchestrator)
         stack.up(config, detach=True, say=lambda m: print(m, file=sys.stderr), out=sys.stderr)
         try:
             target = stack.read_state(config.state_path).gateway_target
@@ -100,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settings", default="cached,uncached", help="comma-separated: cached, uncached")
     p.add_argument("--no-warm-up", dest="warm_up", action="store_false",
                    help="time the first round's first send on a fresh stack (its first forward passes)")
+    p.add_argument("--no-orchestrator", dest="orchestrator", action="store_false",
+                   help="no orchestrator: prefill and decode keep one core each (it may lend prefill decode's)")
     p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="converted checkpoints")
     args = p.parse_args(argv)
     names = [n for n in args.settings.split(",") if n]
