@@ -1,18 +1,21 @@
 """The load generator's two clients: duoserve's gateway (gRPC) and any OpenAI-compatible server (HTTP).
 
 `bench serve` times whatever `open_client(target)` returns through one small interface:
-  stream(spec)   the request's chunks as StreamChunk: tokens in the chunk, finish reason, usage
+  stream(spec)   the request's chunks as StreamChunk: tokens in the chunk, finish reason, usage;
+                 with answer_ids=True each chunk's token ids too, where the server can say them
+                 (a multi-turn conversation puts the answer into its next turn's prompt)
   tokenize(text) the server's token ids for `text`
   model_info()   limits the workload must fit: max_context, and for duoserve the KV pool
   close()
 
 A request's life in the OpenAI client (what vLLM's benchmarks/lib/endpoint_request_func.py does):
   sent       POST /v1/completions: prompt as token ids, max_tokens, ignore_eos, temperature 0,
-             stream with stream_options.include_usage
+             stream with stream_options.include_usage (answer_ids: return_token_ids, vLLM's)
   refused    HTTP 4xx/5xx: ServerError with the status and the body's message (a failed request)
   streaming  SSE events split on blank lines; each event with choices is one token event (its text
              may be empty, e.g. a special token), as vLLM counts them; `data: {"error": ...}` fails it
-  counted    the final usage event's completion_tokens is the request's token count
+  counted    the final usage event's completion_tokens is the request's token count, its
+             prompt_tokens_details.cached_tokens the prompt tokens found in the prefix cache
   done       `data: [DONE]` or the end of the body
 """
 from __future__ import annotations
@@ -37,10 +40,13 @@ class StreamChunk:
     finish_reason: str | None = None        # "length", "stop", "error", ... on the request's last token event
     completion_tokens: int | None = None    # the server's count of generated tokens (usage), when it gives one
     prompt_tokens: int | None = None        # the server's count of prompt tokens (usage)
+    cached_tokens: int | None = None        # of those, found in the server's prefix cache (usage), when it says
+    token_ids: tuple[int, ...] = ()         # the tokens this event carries, when the server gives them
+    text: str = ""                          # their text (OpenAI servers)
 
 
 class BenchClient(Protocol):
-    def stream(self, spec: RequestSpec) -> AsyncIterator[StreamChunk]: ...
+    def stream(self, spec: RequestSpec, *, answer_ids: bool = False) -> AsyncIterator[StreamChunk]: ...
     async def tokenize(self, text: str) -> list[int]: ...
     async def model_info(self) -> dict[str, Any]: ...
     async def close(self) -> None: ...
@@ -68,14 +74,15 @@ class GatewayClient:
         self._client = duoserve.AsyncClient(target, timeout=timeout_s, api_key=api_key, tls=tls,
                                             server_name=server_name)
 
-    async def stream(self, spec: RequestSpec) -> AsyncIterator[StreamChunk]:
+    async def stream(self, spec: RequestSpec, *, answer_ids: bool = False) -> AsyncIterator[StreamChunk]:
         prompt = {"prompt": spec.prompt} if spec.prompt is not None else {"token_ids": list(spec.token_ids or ())}
         async with self._client.stream(**prompt, max_tokens=spec.output_len, ignore_eos=True,
                                        temperature=0.0) as chunks:
-            async for chunk in chunks:
+            async for chunk in chunks:          # the gateway always streams token ids: answer_ids asks nothing more
                 usage = chunk.usage
                 yield StreamChunk(len(chunk.token_ids), chunk.finish_reason,
-                                  usage.completion_tokens if usage else None, usage.prompt_tokens if usage else None)
+                                  usage.completion_tokens if usage else None, usage.prompt_tokens if usage else None,
+                                  usage.cached_tokens if usage else None, tuple(chunk.token_ids))
 
     async def tokenize(self, text: str) -> list[int]:
         return await self._client.tokenize(text)
@@ -137,11 +144,13 @@ class OpenAIClient:
             await self.model_info()
         return self._model or ""
 
-    async def stream(self, spec: RequestSpec) -> AsyncIterator[StreamChunk]:
+    async def stream(self, spec: RequestSpec, *, answer_ids: bool = False) -> AsyncIterator[StreamChunk]:
         body = {"model": await self._model_id(),
                 "prompt": spec.prompt if spec.prompt is not None else list(spec.token_ids or ()),
                 "max_tokens": spec.output_len, "ignore_eos": True, "temperature": 0.0,
                 "stream": True, "stream_options": {"include_usage": True}}
+        if answer_ids:                      # vLLM's extension; a server without it sends text only
+            body["return_token_ids"] = True
         async with self._http().post(self.base_url + "/v1/completions", json=body) as response:
             if response.status >= 400:
                 raise ServerError(f"HTTP {response.status}: {_error_message(await response.text())}")
@@ -189,9 +198,12 @@ def parse_completion_event(payload: str) -> StreamChunk | None:
         return None
     # Each event with choices is one token event, as vLLM's benchmark counts them; a server that
     # returns token ids (vLLM with return_token_ids) says how many the event carries.
-    num_tokens = (len(choices[0].get("token_ids") or ()) or 1) if choices else 0
+    ids = tuple(choices[0].get("token_ids") or ()) if choices else ()
+    num_tokens = (len(ids) or 1) if choices else 0
+    details = usage.get("prompt_tokens_details") or {}
     return StreamChunk(num_tokens, choices[0].get("finish_reason") if choices else None,
-                       usage.get("completion_tokens"), usage.get("prompt_tokens"))
+                       usage.get("completion_tokens"), usage.get("prompt_tokens"), details.get("cached_tokens"),
+                       ids, (choices[0].get("text") or "") if choices else "")
 
 
 def _error_message(body: str) -> str:

@@ -27,8 +27,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from bench.datasets import RequestSpec
-from bench.serve import arrival_from_args, format_result, run_benchmark, workload_from_args
+from bench.conversations import is_conversations
+from bench.serve import format_result, run_benchmark
+from bench.workloads import Workload, arrival_from_args, workload_from_args
 
 WARMUP_REQUESTS = 4
 
@@ -41,6 +42,7 @@ class Setup:
     mode: str                     # "colocated" or "split"
     chunk_size: int | None = None # colocated: prompt tokens per hybrid iteration
     policy: str | None = None     # split: the orchestrator's policy, "static" or "auto"
+    prefix_caching: bool = True   # the workers reuse cached prompt prefixes (off: `duoserve up --no-prefix-caching`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,17 +59,28 @@ class MaxRate:
         return f"{prefix}{self.value:.2f}"
 
 
+NO_CACHE = "-no-cache"           # a config or system name's suffix: the same without prefix caching
+
+
+def without_cache(name: str) -> tuple[str, bool]:
+    """'split-static-no-cache' -> ('split-static', False); 'split-static' -> ('split-static', True)."""
+    return (name.removesuffix(NO_CACHE), False) if name.endswith(NO_CACHE) else (name, True)
+
+
 def setups_for(configs: Sequence[str], chunk_sizes: Sequence[int]) -> list[Setup]:
     out: list[Setup] = []
     for name in configs:
-        if name == "colocated":
-            out += [Setup(f"colocated-c{c}", "colocated", chunk_size=c) for c in chunk_sizes]
-        elif name == "split-static":
-            out.append(Setup("split-static", "split", policy="static"))
-        elif name == "split-dynamic":
-            out.append(Setup("split-dynamic", "split", policy="auto"))
+        base, caching = without_cache(name)
+        suffix = "" if caching else NO_CACHE
+        if base == "colocated":
+            out += [Setup(f"colocated-c{c}{suffix}", "colocated", chunk_size=c, prefix_caching=caching)
+                    for c in chunk_sizes]
+        elif base in ("split-static", "split-dynamic"):
+            out.append(Setup(name, "split", policy="static" if base == "split-static" else "auto",
+                             prefix_caching=caching))
         else:
-            raise ValueError(f"config {name!r}: use colocated, split-static or split-dynamic")
+            raise ValueError(f"config {name!r}: use colocated, split-static or split-dynamic, each "
+                             f"optionally with {NO_CACHE} (prefix caching off)")
     return out
 
 
@@ -117,7 +130,7 @@ def _admin(state: Any) -> Any:
     return AdminClient(f"127.0.0.1:{orch.port}", token=secret_of(state.secret_file))
 
 
-def run_setup(setup: Setup, args: argparse.Namespace, specs: Sequence[RequestSpec], rates: Sequence[float],
+def run_setup(setup: Setup, args: argparse.Namespace, specs: Workload, rates: Sequence[float],
               words: str, out_dir: Path, say: Callable[[str], None]) -> dict[str, Any]:
     """Start the setup's stack, warm it, run every rate, stop it. Returns its part of the JSON."""
     from duoserve import stack
@@ -128,7 +141,7 @@ def run_setup(setup: Setup, args: argparse.Namespace, specs: Sequence[RequestSpe
         state_dir=args.state_dir.expanduser(), cache_dir=args.cache_dir.expanduser(),
         name=f"bench-{setup.name}"[:64], mode=Mode(setup.mode), model=args.model, dtype=args.dtype,
         num_kv_blocks=args.num_kv_blocks, chunk_size=setup.chunk_size, startup_timeout_s=args.startup_timeout,
-        with_orchestrator=setup.mode == "split")
+        with_orchestrator=setup.mode == "split", prefix_caching=setup.prefix_caching)
     started = time.monotonic()
     say(f"{setup.name}: starting the stack")
     stack.up(config, detach=True, say=lambda m: say(f"{setup.name}: {m}"), out=io.StringIO())
@@ -151,14 +164,14 @@ def run_setup(setup: Setup, args: argparse.Namespace, specs: Sequence[RequestSpe
     return {"setup": asdict(setup), "runs": runs, "wall_s": time.monotonic() - started}
 
 
-def sweep(target: str, name: str, args: argparse.Namespace, specs: Sequence[RequestSpec], rates: Sequence[float],
+def sweep(target: str, name: str, args: argparse.Namespace, specs: Workload, rates: Sequence[float],
           words: str, out_dir: Path, say: Callable[[str], None],
           after_run: Callable[[Any], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """On a running server: warm it, then bench serve's run at each rate. One JSON entry per rate,
     also written to out_dir; `after_run(result)` may add fields to it."""
     warm = list(specs[:WARMUP_REQUESTS])
     run_benchmark(target, warm, arrival_from_args(args, math.inf), warmup=0, progress=False, run=0)
-    say(f"{name}: warmed up with {len(warm)} requests")
+    say(f"{name}: warmed up with {len(warm)} {'conversations' if is_conversations(warm) else 'requests'}")
     runs: list[dict[str, Any]] = []
     for run, rate in enumerate(rates, start=1):      # each rate's prompts its own: none hits another's cache
         load_before = os.getloadavg()[0]
@@ -199,8 +212,10 @@ def summarize(results: dict[str, Any], rates: Sequence[float], target: float) ->
                          "per_rate": {str(r): {k: metrics[r][k] for k in
                                                ("slo_attainment", "request_goodput", "request_throughput",
                                                 "completed", "failed")}
-                                      | {"ttft_p90_ms": metrics[r]["ttft"]["percentiles_ms"].get("p90"),
+                                      | {"ttft_p50_ms": metrics[r]["ttft"]["median_ms"],
+                                         "ttft_p90_ms": metrics[r]["ttft"]["percentiles_ms"].get("p90"),
                                          "tpot_p90_ms": metrics[r]["tpot"]["percentiles_ms"].get("p90"),
+                                         "cached_share": cached_share(metrics[r]),
                                          "load_avg_1m": loads.get(r), "share_changes": changes.get(r)}
                                       for r in rates if r in metrics}}
     colocated = [n for n in summary if n.startswith("colocated")]
@@ -215,27 +230,39 @@ def summarize(results: dict[str, Any], rates: Sequence[float], target: float) ->
     return summary
 
 
+def cached_share(metrics: dict[str, Any]) -> float | None:
+    """A run's prompt tokens found in the server's prefix cache, as a share (None: the server did not say)."""
+    cached, total = metrics.get("total_cached_tokens"), metrics.get("total_input_tokens")
+    return None if cached is None or not total else cached / total
+
+
 def format_table(summary: dict[str, Any], rates: Sequence[float], args: argparse.Namespace) -> str:
+    w = max([16, *(len(n) for n in summary)])
+    unit = "conv/s" if args.dataset == "multi-turn" else "req/s"
     lines = [f"SLO: TTFT <= {args.slo_ttft_ms:g} ms and TPOT <= {args.slo_tpot_ms:g} ms; "
              f"target: {args.attainment:.0%} of requests meet both",
-             f"{'config':<16} {'rate':>6} {'attain':>7} {'goodput':>8} {'thruput':>8} {'TTFT p90':>9} "
-             f"{'TPOT p90':>9} {'failed':>6} {'load':>5} {'moves':>5}"]
+             f"{'config':<{w}} {'rate':>6} {'attain':>7} {'goodput':>8} {'thruput':>8} {'TTFT p50':>9} "
+             f"{'TTFT p90':>9} {'TPOT p90':>9} {'cached':>6} {'failed':>6} {'load':>5} {'moves':>5}"]
     for name, s in summary.items():
         for i, r in enumerate(rates):
             m = s["per_rate"].get(str(r))
             if m is None:
                 continue
-            lines.append(f"{name if i == 0 else '':<16} {r:>6g} {m['slo_attainment']:>7.0%} "
+            lines.append(f"{name if i == 0 else '':<{w}} {r:>6g} {m['slo_attainment']:>7.0%} "
                          f"{m['request_goodput']:>8.2f} {m['request_throughput']:>8.2f} "
-                         f"{m['ttft_p90_ms']:>7.0f}ms {m['tpot_p90_ms']:>7.0f}ms {m['failed']:>6} "
+                         f"{_num(m.get('ttft_p50_ms'), '.0f'):>7}ms {m['ttft_p90_ms']:>7.0f}ms "
+                         f"{m['tpot_p90_ms']:>7.0f}ms {_num(m.get('cached_share'), '.0%'):>6} {m['failed']:>6} "
                          f"{_num(m.get('load_avg_1m'), '.1f'):>5} {_num(m.get('share_changes'), 'd'):>5}")
     base = next((s["vs"] for s in summary.values() if "vs" in s), None)
-    lines += ["", f"{'config':<16} {'max rate @ ' + format(args.attainment, '.0%'):>16}  "
+    lines += ["", f"{'config':<{w}} {'max rate @ ' + format(args.attainment, '.0%'):>17}  "
               + (f"vs {base}" if base else "")]
     for name, s in summary.items():
-        lines.append(f"{name:<16} {s['max_rate_text'] + ' req/s':>16}  {s.get('ratio_text', '')}")
-    lines.append("load: the machine's highest 1-min load average around the run (2 cores: above 2, other "
-                 "processes competed); moves: share changes the orchestrator made during the run")
+        lines.append(f"{name:<{w}} {s['max_rate_text'] + ' ' + unit:>17}  {s.get('ratio_text', '')}")
+    lines.append("thruput: completed requests / s; cached: prompt tokens found in the prefix cache; load: the "
+                 "machine's highest 1-min load average around the run (2 cores: above 2, other processes "
+                 "competed); moves: share changes the orchestrator made during the run")
+    if unit == "conv/s":
+        lines.append("rate: conversations started per second; each sends its turns one after another (multi-turn)")
     lines.append("max rate: first crossing of the target, linear in rate between the last rate that meets it "
                  "and the next that does not; >= : every rate met it; < : the lowest rate missed it")
     return "\n".join(lines)

@@ -60,6 +60,7 @@ class RequestSpec:
     arrival_s: float | None = None           # trace: seconds after the trace's first request; else None
     prompt: str | None = None                # a text prompt (prompt file); None: token ids
     token_ids: tuple[int, ...] | None = None # the prompt as token ids (set by with_token_ids)
+    from_corpus: bool = False                # token_ids cut from the corpus by with_token_ids: for_run renames them
 
     def __post_init__(self) -> None:
         if self.prompt_len < 1 or self.output_len < 1:
@@ -74,6 +75,7 @@ class Arrival:
     rate: float | None = None    # requests/s; inf: all at once. trace: rescale to this mean rate (None: as recorded)
     burstiness: float = 1.0      # gamma shape: < 1 burstier than Poisson, > 1 more regular; poisson is 1
     seed: int = 0                # the gaps' random generator
+    per: str = "request"         # what arrives at `rate`: "request", or "conversation" (multi-turn: its first turn)
 
     def __post_init__(self) -> None:
         if self.kind not in ("trace", "poisson", "gamma"):
@@ -84,12 +86,18 @@ class Arrival:
             raise ValueError(f"arrival {self.kind} needs a request rate")
         if not self.burstiness > 0:
             raise ValueError(f"burstiness must be positive, got {self.burstiness}")
+        if self.per not in ("request", "conversation"):
+            raise ValueError(f"arrivals per {self.per!r}: use request or conversation")
+
+    @property
+    def unit(self) -> str:
+        return "req/s" if self.per == "request" else "conversations/s"
 
     def describe(self) -> str:
         if self.kind == "trace":
-            return "trace arrivals" + (f" rescaled to {self.rate:g} req/s" if self.rate else " as recorded")
+            return "trace arrivals" + (f" rescaled to {self.rate:g} {self.unit}" if self.rate else " as recorded")
         shape = "Poisson" if self.kind == "poisson" else f"gamma, burstiness {self.burstiness:g}"
-        return f"{self.rate:g} req/s ({shape}, seed {self.seed})"
+        return f"{self.rate:g} {self.unit} ({shape}, seed {self.seed})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,13 +186,14 @@ RUN_TOKEN_BASE = 1000       # run k's prompts start with token RUN_TOKEN_BASE + 
 
 
 def for_run(specs: Sequence[RequestSpec], run: int) -> list[RequestSpec]:
-    """The specs with the first token of every token-id prompt set to one of run `run` only, lengths
-    kept: prefix caching (duoserve's, vLLM's) keys a block by everything before it, so no run reuses
-    the KV of another run's prompts (a sweep sends the same workload at each rate; a warm-up before
-    it). Within a run the prompts already differ from their first block on (`with_token_ids`); text
-    prompts are left as they are."""
+    """The specs with the first token of every prompt cut from the corpus set to one of run `run`
+    only, lengths kept: prefix caching (duoserve's, vLLM's) keys a block by everything before it, so
+    no run reuses the KV of another run's prompts (a sweep sends the same workload at each rate; a
+    warm-up before it). Within a run the prompts already differ from their first block on
+    (`with_token_ids`); text prompts and token ids given as such are left as they are."""
     token = RUN_TOKEN_BASE + run
-    return [replace(s, token_ids=(token, *s.token_ids[1:])) if s.token_ids else s for s in specs]
+    return [replace(s, token_ids=(token, *s.token_ids[1:])) if s.from_corpus and s.token_ids else s
+            for s in specs]
 
 
 def with_token_ids(specs: Sequence[RequestSpec], corpus_ids: Sequence[int]) -> list[RequestSpec]:
@@ -200,7 +209,7 @@ def with_token_ids(specs: Sequence[RequestSpec], corpus_ids: Sequence[int]) -> l
             continue
         start = (i * 7919) % n                      # a prime stride: starts spread over the corpus
         ids = tuple(corpus_ids[(start + k) % n] for k in range(spec.prompt_len))
-        out.append(replace(spec, token_ids=ids))
+        out.append(replace(spec, token_ids=ids, from_corpus=True))
     return out
 
 
@@ -225,6 +234,13 @@ def schedule(specs: Sequence[RequestSpec], arrival: Arrival) -> list[float]:
             return [0.0] * n
         factor = rate / arrival.rate if math.isfinite(rate) else 1.0
         return [t * factor for t in times]
+    return process_offsets(n, arrival)
+
+
+def process_offsets(n: int, arrival: Arrival) -> list[float]:
+    """`n` send offsets of a Poisson or gamma process (the first at 0), or all at 0 at rate inf."""
+    if arrival.kind == "trace":
+        raise ValueError("trace arrivals need a dataset with arrival times (azure-conv)")
     if math.isinf(arrival.rate):
         return [0.0] * n
     rng = np.random.default_rng(arrival.seed)

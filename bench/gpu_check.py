@@ -14,7 +14,8 @@
            and `duoserve simulate` read with --coresidency-calibration
   driver   cuda-python (services/common/cuda_driver.py), before MPS starts: the SM count from
            cuDeviceGetAttribute, and green contexts split at 30/50/100 % (asked -> given SMs); each
-           share's row also shows the driver's SM count inside that MPS client (is it capped?)
+           share's row also shows the driver's SM count inside that MPS client (is it capped?); the
+           green retune (services/worker/green.py): each partition's switch time and a matmul on it
   stack    `duoserve up --device cuda` on that daemon: both workers are MPS clients; greedy output
            of a few prompts through the gateway equals the CPU engine's; hand-off latency (decode's
            duoserve:handoff_latency_seconds over those requests, as bench/stack_latency.py); switch
@@ -39,6 +40,7 @@ from typing import Sequence
 
 from services.common import cuda_driver, mps
 from services.common.shares import UnitSpace
+from services.worker.green import GreenRetune
 
 PROMPTS = [list(range(1000, 1000 + n)) for n in (7, 33, 130, 300)]   # token ids: no tokenizer differences
 EXIT_NO_GPU = 2
@@ -250,7 +252,34 @@ def driver_rows(green_shares: Sequence[float] = (0.3, 0.5, 1.0)) -> list[tuple[s
                                        f"alignment {resource.alignment})"))
     finally:
         green.close()
-    return rows
+    return rows + [green_switch_row(green_shares)]
+
+
+def green_switch_row(green_shares: Sequence[float]) -> tuple[str, str]:
+    """The retune path of `--retune-mode green` (services/worker/green.py): a 4096^2 matmul timed on
+    each partition's stream after the switch, and the switch itself (old stream drained)."""
+    import torch
+    try:
+        retune = GreenRetune.create(green_shares)
+    except (cuda_driver.CudaDriverError, ValueError) as e:
+        return ("green retune", f"failed: {e}")
+    a = torch.randn(4096, 4096, device="cuda:0", dtype=torch.float16)
+    parts = []
+    try:
+        for share in green_shares:
+            switch = retune.apply(share)
+            a @ a
+            torch.cuda.current_stream().synchronize()
+            started = time.perf_counter()
+            for _ in range(10):
+                a @ a
+            torch.cuda.current_stream().synchronize()
+            parts.append(f"{switch.sm_count} SMs: switch {switch.switch_ms:.2f} ms, matmul "
+                         f"{(time.perf_counter() - started) * 100:.2f} ms")
+    finally:
+        retune.close()
+        torch.cuda.set_stream(torch.cuda.default_stream(0))
+    return ("green retune", "; ".join(parts))
 
 
 # ---------------------------------------------------------------------------------------------- table

@@ -24,13 +24,15 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from bench.compare import MaxRate, Setup, max_rate, ratio_text, run_setup, sweep
-from bench.datasets import REAL_TEXT, RequestSpec, with_token_ids
-from bench.serve import arrival_from_args, workload_from_args
+from bench.compare import (NO_CACHE, MaxRate, Setup, cached_share, max_rate, ratio_text, run_setup, sweep,
+                           without_cache)
+from bench.conversations import conversations_with_token_ids, is_conversations
+from bench.datasets import REAL_TEXT, with_token_ids
+from bench.workloads import Workload, arrival_from_args, workload_from_args
 
 DEFAULT_SYSTEMS = "vllm,vllm-omp2,split,split-static,colocated"
 STEADY_STATE_REQUESTS = 200         # fewer per rate: queues may not build up; the report says so
@@ -44,6 +46,7 @@ class System:
     name: str                           # "vllm", "vllm-omp2", "split", "colocated"
     omp_threads: int | None = None      # vLLM: OMP_NUM_THREADS for its server (None: its default)
     setup: Setup | None = None          # duoserve: the stack bench compare starts; None: vLLM
+    prefix_caching: bool = True         # vLLM's and duoserve's alike (off: the name ends in -no-cache)
 
     @property
     def is_vllm(self) -> bool:
@@ -51,14 +54,22 @@ class System:
 
 
 def systems_for(names: Sequence[str], chunk_size: int) -> list[System]:
+    """The systems named; each name may end in -no-cache: the same with prefix caching off."""
     known = {"vllm": System("vllm"), "vllm-omp2": System("vllm-omp2", omp_threads=2),
              "split": System("split", setup=Setup("split", "split", policy="auto")),
              "split-static": System("split-static", setup=Setup("split-static", "split", policy="static")),
              "colocated": System("colocated", setup=Setup("colocated", "colocated", chunk_size=chunk_size))}
-    unknown = [n for n in names if n not in known]
+    unknown = [n for n in names if without_cache(n)[0] not in known]
     if unknown or not names:
-        raise ValueError(f"--systems {','.join(unknown) or '(none)'}: use some of {', '.join(known)}")
-    return [known[n] for n in dict.fromkeys(names)]
+        raise ValueError(f"--systems {','.join(unknown) or '(none)'}: use some of {', '.join(known)}, each "
+                         f"optionally with {NO_CACHE} (prefix caching off)")
+    out = []
+    for name in dict.fromkeys(names):
+        base, caching = without_cache(name)
+        system = known[base]
+        setup = None if system.setup is None else replace(system.setup, name=name, prefix_caching=caching)
+        out.append(replace(system, name=name, setup=setup, prefix_caching=caching))
+    return out
 
 
 def machine_info(cpuinfo: str) -> dict[str, Any]:
@@ -78,17 +89,25 @@ def describe_machine(machine: dict[str, Any]) -> str:
 # Running
 # ---------------------------------------------------------------------------------------------
 
-def prepared_requests(args: argparse.Namespace, model_dir: Path) -> tuple[list[RequestSpec], str]:
+def prepared_requests(args: argparse.Namespace, model_dir: Path) -> tuple[Workload, str]:
     """The workload with token ids from the model's tokenizer (the gateway's Tokenize encodes the same way)."""
     from services.engine.tokenizer import Tokenizer
 
     specs, words = workload_from_args(args)
+    corpus = Tokenizer.from_dir(model_dir).encode(REAL_TEXT)
+    if is_conversations(specs):
+        return conversations_with_token_ids(specs, corpus), words
     if any(s.prompt is not None for s in specs):
-        raise ValueError("bench peer sends prompts as token ids: use --dataset azure-conv or random")
-    return with_token_ids(specs, Tokenizer.from_dir(model_dir).encode(REAL_TEXT)), words
+        raise ValueError("bench peer sends prompts as token ids: use --dataset azure-conv, random or multi-turn")
+    return with_token_ids(specs, corpus), words
 
 
-def run_system(system: System, args: argparse.Namespace, specs: Sequence[RequestSpec], rates: Sequence[float],
+def num_requests(workload: Workload) -> int:
+    """Requests a run sends: one per spec, or per conversation turn."""
+    return sum(c.turns for c in workload) if is_conversations(workload) else len(workload)
+
+
+def run_system(system: System, args: argparse.Namespace, specs: Workload, rates: Sequence[float],
                words: str, model_dir: Path, say: Callable[[str], None]) -> dict[str, Any]:
     """Start the system, warm it, run every rate, stop it. Returns its part of the JSON."""
     load_before = os.getloadavg()
@@ -99,7 +118,8 @@ def run_system(system: System, args: argparse.Namespace, specs: Sequence[Request
         from bench.vllm_server import VllmLaunch, ensure_venv, running_vllm
         started = time.monotonic()
         launch = VllmLaunch(python=ensure_venv(args.vllm_venv.expanduser(), say), model_dir=model_dir,
-                            dtype=args.dtype, omp_threads=system.omp_threads,
+                            dtype=args.dtype, omp_threads=system.omp_threads, prefix_caching=system.prefix_caching,
+                            block_size=args.vllm_block_size,
                             log_path=args.output / f"{system.name}-server.log",
                             startup_timeout_s=args.vllm_startup_timeout)
         with running_vllm(launch, lambda m: say(f"{system.name}: {m}")) as url:
@@ -118,7 +138,8 @@ def _per_rate(metrics: dict[str, Any], load: float | None) -> dict[str, Any]:
     counts = ("slo_attainment", "request_goodput", "request_throughput", "completed", "failed")
     return {k: metrics[k] for k in counts} | {
         "ttft_p50_ms": ttft["median_ms"], "ttft_p90_ms": ttft["percentiles_ms"].get("p90"),
-        "tpot_p50_ms": tpot["median_ms"], "tpot_p90_ms": tpot["percentiles_ms"].get("p90"), "load_avg_1m": load}
+        "tpot_p50_ms": tpot["median_ms"], "tpot_p90_ms": tpot["percentiles_ms"].get("p90"), "load_avg_1m": load,
+        "cached_share": cached_share(metrics)}
 
 
 def _rank(summary: dict[str, Any], name: str) -> float:
@@ -149,27 +170,36 @@ def summarize(results: dict[str, Any], rates: Sequence[float], target: float) ->
 
 def format_table(report: dict[str, Any]) -> str:
     summary, rates = report["summary"], report["rates"]
+    w = max([11, *(len(n) for n in summary)])
+    per_conversation = report.get("arrival", {}).get("per") == "conversation"
+    unit = "conv/s" if per_conversation else "req/s"
     lines = [f"machine: {describe_machine(report['machine'])}",
              f"workload: {report['workload']}; dtype {report['dtype']}",
              f"SLO: TTFT <= {report['slo_ttft_ms']:g} ms and TPOT <= {report['slo_tpot_ms']:g} ms; "
              f"target: {report['attainment_target']:.0%} of requests meet both",
-             f"{'system':<11} {'rate':>5} {'attain':>6} {'goodput':>7} {'finished':>8} {'TTFT p50':>8} "
-             f"{'p90':>7} {'TPOT p50':>8} {'p90':>6} {'done':>5} {'failed':>6} {'load':>5}"]
+             f"{'system':<{w}} {'rate':>5} {'attain':>6} {'goodput':>7} {'finished':>8} {'TTFT p50':>8} "
+             f"{'p90':>7} {'TPOT p50':>8} {'p90':>6} {'cached':>6} {'done':>5} {'failed':>6} {'load':>5}"]
     for name, s in summary.items():
-        lines.append(f"{name:<11} load average before: {report['results'][name]['load_avg_before'][0]:.2f}")
+        lines.append(f"{name:<{w}} load average before: {report['results'][name]['load_avg_before'][0]:.2f}")
         for r in rates:
             m = s["per_rate"].get(str(r))
             if m is not None:
-                lines.append(f"{'':<11} {r:>5g} {m['slo_attainment']:>6.0%} {m['request_goodput']:>7.2f} "
+                cached = m.get("cached_share")
+                lines.append(f"{'':<{w}} {r:>5g} {m['slo_attainment']:>6.0%} {m['request_goodput']:>7.2f} "
                              f"{m['request_throughput']:>8.2f} {m['ttft_p50_ms']:>6.0f}ms {m['ttft_p90_ms']:>5.0f}ms "
-                             f"{m['tpot_p50_ms']:>6.0f}ms {m['tpot_p90_ms']:>4.0f}ms {m['completed']:>5} "
+                             f"{m['tpot_p50_ms']:>6.0f}ms {m['tpot_p90_ms']:>4.0f}ms "
+                             f"{'-' if cached is None else format(cached, '.0%'):>6} {m['completed']:>5} "
                              f"{m['failed']:>6} {m['load_avg_1m']:>5.1f}")
     at = "max rate @ " + format(report["attainment_target"], ".0%")
-    lines += ["", f"{'system':<11} {at:>16}  against the better vLLM"]
+    lines += ["", f"{'system':<{w}} {at:>17}  against the better vLLM"]
     for name, s in summary.items():
         vs = f"{s['ratio_text']} ({s['vs']})" if "vs" in s else ""
-        lines.append(f"{name:<11} {s['max_rate_text'] + ' req/s':>16}  {vs}")
-    lines.append("finished: completed requests / s; load: the highest 1-min load average around the run")
+        lines.append(f"{name:<{w}} {s['max_rate_text'] + ' ' + unit:>17}  {vs}")
+    lines.append("finished: completed requests / s; cached: prompt tokens the server found in its prefix cache "
+                 "(its usage); load: the highest 1-min load average around the run")
+    if per_conversation:
+        lines.append("rate: conversations started per second (Poisson); each sends its turns one after another, "
+                     "a turn after the previous answer and the think time; attainment and latencies over all turns")
     lines.append("max rate: first crossing of the target, linear in rate between the last rate that meets it "
                  "and the next; >= : every rate met it; < : the lowest rate missed it")
     if report["num_requests"] < STEADY_STATE_REQUESTS:
@@ -251,7 +281,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
-    report = _report(args, machine, model_dir, rates, words, len(specs), results, time.monotonic() - started)
+    report = _report(args, machine, model_dir, rates, words, num_requests(specs), results, time.monotonic() - started)
     return _write(report, args, say)
 
 

@@ -39,6 +39,8 @@ def plot_comparison(report: dict[str, Any], out_dir: Path) -> list[Path]:
     target = report["attainment_target"]
     slo = f"TTFT <= {report['slo_ttft_ms']:g} ms, TPOT <= {report['slo_tpot_ms']:g} ms"
     heading = report.get("heading")         # bench peer: what was compared on which machine, a line above
+    per_conversation = report.get("arrival", {}).get("per") == "conversation"   # multi-turn: the rate starts them
+    unit = "conversations/s" if per_conversation else "req/s"
     paths: list[Path] = []
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -47,7 +49,8 @@ def plot_comparison(report: dict[str, Any], out_dir: Path) -> list[Path]:
         best = report["summary"][name]["max_rate_text"]
         ax.plot(rates, [a * 100 for a in att], marker="o", label=f"{name} (max {best})")
     ax.axhline(target * 100, color="gray", linestyle="--", linewidth=1, label=f"target {target:.0%}")
-    ax.set(xlabel="request rate (req/s)", ylabel="SLO attainment (%)", ylim=(0, 105),
+    ax.set(xlabel=f"{'conversation start' if per_conversation else 'request'} rate ({unit})",
+           ylabel="SLO attainment (%)", ylim=(0, 105),
            title=_title(heading, f"Attainment ({slo})"))
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
@@ -55,11 +58,13 @@ def plot_comparison(report: dict[str, Any], out_dir: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     top = max(report["rates"])
-    ax.plot([0, top], [0, top], color="gray", linestyle=":", linewidth=1, label="goodput = rate")
+    if not per_conversation:                # a conversation is several requests: no such line
+        ax.plot([0, top], [0, top], color="gray", linestyle=":", linewidth=1, label="goodput = rate")
     for name in names:
         rates, good = _series(report, name, "request_goodput")
         ax.plot(rates, good, marker="o", label=name)
-    ax.set(xlabel="request rate (req/s)", ylabel="goodput (req/s meeting both SLOs)",
+    ax.set(xlabel=f"{'conversation start' if per_conversation else 'request'} rate ({unit})",
+           ylabel="goodput (req/s meeting both SLOs)",
            title=_title(heading, f"Goodput ({slo})"))
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
@@ -80,7 +85,7 @@ def plot_comparison(report: dict[str, Any], out_dir: Path) -> list[Path]:
                     ax.step(values, [(i + 1) / len(values) for i in range(len(values))], where="post", label=name)
             ax.axvline(target_ms, color="gray", linestyle=":", linewidth=1)
             ax.set(xlabel=f"{metric.upper()} (ms)", ylabel="fraction of requests", ylim=(0, 1.02),
-                   title=f"{metric.upper()} at {rate:g} req/s")
+                   title=f"{metric.upper()} at {rate:g} {unit}")
             ax.grid(alpha=0.3)
             if row == 0 and col == 0:
                 ax.legend(fontsize=7)

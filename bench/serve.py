@@ -36,9 +36,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from bench.clients import BenchClient, ServerError, open_client
-from bench.datasets import (DEFAULT_AZURE_CONV, REAL_TEXT, Arrival, RequestSpec, load_azure_conv,
-                            for_run, load_prompt_file, random_requests, schedule, with_token_ids)
+from bench.clients import BenchClient, ServerError, StreamChunk, open_client
+from bench.conversations import is_conversations
+from bench.datasets import REAL_TEXT, Arrival, RequestSpec, for_run, schedule, with_token_ids
+from bench.workloads import Workload
 from duoserve.cli_args import client_tls
 from services.common.progress import progress as progress_bar
 
@@ -62,6 +63,9 @@ class RequestRecord:
     output_tokens: int = 0          # tokens received (the server's usage count when given)
     finish_reason: str | None = None
     error: str = ""                 # why it failed
+    cached_tokens: int | None = None   # prompt tokens the server found in its prefix cache (None: it did not say)
+    conversation: int | None = None    # multi-turn: the conversation, and the turn in it (from 0)
+    turn: int | None = None
 
     @property
     def tpot_s(self) -> float:
@@ -107,6 +111,7 @@ class Metrics:
     good: int | None                # completed requests meeting every SLO given (None: no SLO given)
     request_goodput: float | None   # good / duration
     slo_attainment: float | None    # good / all requests
+    total_cached_tokens: int | None = None   # of total_input_tokens, found in the prefix cache (None: not said)
 
 
 def compute_metrics(records: Sequence[RequestRecord], duration_s: float, *, slo_ttft_ms: float | None = None,
@@ -135,7 +140,9 @@ def compute_metrics(records: Sequence[RequestRecord], duration_s: float, *, slo_
         itl=LatencyStats.of(itls, percentiles), e2e=LatencyStats.of(e2es, percentiles),
         slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, good=good,
         request_goodput=None if good is None else good / dur,
-        slo_attainment=None if good is None else (good / len(records) if records else 0.0))
+        slo_attainment=None if good is None else (good / len(records) if records else 0.0),
+        total_cached_tokens=(sum(r.cached_tokens or 0 for r in done)
+                             if any(r.cached_tokens is not None for r in done) else None))
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,14 +190,19 @@ class Progress:
         self.bar.close()
 
 
-async def _one(client: BenchClient, spec: RequestSpec, record: RequestRecord, t0: float) -> None:
+async def stream_one(client: BenchClient, spec: RequestSpec, record: RequestRecord, t0: float,
+               keep: list[StreamChunk] | None = None) -> None:
+    """Send one request and time it into `record`; its chunks are appended to `keep` when given
+    (with token ids: a conversation's next turn resends the answer)."""
     first = last_tokens = 0.0
     st = time.perf_counter()
     record.sent_s = st - t0
     try:
-        async with contextlib.aclosing(client.stream(spec)) as chunks:
+        async with contextlib.aclosing(client.stream(spec, answer_ids=keep is not None)) as chunks:
             async for chunk in chunks:
                 now = time.perf_counter()
+                if keep is not None:
+                    keep.append(chunk)
                 if chunk.num_tokens:
                     if not first:
                         first = now
@@ -204,6 +216,7 @@ async def _one(client: BenchClient, spec: RequestSpec, record: RequestRecord, t0
                 record.finish_reason = chunk.finish_reason or record.finish_reason
                 record.output_tokens = chunk.completion_tokens or record.output_tokens
                 record.prompt_len = chunk.prompt_tokens or record.prompt_len
+                record.cached_tokens = chunk.cached_tokens if chunk.cached_tokens is not None else record.cached_tokens
         if record.finish_reason in (None, "error", "cancelled") or not first:
             record.error = f"finish reason {record.finish_reason}, {record.output_tokens} tokens"
         else:
@@ -215,29 +228,32 @@ async def _one(client: BenchClient, spec: RequestSpec, record: RequestRecord, t0
 async def _prepare(client: BenchClient, specs: Sequence[RequestSpec],
                    runs: Sequence[int] = (1,)) -> list[list[RequestSpec]]:
     """Token ids from real text for specs without a prompt, in one variant per run of `runs`
-    (datasets.for_run; prompts given as text or token ids are sent as given); each text prompt's real
-    length; fit checks."""
+    (datasets.for_run: ids cut from the corpus, here or by the caller; prompts given as text or token
+    ids are sent as given); each text prompt's real length; fit checks."""
     info = await client.model_info()
     out = list(specs)
-    derived = [s.prompt is None and s.token_ids is None for s in out]
-    if any(derived):
+    if any(s.prompt is None and s.token_ids is None for s in out):
         out = with_token_ids(out, await client.tokenize(REAL_TEXT))
     for i, s in enumerate(out):
         if s.prompt is not None:
             out[i] = RequestSpec(len(await client.tokenize(s.prompt)) or 1, s.output_len, s.arrival_s, s.prompt)
+    check_fit(info, [s.prompt_len + s.output_len for s in out], "--length-scale, --input-len")
+    return [for_run(out, run) for run in runs]
+
+
+def check_fit(info: Mapping[str, Any], lengths: Sequence[int], knobs: str) -> None:
+    """Every request's prompt + output within the served model's context and KV pool (model_info)."""
     # An OpenAI server does not say its KV pool (None), and may not say its context either.
     kv_tokens = info["num_kv_blocks"] * info["block_size"] if info.get("num_kv_blocks") else None
     limit = min((x for x in (info.get("max_context"), kv_tokens) if x), default=None)
-    too_long = [i for i, s in enumerate(out) if limit is not None and s.prompt_len + s.output_len > limit]
+    too_long = [i for i, n in enumerate(lengths) if limit is not None and n > limit]
     if too_long:
-        s = out[too_long[0]]
         raise ValueError(f"{len(too_long)} requests do not fit the served model's {limit} tokens "
-                         f"(context {info['max_context']}, KV pool {kv_tokens}), e.g. #{too_long[0]}: "
-                         f"{s.prompt_len} + {s.output_len}; lower the lengths (--length-scale, --input-len)")
-    return [[v if d else s for s, v, d in zip(out, for_run(out, run), derived)] for run in runs]
+                         f"(context {info.get('max_context')}, KV pool {kv_tokens}), e.g. #{too_long[0]}: "
+                         f"{lengths[too_long[0]]} tokens; lower the lengths ({knobs})")
 
 
-async def benchmark(target: str, specs: Sequence[RequestSpec], arrival: Arrival, *,
+async def benchmark(target: str, specs: Workload, arrival: Arrival, *,
                     max_concurrency: int | None = None, slo_ttft_ms: float | None = None,
                     slo_tpot_ms: float | None = None, warmup: int = 1,
                     percentiles: Sequence[float] = DEFAULT_PERCENTILES, progress: bool = True,
@@ -246,26 +262,34 @@ async def benchmark(target: str, specs: Sequence[RequestSpec], arrival: Arrival,
     """Run the workload once against `target`: a gateway's HOST:PORT or an OpenAI server's http://HOST:PORT.
     `access`: open_client's api_key, tls and server_name, for a stack that wants them. `run` numbers
     the runs against one server (datasets.for_run: no run's prompts made from the corpus hit another's
-    prefix cache; the warm-up requests are run 0)."""
+    prefix cache; the warm-up requests are run 0). A multi-turn workload (bench.conversations) runs
+    in bench.multiturn: `arrival` is then its conversations' starts."""
     if max_concurrency is not None and max_concurrency < 1:
         raise ValueError("max concurrency must be at least 1")
+    if is_conversations(specs):
+        from bench.multiturn import benchmark_conversations
+        return await benchmark_conversations(
+            target, specs, arrival, max_concurrency=max_concurrency, slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms,
+            warmup=warmup, percentiles=percentiles, progress=progress, label=label, workload=workload,
+            access=access, run=run)
     offsets = schedule(specs, arrival)
     client = open_client(target, REQUEST_TIMEOUT_S, **(access or {}))
     try:
         warm_specs, specs = await _prepare(client, specs, (0, run))
         for i in range(warmup):             # not measured: first-call costs (channel, allocator, caches)
             spec = warm_specs[i % len(warm_specs)]
-            await _one(client, spec, RequestRecord(-1, spec.prompt_len, spec.output_len, 0.0), time.perf_counter())
+            warm = RequestRecord(-1, spec.prompt_len, spec.output_len, 0.0)
+            await stream_one(client, spec, warm, time.perf_counter())
         records = [RequestRecord(i, s.prompt_len, s.output_len, offsets[i]) for i, s in enumerate(specs)]
         bar = Progress(len(specs), label, enabled=progress)
         slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
 
         async def run(spec: RequestSpec, record: RequestRecord) -> None:
             if slots is None:
-                await _one(client, spec, record, t0)
+                await stream_one(client, spec, record, t0)
             else:
                 async with slots:
-                    await _one(client, spec, record, t0)
+                    await stream_one(client, spec, record, t0)
             bar.finished(record.success)
 
         started_at = time.time()
@@ -288,7 +312,7 @@ async def benchmark(target: str, specs: Sequence[RequestSpec], arrival: Arrival,
                   max_concurrency=max_concurrency, started_at=started_at, metrics=metrics, records=tuple(records))
 
 
-def run_benchmark(target: str, requests: Sequence[RequestSpec], arrival: Arrival, **kwargs: Any) -> Result:
+def run_benchmark(target: str, requests: Workload, arrival: Arrival, **kwargs: Any) -> Result:
     """Blocking form of `benchmark` (its own event loop), for scripts and `bench compare`."""
     return asyncio.run(benchmark(target, requests, arrival, **kwargs))
 
@@ -310,6 +334,8 @@ def format_result(result: Result) -> str:
         rows.append(("Request goodput (req/s):", f"{m.request_goodput:.2f}"))
     rows += [("Output token throughput (tok/s):", f"{m.output_throughput:.2f}"),
              ("Total Token throughput (tok/s):", f"{m.total_token_throughput:.2f}")]
+    if m.total_cached_tokens is not None:
+        rows.append(("Cached prompt tokens:", f"{m.total_cached_tokens} ({cached_share(m):.0%})"))
     lines = [f"{' Serving Benchmark Result ':=^50}",
              f"{'Workload:':<32} {result.workload}", f"{'Arrivals:':<32} {_describe_arrival(result)}"]
     lines += [f"{k:<40} {v:<10}" for k, v in rows]
@@ -334,51 +360,25 @@ def format_result(result: Result) -> str:
     return "\n".join(lines)
 
 
+def cached_share(m: Metrics) -> float:
+    """Prompt tokens the server found in its prefix cache, as a share of all (0 when it did not say)."""
+    return (m.total_cached_tokens or 0) / m.total_input_tokens if m.total_input_tokens else 0.0
+
+
 def _describe_arrival(result: Result) -> str:
     text = Arrival(**result.arrival).describe()
     return text + (f", at most {result.max_concurrency} at once" if result.max_concurrency else "")
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line (parsed in duoserve/cli.py)
+# Command line (parsed in duoserve/cli.py; --dataset and the arrival flags in bench/workloads.py)
 # ---------------------------------------------------------------------------------------------
 
-def workload_from_args(args: argparse.Namespace) -> tuple[list[RequestSpec], str]:
-    """The requests of --dataset, and the workload in words."""
-    if args.dataset == "azure-conv":
-        path = args.dataset_path or DEFAULT_AZURE_CONV
-        specs = load_azure_conv(path, max_requests=args.num_requests, start_offset_s=args.start_offset,
-                                length_scale=args.length_scale, rate_scale=args.rate_scale,
-                                max_total_len=args.max_total_len)
-        words = (f"azure-conv {path.name}: {len(specs)} requests from {args.start_offset:g} s, lengths x "
-                 f"{args.length_scale:g}")
-    elif args.dataset == "random":
-        specs = random_requests(args.num_requests, args.input_len, args.output_len, args.range_ratio,
-                                seed=args.seed)
-        words = (f"random: {len(specs)} requests, input {args.input_len}, output {args.output_len}, "
-                 f"range ratio {args.range_ratio:g}")
-    else:
-        if args.dataset_path is None:
-            raise ValueError("--dataset prompt-file needs --dataset-path FILE (one prompt per line)")
-        specs = load_prompt_file(args.dataset_path, args.output_len, max_requests=args.num_requests)
-        return specs, f"prompt file {args.dataset_path}: {len(specs)} prompts, output {args.output_len} tokens"
-    mean_in = sum(s.prompt_len for s in specs) / len(specs)
-    mean_out = sum(s.output_len for s in specs) / len(specs)
-    return specs, f"{words} (mean {mean_in:.0f} in / {mean_out:.0f} out tokens)"
-
-
-def arrival_from_args(args: argparse.Namespace, rate: float | None = None) -> Arrival:
-    kind = args.arrival or ("trace" if args.dataset == "azure-conv" else "poisson")
-    rate = rate if rate is not None else args.request_rate
-    if kind != "trace" and rate is None:
-        rate = math.inf
-    return Arrival(kind, rate, args.burstiness, args.seed)
-
-
 def run_from_args(args: argparse.Namespace) -> int:
+    from bench.workloads import arrival_from_args, workload_from_args
+    from duoserve.errors import DuoserveError
     specs, words = workload_from_args(args)
     arrival = arrival_from_args(args)
-    from duoserve.errors import DuoserveError
     try:
         result = run_benchmark(args.target, specs, arrival, max_concurrency=args.max_concurrency,
                                slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, warmup=args.warmup,

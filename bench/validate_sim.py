@@ -34,7 +34,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from bench.serve import Result, arrival_from_args, run_benchmark, workload_from_args
+from bench.serve import Result, run_benchmark
+from bench.workloads import arrival_from_args, workload_from_args
 
 CALIBRATION_REQUESTS = 8            # per calibration phase (prefill sizes, decode batch sizes)
 QUANTILES = (50, 90)
@@ -261,6 +262,8 @@ def judge(real: RealRun, words: str, policy: str, tolerance: float, cpu_cores: i
 def run_from_args(args: argparse.Namespace) -> int:
     if not 0 < args.tolerance < 1:
         raise ValueError("--tolerance must be in (0, 1), e.g. 0.2")
+    if args.dataset == "multi-turn":
+        raise ValueError("validate-sim: the simulator has no multi-turn workload (yet); use azure-conv or random")
 
     def say(message: str) -> None:
         print(f"validate-sim: {message}", file=sys.stderr, flush=True)

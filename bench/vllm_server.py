@@ -9,7 +9,9 @@ The environment's life (never part of `make install`, `make test` or CI: ~3.4 GB
 A server's life:
   started   `python -m vllm.entrypoints.openai.api_server` (the `vllm` command looks up the distribution
             name `vllm` and fails) on a free port, in its own process group, its output to a log file;
-            VLLM_CPU_KVCACHE_SPACE GiB of KV cache; OMP_NUM_THREADS as the variant asks or unset
+            VLLM_CPU_KVCACHE_SPACE GiB of KV cache; OMP_NUM_THREADS as the variant asks or unset;
+            prefix caching on (vLLM's default, said explicitly) or off, and the cached prompt tokens in
+            each usage (--enable-prompt-tokens-details), as duoserve's usage carries them
   healthy   GET /health answers 200; an exit or a timeout first is an error quoting the log's end
   stopped   SIGTERM to the whole group (the API server and its engine-core process), SIGKILL after a
             grace period; on every way out of the `with` block, exceptions and Ctrl-C included
@@ -122,11 +124,15 @@ class VllmLaunch:
     startup_timeout_s: float = 900.0        # until /health answers
     max_model_len: int = 2048
     kv_cache_gib: int = 2                   # VLLM_CPU_KVCACHE_SPACE
+    prefix_caching: bool = True             # vLLM's automatic prefix caching (its default: on)
+    block_size: int | None = None           # KV block (and prefix-cache) tokens; None: vLLM's (128 on the CPU)
 
 
 def server_command(launch: VllmLaunch, port: int) -> list[str]:
     return [str(launch.python), "-m", SERVER_MODULE, "--model", str(launch.model_dir), "--dtype", launch.dtype,
-            "--max-model-len", str(launch.max_model_len), "--port", str(port), "--host", "127.0.0.1"]
+            "--max-model-len", str(launch.max_model_len), "--port", str(port), "--host", "127.0.0.1",
+            "--enable-prefix-caching" if launch.prefix_caching else "--no-enable-prefix-caching",
+            "--enable-prompt-tokens-details", *(("--block-size", str(launch.block_size)) if launch.block_size else ())]
 
 
 def server_env(launch: VllmLaunch, inherited: Mapping[str, str]) -> dict[str, str]:

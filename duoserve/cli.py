@@ -68,6 +68,9 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:
                    help="use this Redis (env REDIS_URL; never started or stopped); default: start one")
     add_checkpoint_args(p)
     p.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks of 16 tokens")
+    p.add_argument("--pairs", type=int, default=1,
+                   help="split: run N pairs (arena + prefill + decode + orchestrator) behind the gateway, which "
+                        "routes each request by prefix-cache affinity and load; on the CPU they divide the cores")
     p.add_argument("--cpus", type=cpu_list, default=(),
                    help="the stack's cores, e.g. 0-3 (default: all); split mode gives prefill the first "
                         "half and decode the rest (2 cores: prefill 0, decode 1)")
@@ -92,6 +95,10 @@ def _up_parser(sub: argparse._SubParsersAction) -> None:
                    help="cuda split: prefill's initial SM cap, CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (1-100)")
     p.add_argument("--decode-percentage", type=int, default=50,
                    help="cuda split: decode's initial SM cap, CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (1-100)")
+    p.add_argument("--retune-mode", choices=["succession", "green"], default="succession",
+                   help="cuda split: how a new share is applied: succession (default: a standby process at the "
+                        "new MPS percentage takes over) or green (green-context SM partitions inside each "
+                        "worker, switched in milliseconds; the workers run at MPS percentage 100)")
     p.add_argument("--mps-pipe-dir", type=Path, default=os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or None,
                    help="cuda: pipe directory of a running MPS daemon to use (env CUDA_MPS_PIPE_DIRECTORY; "
                         "default /tmp/nvidia-mps)")
@@ -135,14 +142,14 @@ def stack_config_from_args(args: argparse.Namespace):
     return StackConfig(
         state_dir=args.state_dir.expanduser(), cache_dir=args.cache_dir.expanduser(), name=args.name,
         mode=Mode(args.mode), redis_url=args.redis_url or None, model=args.model, dtype=args.dtype,
-        weights=args.weights, num_kv_blocks=args.num_kv_blocks, prefix_caching=not args.no_prefix_caching, cpus=args.cpus, prefill_cpus=args.prefill_cpus,
+        weights=args.weights, num_kv_blocks=args.num_kv_blocks, prefix_caching=not args.no_prefix_caching, pairs=args.pairs, cpus=args.cpus, prefill_cpus=args.prefill_cpus,
         decode_cpus=args.decode_cpus, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, chunk_size=args.chunk_size,
         max_queue_len=args.max_queue_len, startup_timeout_s=args.startup_timeout, stop_timeout_s=args.stop_timeout,
         with_orchestrator=not args.no_orchestrator, admin_token=args.admin_token, auth=not args.no_auth,
         api_key=args.api_key, tls_cert=args.tls_cert, tls_key=args.tls_key, device=args.device,
         prefill_percentage=args.prefill_percentage, decode_percentage=args.decode_percentage,
-        mps_pipe_dir=args.mps_pipe_dir, host=args.host, port=args.port, http_port=args.http_port,
+        mps_pipe_dir=args.mps_pipe_dir, cuda_retune_mode=args.retune_mode, host=args.host, port=args.port, http_port=args.http_port,
         restart=args.restart)
 
 

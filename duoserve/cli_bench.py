@@ -33,7 +33,9 @@ def _rate(text: str) -> float:
 
 def _add_workload_args(p: argparse.ArgumentParser) -> None:
     """What `bench serve` and `bench compare` send: dataset, lengths, arrivals, SLOs."""
-    p.add_argument("--dataset", choices=["azure-conv", "random", "prompt-file"], default="azure-conv")
+    p.add_argument("--dataset", choices=["azure-conv", "random", "prompt-file", "multi-turn"], default="azure-conv",
+                   help="multi-turn: synthetic conversations, each turn resending its history (--conversations, "
+                        "--turns, --system-len, --user-len, --answer-len, --think-time); rates are conversations/s")
     p.add_argument("--dataset-path", type=Path, default=None,
                    help="azure-conv: the CSV (default bench/data/azure_conv_2023.csv, shipped); prompt-file: the file")
     p.add_argument("--num-requests", type=int, default=100,
@@ -48,12 +50,22 @@ def _add_workload_args(p: argparse.ArgumentParser) -> None:
                    help="azure-conv: cut prompts so prompt + output fit this many tokens")
     p.add_argument("--input-len", type=int, default=128, help="random: prompt tokens")
     p.add_argument("--output-len", type=int, default=32, help="random and prompt-file: output tokens")
-    p.add_argument("--range-ratio", type=float, default=0.0, help="random: lengths uniform in len*(1 -/+ r)")
+    p.add_argument("--range-ratio", type=float, default=0.0,
+                   help="random, multi-turn (user messages, answers): lengths uniform in len*(1 -/+ r)")
+    p.add_argument("--conversations", type=int, default=50, help="multi-turn: conversations per run")
+    p.add_argument("--turns", type=int, default=4, help="multi-turn: user messages (requests) per conversation")
+    p.add_argument("--system-len", type=int, default=256,
+                   help="multi-turn: tokens of the system prompt every conversation of a run shares (0: none)")
+    p.add_argument("--user-len", type=int, default=64, help="multi-turn: tokens per user message")
+    p.add_argument("--answer-len", type=int, default=32, help="multi-turn: tokens per answer (forced)")
+    p.add_argument("--think-time", type=float, default=1.0,
+                   help="multi-turn: seconds between an answer's last token and the next turn's send")
     p.add_argument("--arrival", choices=["trace", "poisson", "gamma"], default=None,
                    help="default: trace for azure-conv, else poisson")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape (< 1 burstier than Poisson)")
     p.add_argument("--seed", type=int, default=0, help="arrival gaps and random lengths")
-    p.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
+    p.add_argument("--max-concurrency", type=int, default=None,
+                   help="requests in flight at most (multi-turn: conversations in progress at most)")
     p.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT target for goodput and attainment")
     p.add_argument("--slo-tpot-ms", type=float, default=None, help="TPOT target for goodput and attainment")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured requests sent one at a time first")
@@ -79,7 +91,8 @@ def _bench_compare_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rates", required=True, help="request rates to sweep, e.g. 0.5,1,2")
     p.add_argument("--chunk-sizes", default="512", help="colocated baselines' chunk sizes, e.g. 256,512")
     p.add_argument("--configs", default="colocated,split-static,split-dynamic",
-                   help="which of colocated, split-static, split-dynamic to run")
+                   help="which of colocated, split-static, split-dynamic to run; a name ending in -no-cache "
+                        "runs it with prefix caching off (e.g. split-dynamic,split-dynamic-no-cache)")
     p.add_argument("--attainment", type=float, default=0.9,
                    help="share of requests that must meet both SLOs (default 0.9)")
     p.add_argument("--output", type=Path, default=Path("bench-compare"), help="directory for JSON and PNG plots")
@@ -95,7 +108,8 @@ def _bench_peer_parser(bench_sub: argparse._SubParsersAction) -> None:
                                           "the same requests: SLO attainment, goodput, max rate, plots")
     p.add_argument("--systems", default="vllm,vllm-omp2,split,split-static,colocated",
                    help="which of vllm (its default threads), vllm-omp2 (OMP_NUM_THREADS=2), split (orchestrator "
-                        "in auto), split-static (its static policy), colocated")
+                        "in auto), split-static (its static policy), colocated; each may end in -no-cache: prefix "
+                        "caching off (vLLM's too), e.g. vllm,split,split-no-cache")
     p.add_argument("--rates", default="1,1.5,2,3", help="request rates to sweep, e.g. 1,1.5,2,3 (2 cores, 200 "
                    "Azure requests at lengths x 0.1: every system here saturates near 2 req/s)")
     p.add_argument("--chunk-size", type=int, default=512, help="colocated: prompt tokens per iteration")
@@ -109,6 +123,9 @@ def _bench_peer_parser(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vllm-venv", type=Path, default=default_vllm_venv(),
                    help="vLLM's own virtual environment, created on first use (~3.4 GB, ~10 minutes)")
     p.add_argument("--vllm-startup-timeout", type=float, default=900.0, help="seconds until vLLM's /health is 200")
+    p.add_argument("--vllm-block-size", type=int, default=None,
+                   help="vLLM's KV block size, which is also its prefix cache's granularity (default: vLLM's own, "
+                        "128 tokens on the CPU; its CPU attention takes multiples of 32; duoserve's blocks are 16)")
     p.add_argument("--request-rate", type=_rate, default=None, help=argparse.SUPPRESS)
     _add_workload_args(p)
     p.set_defaults(slo_ttft_ms=3000.0, slo_tpot_ms=150.0, num_requests=200)

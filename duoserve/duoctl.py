@@ -29,15 +29,19 @@ from google.protobuf import json_format
 from duoserve.channel import Tls, certificate_name, open_channel
 from duoserve.credentials import CredentialError, secret_from_env, secret_of
 from duoserve.errors import DuoserveError, from_rpc_error
+from duoserve.pairs import name_in_pair
 from duoserve.targets import StackNotFound, add_stack_args, read_stack_state, stack_target
 from duoserve.v1 import admin_pb2 as pb
 from duoserve.v1 import admin_pb2_grpc
 
 
-def _find_target(state_dir: Path, name: str) -> str:
-    """The orchestrator of the stack `duoserve up --name NAME` recorded in its state file."""
+def _find_target(state_dir: Path, name: str, pair: int = 0) -> str:
+    """The orchestrator of pair `pair` of the stack `duoserve up --name NAME`, from its state file."""
     try:
-        return stack_target(state_dir, name, "orchestrator")
+        pairs = int(read_stack_state(state_dir, name).get("pairs", 1))
+        if not 0 <= pair < pairs:
+            raise DuoserveError(f"--pair {pair}: stack {name!r} has pairs 0..{pairs - 1}", code="INVALID_ARGUMENT")
+        return stack_target(state_dir, name, name_in_pair("orchestrator", pair, pairs))
     except StackNotFound as e:
         raise DuoserveError(str(e), code="UNAVAILABLE") from None
 
@@ -180,6 +184,9 @@ def _add_connection_args(p: argparse.ArgumentParser, env: Mapping[str, str], nes
     p.add_argument("--tls-ca", default=default(env.get("DUOCTL_TLS_CA")),
                    help="the Admin API is served over TLS: check it against this CA, or 'system' for the "
                         "system's roots (env DUOCTL_TLS_CA; default with --name: the stack's own certificate)")
+    p.add_argument("--pair", type=int, default=default(None),
+                   help="a stack of several pairs (`duoserve up --pairs N`): the pair whose orchestrator to ask "
+                        "(default: every pair in turn; `share set` and `watch` need one)")
     add_stack_args(p, env, nested=nested)
 
 
@@ -214,20 +221,46 @@ def build_parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParse
     return p
 
 
-def connect(args: argparse.Namespace) -> AdminClient:
+def pairs_to_ask(args: argparse.Namespace) -> list[int | None]:
+    """Which pairs' orchestrators a command goes to: [None] for one (a --target, or a one-pair stack)."""
+    if args.target or args.pair is not None:
+        return [args.pair]
+    try:
+        pairs = int(read_stack_state(args.state_dir, args.name).get("pairs", 1))
+    except StackNotFound as e:
+        raise DuoserveError(str(e), code="UNAVAILABLE") from None
+    if pairs == 1:
+        return [None]
+    if args.command in ("share", "watch"):
+        raise DuoserveError(f"stack {args.name!r} has {pairs} pairs: `{args.command}` needs --pair 0..{pairs - 1}",
+                            code="INVALID_ARGUMENT")
+    return list(range(pairs))
+
+
+def connect(args: argparse.Namespace, pair: int | None = None) -> AdminClient:
     """--target as given (with --token, --tls-ca), else the local stack --name with its own credentials."""
     tls = True if args.tls_ca == "system" else args.tls_ca
     if args.target:
         return AdminClient(args.target, args.token, tls=tls)
-    target = _find_target(args.state_dir, args.name)
+    target = _find_target(args.state_dir, args.name, pair or 0)
     secret, cert = _local_access(args.state_dir, args.name)
     if cert and not tls:
         tls = cert
     return AdminClient(target, args.token or secret, tls=tls, server_name=certificate_name(cert) if cert else None)
 
 
-def run(args: argparse.Namespace) -> int:
-    client = connect(args)
+def run_all(args: argparse.Namespace) -> int:
+    """The command against each pair it is for (a header per pair when there are several)."""
+    pairs = pairs_to_ask(args)
+    for pair in pairs:
+        if len(pairs) > 1:
+            print(f"{'' if pair == pairs[0] else chr(10)}pair {pair}:", flush=True)
+        run(args, pair)
+    return 0
+
+
+def run(args: argparse.Namespace, pair: int | None = None) -> int:
+    client = connect(args, pair if pair is not None else args.pair)
     cmd = args.command
     if cmd in ("status", "watch"):
         for i in range(args.count or sys.maxsize) if cmd == "watch" else range(1):
@@ -265,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return run(args)
+        return run_all(args)
     except DuoserveError as e:
         print(f"duoctl: {e}", file=sys.stderr)
         return 1

@@ -92,7 +92,7 @@ class _Launcher:
             gateway_target=None, supervisor_pid=me if supervised else None,
             supervisor_start_time=process_start_time(me) if supervised else None, created_at=time.time(),
             device=config.device, secret_file=str(config.stack_dir / SECRET_FILE) if layout.secret else None,
-            tls_cert=str(Path(config.tls_cert).resolve()) if config.tls_cert else None)
+            tls_cert=str(Path(config.tls_cert).resolve()) if config.tls_cert else None, pairs=config.pairs)
 
     def start(self) -> StackState:
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -348,17 +348,18 @@ def teardown(state: StackState, state_path: Path, stop_timeout_s: float,
                 say(f"{r.name} (pid {r.pid}) did not stop within {stop_timeout_s:g} s: killed")
     if not state.owns_redis:
         _delete_keys(state.redis_url, state.key_prefix, say)
-    if state.segment_prefix:
-        remove_segments(state.segment_prefix)
+    for pair in range(state.pairs):
+        if state.segment_prefix:
+            remove_segments(state.pair_segment_prefix(pair))
     if state.mps:                                      # before the socket's directory, which may hold its pipes
         _quit_mps(mps.MpsDaemon(**state.mps), say)
-    if state.arena_socket:
-        sock = Path(state.arena_socket)
-        with contextlib.suppress(FileNotFoundError):
-            sock.unlink()
-        if sock.parent.name == state.stack_id:        # the /tmp fallback's own directory
-            with contextlib.suppress(OSError):
-                sock.parent.rmdir()
+    for pair in range(state.pairs):
+        if state.arena_socket:
+            with contextlib.suppress(FileNotFoundError):
+                Path(state.pair_arena_socket(pair)).unlink()
+    if state.arena_socket and Path(state.arena_socket).parent.name == state.stack_id:   # the /tmp fallback's own
+        with contextlib.suppress(OSError):
+            Path(state.arena_socket).parent.rmdir()
     if state.owns_redis:
         shutil.rmtree(state_path.parent / "redis", ignore_errors=True)
     with contextlib.suppress(FileNotFoundError):

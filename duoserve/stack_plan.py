@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from duoserve.credentials import ADMIN_TOKEN_ENV, API_KEY_ENV, SECRET_ENV, with_password
+from duoserve.pairs import (divide_cores, name_in_pair, pair_key_prefix, pair_key_prefixes, pair_of, pair_socket,
+                            pair_stack_id, role_of, sibling)
 from services.common import mps
 
 LOOPBACK = "127.0.0.1"
@@ -34,8 +36,8 @@ def restart_with(name: str, device: str, memory_kept: bool) -> tuple[str, ...]:
     re-open made new segments: the workers are killed (SIGKILL: their requests stay pending in Redis),
     restart, attach the new memory and take their requests up, decode sending back to prefill every
     hand-off whose KV was in the old memory (Handoff.kv_memory)."""
-    if name == "arena" and (device == "cuda" or not memory_kept):
-        return ("prefill", "decode")
+    if role_of(name) == "arena" and (device == "cuda" or not memory_kept):
+        return (sibling(name, "prefill"), sibling(name, "decode"))      # its own pair's workers
     return ()
 
 
@@ -43,7 +45,9 @@ def lost_with(name: str, device: str) -> tuple[str, ...]:
     """What is killed the moment `name` dies, before it restarts: on CUDA the workers with the arena,
     whose IPC allocations they compute on are gone with it (what they would compute now is not to be
     trusted); on the CPU a dead arena's segments stay mapped, and they go on until it is back."""
-    return ("prefill", "decode") if name == "arena" and device == "cuda" else ()
+    if role_of(name) == "arena" and device == "cuda":
+        return (sibling(name, "prefill"), sibling(name, "decode"))
+    return ()
 
 
 class StackError(RuntimeError):
@@ -73,6 +77,8 @@ class StackConfig:
     cpus: tuple[int, ...] = ()               # the stack's cores (empty: all this process may use)
     prefill_cpus: tuple[int, ...] = ()       # split: prefill's initial cores (empty: first half of `cpus`)
     decode_cpus: tuple[int, ...] = ()        # split: decode's initial cores (empty: second half of `cpus`)
+    pairs: int = 1                           # split: arena + prefill + decode + orchestrator sets behind the
+                                             # gateway (duoserve/pairs.py); on the CPU they divide the cores
     max_num_seqs: int | None = None          # worker limits; None keeps the worker's default
     max_num_batched_tokens: int | None = None
     chunk_size: int | None = None            # colocated: prompt tokens per hybrid iteration
@@ -95,6 +101,8 @@ class StackConfig:
     decode_percentage: int = 50              # cuda split: decode's
     mps_pipe_dir: Path | None = None         # cuda: a running MPS daemon's pipe dir to use (else the default
                                              # /tmp/nvidia-mps, else a private daemon is started)
+    cuda_retune_mode: str = "succession"     # cuda split: "succession" (a standby at the new MPS percentage) or
+                                             # "green" (green-context partitions in each worker, MPS at 100 %)
     host: str = LOOPBACK                     # the gateway's bind address (both APIs); the rest stay on loopback
     port: int = 0                            # the gateway's gRPC port; 0: any free port (`duoserve up`: 50051)
     http_port: int = 0                       # its OpenAI-compatible HTTP port; 0: any free port (`up`: 8000)
@@ -130,6 +138,9 @@ class StackConfig:
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         mps.check_percentage(self.prefill_percentage)
+        self._check_pairs()
+        if self.cuda_retune_mode not in ("succession", "green"):
+            raise ValueError(f"retune mode must be succession or green, got {self.cuda_retune_mode!r}")
         mps.check_percentage(self.decode_percentage)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both --tls-cert and --tls-key")
@@ -144,6 +155,33 @@ class StackConfig:
             return ()
         return ("--tls-cert", str(Path(self.tls_cert).resolve()), "--tls-key", str(Path(self.tls_key).resolve()))
 
+    def _check_pairs(self) -> None:
+        if self.pairs == 1:
+            return
+        if self.mode is not Mode.SPLIT:
+            raise ValueError("--pairs is for the split mode: the colocated baseline runs one engine")
+        if self.device != "cpu":
+            raise ValueError("--pairs above 1 runs on the CPU only for now: on GPUs run one stack per device "
+                             "(CUDA_VISIBLE_DEVICES) or the Kubernetes manifests in deploy/ (a pair per GPU)")
+        if self.prefill_cpus or self.decode_cpus:
+            raise ValueError("--prefill-cpus/--decode-cpus set one pair's cores; with --pairs the cores "
+                             "are divided between the pairs (give --cpus)")
+        divide_cores(self.stack_cores(), self.pairs)          # ValueError: fewer cores than pairs
+
+    @property
+    def pair_names(self) -> tuple[tuple[str, ...], ...]:
+        """Each pair's process names, by role order (duoserve/pairs.py)."""
+        return tuple(tuple(name_in_pair(role, i, self.pairs) for role in ("arena", "prefill", "decode",
+                                                                        "orchestrator"))
+                     for i in range(self.pairs))
+
+    def stack_cores(self) -> tuple[int, ...]:
+        return self.cpus or tuple(sorted(os.sched_getaffinity(0)))
+
+    def pair_cores(self, pair: int) -> tuple[int, ...]:
+        """Pair `pair`'s cores: its slice of the stack's."""
+        return divide_cores(self.stack_cores(), self.pairs)[pair]
+
     @property
     def uses_mps(self) -> bool:
         """cuda split: prefill and decode share the GPU as MPS clients."""
@@ -157,11 +195,12 @@ class StackConfig:
     def state_path(self) -> Path:
         return self.stack_dir / STATE_FILE
 
-    def worker_cpus(self) -> dict[str, tuple[int, ...]]:
-        """Each worker's initial cores: split halves the stack's cores (2 cores: prefill 0, decode 1)."""
-        pool = self.cpus or tuple(sorted(os.sched_getaffinity(0)))
+    def worker_cpus(self, pair: int = 0) -> dict[str, tuple[int, ...]]:
+        """Each worker's initial cores by role: split halves the pair's cores (2 cores: prefill 0,
+        decode 1; one core: both on it)."""
         if self.mode is Mode.COLOCATED:
-            return {"colocated": pool}
+            return {"colocated": self.stack_cores()}
+        pool = self.pair_cores(pair)
         half = max(1, len(pool) // 2)
         return {"prefill": self.prefill_cpus or pool[:half],
                 "decode": self.decode_cpus or (pool[half:] or pool[-1:])}
@@ -218,8 +257,9 @@ def stage_names(config: StackConfig) -> tuple[tuple[str, ...], ...]:
     redis = () if config.redis_url else (("redis",),)
     if config.mode is Mode.COLOCATED:
         return redis + (("colocated",), ("gateway",))
-    last = ("gateway", "orchestrator") if config.with_orchestrator else ("gateway",)
-    return redis + (("arena",), ("prefill", "decode"), last)
+    pairs = config.pair_names
+    orchestrators = tuple(p[3] for p in pairs) if config.with_orchestrator else ()
+    return redis + (tuple(p[0] for p in pairs), tuple(n for p in pairs for n in p[1:3]), ("gateway", *orchestrators))
 
 
 def ports_needed(name: str) -> int:
@@ -250,15 +290,19 @@ def plan(config: StackConfig, layout: Layout,
 def process_spec(name: str, config: StackConfig, layout: Layout,
                  ports: dict[str, tuple[int, ...]]) -> ProcessSpec:
     port, metrics_port = ports[name][:2]
+    role, pair = role_of(name), pair_of(name)
+    key_prefix = pair_key_prefix(layout.key_prefix, pair, config.pairs) if role in ("arena", "prefill", "decode",
+                                                                                  "orchestrator") else layout.key_prefix
+    arena_socket = pair_socket(layout.arena_socket, pair, config.pairs)
     # Secrets go by environment only: /proc/<pid>/environ is its owner's alone, a command line is everyone's.
     # Always set, empty when off: an operator's shell that exports one must not reach the processes.
     secret = ((SECRET_ENV, layout.secret),)
     redis_env = (("REDIS_URL", redis_url_of(config, ports, layout.secret)),)
-    common = ("--key-prefix", layout.key_prefix, "--port", str(port), "--metrics-port", str(metrics_port))
+    common = ("--key-prefix", key_prefix, "--port", str(port), "--metrics-port", str(metrics_port))
     py = (config.python, "-m")
     model = ("--model", config.model) if config.model else ()
     kv = ("--num-kv-blocks", str(config.num_kv_blocks)) if config.num_kv_blocks else ()
-    if name == "redis":
+    if role == "redis":
         # An append-only file (fsync'd every second, in the background): restarted by the supervisor,
         # Redis comes back with the queues, the block pool and every request's state.
         conf = (str(redis_auth_conf(config)),) if layout.secret else ()      # must come first
@@ -267,47 +311,53 @@ def process_spec(name: str, config: StackConfig, layout: Layout,
                 "--protected-mode", "yes", "--dir", str(config.stack_dir / "redis"))
         return ProcessSpec(name, argv, port, 0, health="redis")
     device = ("--device", config.device) if config.device != "cpu" else ()
-    if name == "arena":
+    if role == "arena":
         argv = py + ("services.arena.main", *common, *model, "--cache-dir", str(config.cache_dir),
-                     "--dtype", config.dtype, *kv, "--stack-id", layout.stack_id,
-                     "--socket", str(layout.arena_socket), *device)
+                     "--dtype", config.dtype, *kv, "--stack-id", pair_stack_id(layout.stack_id, pair, config.pairs),
+                     "--socket", str(arena_socket), *device)
         # An MPS client too (no compute, no limit): its allocations are the ones the workers open.
         env = redis_env + (tuple(layout.mps.client_env().items()) if layout.mps else ())
         return ProcessSpec(name, argv, port, metrics_port, env=env)
-    if name in ("prefill", "decode", "colocated"):
+    if role in ("prefill", "decode", "colocated"):
         limits: list[str] = []
         for flag, value in (("--max-num-seqs", config.max_num_seqs),
                             ("--max-num-batched-tokens", config.max_num_batched_tokens),
                             ("--chunk-size", config.chunk_size)):
             if value is not None:
                 limits += [flag, str(value)]
-        cpus = ",".join(map(str, config.worker_cpus()[name]))
-        where = (("--arena-socket", str(layout.arena_socket), "--weights", config.weights) if name != "colocated"
+        cpus = ",".join(map(str, config.worker_cpus(pair)[role]))
+        where = (("--arena-socket", str(arena_socket), "--weights", config.weights) if role != "colocated"
                  else (*model, "--dtype", config.dtype, *kv))
         caching = () if config.prefix_caching else ("--no-prefix-caching",)
-        argv = py + (f"services.{name}.main", *common, *where, "--cache-dir", str(config.cache_dir),
-                     "--cpus", cpus, *limits, *caching, *device)
+        green = config.uses_mps and config.cuda_retune_mode == "green" and name != "colocated"
+        retune = ("--retune-mode", "green") if green else ()
+        pair_cpus = ("--stack-cpus", ",".join(map(str, config.pair_cores(pair)))) if config.pairs > 1 else ()
+        argv = py + (f"services.{role}.main", *common, *where, "--cache-dir", str(config.cache_dir),
+                     "--cpus", cpus, *pair_cpus, *limits, *caching, *retune, *device)
         # Idle OpenMP threads sleep instead of spinning: two workers share cores (and a busy machine's
         # cores), and a spinning thread that loses its core stalls its siblings.
         env = redis_env + secret + (("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE")),)
         if layout.mps and name != "colocated":      # its SM cap, fixed when its CUDA context is created
-            percentage = config.prefill_percentage if name == "prefill" else config.decode_percentage
+            percentage = config.prefill_percentage if role == "prefill" else config.decode_percentage
+            percentage = 100 if green else percentage      # green partitions are the cap, not MPS
             env += tuple(layout.mps.client_env(percentage).items())
         return ProcessSpec(name, argv, port, metrics_port, env=env)
-    if name == "gateway":
+    if role == "gateway":
         queue = ("--max-queue-len", str(config.max_queue_len)) if config.max_queue_len else ()
         http_port = ports[name][2] if len(ports[name]) > 2 else 0
         # Its HTTP /metrics serves every other process's series too: one scrape target for the stack.
         peers = tuple(arg for other in (n for stage in stage_names(config) for n in stage)
                       if other not in ("redis", "gateway") and ports[other][1]
                       for arg in ("--peer-metrics", f"{other}={LOOPBACK}:{ports[other][1]}"))
+        pair_prefixes = ("--pair-prefixes", ",".join(pair_key_prefixes(layout.key_prefix, config.pairs))) \
+            if config.pairs > 1 else ()
         argv = py + ("services.gateway.main", *common, *queue, "--host", config.host, "--http-host", config.host,
-                     "--http-port", str(http_port), *peers, *config.tls_args)
+                     "--http-port", str(http_port), *pair_prefixes, *peers, *config.tls_args)
         env = redis_env + ((API_KEY_ENV, config.api_key),)
         return ProcessSpec(name, argv, port, metrics_port, http_port=http_port, host=config.connect_host, env=env,
                            health="grpc-tls" if config.tls_cert else "grpc")
-    if name == "orchestrator":
-        cpus = ",".join(map(str, config.cpus or tuple(sorted(os.sched_getaffinity(0)))))
+    if role == "orchestrator":
+        cpus = ",".join(map(str, config.pair_cores(pair)))        # the cores its pair's shares are cut from
         env = redis_env + secret + ((ADMIN_TOKEN_ENV, config.admin_token),)
         # Its shares are SMs (TPC steps, the GPU prior) on cuda, cores on the cpu: it must know which.
         return ProcessSpec(name, py + ("orchestrator.main", *common, "--cpus", cpus, *device, *config.tls_args), port,

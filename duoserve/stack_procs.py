@@ -19,6 +19,7 @@ from typing import Iterable, Sequence
 from duoserve.credentials import url_password
 from services.common import succession
 from services.common.pids import process_start_time  # noqa: F401 (re-exported: duoserve.stack)
+from duoserve.pairs import name_in_pair, pair_key_prefix, pair_socket, pair_stack_id, role_of
 from duoserve.stack_plan import LOOPBACK, SHM_DIR, STATE_VERSION, HEALTHY, SUCCESSION_NAMES, StackError
 
 
@@ -72,6 +73,17 @@ class StackState:
     http_url: str | None = None    # the gateway's OpenAI-compatible HTTP API, http(s)://HOST:PORT (None: off)
     secret_file: str | None = None # the stack's secret (duoserve.credentials); None: started with --no-auth
     tls_cert: str | None = None    # the gateway's and the orchestrator's certificate (None: no TLS)
+    pairs: int = 1                 # arena + prefill + decode + orchestrator sets (duoserve/pairs.py)
+
+    def pair_segment_prefix(self, pair: int) -> str:
+        """/dev/shm names of pair `pair`'s memory ("duoserve-<id>-" for a one-pair stack)."""
+        return self.segment_prefix if self.pairs == 1 else f"duoserve-{pair_stack_id(self.stack_id, pair, self.pairs)}-"
+
+    def pair_arena_socket(self, pair: int) -> str | None:
+        return None if self.arena_socket is None else str(pair_socket(Path(self.arena_socket), pair, self.pairs))
+
+    def pair_key_prefix(self, pair: int) -> str:
+        return pair_key_prefix(self.key_prefix, pair, self.pairs)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -154,14 +166,18 @@ def follow_successions(state: StackState) -> StackState:
     the successor with the command line and environment it was started with (the role's from then
     on); mid-succession a live standby is listed beside the worker, so `down` stops it too. Best
     effort: without Redis, unchanged."""
-    if not any(r.name in SUCCESSION_NAMES for r in state.processes):
+    if not any(role_of(r.name) in SUCCESSION_NAMES for r in state.processes):
         return state
     try:
         import redis
         client = redis.Redis.from_url(state.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        successors: dict[int, tuple[int, int]] = {}        # pids: unique across the pairs
+        standbys: dict[str, succession.StandbyLaunch] = {}   # by process name
         try:
-            successors = succession.successors(client, state.key_prefix)
-            standbys = succession.standbys(client, state.key_prefix)
+            for pair in range(state.pairs):                  # each pair's successions under its own keys
+                successors.update(succession.successors(client, state.pair_key_prefix(pair)))
+                for role, launch in succession.standbys(client, state.pair_key_prefix(pair)).items():
+                    standbys[name_in_pair(role, pair, state.pairs)] = launch
         finally:
             client.close()
     except Exception:          # noqa: BLE001: Redis gone; the state file is all there is
@@ -170,7 +186,7 @@ def follow_successions(state: StackState) -> StackState:
     for r in state.processes:
         if any(k.pid == r.pid for k in records):
             continue                                     # already there: a standby the file listed, now followed
-        if r.name not in SUCCESSION_NAMES:
+        if role_of(r.name) not in SUCCESSION_NAMES:
             records.append(r)
             continue
         launch = standbys.get(r.name)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from duoserve.pairs import name_in_pair, role_of
 from duoserve.stack_plan import SUCCESSION_NAMES
 from duoserve.stack_procs import StackState, is_alive, launch_process, log_tail, process_start_time
 from services.common import succession as wire
@@ -31,6 +32,7 @@ from services.common import succession as wire
 class _Watched:
     role: str
     worker_id: str                   # whose request it answers
+    pair: int = 0                    # the pair it belongs to (duoserve/pairs.py): its keys and process name
 
 
 class Standbys:
@@ -45,24 +47,29 @@ class Standbys:
 
     def tick(self, state: StackState) -> None:
         """Best effort: with Redis away nothing is started (the workers time out and keep serving)."""
-        if not any(r.name in SUCCESSION_NAMES for r in state.processes):
+        if not any(role_of(r.name) in SUCCESSION_NAMES for r in state.processes):
             return
         try:
             client = self._connect(state)
-            requests = wire.requests(client, state.key_prefix)
-            self._watch(client, state, requests)
-            if requests:
-                launched = wire.standbys(client, state.key_prefix)
-                for role, request in requests.items():
-                    started = launched.get(role)
-                    if started is None or started.worker_id != request.worker_id:
-                        self._start(client, state, request)
+            for pair in range(state.pairs):                  # each pair's requests under its own keys
+                self._tick_pair(client, state, pair)
             self._failing = False
         except Exception as e:   # noqa: BLE001: Redis errors of any kind; the next tick tries again
             if not self._failing:
                 self.say(f"standby requests unread (retunes by succession wait): {e}")
             self._failing = True
             self.close()
+
+    def _tick_pair(self, client: Any, state: StackState, pair: int) -> None:
+        prefix = state.pair_key_prefix(pair)
+        requests = wire.requests(client, prefix)
+        self._watch(client, state, requests, pair)
+        if requests:
+            launched = wire.standbys(client, prefix)
+            for role, request in requests.items():
+                started = launched.get(role)
+                if started is None or started.worker_id != request.worker_id:
+                    self._start(client, state, request, pair)
 
     def close(self) -> None:
         if self._client is not None:
@@ -75,8 +82,9 @@ class Standbys:
             self._client = redis.Redis.from_url(state.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
         return self._client
 
-    def _start(self, client: Any, state: StackState, request: wire.StandbyRequest) -> None:
-        record = next((r for r in state.processes if r.name == request.role and r.pid == request.pid
+    def _start(self, client: Any, state: StackState, request: wire.StandbyRequest, pair: int) -> None:
+        prefix, name = state.pair_key_prefix(pair), name_in_pair(request.role, pair, state.pairs)
+        record = next((r for r in state.processes if r.name == name and r.pid == request.pid
                        and r.start_time in (None, request.start_time)), None)
         if record is None or not is_alive(request.pid, request.start_time):
             return                                   # not the role's process (yet): a later tick, or never
@@ -85,20 +93,23 @@ class Standbys:
         try:
             popen = launch_process(argv, dict(env), Path(record.log))
         except OSError as e:
-            wire.signal_status(client, state.key_prefix, request.worker_id,
+            wire.signal_status(client, prefix, request.worker_id,
                                wire.StandbyStatus(0, ready=False, error=f"the standby could not start: {e}"))
-            self.say(f"{request.role}: cannot start a standby: {e}")
+            self.say(f"{name}: cannot start a standby: {e}")
             return
         self.popens[popen.pid] = popen
-        self.watched[popen.pid] = _Watched(request.role, request.worker_id)
-        wire.record_launch(client, state.key_prefix, request.role, wire.StandbyLaunch(
+        self.watched[popen.pid] = _Watched(request.role, request.worker_id, pair)
+        wire.record_launch(client, prefix, request.role, wire.StandbyLaunch(
             request.worker_id, popen.pid, process_start_time(popen.pid) or 0,
             wire.without_flags(argv, (wire.TAKEOVER_FLAG,)), request.mps_percentage))
         where = f"MPS {request.mps_percentage}%" if request.mps_percentage else f"cores {list(request.cpu_ids)}"
-        self.say(f"{request.role}: standby pid {popen.pid} started at {where} (retune by succession)")
+        self.say(f"{name}: standby pid {popen.pid} started at {where} (retune by succession)")
 
-    def _watch(self, client: Any, state: StackState, requests: dict[str, wire.StandbyRequest]) -> None:
+    def _watch(self, client: Any, state: StackState, requests: dict[str, wire.StandbyRequest], pair: int) -> None:
+        prefix = state.pair_key_prefix(pair)
         for pid, watched in list(self.watched.items()):
+            if watched.pair != pair:
+                continue
             popen = self.popens.get(pid)
             code = popen.poll() if popen is not None else 0
             if code is None:
@@ -110,9 +121,9 @@ class Standbys:
                     self.popens.pop(pid, None)       # withdrawn, and gone: nobody else polls it
                 continue                             # switched: the supervisor's watch reports its death
             self.popens.pop(pid, None)
-            record = next((r for r in state.processes if r.name == watched.role), None)
+            record = next((r for r in state.processes if r.name == name_in_pair(watched.role, pair, state.pairs)), None)
             self.say(f"{watched.role}: standby pid {pid} exited with status {code} before taking over; "
                      f"{watched.worker_id} keeps serving" +
                      (f"; last lines of {record.log}:\n{log_tail(record.log, 15)}" if record else ""))
-            wire.signal_status(client, state.key_prefix, watched.worker_id, wire.StandbyStatus(
+            wire.signal_status(client, prefix, watched.worker_id, wire.StandbyStatus(
                 pid, ready=False, error=f"standby pid {pid} exited with status {code} before it was ready"))

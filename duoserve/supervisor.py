@@ -36,6 +36,7 @@ from typing import Callable, Sequence
 
 from duoserve.restart_policy import RestartPolicy, RestartTracker
 from duoserve.standbys import Standbys
+from duoserve.pairs import pair_of, role_of
 from duoserve.stack_plan import HEALTHY, STATE_FILE, lost_with, restart_with
 from duoserve.stack_procs import (ProcessRecord, StackState, arena_memory, follow_successions, record_health, is_alive,
                                   launch_process, log_tail, process_start_time, read_state, stack_lock,
@@ -138,7 +139,8 @@ class Supervisor:
         on_file = read_state(self.state_path)
         record = next((r for r in (on_file.processes if on_file else ()) if r.name == name), None) \
             or next(r for r in state.processes if r.name == name)
-        memory = arena_memory(state.segment_prefix)      # what the workers map now
+        segments = state.pair_segment_prefix(pair_of(name))
+        memory = arena_memory(segments)                  # what the workers of its pair map now
         try:
             popen = launch_process(record.argv, dict(record.env), Path(record.log))
         except OSError as e:
@@ -152,8 +154,8 @@ class Supervisor:
         self.tracker.restarted(name, time.monotonic())
         self.say(f"{name} restarted (pid {new.pid}, restart {new.restarts})")
         self._wait_healthy(new, state)
-        kept = bool(memory) and arena_memory(state.segment_prefix) == memory
-        if name == "arena" and kept and state.device != "cuda":
+        kept = bool(memory) and arena_memory(segments) == memory
+        if role_of(name) == "arena" and kept and state.device != "cuda":
             self.say("the arena re-opened its memory: the workers go on")
         self._stop_dependents(state, name, restart_with(name, state.device, kept))
         return state

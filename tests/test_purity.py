@@ -27,6 +27,7 @@ PURE_MODULES = [
     "orchestrator.prefix_view",        # the waiting prompts' block keys: the orchestrator and the simulator
     "bench.corun",                     # gpu-check imports it before it knows there is a GPU
     "services.common.shares",          # share <-> units <-> MPS percentage: orchestrator, workers, simulator
+    "services.gateway.routing",        # which pair a request goes to
     "services.common.cuda_driver",     # cuda-python only inside its calls: imports on a machine without CUDA
 ]
 

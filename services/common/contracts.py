@@ -151,6 +151,9 @@ class Handoff:
     handoff_time: float                    # wall clock when prefill published this (hand-off latency)
     kv_memory: str = ""                    # the arena memory the blocks are in (ArenaExport.memory_id): decode
                                            # resumes in place only over the same memory; "" unknown (older writer)
+    kv_ready_event: str = ""               # cuda: hex IPC handle of the event prefill recorded after writing
+                                           # the blocks; decode's stream waits on it (services/worker/fence.py);
+                                           # "" when the writer fenced on the host (cpu, or no cuda-python)
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +260,7 @@ class WorkerReport:
     share_pending: bool = False    # `share` is requested, not in effect yet (at the next boundary, or a succession)
     share_changed_at: float = 0.0  # its clock when its share state last changed: a SetComputeShare reply's
                                    # changed_at_unix_ms at most this is reflected here (0: a worker from before)
+    draining: bool = False     # it was told to drain (Drain): it takes no new work; a gateway routes none to its pair
     prefix_caching: bool = False   # its scheduler reuses cached blocks (off: --no-prefix-caching, or an older worker)
     cache_salt: str = ""       # the salt of its block keys (prefix_hash; the KV memory's identity): the orchestrator
                                # keys waiting prompts with it to see how much of them is cached

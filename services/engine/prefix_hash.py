@@ -50,3 +50,21 @@ def reusable_keys(prompt_ids: Sequence[int], block_size: int, salt: str = "") ->
     if keys and len(prompt_ids) == len(keys) * block_size:
         keys.pop()
     return keys
+
+
+def num_reusable_blocks(num_tokens: int, block_size: int) -> int:
+    """How many keys `reusable_keys` gives for a prompt of `num_tokens` (without hashing it)."""
+    full = num_tokens // block_size
+    return full - 1 if full and num_tokens == full * block_size else full
+
+
+def shared_full_blocks(a: Sequence[int], b: Sequence[int], block_size: int, limit: int) -> int:
+    """Leading full blocks (at most `limit`) whose tokens are the same in `a` and `b`: the blocks
+    whose keys are equal (same salt), found without hashing."""
+    shared = 0
+    while shared < limit:
+        lo, hi = shared * block_size, (shared + 1) * block_size
+        if hi > len(a) or hi > len(b) or a[lo:hi] != b[lo:hi]:
+            break
+        shared += 1
+    return shared

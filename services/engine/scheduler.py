@@ -14,19 +14,23 @@ Blocks: a request admitted for prefill gets all its prompt blocks at once, so ch
 half-way; decode grows a request one block at a time. With `prefix_caching`, admission reuses the
 blocks of the longest cached run of the prompt's leading full blocks (`BlockAllocator.allocate_cached`)
 and only the rest is computed; a request's full blocks are keyed when a prefill chunk ends, and
-when it is preempted or finishes, so later requests (and its own recompute) find them. When a decode cannot grow, the newest running
-request is preempted: its blocks are freed and it is recomputed later (hybrid) or handed back to
-the caller to re-queue (decode).
+when it is preempted or finishes, so later requests (and its own recompute) find them. A waiting
+request whose leading blocks a running request is computing now (`n > 1`: the copies of one prompt;
+one new system prompt sent twice at once) waits until they are keyed, then reuses them, rather than
+computing them a second time beside it (later requests may pass it meanwhile). When a decode cannot
+grow, the newest running request is preempted: its blocks are freed and it is recomputed later
+(hybrid) or handed back to the caller to re-queue (decode).
 """
 from __future__ import annotations
 
 import collections
 import enum
+import itertools
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from services.engine.blocks import BlockAllocator, OutOfBlocks, blocks_for_tokens
-from services.engine.prefix_hash import block_keys, reusable_keys
+from services.engine.prefix_hash import block_keys, num_reusable_blocks, reusable_keys, shared_full_blocks
 from services.engine.sequence import FinishReason, Sequence, SequenceStatus
 
 
@@ -108,6 +112,7 @@ class Scheduler:
     token_budget: int | None = None                          # set by the orchestrator; None = config
     prefix_query_tokens: int = 0                             # tokens of admissions that looked up the cache
     prefix_hit_tokens: int = 0                               # of those, found cached (vLLM's queries / hits)
+    recent_keys: set[str] = field(default_factory=set)       # keyed since the last schedule (awaits_recent_keys)
 
     def add(self, seq: Sequence) -> None:
         """Queue a new request for prefill. Raises RequestTooLarge if it could never run."""
@@ -142,6 +147,7 @@ class Scheduler:
     # ------------------------------------------------------------------ schedule
     def schedule(self) -> SchedulerOutput:
         budget = self.token_budget or self.config.max_num_batched_tokens
+        self.recent_keys.clear()
         preempted: list[str] = []
         decodes: list[ScheduledChunk] = []
         if self.config.mode is not SchedulerMode.PREFILL:
@@ -229,8 +235,12 @@ class Scheduler:
                 chunk = self._chunk(seq, min(seq.num_uncomputed_tokens, budget))
                 budget -= len(chunk.token_ids)
                 chunks.append(chunk)
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
+        held = 0     # waiting requests passed over: a running request is computing blocks they will reuse
+        while len(self.waiting) > held and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[held]
+            if self._awaits_shared_blocks(seq):
+                held += 1
+                continue
             # All prompt blocks at once (plus room for the first sampled token), so no chunk stalls.
             needed = blocks_for_tokens(seq.num_tokens + 1, self.config.block_size) - len(seq.block_ids)
             if needed > self.blocks.num_blocks:
@@ -239,7 +249,7 @@ class Scheduler:
                 continue
             if not self._allocate_prompt(seq, needed):
                 break    # FCFS: later requests wait too rather than overtake
-            self.waiting.popleft()
+            del self.waiting[held]
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             chunk = self._chunk(seq, min(seq.num_uncomputed_tokens, budget))
@@ -256,7 +266,7 @@ class Scheduler:
                 return False
             seq.block_ids.extend(self.blocks.allocate(seq.request_id, needed))
             return True
-        keys = reusable_keys(seq.token_slice(0, seq.num_tokens), self.config.block_size, self.config.cache_salt)
+        keys = self._lookup_keys(seq)
         try:
             grant = self.blocks.allocate_cached(seq.request_id, keys, needed)
         except OutOfBlocks:
@@ -269,6 +279,44 @@ class Scheduler:
         self.prefix_hit_tokens += cached
         return True
 
+    def _lookup_keys(self, seq: Sequence) -> list[str]:
+        """The keys a request with no blocks looks up (made once per token count: it may wait a while)."""
+        if seq.lookup_keys[0] != seq.num_tokens:
+            tokens = seq.token_slice(0, seq.num_tokens)
+            seq.lookup_keys = (seq.num_tokens, reusable_keys(tokens, self.config.block_size, self.config.cache_salt))
+        return seq.lookup_keys[1]
+
+    def _awaits_shared_blocks(self, seq: Sequence) -> bool:
+        """Whether a running request is still computing leading blocks `seq` could reuse: then `seq`
+        waits until they are keyed. (vLLM keys blocks before their KV is written to get the same in one
+        iteration; here a key is only ever written for KV in place, whatever kill comes meanwhile.)"""
+        if not self.config.prefix_caching or seq.block_ids:
+            return False
+        size, tokens = self.config.block_size, None
+        limit = num_reusable_blocks(seq.num_tokens, size)
+        for other in self.running:
+            if other.status is SequenceStatus.RUNNING and other.is_prefilling and other.num_computed_tokens < limit * size:
+                tokens = tokens if tokens is not None else seq.token_slice(0, seq.num_tokens)
+                if shared_full_blocks(tokens, other.token_slice(0, other.num_tokens), size, limit) * size \
+                        > other.num_computed_tokens:
+                    return True
+        return False
+
+    def awaits_recent_keys(self) -> bool:
+        """Whether a request the next `schedule` may admit looks up a block keyed since the last one: an
+        allocator that sends keys later (the stack's, in the iteration's publish pipeline) sends them
+        first, or the request misses them (the copies of an `n > 1` request, waiting for the first's)."""
+        if not (self.config.prefix_caching and self.recent_keys):
+            return False
+        budget = self.token_budget or self.config.max_num_batched_tokens
+        for seq in itertools.islice(self.waiting, max(0, self.config.max_num_seqs - len(self.running))):
+            if budget <= 0:
+                break
+            if not seq.block_ids and not self.recent_keys.isdisjoint(self._lookup_keys(seq)):
+                return True
+            budget -= seq.num_uncomputed_tokens
+        return False
+
     def cache_full_blocks(self, seq: Sequence) -> int:
         """Key the request's full blocks whose KV is written and not keyed yet; -> how many became
         reusable. A no-op without prefix caching."""
@@ -280,6 +328,7 @@ class Scheduler:
         parent = seq.block_keys[-1] if seq.block_keys else ""
         new = block_keys(seq.token_slice(0, full * size), size, self.config.cache_salt, parent=parent, start_block=start)
         seq.block_keys.extend(new)
+        self.recent_keys.update(new)
         return self.blocks.cache_blocks(seq.request_id, [(start + i, key) for i, key in enumerate(new)])
 
     def _chunk(self, seq: Sequence, num_tokens: int) -> ScheduledChunk:

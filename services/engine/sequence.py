@@ -53,6 +53,9 @@ class Sequence:
     # cached (reported in its usage).
     block_keys: list[str] = field(default_factory=list)
     num_cached_tokens: int = 0
+    # The reusable keys it looks up at admission (prefix_hash.reusable_keys), with the token count
+    # they were made for: made once while it waits, not at every iteration that looks at it.
+    lookup_keys: tuple[int, list[str]] = field(default_factory=lambda: (-1, []))
 
     @property
     def num_tokens(self) -> int:

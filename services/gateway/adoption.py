@@ -34,6 +34,13 @@ def save(pipe: aioredis.client.Pipeline, keys: KeySpace, gateway_id: str, record
     pipe.hset(keys.gateway_requests(gateway_id), record.engine_id, to_json(record))
 
 
+def replace_record(pipe: aioredis.client.Pipeline, keys: KeySpace, gateway_id: str, old_engine_id: str,
+                   record: RequestRecord) -> None:
+    """Queue the swap of a request's record for one under a new engine id (Frontend.resend)."""
+    pipe.hdel(keys.gateway_requests(gateway_id), old_engine_id)
+    save(pipe, keys, gateway_id, record)
+
+
 async def forget(client: aioredis.Redis, keys: KeySpace, gateway_id: str, engine_id: str) -> None:
     await client.hdel(keys.gateway_requests(gateway_id), engine_id)
 

@@ -42,6 +42,8 @@ class GatewayConfig:
     api_key: str = field(default="", repr=False)   # non-empty: both APIs want `authorization: Bearer
                                     # <key>` (HTTP: /v1/* and the tokenizer routes; /health, /metrics open)
     tls: TlsFiles | None = None     # both APIs over TLS (gRPC and HTTPS)
+    pair_prefixes: tuple[str, ...] = ()   # the pairs' Redis key spaces it routes between (duoserve/pairs.py);
+                                    # empty: one pair, under key_prefix itself
 
     def __post_init__(self) -> None:
         if self.max_queue_len < 1 or self.max_tokens_limit < 1:
@@ -54,6 +56,13 @@ class GatewayConfig:
             raise ValueError(f"orphan_timeout_s must be positive, got {self.orphan_timeout_s}")
         if self.takeover_s <= 0:
             raise ValueError(f"takeover_s must be positive, got {self.takeover_s}")
+        if len(set(self.pair_prefixes)) != len(self.pair_prefixes) or any(not p for p in self.pair_prefixes):
+            raise ValueError(f"--pair-prefixes must be distinct and non-empty, got {list(self.pair_prefixes)}")
+
+    @property
+    def pairs(self) -> tuple[str, ...]:
+        """The key spaces of the pairs this gateway routes between (one: its own)."""
+        return self.pair_prefixes or (self.key_prefix,)
 
 
 def _peer(text: str) -> tuple[str, str]:
@@ -106,8 +115,11 @@ def parse_args(argv: Sequence[str] | None = None) -> GatewayConfig:
                    help="another gateway of the stack whose lease has not been renewed for this many seconds (it "
                         "died and did not come back under its id) has its requests adopted by this one; an Attach "
                         "for one of them adopts them at once")
+    p.add_argument("--pair-prefixes", default=env.get("DUOSERVE_PAIR_PREFIXES", ""),
+                   help="comma-separated Redis key prefixes of the pairs to route between (`duoserve up --pairs N` "
+                        "passes <prefix>:p0,...; env DUOSERVE_PAIR_PREFIXES); default: one pair under --key-prefix")
     a = p.parse_args(argv)
-    return GatewayConfig(redis_url=redis_url_from_env(env, a.redis_url), key_prefix=a.key_prefix, port=a.port, host=a.host,
+    return GatewayConfig(pair_prefixes=tuple(x.strip() for x in a.pair_prefixes.split(",") if x.strip()),redis_url=redis_url_from_env(env, a.redis_url), key_prefix=a.key_prefix, port=a.port, host=a.host,
                          metrics_port=a.metrics_port, max_queue_len=a.max_queue_len,
                          max_tokens_limit=a.max_tokens_limit, default_max_tokens=a.default_max_tokens,
                          tokenizer_threads=a.tokenizer_threads,

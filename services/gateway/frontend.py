@@ -47,6 +47,8 @@ from services.gateway.follower import Chunk, Follower, Usage  # noqa: F401 (Chun
 from services.gateway.inflight import InFlight, RequestRecord
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.outbox import Outbox
+from services.gateway.pair_requests import PairRequests
+from services.gateway.pairs import Pairs
 from services.gateway.prompts import PromptEncoder, PromptLimits
 from services.gateway.replies import ReplyStreams
 
@@ -79,7 +81,7 @@ class GenerateInput:
 
 
 @dataclass
-class Frontend(ReplyStreams):
+class Frontend(ReplyStreams, PairRequests):
     config: GatewayConfig
     client: aioredis.Redis
     metrics: GatewayMetrics
@@ -98,9 +100,13 @@ class Frontend(ReplyStreams):
     redis_ok: bool = True                # set by redis_watch.RedisWatch: False refuses new requests
     redis_suspected: asyncio.Event = field(default_factory=asyncio.Event)   # a command failed: probe now
     outbox: Outbox = field(init=False)   # writes kept while Redis is away
+    pairs: Pairs = field(init=False)     # the pairs it routes between (pairs.py; one: its own key space)
+    model_keys: KeySpace = field(init=False)   # the key space its model info was read from (a pair's)
 
     def __post_init__(self) -> None:
-        self.keys = KeySpace(self.config.key_prefix)
+        self.keys = KeySpace(self.config.key_prefix)        # the gateways' own keys (replies, records, ids)
+        self.pairs = Pairs(self.client, self.config.pairs, on_view=self._pair_seen)
+        self.model_keys = self.pairs.keys(self.pairs.prefixes[0])
         self.gateway_id = peers.incarnation_id(self.config.gateway_id)   # this process's: peers.py
         self.reply_stream = self.keys.reply(self.gateway_id)
         self.outbox = Outbox(self.redis_suspected)
@@ -111,7 +117,7 @@ class Frontend(ReplyStreams):
         deadline = time.monotonic() + self.config.model_wait_s
         while (raw := await self._model_info_now()) is None:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"no model published under {self.keys.model_info} after "
+                raise TimeoutError(f"no model published under {' or '.join(self.pairs.keys(p).model_info for p in self.pairs.prefixes)} after "
                                    f"{self.config.model_wait_s:.0f} s; is the arena (or colocated worker) up?")
             await asyncio.sleep(0.2)
         info = parse_model_info(raw)
@@ -126,10 +132,16 @@ class Frontend(ReplyStreams):
                  info.num_kv_blocks)
 
     async def _model_info_now(self) -> bytes | None:
-        try:
-            return await self.client.hget(self.keys.model_info, "json")
-        except CONNECTION_ERRORS:
-            return None           # Redis not up yet (or restarting): asked again until the deadline
+        """The model as the first pair that published it says (every pair serves the same one)."""
+        for prefix in self.pairs.prefixes:
+            try:
+                raw = await self.client.hget(self.pairs.keys(prefix).model_info, "json")
+            except CONNECTION_ERRORS:
+                return None       # Redis not up yet (or restarting): asked again until the deadline
+            if raw is not None:
+                self.model_keys = self.pairs.keys(prefix)
+                return raw
+        return None
 
     async def sweep_orphans(self) -> None:
         """Cancel the adopted requests no client re-attached to within the orphan timeout, forever."""
@@ -184,8 +196,8 @@ class Frontend(ReplyStreams):
         if bad is not None:
             raise InvalidInput(f"stop_token_ids: {bad} is outside the vocabulary [0, {info.vocab_size})")
 
-    async def _check_queue(self) -> None:
-        depth = await _queue_depth(self.client, self.keys.prefill_queue)
+    async def _check_queue(self, keys: KeySpace) -> None:
+        depth = await _queue_depth(self.client, keys.prefill_queue)
         if depth >= self.config.max_queue_len:
             raise QueueFull(f"the prefill queue holds {depth} requests (limit {self.config.max_queue_len}); "
                             "retry with backoff")
@@ -199,19 +211,20 @@ class Frontend(ReplyStreams):
         prompt = await self.prompt_ids(req)
         self.check_fits(len(prompt), req.sampling)
         try:
-            await self._check_queue()
+            pair = await self._pick_pair(prompt)
             ids = await request_ids.claim(self.client, self.keys, req.request_id)
         except CONNECTION_ERRORS:
             raise self._redis_lost() from None
         arrival = time.time()
         record = RequestRecord(ids.client_id, ids.engine_id, ids.claim_key is not None,
                                tuple(prompt[-adoption.PROMPT_TAIL:]), len(prompt), req.sampling, arrival,
-                               self.cursor or "0-0")
+                               self.cursor or "0-0", pair=pair)
         request = self._track(record, ids)
+        request.prompt_ids = tuple(prompt)          # kept whole: a dead pair's request is sent again (resend)
         try:
             pipe = self.client.pipeline(transaction=True)    # queued only with its record (adoption.py)
             adoption.save(pipe, self.keys, self.gateway_id, record)
-            stream_entries.add(pipe, stream_entries.queued(self.keys, QueuedRequest(
+            stream_entries.add(pipe, stream_entries.queued(self.pairs.keys(pair), QueuedRequest(
                 ids.engine_id, tuple(prompt), req.sampling, self.reply_stream, arrival)))
             try:   # when it fails, it may still have landed: the cancel _end keeps for later undoes it
                 await pipe.execute()
@@ -294,16 +307,16 @@ class Frontend(ReplyStreams):
                     raise NotReady(f"request {record.client_id} failed in the engine: {request.error}")
                 chunk = follower.next_chunk(time.time())
                 if follower.hit_stop_string and request.finish is None:
-                    await self._cancel(record.engine_id, "stop")   # the workers may run one more iteration; fine
+                    await self._cancel(request.record.engine_id, "stop", request.record.pair)   # the workers may run one more iteration; fine
                 done = chunk.finish_reason is not None
                 if done:        # counted before the last chunk goes out: a client may close on receiving it
                     self.metrics.observe_finished(record.num_prompt_tokens, follower.sent,
                                                   chunk.usage.e2e_ms / 1000, chunk.finish_reason)
                 yield chunk
                 if done:
-                    await self._record_latency(chunk.usage)
+                    await self._record_latency(chunk.usage, request.record.pair)
                     return
-                await self._refresh(self._ids[record.engine_id])
+                await self._refresh(self._ids[request.record.engine_id])   # its ids now (resend renames)
         except Exception:
             ended = "error"      # the engine failed it, no token for too long, Redis gone, superseded
             raise
@@ -322,7 +335,7 @@ class Frontend(ReplyStreams):
             self.metrics.observe_finished(record.num_prompt_tokens, len(request.token_ids),
                                           time.time() - record.arrival_time, ended)
             if request.finish is None:
-                await self._cancel(record.engine_id, "cancelled")
+                await self._cancel(record.engine_id, "cancelled", record.pair)
         forget = functools.partial(adoption.forget, self.client, self.keys, request.origin, record.engine_id)
         try:
             await forget()
@@ -339,11 +352,11 @@ class Frontend(ReplyStreams):
             except CONNECTION_ERRORS:          # Takeover.run tries again
                 self.redis_suspected.set()
 
-    async def _record_latency(self, usage: Usage) -> None:
+    async def _record_latency(self, usage: Usage, pair: str) -> None:
         tpot = (usage.e2e_ms - usage.ttft_ms) / (usage.completion_tokens - 1) if usage.completion_tokens > 1 else 0.0
         sample = RequestLatency(usage.ttft_ms, tpot, usage.prompt_tokens, usage.completion_tokens, time.time())
         try:      # a sample for the orchestrator: not worth failing a finished request over
-            await stream_entries.add(self.client, stream_entries.latency(self.keys, sample))
+            await stream_entries.add(self.client, stream_entries.latency(self.pairs.keys(pair), sample))
         except CONNECTION_ERRORS:
             self.redis_suspected.set()
 
@@ -362,9 +375,10 @@ class Frontend(ReplyStreams):
         except aioredis.RedisError:
             log.warning("could not release request id %s (it expires by itself)", ids.client_id)
 
-    async def _cancel(self, request_id: str, reason: str) -> None:
-        write = functools.partial(stream_entries.add, self.client,
-                                  stream_entries.cancel(self.keys, CancelNotice(request_id, reason)))
+    async def _cancel(self, request_id: str, reason: str, pair: str = "") -> None:
+        """Tell the workers of the request's pair to drop it (its KV blocks come back)."""
+        write = functools.partial(stream_entries.add, self.client, stream_entries.cancel(
+            self.pairs.keys(pair), CancelNotice(request_id, reason)))
         try:
             await write()
         except CONNECTION_ERRORS:     # published when Redis is back (redis_watch.py)

@@ -47,6 +47,10 @@ class RequestRecord:
     since: str                         # an id of this gateway's reply stream older than any delivery of it:
                                        # the stream is kept from the oldest request's `since`, and replayed
                                        # from there by a successor
+    pair: str = ""                     # the key prefix of the pair it runs on (duoserve/pairs.py); "": the
+                                       # gateway's own (one pair)
+    prior_tokens: tuple[int, ...] = () # output tokens it had when it was sent again under this engine id
+                                       # (its pair died: Frontend.resend); deliveries under the id follow them
 
 
 @dataclass
@@ -67,6 +71,8 @@ class InFlight:
     orphan_since: float | None = None  # monotonic; set while no client follows it after an adoption
     is_running: bool = False           # a delivery came (prefill started it)
     lost_to: str = ""                  # the gateway that took it over from this process (see "lost")
+    prompt_ids: tuple[int, ...] = ()   # the whole prompt, for a request this process accepted: sent again
+                                       # to another pair if its own dies (an adopted one has only the tail)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     _subscribers: int = 0
 

@@ -28,6 +28,7 @@ from services.common.auth import AsyncBearerAuth
 from services.common.tls import add_port
 from services.gateway.config import GatewayConfig, parse_args
 from services.gateway.errors import ErrorInterceptor
+from services.gateway.failover import move_off_dead_pairs
 from services.gateway.frontend import Frontend
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_http import HttpState, bind, start_http
@@ -68,6 +69,9 @@ async def serve(config: GatewayConfig) -> None:
     reader = asyncio.create_task(frontend.read_replies())
     sweeper = asyncio.create_task(frontend.sweep_orphans())
     leases = asyncio.create_task(takeover.run())
+    routing = [asyncio.create_task(frontend.pairs.run())]          # several pairs: the view, the moves
+    if not frontend.pairs.is_single:
+        routing.append(asyncio.create_task(move_off_dead_pairs(frontend)))
 
     async def set_serving(is_serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if is_serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -99,6 +103,8 @@ async def serve(config: GatewayConfig) -> None:
         await http[1]
     reader.cancel()
     sweeper.cancel()
+    for task in routing:
+        task.cancel()
     with contextlib.suppress(*redis_retry.CONNECTION_ERRORS):     # Redis away: the stream stays (`down` removes it)
         await frontend.shutdown()
         await takeover.close()

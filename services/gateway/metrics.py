@@ -35,6 +35,12 @@ class GatewayMetrics:
         self._generation = Counter("duoserve:generation_tokens", "Tokens sent to clients", labelnames=m, registry=r)
         self._success = Counter("duoserve:request_success", "Finished requests by finish reason",
                                 labelnames=m + ["finished_reason"], registry=r)
+        self._routed = Counter("duoserve:pair_requests_routed", "Requests sent to each pair (a resend counts again)",
+                               labelnames=m + ["pair"], registry=r)
+        self._resent = Counter("duoserve:pair_requests_resent", "Requests sent again because their pair died, by the "
+                               "pair they left", labelnames=m + ["pair"], registry=r)
+        self._pair_alive = Gauge("duoserve:pair_alive", "1 while routing sees the pair alive (both workers report)",
+                                 labelnames=m + ["pair"], registry=r)
         self.model_name: str | None = None
         if model_name is not None:
             self.bind_model(model_name)
@@ -57,6 +63,15 @@ class GatewayMetrics:
         self.generation_tokens.inc(num_completion)
         self.e2e_request_latency.observe(e2e_s)
         self._success.labels(self.model_name, finish_reason).inc()
+
+    def routed(self, pair: str) -> None:
+        self._routed.labels(self.model_name, pair).inc()
+
+    def resent(self, from_pair: str) -> None:
+        self._resent.labels(self.model_name, from_pair).inc()
+
+    def pair_alive(self, pair: str, alive: bool) -> None:
+        self._pair_alive.labels(self.model_name, pair).set(1 if alive else 0)
 
     def serve(self, port: int) -> None:
         serve_metrics(port, self.registry)

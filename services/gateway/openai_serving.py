@@ -223,8 +223,11 @@ class Renderer:
         return {"id": self.plan.id, "object": obj, "created": self.plan.created, "model": self.plan.model}
 
     def usage(self) -> dict:
-        # Prompt tokens count once per distinct prompt (as vLLM): so do cached ones, from each prompt's first choice.
-        cached = sum(c.cached_tokens for c in self.choices[::self.plan.n])
+        # Prompt tokens count once per distinct prompt (as vLLM): so do cached ones, the fewest any of its
+        # choices found (n > 1: the first computes the prompt, the others reuse its blocks; counted once,
+        # the prompt was computed but for what was cached before it came).
+        n = self.plan.n
+        cached = sum(min(c.cached_tokens for c in self.choices[i:i + n]) for i in range(0, len(self.choices), n))
         return _usage(self.plan, sum(c.completion_tokens for c in self.choices), cached)
 
     # streaming

@@ -84,4 +84,4 @@ class RedisWatch:
         if frontend.peers is not None:
             await frontend.peers.rejoin()     # the own gateway id's lease, gone with the rest
         if frontend.info is not None:
-            await frontend.client.hsetnx(frontend.keys.model_info, "json", json.dumps(asdict(frontend.info)))
+            await frontend.client.hsetnx(frontend.model_keys.model_info, "json", json.dumps(asdict(frontend.info)))

@@ -66,7 +66,7 @@ class ReplyStreams:
         fresh = [r for r in records if r.engine_id not in self.requests]
         if not fresh:
             return 0
-        adopted = {r.engine_id: InFlight(r, origin=origin) for r in fresh}
+        adopted = {r.engine_id: InFlight(r, origin=origin, token_ids=list(r.prior_tokens)) for r in fresh}
         stream = self.keys.reply(origin)
         cursor = min((r.since for r in fresh), key=stream_id_key)   # before every delivery of every record
         async for cursor, data in adoption.replay(self.client, stream, cursor):

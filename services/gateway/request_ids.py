@@ -52,6 +52,15 @@ async def claim(client: aioredis.Redis, keys: KeySpace, given: str) -> RequestId
     return ids
 
 
+def resent(pipe: aioredis.client.Pipeline, ids: RequestIds) -> RequestIds:
+    """The ids of a request sent again (its pair died): a new engine id (the client's, a new suffix);
+    the claim's value follows it, queued on `pipe`, so the release at its end still matches."""
+    new = RequestIds(ids.client_id, f"{ids.client_id}#{uuid.uuid4().hex[:12]}", ids.claim_key, time.monotonic())
+    if new.claim_key is not None:
+        pipe.set(new.claim_key, new.engine_id, xx=True, ex=CLAIM_TTL_S)
+    return new
+
+
 async def refresh(client: aioredis.Redis, ids: RequestIds) -> None:
     """Renew a running request's claim when it is due (one SET every REFRESH_S at most)."""
     now = time.monotonic()

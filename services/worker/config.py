@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Sequence
 
 from duoserve.credentials import redis_url_from_env, secret_from_env
+from services.worker.green import DEFAULT_GREEN_SHARES, parse_green_shares
 
 
-RETUNE_MODES = ("inplace", "succession")
+RETUNE_MODES = ("inplace", "succession", "green")
 RETUNE_MODE_ALIASES = {"handover": "succession"}   # its name before: stacks and scripts still say it
 DEVICES = ("cpu", "cuda")
 WEIGHT_LAYOUTS = ("packed", "shared")
@@ -41,6 +42,7 @@ class WorkerConfig:
     cache_dir: Path                     # converted checkpoints (colocated)
     dtype: str = "float32"
     cpu_ids: tuple[int, ...] = ()       # initial compute share; empty = every core allowed now
+    stack_cpus: tuple[int, ...] = ()    # the cores its shares are cut from (its pair's); empty: every core allowed now
     num_kv_blocks: int | None = None    # colocated: pool size (None: from kv_cache_memory_bytes)
     kv_cache_memory_bytes: int = 512 << 20
     max_num_seqs: int = 128             # running requests at most
@@ -49,8 +51,10 @@ class WorkerConfig:
     idle_block_ms: int = 50             # how long an idle worker blocks on its queue per poll
     worker_id: str = ""                 # unique per process instance
     retune_mode: str = "inplace"        # SetComputeShare: "inplace" (cpu: move threads) | "succession" (a
-                                        # successor at the new share takes over; cuda always: an MPS limit is
-                                        # fixed per process)
+                                        # successor at the new share takes over; cuda's default: an MPS limit
+                                        # is fixed per process) | "green" (cuda: another green-context stream
+                                        # in this process, services/worker/green.py)
+    green_shares: tuple[float, ...] = DEFAULT_GREEN_SHARES   # "green": the shares partitions are made at
     takeover_from: str = ""             # a standby: the worker id it takes over from (the supervisor started it)
     device: str = "cpu"                 # "cpu", or "cuda": the arena's CUDA memory, compute on cuda:0
     mps_percentage: int | None = None   # cuda: CUDA_MPS_ACTIVE_THREAD_PERCENTAGE this process started with
@@ -78,6 +82,10 @@ class WorkerConfig:
             raise ValueError(f"weights must be one of {WEIGHT_LAYOUTS}, got {self.weights!r}")
         if self.retune_mode not in RETUNE_MODES:
             raise ValueError(f"retune_mode must be one of {RETUNE_MODES}, got {self.retune_mode!r}")
+        if self.retune_mode == "green" and (self.device != "cuda" or self.mps_percentage not in (None, 100)):
+            raise ValueError("--retune-mode green needs --device cuda and CUDA_MPS_ACTIVE_THREAD_PERCENTAGE 100 "
+                             f"or unset (an MPS cap would clip the green partitions), got device {self.device!r}, "
+                             f"percentage {self.mps_percentage}")
         available = os.sched_getaffinity(0)
         if any(cpu not in available for cpu in self.cpu_ids):
             raise ValueError(f"cpu ids {list(self.cpu_ids)} not all available to this process ({sorted(available)})")
@@ -110,6 +118,8 @@ def parse_args(phase: Phase, argv: Sequence[str] | None = None) -> WorkerConfig:
                    default=Path(env.get("DUOSERVE_CACHE_DIR", Path.home() / ".cache" / "duoserve" / "models")))
     p.add_argument("--dtype", default="float32")
     p.add_argument("--cpus", type=_cpu_list, default=(), help="comma-separated core ids (initial share)")
+    p.add_argument("--stack-cpus", type=_cpu_list, default=(),
+                   help="the cores shares are fractions of (a pair's, with `duoserve up --pairs`); default: all allowed")
     p.add_argument("--num-kv-blocks", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -120,8 +130,12 @@ def parse_args(phase: Phase, argv: Sequence[str] | None = None) -> WorkerConfig:
     p.add_argument("--retune-mode", choices=(*RETUNE_MODES, *RETUNE_MODE_ALIASES),
                    default=env.get("DUOSERVE_RETUNE_MODE") or None,
                    help="how SetComputeShare changes the share: inplace, or succession (a successor process "
-                        "at the new share takes over; 'handover' is its old name). Default: inplace on cpu, "
+                        "at the new share takes over; 'handover' is its old name), or green (cuda: green-"
+                        "context SM partitions in this process, MPS percentage 100). Default: inplace on cpu, "
                         "succession on cuda")
+    p.add_argument("--green-shares", type=parse_green_shares, default=DEFAULT_GREEN_SHARES,
+                   help="--retune-mode green: comma-separated shares of the GPU to pre-create partitions at "
+                        "(default 0.1,0.2,...,1.0)")
     p.add_argument("--weights", choices=WEIGHT_LAYOUTS, default="packed",
                    help="cpu: packed = this worker's own oneDNN-packed copy of the linear weights (faster "
                         "GEMMs, more memory); shared = run on the arena's copy in place (zero copy)")
@@ -138,9 +152,9 @@ def parse_args(phase: Phase, argv: Sequence[str] | None = None) -> WorkerConfig:
     retune_mode = RETUNE_MODE_ALIASES.get(retune_mode, retune_mode)
     return WorkerConfig(
         phase=phase, redis_url=redis_url_from_env(env, a.redis_url), key_prefix=a.key_prefix, port=a.port, metrics_port=a.metrics_port,
-        arena_socket=a.arena_socket, model=a.model, cache_dir=a.cache_dir, dtype=a.dtype, cpu_ids=a.cpus,
+        arena_socket=a.arena_socket, model=a.model, cache_dir=a.cache_dir, dtype=a.dtype, cpu_ids=a.cpus, stack_cpus=a.stack_cpus,
         num_kv_blocks=a.num_kv_blocks, max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
         chunk_size=a.chunk_size, worker_id=f"{phase.value}-{os.getpid()}-{uuid.uuid4().hex[:6]}",
-        retune_mode=retune_mode, takeover_from=a.takeover_from, device=a.device,
+        retune_mode=retune_mode, green_shares=a.green_shares, takeover_from=a.takeover_from, device=a.device,
         mps_percentage=_percentage(env.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")), weights=a.weights,
         overlap_publish=a.overlap_publish == "on", prefix_caching=a.prefix_caching, secret=secret_from_env(env))

@@ -48,7 +48,8 @@ from services.engine.sampler import Sampler
 from services.engine.scheduler import RequestTooLarge, Scheduler, SchedulerOutput
 from services.engine.sequence import FinishReason, Sequence, SequenceStatus
 from services.worker.compute import apply_cpu_share
-from services.worker.fence import kv_fence
+from services.worker.fence import KvWriteOrder, kv_fence
+from services.worker.green import GreenRetune
 from services.worker.compute_units import probe_compute_units
 from services.worker.config import Phase, WorkerConfig
 from services.worker.control import ShareState, ShareStatus, StatsSnapshot, WorkerControl
@@ -88,6 +89,7 @@ class Worker:
     kv_memory: str = ""                  # the arena memory this worker maps (ArenaExport.memory_id; "" colocated)
     tracked: dict[str, TrackedRequest] = field(default_factory=dict)   # every request this worker holds
     succession: Succession | None = None   # retunes by succession (`--retune-mode succession`; set by main)
+    green: GreenRetune | None = None       # retunes by green-context stream (`--retune-mode green`; set by main)
     switch_ms: tuple[float, float] = (0.0, 0.0)   # last share change: latency, pause (a succession that started
                                                   # this worker, or an in-place core change: all pause)
     stats: StatsSnapshot = field(default_factory=StatsSnapshot)
@@ -103,6 +105,7 @@ class Worker:
     group: str = field(init=False)
     publisher: PipelinePublisher = field(init=False)   # sends each iteration's pipeline, overlapped
     inputs: InputReader = field(init=False)            # cancels, new work, decode's growth (inputs.py)
+    kv_order: KvWriteOrder = field(init=False)         # this worker's KV writes before others' reads (fence.py)
     _heartbeat: str = field(init=False)                    # recovery.py: how peers tell this worker alive
     _next_peer_scan: float = field(init=False, default=0.0)   # time.monotonic() of the next dead-peer scan
     _reported_batch: tuple[int, int] = field(init=False, default=(-1, -1))   # running, waiting in the last report
@@ -126,6 +129,8 @@ class Worker:
         queue_heartbeat(pipe, self.keys.worker_alive(self.config.worker_id), self._heartbeat)
         pipe.execute()            # alive before it owns any entry, so no peer takes its work over
         self.kv_blocks_free = self.scheduler.blocks.num_free
+        pool = self.runner.kv_cache if self.runner is not None else None     # None: a worker without a model
+        self.kv_order = KvWriteOrder.for_worker(pool, publishes_handoffs=self.config.phase is Phase.PREFILL)
         self.publisher = PipelinePublisher(self._on_published, name=f"{self.config.phase.value}-publisher",
                                            threaded=self.config.overlap_publish)
         self.inputs = InputReader(
@@ -157,6 +162,8 @@ class Worker:
                 self.report()         # idle: still alive and listed (the orchestrator drops silent workers)
             return
         started = time.perf_counter()
+        if self.scheduler.awaits_recent_keys():   # keys of the last iteration's pipeline found by this one's
+            self.publisher.flush()                # admissions (n > 1: the copies reuse the first's prompt)
         batch = self.scheduler.schedule()                       # pure: which requests, which blocks
         self._requeue_preempted(batch)
         if batch.is_empty:
@@ -167,7 +174,7 @@ class Worker:
         logits = self.runner.run(batch)                         # torch: tensors from block ids, forward
         sampling_started = time.perf_counter()
         sampled = sample_batch(self.sampler, self.scheduler, batch, logits)
-        kv_fence(self.runner.kv_cache)    # cuda: this iteration's KV writes done before any hand-off is published
+        self.kv_order.writes_done()       # cuda: this iteration's KV writes ordered before any hand-off naming them
         device_s = self.runner.last_forward_s + time.perf_counter() - sampling_started
         with self.scheduler.blocks.deferring_frees() as finished:   # their ids are never allocated again
             advanced = self.scheduler.postprocess(batch, sampled)
@@ -309,7 +316,10 @@ class Worker:
         if self.succession is not None and self.succession.needed(share):
             self.succession.begin(share)     # a successor at the new share; this worker serves until it is ready
             return
-        if share.cpu_ids:
+        if self.green is not None:              # cuda: another green partition's stream, this process
+            switch = self.green.apply(share.share)
+            self.switch_ms = (switch.switch_ms, switch.switch_ms)
+        elif share.cpu_ids:
             started = time.perf_counter()
             apply_cpu_share(share.cpu_ids)
             if share.cpu_ids != self.control.share.cpu_ids:   # moved in place: the orchestrator's switch cost
@@ -396,6 +406,7 @@ class Worker:
         if block_ids is not None and len(block_ids) < blocks_for_tokens(computed, self.scheduler.config.block_size):
             self._back_to_prefill(entry_id, handoff, progress, "it has lost its KV blocks")
             return
+        self.kv_order.before_reads(handoff.kv_ready_event)   # cuda: reads queued after prefill's writes
         seq = Sequence(handoff.request_id, list(handoff.prompt_token_ids), handoff.sampling,
                        arrival_time=handoff.arrival_time,
                        output_token_ids=[*handoff.output_token_ids, *progress],
@@ -468,7 +479,7 @@ class Worker:
             finish = seq.finish_reason.value if seq.status is SequenceStatus.FINISHED else None
             by_gateway.setdefault(tracked.reply_to, []).append(tracked.delivery(finish))
             if seq.status is SequenceStatus.HANDED_OFF:
-                handoffs.append(tracked.handoff(self.kv_memory))
+                handoffs.append(tracked.handoff(self.kv_memory, self.kv_order.handle))
             if seq.status in (SequenceStatus.HANDED_OFF, SequenceStatus.FINISHED):
                 to_ack.append(tracked.entry_id)
                 gone.append(seq.request_id)
@@ -545,6 +556,8 @@ class Worker:
     def probe_units(self) -> None:
         """Measure what the share in force gives this worker (SMs on CUDA, cores on the CPU)."""
         units = probe_compute_units(str(self.runner.kv_cache.device), self.control.share.cpu_ids, self.stack_cpus)
+        if self.green is not None and self.green.current_sms:     # the probe runs outside the green stream
+            units = replace(units, used=self.green.current_sms, total=self.green.space.num_units, error=None)
         if units.error:
             log.warning("%s units unknown: %s", units.kind, units.error)
         self.control.publish_units(units)
@@ -562,6 +575,7 @@ class Worker:
                               share_switch_ms=self.switch_ms[0], share_switch_stall_ms=self.switch_ms[1],
                               host_ms=statistics.median(self.host_ms) if self.host_ms else 0.0,
                               share_pending=status is not ShareStatus.APPLIED, share_changed_at=changed_at,
+                              draining=self.control.draining,
                               prefix_caching=cache.prefix_caching, cache_salt=cache.cache_salt,
                               prefix_query_tokens=self.scheduler.prefix_query_tokens,
                               prefix_hit_tokens=self.scheduler.prefix_hit_tokens)

@@ -16,7 +16,7 @@ import torch
 
 from services.common.contracts import KeySpace
 from services.common.model_info import ModelInfo, write_model_info
-from services.common import redis_retry, shares
+from services.common import cuda_driver, redis_retry, shares
 from services.common.redis_blocks import RedisBlockAllocator
 from services.engine.kv_cache import KVCacheSpec, allocate_kv_pool
 from services.engine.llm_engine import DTYPES
@@ -30,6 +30,7 @@ from services.worker.compute import apply_cpu_share, current_cpus
 from services.worker import succession
 from services.worker.config import Phase, WorkerConfig, parse_args
 from services.worker.control import ShareState, WorkerControl
+from services.worker.green import GreenRetune
 from services.worker.loop import Worker
 from services.worker.metrics import WorkerMetrics
 from services.worker.servicer import set_serving, start_worker_server
@@ -110,6 +111,19 @@ def _cache_salt(config: WorkerConfig, arena_view) -> str:
     return config.worker_id
 
 
+def _green_retune(config: WorkerConfig, share: float) -> GreenRetune | None:
+    """The green partitions, the worker's stream on the one for its first share; None (logged) when
+    the driver cannot make them: the worker exits before it serves rather than run uncapped."""
+    try:
+        green = GreenRetune.create(config.green_shares)
+        green.apply(share)
+    except (cuda_driver.CudaDriverError, ValueError) as e:
+        log.error("--retune-mode green: cannot make green-context partitions: %s; use --retune-mode "
+                  "succession (MPS percentages) instead", e)
+        return None
+    return green
+
+
 def _kv_usage(blocks: RedisBlockAllocator) -> float:
     """The shared pool's use now (one LLEN, on the metrics thread); NaN while Redis does not answer."""
     try:
@@ -121,7 +135,7 @@ def _kv_usage(blocks: RedisBlockAllocator) -> float:
 def run(phase: Phase, argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {phase.value} %(levelname)s %(message)s")
     config = parse_args(phase, argv)
-    stack_cpus = current_cpus()
+    stack_cpus = config.stack_cpus or current_cpus()
     if config.cpu_ids:
         apply_cpu_share(config.cpu_ids)
     worker, arena_view = build_worker(config, stack_cpus)
@@ -141,6 +155,10 @@ def run(phase: Phase, argv: Sequence[str] | None = None) -> int:
     succession.bind_retrying(lambda: worker.metrics.serve(config.metrics_port), timeout_s=10.0 if handed else 0.0)
     if handed is not None:
         worker.import_state(handed)
+    if config.retune_mode == "green":
+        worker.green = _green_retune(config, worker.control.share.share)
+        if worker.green is None:
+            return 2
     if config.retune_mode == "succession":
         def release_ports() -> None:
             server.stop(None).wait()
@@ -161,6 +179,8 @@ def run(phase: Phase, argv: Sequence[str] | None = None) -> int:
         set_serving(health_servicer, False)
         worker.cancel_all(f"{phase.value} worker shut down")
         server.stop(grace=1.0)
+        if worker.green is not None:
+            worker.green.close()
         if arena_view is not None:
             arena_view.close()
     return 0

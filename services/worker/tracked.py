@@ -33,13 +33,14 @@ class TrackedRequest:
                              cached_tokens=cached,
                              logprobs=logprobs, position=len(seq.output_token_ids) - 1)
 
-    def handoff(self, kv_memory: str = "") -> Handoff:
+    def handoff(self, kv_memory: str = "", kv_ready_event: str = "") -> Handoff:
         """Everything decode needs to go on from here; the KV stays in its blocks, in the arena memory
-        `kv_memory` (ArenaExport.memory_id)."""
+        `kv_memory` (ArenaExport.memory_id), written before the device event `kv_ready_event` (fence.py)."""
         seq = self.seq
         return Handoff(seq.request_id, tuple(seq.block_ids), tuple(seq.prompt_token_ids),
                        tuple(seq.output_token_ids), seq.num_computed_tokens, seq.params, self.reply_to,
-                       seq.arrival_time, handoff_time=time.time(), kv_memory=kv_memory)
+                       seq.arrival_time, handoff_time=time.time(), kv_memory=kv_memory,
+                       kv_ready_event=kv_ready_event)
 
     def requeued(self) -> QueuedRequest:
         """It as prefill's work again, with every token it has so far: prefill recomputes their KV

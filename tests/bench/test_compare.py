@@ -39,9 +39,10 @@ def test_setups_expand_chunk_sizes():
 
 
 def _run(rate: float, attainment: float) -> dict:
-    stats = {"percentiles_ms": {"p90": 100.0}}
+    stats = {"median_ms": 80.0, "percentiles_ms": {"p90": 100.0}}
     return {"rate": rate, "result": {"metrics": {"slo_attainment": attainment, "request_goodput": rate * attainment,
                                                  "request_throughput": rate, "completed": 10, "failed": 0,
+                                                 "total_input_tokens": 400, "total_cached_tokens": 100,
                                                  "ttft": stats, "tpot": stats}}}
 
 
@@ -53,6 +54,14 @@ def test_summary_compares_against_the_best_colocated():
     assert summary["colocated-c512"]["max_rate"]["value"] == pytest.approx(1.5)
     assert {s["vs"] for s in summary.values()} == {"colocated-c512"}
     assert summary["split-dynamic"]["ratio_text"] == ">= 1.33x"
-    args = argparse.Namespace(slo_ttft_ms=1000.0, slo_tpot_ms=150.0, attainment=0.9)
+    args = argparse.Namespace(slo_ttft_ms=1000.0, slo_tpot_ms=150.0, attainment=0.9, dataset="azure-conv")
     table = format_table(summary, [1.0, 2.0], args)
     assert "split-dynamic" in table and ">= 2.00 req/s" in table and "vs colocated-c512" in table
+
+
+def test_a_multi_turn_table_says_its_rates_are_conversation_starts():
+    summary = summarize({"split-static-no-cache": {"runs": [_run(0.5, 1.0), _run(1, 0.8)]}}, [0.5, 1.0], 0.9)
+    assert summary["split-static-no-cache"]["per_rate"]["0.5"]["cached_share"] == pytest.approx(0.25)
+    args = argparse.Namespace(slo_ttft_ms=1000.0, slo_tpot_ms=150.0, attainment=0.9, dataset="multi-turn")
+    table = format_table(summary, [0.5, 1.0], args)
+    assert "0.75 conv/s" in table and "conversations started per second" in table and "25%" in table

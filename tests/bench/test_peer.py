@@ -168,7 +168,12 @@ def test_server_command_and_env(tmp_path):
     launch = VllmLaunch(Path("/v/bin/python"), Path("/m"), "float32", None, tmp_path / "log")
     assert server_command(launch, 8123) == ["/v/bin/python", "-m", "vllm.entrypoints.openai.api_server",
                                             "--model", "/m", "--dtype", "float32", "--max-model-len", "2048",
-                                            "--port", "8123", "--host", "127.0.0.1"]
+                                            "--port", "8123", "--host", "127.0.0.1", "--enable-prefix-caching",
+                                            "--enable-prompt-tokens-details"]
+    no_cache = VllmLaunch(Path("/v/bin/python"), Path("/m"), "float32", None, tmp_path / "log", prefix_caching=False)
+    assert "--no-enable-prefix-caching" in server_command(no_cache, 8123)
+    blocks = VllmLaunch(Path("/v/bin/python"), Path("/m"), "float32", None, tmp_path / "log", block_size=16)
+    assert server_command(blocks, 8123)[-2:] == ["--block-size", "16"]
     env = server_env(launch, {"PATH": "/bin", "OMP_NUM_THREADS": "8"})
     assert "OMP_NUM_THREADS" not in env and env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["PATH"] == "/bin"
     omp2 = VllmLaunch(Path("/v/bin/python"), Path("/m"), "float32", 2, tmp_path / "log")

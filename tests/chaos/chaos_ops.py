@@ -18,7 +18,7 @@ import duoserve
 from duoserve import stack
 from duoserve.stack import StackConfig
 from services.common.contracts import KeySpace
-from services.common.redis_blocks import RedisBlockAllocator, free_count
+from services.common.redis_blocks import PoolAudit, RedisBlockAllocator, free_count
 
 
 def state(config: StackConfig) -> stack.StackState:
@@ -50,6 +50,13 @@ def wait_restarted(config: StackConfig, name: str, restarts: int, timeout: float
 def prompts(n: int, length: int, offset: int = 0) -> list[list[int]]:
     """n distinct token-id prompts of `length` tokens (no tokenizer needed)."""
     return [[100 + (7 * (i + offset) + k) % 2000 for k in range(length)] for i in range(n)]
+
+
+def shared_prompts(n: int, shared: int, tail: int) -> list[list[int]]:
+    """n prompts that start with the same `shared` tokens (whole blocks of it shared in the KV pool),
+    each then `tail` tokens of its own."""
+    prefix = [300 + (11 * k) % 1500 for k in range(shared)]
+    return [prefix + [120 + (13 * i + 5 * k) % 1700 for k in range(tail)] for i in range(n)]
 
 
 def generate_all(target: str, prompt_list: list[list[int]], max_tokens: int,
@@ -85,6 +92,32 @@ def reset_prefix_cache(config: StackConfig) -> int:
     client = redis.Redis.from_url(st.redis_url)
     try:
         return RedisBlockAllocator(client, KeySpace(st.key_prefix)).reset_cache()
+    finally:
+        client.close()
+
+
+def _allocator(config: StackConfig) -> tuple[redis.Redis, RedisBlockAllocator]:
+    st = state(config)
+    client = redis.Redis.from_url(st.redis_url)
+    return client, RedisBlockAllocator(client, KeySpace(st.key_prefix))
+
+
+def audit(config: StackConfig) -> PoolAudit:
+    """The pool's audit (RedisBlockAllocator.audit): every block free, cached or held, counted."""
+    client, blocks = _allocator(config)
+    try:
+        return blocks.audit()
+    finally:
+        client.close()
+
+
+def most_holders(config: StackConfig) -> int:
+    """The most requests holding one cached block now (its reference count): 2 and more while
+    requests share prefix blocks."""
+    st = state(config)
+    client = redis.Redis.from_url(st.redis_url)
+    try:
+        return max((int(v) for v in client.hvals(KeySpace(st.key_prefix).kv_cache_refs)), default=0)
     finally:
         client.close()
 

@@ -2,7 +2,8 @@
 
 One split stack, detached, supervised as `duoserve up --detach` leaves it. Each test: requests in
 flight, `kill -9` of one process, nothing else touched; then every request completes with the tokens
-of a run without the kill, every KV block is back, and the restart shows in `duoserve status`.
+of a run without the kill, every KV block is back, and the restart shows in `duoserve status`. The
+last ones kill a worker while its requests share prefix blocks (prefix caching, issue 15).
 """
 from __future__ import annotations
 
@@ -71,3 +72,42 @@ def test_a_worker_killed_with_requests_in_flight_loses_nothing(chaos_stack, vict
     assert got == expected                                  # one stream each: no token missing or twice
     assert ops.wait_restarted(chaos_stack, victim, restarts + 1) >= 0
     assert ops.wait_all_free(chaos_stack, NUM_BLOCKS) == NUM_BLOCKS   # nothing leaked
+
+
+SHARED_TOKENS = 256          # 16 blocks every prompt of the shared-prefix tests starts with
+
+
+@pytest.mark.parametrize("victim, tail_tokens, max_tokens", [
+    ("prefill", 200, 12),    # the first handed off, holding the prefix; the others reusing it in prefill
+    ("decode", 16, 48),      # all 8 in decode, each holding the 16 prefix blocks
+])
+def test_a_worker_killed_while_requests_share_prefix_blocks_leaks_none(chaos_stack, victim, tail_tokens, max_tokens):
+    target = ops.state(chaos_stack).gateway_target
+    prompts = ops.shared_prompts(8, SHARED_TOKENS, tail_tokens)
+    expected = ops.generate_all(target, prompts, max_tokens)
+    assert ops.wait_all_free(chaos_stack, NUM_BLOCKS) == NUM_BLOCKS
+    ops.reset_prefix_cache(chaos_stack)                   # the prefix computed again, then shared
+    process = ops.record(chaos_stack, victim)
+    restarts = ops.status(chaos_stack)[victim]["restarts"]
+    at_kill: list[tuple[int, int]] = []                   # (requests in decode, most holders of one block)
+
+    def kill() -> None:
+        ops.wait_in_decode(chaos_stack, 1 if victim == "prefill" else len(prompts))
+        deadline = time.monotonic() + 60
+        while ops.most_holders(chaos_stack) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        at_kill.append((ops.in_decode(chaos_stack), ops.most_holders(chaos_stack)))
+        os.kill(process.pid, signal.SIGKILL)
+
+    got = ops.generate_all(target, prompts, max_tokens, during=kill)
+    print(f"{victim} killed with {at_kill[0][0]} requests in decode, a block held by {at_kill[0][1]}",
+          file=sys.stderr)
+    assert at_kill[0][1] >= 2                               # killed while requests shared blocks
+    if victim == "prefill":
+        assert at_kill[0][0] < len(prompts)                 # some still in prefill
+    assert got == expected                                  # each request once, every token as without the kill
+    assert ops.wait_restarted(chaos_stack, victim, restarts + 1) >= 0
+    assert ops.wait_all_free(chaos_stack, NUM_BLOCKS) == NUM_BLOCKS
+    pool = ops.audit(chaos_stack)                           # every block free or cached, nothing to repair
+    assert pool.is_consistent and pool.owners == 0 and pool.free + pool.evictable == NUM_BLOCKS
+    assert pool.cached >= SHARED_TOKENS // 16               # the shared prefix is still cached

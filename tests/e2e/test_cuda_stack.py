@@ -48,6 +48,21 @@ def test_cuda_plan_runs_arena_and_workers_on_cuda_as_mps_clients_with_their_perc
     assert all("--device" not in p.argv and mps.PIPE_ENV not in dict(p.env) for p in cpu.values())
 
 
+def test_green_retune_plan_runs_the_workers_uncapped_by_mps_with_green_partitions(tmp_path):
+    config = make_config(tmp_path, prefill_percentage=70, decode_percentage=30, cuda_retune_mode="green")
+    daemon = mps.MpsDaemon(str(tmp_path / "pipe"), str(tmp_path / "log"), 4242, started_by_us=True)
+    layout = replace(Layout.new(config.stack_dir), mps=daemon)
+    by_name = {p.name: p for s in stack.plan(config, layout, {n: (1000 + i, 2000 + i) for i, n in enumerate(NAMES)})
+               for p in s}
+    for name in ("prefill", "decode"):
+        assert "--retune-mode green" in " ".join(by_name[name].argv)
+        assert dict(by_name[name].env)[mps.PERCENTAGE_ENV] == "100"      # the green partition is the cap
+    with pytest.raises(ValueError):
+        make_config(tmp_path, cuda_retune_mode="fast")
+    args = build_parser().parse_args(["up", "--device", "cuda", "--retune-mode", "green", "--state-dir", str(tmp_path)])
+    assert stack_config_from_args(args).cuda_retune_mode == "green"
+
+
 def test_config_and_cli_take_the_device_and_percentages(tmp_path):
     assert make_config(tmp_path).uses_mps and not make_config(tmp_path, mode=Mode.COLOCATED).uses_mps
     assert not make_config(tmp_path, device="cpu").uses_mps

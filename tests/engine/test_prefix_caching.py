@@ -61,3 +61,13 @@ def test_concurrent_requests_with_a_shared_prefix_under_eviction_pressure(engine
     assert [o.token_ids for o in cached.generate(prompts, GREEDY)] == \
         [o.token_ids for o in plain.generate(prompts, GREEDY)]
     assert cached.scheduler.blocks.num_free == cached.scheduler.blocks.num_blocks
+
+
+def test_copies_of_one_prompt_compute_it_once_and_match(engines):
+    """n > 1 in the offline engine: three copies sent at once; the two after the first reuse its blocks."""
+    cached, plain = engines
+    prompt = _history(cached, 4)[:-3] + [cached.tokenizer.encode(" copies")[0]] * 3   # not cached by other tests
+    hits_before = cached.scheduler.prefix_hit_tokens
+    got = cached.generate([prompt] * 3, GREEDY)
+    assert cached.scheduler.prefix_hit_tokens - hits_before >= 2 * (len(prompt) - 16)
+    assert [o.token_ids for o in got] == [plain.generate([prompt], GREEDY)[0].token_ids] * 3

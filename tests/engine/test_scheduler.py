@@ -345,3 +345,77 @@ def test_without_prefix_caching_nothing_is_cached():
     sched.add(make_seq("b", 10, max_tokens=2))
     (chunk,) = sched.schedule().prefill_chunks
     assert chunk.start_position == 0 and sched.blocks.num_cached == 0
+
+
+def test_copies_of_one_prompt_wait_for_the_first_then_reuse_its_blocks():
+    """n > 1: the copies of a prompt sent at once compute only their tail, on the first's blocks."""
+    sched = make_scheduler(num_blocks=32, prefix_caching=True)
+    for name in ("a", "b", "c"):
+        sched.add(make_seq(name, 10, max_tokens=3))
+    sched.add(Sequence("other", [50 + i for i in range(6)], SamplingParams(max_tokens=3)))
+    first = sched.schedule()
+    assert [c.request_id for c in first.prefill_chunks] == ["a", "other"]   # b, c wait; other passes them
+    assert not sched.awaits_recent_keys()                                    # nothing keyed yet
+    sched.postprocess(first, {"a": 7, "other": 7})
+    assert sched.awaits_recent_keys()          # b, c look up what a's chunk just keyed: a worker sends it first
+    second = sched.schedule()
+    copies = [c for c in second.prefill_chunks if c.request_id in ("b", "c")]
+    assert [(c.start_position, c.token_ids) for c in copies] == [(8, (9, 10))] * 2
+    assert all(c.block_ids[:2] == first.prefill_chunks[0].block_ids[:2] for c in copies)
+    assert sched.prefix_hit_tokens == 16 and sched.get("b").num_cached_tokens == 8
+    sched.postprocess(second, {c.request_id: 7 for c in second.chunks if c.is_sampled})
+    run_to_end(sched)
+    assert sched.blocks.num_free == 32
+
+
+def test_a_copy_waits_for_every_chunk_of_the_shared_prompt():
+    sched = make_scheduler(num_blocks=32, prefix_caching=True, chunk_size=8, max_num_batched_tokens=8)
+    sched.add(make_seq("a", 20, max_tokens=2))
+    sched.add(make_seq("b", 20, max_tokens=2))
+    starts = []
+    for _ in range(3):
+        out = sched.schedule()
+        starts.append([(c.request_id, c.start_position) for c in out.prefill_chunks])
+        sched.postprocess(out, {c.request_id: 7 for c in out.chunks if c.is_sampled})
+    # b waits while a computes blocks 0-3 (its reusable ones), then computes only its last block
+    assert starts == [[("a", 0)], [("a", 8)], [("a", 16), ("b", 16)]]
+
+
+def test_without_prefix_caching_copies_run_side_by_side():
+    sched = make_scheduler(num_blocks=32)
+    sched.add(make_seq("a", 10))
+    sched.add(make_seq("b", 10))
+    assert [c.start_position for c in sched.schedule().prefill_chunks] == [0, 0]
+    assert not sched.awaits_recent_keys()
+
+
+def _check_shared_tables(sched: Scheduler) -> None:
+    """Every block held is held once, or by several requests at the same position (a cached prefix
+    block: keys are chained from the first block), and held + free is the pool."""
+    positions: dict[int, set[int]] = {}
+    for seq in sched.running:
+        for index, block in enumerate(sched.blocks.owned(seq.request_id)):
+            positions.setdefault(block, set()).add(index)
+    assert all(len(p) == 1 for p in positions.values())
+    assert len(positions) + sched.blocks.num_free == sched.blocks.num_blocks
+
+
+def test_preempting_requests_that_share_blocks_frees_no_block_another_holds():
+    """Three requests on one 8-token prefix outgrow a 9-block pool: the newest are preempted, the
+    prefix blocks stay with the older ones, and each recompute finds them cached again."""
+    sched = make_scheduler(num_blocks=9, prefix_caching=True)
+    prefix = list(range(1, 9))
+    for i in range(3):
+        sched.add(Sequence(f"r{i}", prefix + [20 + i], SamplingParams(max_tokens=12, ignore_eos=True)))
+    preempted, recomputes = [], []
+    for _ in range(500):
+        if not sched.has_work():
+            break
+        out = sched.schedule()
+        preempted += out.preempted_ids
+        recomputes += [c for c in out.prefill_chunks if sched.get(c.request_id).num_preemptions]
+        _check_shared_tables(sched)
+        sched.postprocess(out, {c.request_id: 7 for c in out.chunks if c.is_sampled})
+    assert not sched.has_work() and preempted
+    assert recomputes and all(c.start_position >= 8 for c in recomputes)    # the shared prefix found again
+    assert sched.blocks.num_free == 9

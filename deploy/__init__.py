@@ -1,0 +1,1 @@
+"""Deployment descriptions that are not part of the installed package (deploy/k8s: Kubernetes)."""

@@ -1,0 +1,136 @@
+"""The pairs a gateway routes between, as Redis shows them (routing.py decides; this reads).
+
+A pair's view, refreshed every REFRESH_S in one pipelined round trip for all pairs: its prefill
+queue's length, and its prefill and decode workers' reports (alive: both written within
+DEAD_AFTER_S, as the orchestrator's STALE_REPORT_S judges them; draining: either was told to drain;
+decode's running batch and KV free). A request is routed (`route`) by one more round trip when
+prefix caching can matter: the prompt's leading full blocks each pair's cache index holds, keyed
+with that pair's salt (its prefill report's cache salt: the pair's KV memory). With one pair there
+is nothing to decide: every request goes to it, unread, as before pairs existed.
+
+A pair that stops reporting is dead to routing from then on; the requests this gateway had sent it
+are sent again elsewhere (Frontend.resend, driven by `dead_pairs`), so a pair that comes back later
+gets new work again but never a request twice.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import redis.asyncio as aioredis
+
+from services.common import stream_entries
+from services.common.contracts import KeySpace, WorkerReport
+from services.common.redis_retry import CONNECTION_ERRORS
+from services.gateway.routing import PairLoad, RoutingPolicy, choose_pair, retry_target
+
+log = logging.getLogger("duoserve.gateway")
+
+REFRESH_S = 0.25          # how stale the routing view may get
+DEAD_AFTER_S = 10.0       # a pair whose prefill or decode has not reported for this long is dead to routing
+
+
+@dataclass
+class Pairs:
+    """The routing view of every pair and what this gateway sent since the last refresh."""
+
+    client: aioredis.Redis
+    prefixes: tuple[str, ...]
+    policy: RoutingPolicy = field(default_factory=RoutingPolicy)
+    on_view: Callable[[PairLoad], None] | None = None             # each pair's view after a refresh (metrics)
+    loads: list[PairLoad] = field(init=False)
+    reports: list[dict[str, WorkerReport]] = field(init=False)    # per pair, by phase
+    sent_since: list[int] = field(init=False)
+    routed: list[int] = field(init=False)                         # requests sent to each pair, ever
+    resent: int = 0                                               # requests moved off a dead pair
+    _keys: dict[str, KeySpace] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._keys = {p: KeySpace(p) for p in self.prefixes}
+        # Until the first refresh every pair counts alive: a stack starting up is not refused.
+        self.loads = [PairLoad(p, alive=True) for p in self.prefixes]
+        self.reports = [{} for _ in self.prefixes]
+        self.sent_since = [0] * len(self.prefixes)
+        self.routed = [0] * len(self.prefixes)
+
+    @property
+    def is_single(self) -> bool:
+        return len(self.prefixes) == 1
+
+    def keys(self, prefix: str) -> KeySpace:
+        """A pair's key space (the prefix a RequestRecord names; "" is the first pair's)."""
+        return self._keys[prefix or self.prefixes[0]]
+
+    async def run(self) -> None:
+        """Refresh forever (a task of the gateway's); Redis away: the last view stands."""
+        if self.is_single:
+            return
+        while True:
+            try:
+                await self.refresh()
+            except CONNECTION_ERRORS:
+                pass                        # redis_watch.py handles the outage; routing waits for it
+            await asyncio.sleep(REFRESH_S)
+
+    async def refresh(self, now: float | None = None) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for prefix in self.prefixes:
+            keys = self._keys[prefix]
+            pipe.xlen(keys.prefill_queue)
+            pipe.hget(keys.worker_stats("prefill"), stream_entries.FIELD)
+            pipe.hget(keys.worker_stats("decode"), stream_entries.FIELD)
+        replies = await pipe.execute()
+        now = time.time() if now is None else now
+        for i, prefix in enumerate(self.prefixes):
+            queued, prefill, decode = replies[3 * i: 3 * i + 3]
+            reports = {phase: stream_entries.read_report(raw) for phase, raw in (("prefill", prefill),
+                                                                                ("decode", decode)) if raw}
+            self.reports[i] = reports
+            self.loads[i] = pair_load(prefix, int(queued or 0), reports, now)
+            if self.on_view is not None:
+                self.on_view(self.loads[i])
+        self.sent_since = [0] * len(self.prefixes)
+
+    async def route(self, prompt: Sequence[int]) -> str | None:
+        """The prefix of the pair `prompt` goes to; None: no pair may take it now."""
+        if self.is_single:
+            return self.prefixes[0]
+        cached, full = await self._cached_blocks(prompt)
+        index = choose_pair(self.loads, cached, full, self.sent_since, self.policy)
+        if index is None:
+            return None
+        self.sent_since[index] += 1
+        self.routed[index] += 1
+        return self.prefixes[index]
+
+    def resend_target(self, failed: str) -> str | None:
+        index = retry_target(self.loads, failed, self.sent_since, self.policy)
+        if index is None:
+            return None
+        self.sent_since[index] += 1
+        self.routed[index] += 1
+        self.resent += 1
+        return self.prefixes[index]
+
+    def dead_pairs(self) -> set[str]:
+        return {load.prefix for load in self.loads if not load.alive}
+
+    async def _cached_blocks(self, prompt: Sequence[int]) -> tuple[list[int], int]:
+        """(the prompt's leading full blocks each pair's cache holds, its full blocks); zeros when a
+        pair's report names no cache (prefix caching off) or Redis does not answer."""
+        return [0] * len(self.prefixes), 0
+
+
+def pair_load(prefix: str, queued: int, reports: dict[str, WorkerReport], now: float) -> PairLoad:
+    """A pair's routing view from its queue length and its workers' reports."""
+    prefill, decode = reports.get("prefill"), reports.get("decode")
+    alive = all(r is not None and now - r.updated_at <= DEAD_AFTER_S for r in (prefill, decode))
+    if not alive:
+        return PairLoad(prefix, alive=False)
+    total = decode.kv_blocks_total or prefill.kv_blocks_total
+    free = decode.kv_blocks_free / total if total else 1.0
+    return PairLoad(prefix, alive=True, draining=prefill.draining or decode.draining, queued=queued,
+                    running=decode.num_running + decode.num_waiting, kv_free=free)
