@@ -31,7 +31,7 @@ class PairRequests:
 
     async def _pick_pair(self, prompt: list[int]) -> str:
         """The pair's key prefix the request goes to ("" with one pair: the records stay as they were)."""
-        pair = await self.pairs.route(prompt)
+        pair = await self.pairs.route(prompt, self.info.block_size)
         if pair is None:
             raise NotReady("no pair can take requests now: every pair is dead or draining; retry shortly")
         await self._check_queue(self.pairs.keys(pair))

@@ -24,7 +24,9 @@ import redis.asyncio as aioredis
 
 from services.common import stream_entries
 from services.common.contracts import KeySpace, WorkerReport
+from services.common.redis_blocks import cached_run_from, queue_cached_run
 from services.common.redis_retry import CONNECTION_ERRORS
+from services.engine.prefix_hash import reusable_keys
 from services.gateway.routing import PairLoad, RoutingPolicy, choose_pair, retry_target
 
 log = logging.getLogger("duoserve.gateway")
@@ -94,11 +96,12 @@ class Pairs:
                 self.on_view(self.loads[i])
         self.sent_since = [0] * len(self.prefixes)
 
-    async def route(self, prompt: Sequence[int]) -> str | None:
-        """The prefix of the pair `prompt` goes to; None: no pair may take it now."""
+    async def route(self, prompt: Sequence[int], block_size: int = 0) -> str | None:
+        """The prefix of the pair `prompt` goes to; None: no pair may take it now. `block_size`: the
+        pool's (0: no prefix lookup)."""
         if self.is_single:
             return self.prefixes[0]
-        cached, full = await self._cached_blocks(prompt)
+        cached, full = await self._cached_blocks(prompt, block_size)
         index = choose_pair(self.loads, cached, full, self.sent_since, self.policy)
         if index is None:
             return None
@@ -118,10 +121,38 @@ class Pairs:
     def dead_pairs(self) -> set[str]:
         return {load.prefix for load in self.loads if not load.alive}
 
-    async def _cached_blocks(self, prompt: Sequence[int]) -> tuple[list[int], int]:
-        """(the prompt's leading full blocks each pair's cache holds, its full blocks); zeros when a
-        pair's report names no cache (prefix caching off) or Redis does not answer."""
-        return [0] * len(self.prefixes), 0
+    async def _cached_blocks(self, prompt: Sequence[int], block_size: int) -> tuple[list[int], int]:
+        """(the prompt's leading reusable blocks each pair's cache holds, how many it has): keyed with
+        each pair's salt (its prefill's report), looked up in one round trip; 0 for a pair with
+        caching off, not alive, or when Redis does not answer (routing then goes by load)."""
+        cached = [0] * len(self.prefixes)
+        salts = [_salt(reports.get("prefill")) if load.alive else None
+                 for load, reports in zip(self.loads, self.reports)]
+        if block_size < 1 or len(prompt) <= block_size or not any(s is not None for s in salts):
+            return cached, 0
+        looked_up: list[int] = []
+        full = 0
+        pipe = self.client.pipeline(transaction=False)
+        for i, salt in enumerate(salts):
+            if salt is not None:
+                keys = reusable_keys(prompt, block_size, salt)
+                full = len(keys)
+                queue_cached_run(pipe, self._keys[self.prefixes[i]], keys)
+                looked_up.append(i)
+        try:
+            replies = await pipe.execute()
+        except CONNECTION_ERRORS:
+            return cached, 0
+        for i, reply in zip(looked_up, replies):
+            cached[i] = cached_run_from(reply)
+        return cached, full
+
+
+def _salt(report: WorkerReport | None) -> str | None:
+    """The salt of a pair's block keys (its prefill's report); None: caching off there, or unknown."""
+    if report is None or not report.prefix_caching or not report.cache_salt:
+        return None
+    return report.cache_salt
 
 
 def pair_load(prefix: str, queued: int, reports: dict[str, WorkerReport], now: float) -> PairLoad:

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 
 from services.common import stream_entries
 from services.common.contracts import CancelNotice, KeySpace, QueuedRequest, WorkerReport, from_json
+from services.engine.prefix_hash import reusable_keys
 from services.engine.sampling_params import SamplingParams
 from services.gateway.failover import move_once
 from services.gateway.frontend import Frontend, GenerateInput
@@ -20,9 +21,9 @@ from services.gateway.pairs import DEAD_AFTER_S, Pairs
 from tests.common.test_gateway_adoption import TEXT, TOKENS, make_frontend, publish, start, wait_until
 
 
-def _report(phase: str, updated_at: float, running: int = 0, draining: bool = False) -> WorkerReport:
+def _report(phase: str, updated_at: float, running: int = 0, draining: bool = False, salt: str = "") -> WorkerReport:
     return WorkerReport(phase, f"{phase}-1", "127.0.0.1:1", 0.5, (0,), 0, running, 0, 1, 90, 100, updated_at,
-                        draining=draining)
+                        draining=draining, prefix_caching=bool(salt), cache_salt=salt)
 
 
 async def _report_pair(client: aioredis.Redis, prefix: str, age_s: float = 0.0, **kw) -> None:
@@ -119,3 +120,23 @@ async def _a_dead_pairs_request_is_sent_again_and_the_client_gets_each_token_onc
     reader.cancel()
     await takeover.close()
     await frontend.client.aclose()
+
+
+def test_a_prompt_goes_to_the_pair_whose_cache_holds_its_prefix(redis_server):
+    asyncio.run(_a_prompt_goes_to_the_pair_whose_cache_holds_its_prefix(redis_server))
+
+
+async def _a_prompt_goes_to_the_pair_whose_cache_holds_its_prefix(redis_server):
+    client = aioredis.Redis.from_url(redis_server.url)
+    base = f"t{uuid.uuid4().hex[:10]}"
+    pairs = Pairs(client, (f"{base}:p0", f"{base}:p1"))
+    for i, prefix in enumerate(pairs.prefixes):
+        await _report_pair(client, prefix, running=2 - 2 * i, salt=f"memory-{i}")   # p1 the less loaded ...
+    await pairs.refresh()
+    prompt = list(range(1, 101))                                  # 6 reusable full blocks of 16
+    keys = reusable_keys(prompt, 16, "memory-0")                  # ... but p0 holds the prefix
+    await client.hset(KeySpace(f"{base}:p0").kv_cache_index, mapping={k: b for b, k in enumerate(keys[:5])})
+    assert await pairs._cached_blocks(prompt, 16) == ([5, 0], len(keys))
+    assert await pairs.route(prompt, 16) == f"{base}:p0"
+    assert await pairs.route(list(range(500, 600)), 16) == f"{base}:p1"     # nothing cached: by load
+    await client.aclose()
