@@ -45,9 +45,7 @@ class Pairs:
     on_view: Callable[[PairLoad], None] | None = None             # each pair's view after a refresh (metrics)
     loads: list[PairLoad] = field(init=False)
     reports: list[dict[str, WorkerReport]] = field(init=False)    # per pair, by phase
-    sent_since: list[int] = field(init=False)
-    routed: list[int] = field(init=False)                         # requests sent to each pair, ever
-    resent: int = 0                                               # requests moved off a dead pair
+    sent_since: list[int] = field(init=False)                     # per pair: this gateway's since the refresh
     _keys: dict[str, KeySpace] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -56,7 +54,6 @@ class Pairs:
         self.loads = [PairLoad(p, alive=True) for p in self.prefixes]
         self.reports = [{} for _ in self.prefixes]
         self.sent_since = [0] * len(self.prefixes)
-        self.routed = [0] * len(self.prefixes)
 
     @property
     def is_single(self) -> bool:
@@ -106,7 +103,6 @@ class Pairs:
         if index is None:
             return None
         self.sent_since[index] += 1
-        self.routed[index] += 1
         return self.prefixes[index]
 
     def resend_target(self, failed: str) -> str | None:
@@ -114,8 +110,6 @@ class Pairs:
         if index is None:
             return None
         self.sent_since[index] += 1
-        self.routed[index] += 1
-        self.resent += 1
         return self.prefixes[index]
 
     def dead_pairs(self) -> set[str]:
