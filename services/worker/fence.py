@@ -17,7 +17,11 @@ itself. Two ways, one interface (`KvWriteOrder`):
 Decode's writes that prefill reads later (cached prefix blocks, published with the iteration's
 keys) are host-fenced: decode's sampler copies its tokens to the host every iteration anyway, so the
 fence costs nothing there. Prefill's sampler does too today, so the event is what states the order
-rather than that side effect; it is what lets prefill's sampling go asynchronous later.
+of hand-offs rather than that side effect. Blocks prefill frees (a cancelled or preempted request's)
+may be granted to decode, whose writes then must not race prefill's late ones: that order is the
+host's, since prefill's sampler has waited for its stream before the iteration's frees are
+published; a prefill whose sampling went asynchronous would have to wait for its event before
+publishing frees as well.
 """
 from __future__ import annotations
 
