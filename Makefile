@@ -47,7 +47,7 @@ demo: install cpu-ops
 	 printf 'A: '; $(BIN)/duoserve generate --target "$$target" --max-tokens 32 "$(DEMO_PROMPT)"
 
 test: install native
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # Longer chaos than `make test`'s: every CHAOS_INTERVAL s the next process of CHAOS_VICTIMS is killed
 # with kill -9 under a steady load, for CHAOS_MINUTES; and every chaos test, the longer variants too
@@ -56,7 +56,8 @@ CHAOS_MINUTES  ?= 10
 CHAOS_INTERVAL ?= 20
 CHAOS_VICTIMS  ?= prefill,decode,gateway,arena,redis,orchestrator
 chaos: install native
-	$(BIN)/python -m pytest -q -s tests/chaos tests/e2e/test_sim_validation.py --chaos-long --soak-minutes $(CHAOS_MINUTES) \
+	$(BIN)/python -m pytest -q -s tests/chaos tests/e2e/test_sim_validation.py tests/e2e/test_policy_flapping.py \
+	  tests/e2e/test_half_precision.py tests/e2e/test_pairs.py --chaos-long --soak-minutes $(CHAOS_MINUTES) \
 	  --soak-interval $(CHAOS_INTERVAL) --soak-victims $(CHAOS_VICTIMS)
 
 bench-engine: install cpu-ops

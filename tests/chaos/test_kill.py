@@ -79,7 +79,8 @@ SHARED_TOKENS = 256          # 16 blocks every prompt of the shared-prefix tests
 
 @pytest.mark.parametrize("victim, tail_tokens, max_tokens", [
     ("prefill", 200, 12),    # the first handed off, holding the prefix; the others reusing it in prefill
-    ("decode", 16, 48),      # all 8 in decode, each holding the 16 prefix blocks
+    pytest.param("decode", 16, 48, marks=pytest.mark.chaos_long),   # all 8 in decode, each holding the
+                                                                     # 16 prefix blocks (`make chaos`)
 ])
 def test_a_worker_killed_while_requests_share_prefix_blocks_leaks_none(chaos_stack, victim, tail_tokens, max_tokens):
     target = ops.state(chaos_stack).gateway_target

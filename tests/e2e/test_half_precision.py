@@ -8,7 +8,7 @@ import duoserve
 from duoserve.stack import Mode
 from tests.e2e.conftest import start_stack, stop_stack
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]   # a bfloat16 stack of its own (~1 minute): `make chaos` runs it, `make test` does not
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from services.common.contracts import KeySpace
 from services.common.redis_blocks import free_count
 from tests.e2e.conftest import RunningStack, stop_stack
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]   # a two-pair stack of its own (~1 minute): `make chaos` runs it, `make test` does not
 
 NUM_BLOCKS = 256
 SHARED = "You are a meticulous travel agent. Plan trips carefully, list trains, hotels and museums. " * 12

@@ -18,7 +18,7 @@ import pytest
 import duoserve
 from duoserve.v1 import admin_pb2 as pb
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]   # two 60 s windows (~2.5 minutes): `make chaos` runs it, `make test` does not
 
 # Spins for 50 to 400 ms, sleeps for 50 to 400 ms, forever: a neighbour whose load comes and goes.
 BURNER = """
