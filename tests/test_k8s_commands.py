@@ -122,6 +122,8 @@ def test_pair_commands_parse_with_each_process_parser(docs, variant: str, ordina
         assert len(set(orchestrator.stack_cpus)) == min(v.pair_cores, len(os.sched_getaffinity(0)))
         assert configs["prefill"][1].cpu_ids == stack.worker_cpus()["prefill"]
         assert configs["decode"][1].cpu_ids == stack.worker_cpus()["decode"]
+        for role in ("prefill", "decode"):                 # shares are fractions of the pair's cores
+            assert configs[role][1].stack_cpus == tuple(sorted(set(orchestrator.stack_cpus)))
 
 
 def test_the_entry_script_execs_the_command_with_the_pair_flags(docs, tmp_path) -> None:
@@ -134,7 +136,7 @@ def test_the_entry_script_execs_the_command_with_the_pair_flags(docs, tmp_path) 
                          env=env, capture_output=True, text=True, timeout=30, check=True)
     cores = sorted(os.sched_getaffinity(0))
     assert out.stdout.split() == ["python", "-m", "services.decode.main", "--key-prefix", "duo:p7",
-                                  "--cpus", str(cores[7 % len(cores)])]
+                                  "--cpus", str(cores[7 % len(cores)]), "--stack-cpus", str(cores[7 % len(cores)])]
     bad = subprocess.run([sys.executable, str(script), "arena", "echo"], env={**env, "POD_NAME": "pair"},
                          capture_output=True, text=True, timeout=30)
     assert bad.returncode != 0 and "not a StatefulSet pod's name" in bad.stderr

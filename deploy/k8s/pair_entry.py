@@ -10,6 +10,8 @@ ROLE is arena, prefill, decode or orchestrator. CMD is exec'd (same pid, same si
                          the I-th run of K among the cores this container may use (wrapping round when the
                          node has fewer); prefill starts on the first half, decode on the rest, and the
                          orchestrator shares all K between them, as `duoserve up` splits a stack's cores
+  --stack-cpus LIST      with --cpus, on prefill and decode: the pair's K cores, which their shares are
+                         fractions of (as `duoserve up --pairs` passes; else every core the container sees)
 Appended, so they win over the same flags earlier in CMD (argparse keeps the last), and the reaper finds
 them there when it starts a worker's successor. Standard library only: it runs before anything else.
 The pods' copy is the ConfigMap `duoserve-pair-entry` that deploy/k8s/objects.py makes of this file.
@@ -58,8 +60,10 @@ def argv_for(role: str, cmd: Sequence[str], env: Mapping[str, str], available: S
     argv = [*cmd, "--key-prefix", f"{env.get('DUOSERVE_KEY_BASE', 'duo')}:p{index}"]
     per_pair = env.get("DUOSERVE_PAIR_CORES", "")
     if per_pair and role in CORE_ROLES:
-        cores = role_cores(role, pair_cores(index, int(per_pair), available))
-        argv += ["--cpus", ",".join(map(str, cores))]
+        pair = pair_cores(index, int(per_pair), available)
+        argv += ["--cpus", ",".join(map(str, role_cores(role, pair)))]
+        if role in ("prefill", "decode"):
+            argv += ["--stack-cpus", ",".join(map(str, pair))]
     return argv
 
 
