@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from duoserve.credentials import ADMIN_TOKEN_ENV, API_KEY_ENV, SECRET_ENV, with_password
-from duoserve.pairs import (divide_cores, name_in_pair, pair_key_prefix, pair_key_prefixes, pair_of, pair_socket,
-                            pair_stack_id, role_of, sibling)
+from duoserve.pairs import (PAIR_ROLES, divide_cores, name_in_pair, pair_key_prefix, pair_key_prefixes, pair_of,
+                            pair_socket, pair_stack_id, role_of, sibling)
 from services.common import mps
 
 LOOPBACK = "127.0.0.1"
@@ -171,9 +171,7 @@ class StackConfig:
     @property
     def pair_names(self) -> tuple[tuple[str, ...], ...]:
         """Each pair's process names, by role order (duoserve/pairs.py)."""
-        return tuple(tuple(name_in_pair(role, i, self.pairs) for role in ("arena", "prefill", "decode",
-                                                                        "orchestrator"))
-                     for i in range(self.pairs))
+        return tuple(tuple(name_in_pair(role, i, self.pairs) for role in PAIR_ROLES) for i in range(self.pairs))
 
     def stack_cores(self) -> tuple[int, ...]:
         return self.cpus or tuple(sorted(os.sched_getaffinity(0)))
@@ -291,8 +289,7 @@ def process_spec(name: str, config: StackConfig, layout: Layout,
                  ports: dict[str, tuple[int, ...]]) -> ProcessSpec:
     port, metrics_port = ports[name][:2]
     role, pair = role_of(name), pair_of(name)
-    key_prefix = pair_key_prefix(layout.key_prefix, pair, config.pairs) if role in ("arena", "prefill", "decode",
-                                                                                  "orchestrator") else layout.key_prefix
+    key_prefix = pair_key_prefix(layout.key_prefix, pair, config.pairs) if role in PAIR_ROLES else layout.key_prefix
     arena_socket = pair_socket(layout.arena_socket, pair, config.pairs)
     # Secrets go by environment only: /proc/<pid>/environ is its owner's alone, a command line is everyone's.
     # Always set, empty when off: an operator's shell that exports one must not reach the processes.
