@@ -50,7 +50,7 @@ from services.engine.sequence import FinishReason, Sequence, SequenceStatus
 from services.worker.compute import apply_cpu_share
 from services.worker.fence import KvWriteOrder, kv_fence
 from services.worker.green import GreenRetune
-from services.worker.compute_units import probe_compute_units
+from services.worker.compute_units import ComputeUnits, probe_compute_units
 from services.worker.config import Phase, WorkerConfig
 from services.worker.control import ShareState, ShareStatus, StatsSnapshot, WorkerControl
 from services.worker.inputs import InputReader, InputStream
@@ -555,9 +555,10 @@ class Worker:
 
     def probe_units(self) -> None:
         """Measure what the share in force gives this worker (SMs on CUDA, cores on the CPU)."""
-        units = probe_compute_units(str(self.runner.kv_cache.device), self.control.share.cpu_ids, self.stack_cpus)
-        if self.green is not None and self.green.current_sms:     # the probe runs outside the green stream
-            units = replace(units, used=self.green.current_sms, total=self.green.space.num_units, error=None)
+        if self.green is not None and self.green.current_sms:     # known: the probe would run outside the green stream
+            units = ComputeUnits("sm", self.green.current_sms, self.green.space.num_units)
+        else:
+            units = probe_compute_units(str(self.runner.kv_cache.device), self.control.share.cpu_ids, self.stack_cpus)
         if units.error:
             log.warning("%s units unknown: %s", units.kind, units.error)
         self.control.publish_units(units)
